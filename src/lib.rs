@@ -1,0 +1,41 @@
+//! # facematch
+//!
+//! A face-embedding matching engine that a recognition server links in so that
+//! the obligations of China's *Measures for the Security Management of Face
+//! Recognition Technology Applications* hold by construction.
+//!
+//! The path of an image: [`image_io`] decodes it (limits, EXIF orientation),
+//! [`detect`] finds every face (YuNet via ONNX Runtime), [`align`] warps each
+//! face onto the 112x112 template, [`embed`] turns it into an L2-normalised
+//! embedding (SFace), [`pipeline`] ties these together. The matching half
+//! lives in [`index`] (exact SIMD scan and an HNSW graph), [`store`] (the
+//! encrypted, crash-safe gallery files), [`compliance`] (purposes, consent,
+//! retention), [`audit`] (hash-chained audit log) and [`engine`] (the
+//! `Send + Sync` engine a server holds).
+//!
+//! See ARCHITECTURE.md for the map.
+#![warn(missing_docs)]
+
+pub mod error;
+pub use error::{Error, Result};
+
+// --- the spine: image -> faces -> embeddings ---
+pub mod align;
+pub mod detect;
+pub mod embed;
+pub mod image_io;
+pub mod pipeline;
+pub mod runtime;
+
+// --- matching ---
+pub mod index;
+pub mod kernels;
+pub mod npy;
+pub mod synth;
+
+// --- gallery, compliance, audit ---
+pub mod audit;
+pub mod compliance;
+pub mod config;
+pub mod engine;
+pub mod store;
