@@ -35,6 +35,7 @@ pub mod synth;
 
 // --- gallery, compliance, audit ---
 pub mod audit;
+pub mod clock;
 pub mod compliance;
 pub mod config;
 pub mod engine;
