@@ -1,1 +1,1153 @@
-//! (to be written)
+//! The engine a server holds: gallery + index + compliance + audit, `Send + Sync`.
+//!
+//! Built once by [`EngineBuilder`] (create or open a gallery directory with a
+//! key), then shared: many threads call [`Engine::verify`] /
+//! [`Engine::identify`] while one enrols or deletes. Every query names an
+//! operator and a declared [`Purpose`], sees only templates enrolled for that
+//! purpose, and is answered only after its audit record is durable.
+//!
+//! ```
+//! use facematch::compliance::*;
+//! use facematch::config::GalleryConfig;
+//! use facematch::engine::{EngineBuilder, Enrolment, QueryContext};
+//! use facematch::store::MasterKey;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let door = Purpose::new("door-access").unwrap();
+//! let mut cfg = GalleryConfig::default();
+//! cfg.dim = 4;
+//! cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
+//! let engine = EngineBuilder::new(dir.path().join("g")).key(MasterKey::generate()).create(cfg).unwrap();
+//!
+//! let op = Operator::new("clerk-1").unwrap();
+//! let consent = ConsentRecord::new("form-1", "alice", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk-1", AgeBracket::Adult);
+//! engine.record_consent(&op, consent).unwrap();
+//! let alice = SubjectId::new("alice").unwrap();
+//! engine.enrol(&op, Enrolment::new(alice.clone(), "form-1", vec![door.clone()], vec![1.0, 0.0, 0.0, 0.0])).unwrap();
+//!
+//! let ctx = QueryContext::new(op, door);
+//! let v = engine.verify(&ctx, &[0.9, 0.1, 0.0, 0.0], &alice).unwrap();
+//! assert!(v.decision.is_match());
+//! let id = engine.identify(&ctx, &[0.0, 0.0, 1.0, 0.0], 5).unwrap();
+//! assert_eq!(id.decision.kind(), "no_match"); // "no match" is a result, not an error
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{AuditConfig, AuditEvent, AuditKey, AuditLog, DecisionKind, QueryAudit, QueryMode};
+use crate::clock::{Clock, SystemClock};
+use crate::compliance::{ConsentRecord, Decision, Mode, Operator, Purpose, SubjectId, Threshold};
+use crate::config::GalleryConfig;
+use crate::index::{Hit, SearchParams, SearchStrategy, VectorIndex};
+use crate::store::{self, snapshot, LogWriter, Manifest, MasterKey, Op, TemplateMeta, TornTail};
+use crate::{Error, Result};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Who asks, and for which declared purpose. Every query carries one.
+#[derive(Clone, Debug)]
+pub struct QueryContext {
+    /// The operator performing the query.
+    pub operator: Operator,
+    /// The declared purpose the query serves.
+    pub purpose: Purpose,
+}
+
+impl QueryContext {
+    /// A context for `operator` acting for `purpose`.
+    pub fn new(operator: Operator, purpose: Purpose) -> Self {
+        QueryContext { operator, purpose }
+    }
+}
+
+/// A request to enrol one template.
+#[derive(Clone, Debug)]
+pub struct Enrolment {
+    /// Whose template.
+    pub subject: SubjectId,
+    /// The consent record it rests on (must be recorded first and cover the purposes).
+    pub consent_id: String,
+    /// Purposes it is enrolled for (a subset of the gallery's).
+    pub purposes: Vec<Purpose>,
+    /// The embedding (normalised on enrolment).
+    pub embedding: Vec<f32>,
+    /// A caller-chosen template id; the engine assigns one when `None`.
+    pub template: Option<u64>,
+    /// Model that made the embedding; refused if it differs from the gallery's.
+    pub model_id: Option<String>,
+}
+
+impl Enrolment {
+    /// An enrolment with an engine-assigned template id.
+    pub fn new(subject: SubjectId, consent_id: impl Into<String>, purposes: Vec<Purpose>, embedding: Vec<f32>) -> Self {
+        Enrolment { subject, consent_id: consent_id.into(), purposes, embedding, template: None, model_id: None }
+    }
+}
+
+/// One ranked candidate of a 1:N query.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// The candidate's subject.
+    pub subject: SubjectId,
+    /// The template that scored.
+    pub template: u64,
+    /// Cosine similarity.
+    pub score: f32,
+}
+
+/// Result of a 1:1 verification.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Verification {
+    /// Match / no match / needs human review.
+    pub decision: Decision,
+    /// Best cosine over the subject's templates for this purpose (`None` if it has none).
+    pub score: Option<f32>,
+    /// The threshold applied.
+    pub threshold: Threshold,
+    /// Audit record sequence number.
+    pub audit_seq: u64,
+}
+
+/// Result of a 1:N identification.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Identification {
+    /// Best candidates, best first (at most `k`).
+    pub candidates: Vec<Candidate>,
+    /// Decision on the top candidate.
+    pub decision: Decision,
+    /// The threshold applied.
+    pub threshold: Threshold,
+    /// Audit record sequence number.
+    pub audit_seq: u64,
+}
+
+/// Search knobs for callers that need them (benchmarks, evaluation).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SearchOptions {
+    /// Force the exact scan or the graph (default: the engine picks).
+    pub strategy: SearchStrategy,
+    /// Graph search breadth (default: the index's `ef_search`).
+    pub ef: Option<usize>,
+}
+
+/// What an erasure removed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ErasureReport {
+    /// Templates erased (no longer searchable).
+    pub templates: Vec<u64>,
+    /// Subjects with no template left.
+    pub subjects: Vec<String>,
+    /// True when the bytes are already gone from disk (a compaction ran);
+    /// otherwise they go at the next compaction (automatic past the deleted-share threshold).
+    pub bytes_removed: bool,
+}
+
+/// What a compaction did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CompactionReport {
+    /// Deleted slots whose bytes were removed.
+    pub templates_removed: u64,
+    /// Template log size before.
+    pub bytes_before: u64,
+    /// Template log size after.
+    pub bytes_after: u64,
+}
+
+/// A warning the operator must act on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum Notice {
+    /// Stored people reached the filing threshold: file with the provincial
+    /// cyberspace office within 30 working days.
+    FilingRequired {
+        /// Distinct enrolled people.
+        people: u64,
+        /// The threshold (100,000 by law).
+        threshold: u64,
+        /// When it was reached (unix ms).
+        at_ms: i64,
+    },
+}
+
+/// Numbers about the gallery.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stats {
+    /// Live templates.
+    pub templates: u64,
+    /// Distinct people with at least one live template.
+    pub people: u64,
+    /// Filing threshold.
+    pub filing_threshold: u64,
+    /// When the filing notice was raised, if it was.
+    pub filing_notice_ms: Option<i64>,
+    /// Slots incl. deleted ones awaiting compaction.
+    pub slots: u64,
+    /// Share of slots deleted.
+    pub deleted_fraction: f32,
+    /// Live templates per purpose.
+    pub per_purpose: BTreeMap<String, u64>,
+    /// Consent records kept.
+    pub consents: u64,
+    /// Template log bytes on disk.
+    pub log_bytes: u64,
+    /// Index memory.
+    pub index_memory_bytes: u64,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Model id.
+    pub model_id: String,
+}
+
+/// What happened while opening.
+#[derive(Clone, Debug, Default)]
+pub struct OpenReport {
+    /// A torn write cut off the template log.
+    pub torn_log_tail: Option<TornTail>,
+    /// The index snapshot was used (false: rebuilt from the log).
+    pub snapshot_used: bool,
+    /// Templates purged on open because their retention expired.
+    pub purged_on_open: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    template: u64,
+    subject: u32,
+    mask: u64,
+    expires_at_ms: i64,
+}
+
+struct State {
+    index: VectorIndex,
+    slots: Vec<Slot>,
+    metas: HashMap<u64, TemplateMeta>,
+    by_template: HashMap<u64, u32>,
+    subject_ids: Vec<SubjectId>,
+    subject_idx: HashMap<SubjectId, u32>,
+    live_by_subject: HashMap<u32, Vec<u64>>,
+    consents: HashMap<String, ConsentRecord>,
+    per_purpose: [u64; 64],
+    next_template: u64,
+}
+
+impl State {
+    fn new(index: VectorIndex) -> Self {
+        State {
+            index,
+            slots: Vec::new(),
+            metas: HashMap::new(),
+            by_template: HashMap::new(),
+            subject_ids: Vec::new(),
+            subject_idx: HashMap::new(),
+            live_by_subject: HashMap::new(),
+            consents: HashMap::new(),
+            per_purpose: [0; 64],
+            next_template: 1,
+        }
+    }
+
+    fn subject(&mut self, s: &SubjectId) -> u32 {
+        if let Some(&i) = self.subject_idx.get(s) {
+            return i;
+        }
+        let i = self.subject_ids.len() as u32;
+        self.subject_ids.push(s.clone());
+        self.subject_idx.insert(s.clone(), i);
+        i
+    }
+
+    fn people(&self) -> u64 {
+        self.live_by_subject.values().filter(|v| !v.is_empty()).count() as u64
+    }
+
+    /// Register metadata of an enrolment whose vector sits at `slot`.
+    fn note_enrol(&mut self, cfg: &GalleryConfig, meta: TemplateMeta, slot: u32) {
+        let subject = self.subject(&meta.subject);
+        let mut mask = 0u64;
+        for p in &meta.purposes {
+            if let Some(b) = cfg.purpose_bit(p) {
+                mask |= 1 << b;
+                self.per_purpose[b as usize] += 1;
+            }
+        }
+        debug_assert_eq!(slot as usize, self.slots.len());
+        self.slots.push(Slot { template: meta.template, subject, mask, expires_at_ms: meta.expires_at_ms });
+        self.by_template.insert(meta.template, slot);
+        self.live_by_subject.entry(subject).or_default().push(meta.template);
+        self.next_template = self.next_template.max(meta.template + 1);
+        self.metas.insert(meta.template, meta);
+    }
+
+    /// Forget a template's metadata (the index tombstone is set by the caller).
+    fn note_delete(&mut self, template: u64) -> Option<u32> {
+        let slot = self.by_template.remove(&template)?;
+        self.metas.remove(&template);
+        let s = &self.slots[slot as usize];
+        for b in 0..64 {
+            if s.mask & (1 << b) != 0 {
+                self.per_purpose[b] = self.per_purpose[b].saturating_sub(1);
+            }
+        }
+        if let Some(v) = self.live_by_subject.get_mut(&s.subject) {
+            v.retain(|&t| t != template);
+        }
+        Some(slot)
+    }
+}
+
+/// Builds an [`Engine`]: create a new gallery or open an existing one.
+#[derive(Debug)]
+pub struct EngineBuilder {
+    dir: PathBuf,
+    key: Option<MasterKey>,
+    clock: Arc<dyn Clock>,
+}
+
+impl EngineBuilder {
+    /// A builder for the gallery at `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        EngineBuilder { dir: dir.into(), key: None, clock: Arc::new(SystemClock) }
+    }
+    /// The master key (required).
+    pub fn key(mut self, key: MasterKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+    /// An injectable clock (tests); the system clock by default.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Create a new gallery (the directory must not hold one).
+    pub fn create(self, config: GalleryConfig) -> Result<Engine> {
+        config.validate()?;
+        let key = self.key.ok_or_else(|| Error::Key("no key given".into()))?;
+        let dir = self.dir;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock = store::DirLock::acquire(&dir)?;
+        if dir.join(store::MANIFEST).exists() || dir.join(store::LOG).exists() {
+            return Err(Error::config("gallery", format!("{} already holds a gallery", dir.display())));
+        }
+        let manifest = store::new_manifest(config, &key, self.clock.now_unix_ms());
+        let log = LogWriter::create(&dir.join(store::LOG), key.store_cipher())?;
+        store::sync_dir(&dir)?;
+        store::write_manifest(&dir, &manifest)?;
+        Engine::assemble(dir, lock, key, self.clock, manifest, log, OpenReport::default(), None)
+    }
+
+    /// Open an existing gallery: check the key, replay the log, load or rebuild the index, purge expired templates.
+    pub fn open(self) -> Result<Engine> {
+        let key = self.key.ok_or_else(|| Error::Key("no key given".into()))?;
+        let dir = self.dir;
+        let manifest = store::read_manifest(&dir)?;
+        manifest.config.validate()?;
+        store::check_key(&dir, &manifest, &key)?;
+        let lock = store::DirLock::acquire(&dir)?;
+        let cfg = &manifest.config;
+        let cipher = key.store_cipher();
+
+        let mut ops: Vec<Op> = Vec::new();
+        let logp = dir.join(store::LOG);
+        let (log, torn) = LogWriter::open(&logp, cipher.clone(), |i, b| {
+            let op = Op::decode(b).map_err(|e| Error::DataCorruption { path: logp.clone(), reason: format!("frame {i}: {e}") })?;
+            ops.push(op);
+            Ok(())
+        })?;
+        let mut report = OpenReport { torn_log_tail: torn, ..Default::default() };
+
+        // Load the snapshot when it belongs to this log.
+        let snapp = dir.join(store::SNAPSHOT);
+        let mut index = None;
+        if let Some(h) = snapshot::read_header(&snapp)? {
+            if h.log_id == log.file_id() && h.frames <= log.frames() {
+                match snapshot::read(&snapp, &cipher, &h, |r| VectorIndex::read_from(r)) {
+                    Ok(ix) if ix.dim() == cfg.dim && ix.slots() as u64 == h.slots => index = Some(ix),
+                    Ok(_) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
+                    Err(e) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
+                }
+            }
+        }
+        report.snapshot_used = index.is_some();
+        let index = match index {
+            Some(ix) => ix,
+            None => VectorIndex::new(cfg.dim, cfg.index.clone())?,
+        };
+        let mut st = State::new(index);
+        let have = st.index.slots();
+        let mut pending: Vec<f32> = Vec::new();
+        let mut enrol_ordinal = 0usize;
+        let mut deletes: Vec<u64> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Enrol { meta, vector } => {
+                    if vector.len() != cfg.dim {
+                        return Err(Error::DataCorruption { path: logp.clone(), reason: format!("template {} has dimension {}", meta.template, vector.len()) });
+                    }
+                    if enrol_ordinal >= have {
+                        pending.extend_from_slice(&vector);
+                    }
+                    st.note_enrol(cfg, meta, enrol_ordinal as u32);
+                    enrol_ordinal += 1;
+                }
+                Op::Delete { templates } => {
+                    for t in templates {
+                        if let Some(slot) = st.note_delete(t) {
+                            deletes.push(slot as u64);
+                        }
+                    }
+                }
+                Op::Consent(c) => {
+                    st.consents.insert(c.consent_id.clone(), c);
+                }
+            }
+        }
+        if have > enrol_ordinal {
+            return Err(Error::DataCorruption { path: snapp, reason: "snapshot holds more templates than the log".into() });
+        }
+        if !pending.is_empty() {
+            st.index.add_batch(&pending)?;
+        }
+        for slot in deletes {
+            st.index.remove(slot as u32)?;
+        }
+        let stale = log.frames().saturating_sub(snapshot::read_header(&snapp)?.map(|h| h.frames).unwrap_or(0));
+        let engine = Engine::assemble(dir, lock, key, self.clock, manifest, log, report, Some(st))?;
+        if !engine.open_report.snapshot_used || stale > 10_000 {
+            engine.checkpoint()?;
+        }
+        let purged = engine.purge_expired(&Operator::new("facematch-open").unwrap_or_else(|_| unreachable_operator()))?;
+        let mut engine = engine;
+        engine.open_report.purged_on_open = purged.templates.len();
+        Ok(engine)
+    }
+}
+
+fn unreachable_operator() -> Operator {
+    // "facematch-open" is a valid operator id; this is never reached.
+    Operator::new("system").expect("valid literal")
+}
+
+struct Writer {
+    log: LogWriter,
+}
+
+/// The engine. `Send + Sync`: share it in an `Arc`.
+pub struct Engine {
+    dir: PathBuf,
+    _lock: store::DirLock,
+    key: RwLock<MasterKey>,
+    clock: Arc<dyn Clock>,
+    manifest: RwLock<Manifest>,
+    state: RwLock<State>,
+    writer: Mutex<Writer>,
+    audit: AuditLog,
+    notices: Mutex<Vec<Notice>>,
+    open_report: OpenReport,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn normalise(dim: usize, v: &[f32]) -> Result<Vec<f32>> {
+    if v.len() != dim {
+        return Err(Error::WrongDimension { expected: dim, got: v.len() });
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::InvalidEmbedding { reason: "contains NaN or infinity".into() });
+    }
+    let n = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    if n < 1e-12 {
+        return Err(Error::InvalidEmbedding { reason: "zero norm".into() });
+    }
+    Ok(v.iter().map(|x| (*x as f64 / n) as f32).collect())
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        dir: PathBuf,
+        lock: store::DirLock,
+        key: MasterKey,
+        clock: Arc<dyn Clock>,
+        manifest: Manifest,
+        log: LogWriter,
+        report: OpenReport,
+        state: Option<State>,
+    ) -> Result<Engine> {
+        let cfg = manifest.config.clone();
+        let state = match state {
+            Some(s) => s,
+            None => State::new(VectorIndex::new(cfg.dim, cfg.index.clone())?),
+        };
+        let (audit, _) = AuditLog::open(
+            &dir.join(store::AUDIT_DIR),
+            AuditKey::from_bytes(key.audit_key_bytes()),
+            cfg.audit.clone(),
+            clock.clone(),
+        )?;
+        let mut notices = Vec::new();
+        if let Some(at) = manifest.filing_notice_ms {
+            notices.push(Notice::FilingRequired { people: state.people(), threshold: cfg.filing_threshold, at_ms: at });
+        }
+        Ok(Engine {
+            dir,
+            _lock: lock,
+            key: RwLock::new(key),
+            clock,
+            manifest: RwLock::new(manifest),
+            state: RwLock::new(state),
+            writer: Mutex::new(Writer { log }),
+            audit,
+            notices: Mutex::new(notices),
+            open_report: report,
+        })
+    }
+
+    /// The gallery directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// What happened at open (torn tail repaired, snapshot used, purged templates).
+    pub fn open_report(&self) -> &OpenReport {
+        &self.open_report
+    }
+    /// A copy of the configuration in force.
+    pub fn config(&self) -> GalleryConfig {
+        self.manifest.read().config.clone()
+    }
+    /// The audit log (read, subscribe).
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+    /// Warnings for the operator (the filing notice).
+    pub fn notices(&self) -> Vec<Notice> {
+        self.notices.lock().clone()
+    }
+
+    fn policy(&self, purpose: &Purpose) -> Result<crate::compliance::PurposePolicy> {
+        self.manifest.read().config.purpose(purpose).cloned().ok_or_else(|| Error::PolicyViolation {
+            rule: "specific-purpose",
+            reason: format!("purpose {purpose} is not declared by this gallery"),
+        })
+    }
+
+    fn decide(policy: &crate::compliance::PurposePolicy, mode: Mode, best: Option<Candidate>) -> (Decision, Threshold) {
+        let t = policy.threshold(mode);
+        let d = match best {
+            Some(c) if t.accepts(c.score) => {
+                if policy.assist_only {
+                    Decision::NeedsHumanReview { subject: c.subject, template: c.template, score: c.score }
+                } else {
+                    Decision::Match { subject: c.subject, template: c.template, score: c.score }
+                }
+            }
+            Some(c) => Decision::NoMatch { best_score: Some(c.score) },
+            None => Decision::NoMatch { best_score: None },
+        };
+        (d, t)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_query(&self, ctx: &QueryContext, mode: Mode, t: Threshold, k: usize, decision: &Decision, top: Option<f32>, faces: (u32, u32), started: Instant) -> Result<u64> {
+        let (kind, subject, template) = match decision {
+            Decision::Match { subject, template, .. } => (DecisionKind::Match, Some(subject.to_string()), Some(*template)),
+            Decision::NeedsHumanReview { subject, template, .. } => (DecisionKind::NeedsHumanReview, Some(subject.to_string()), Some(*template)),
+            Decision::NoMatch { .. } => (DecisionKind::NoMatch, None, None),
+        };
+        let model_id = self.manifest.read().config.model_id.clone();
+        self.audit.append(AuditEvent::Query(QueryAudit {
+            operator: ctx.operator.as_str().to_string(),
+            purpose: ctx.purpose.as_str().to_string(),
+            mode: match mode {
+                Mode::Verify => QueryMode::Verify,
+                Mode::Identify => QueryMode::Identify,
+            },
+            model_id,
+            threshold: t.value(),
+            threshold_version: t.version(),
+            k: k as u32,
+            faces_found: faces.0,
+            faces_discarded: faces.1,
+            decision: kind,
+            subject,
+            template,
+            top_score: top,
+            latency_us: started.elapsed().as_micros() as u64,
+        }))
+    }
+
+    /// 1:1 verification of `probe` against `subject`'s templates enrolled for the context's purpose.
+    pub fn verify(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId) -> Result<Verification> {
+        self.verify_with_faces(ctx, probe, subject, (1, 0))
+    }
+
+    /// [`Engine::verify`] recording how many faces the image held and how many were discarded as unrelated.
+    pub fn verify_with_faces(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId, faces: (u32, u32)) -> Result<Verification> {
+        let started = Instant::now();
+        let policy = self.policy(&ctx.purpose)?;
+        let dim = self.manifest.read().config.dim;
+        let q = normalise(dim, probe)?;
+        let now = self.clock.now_unix_ms();
+        let bit = self.manifest.read().config.purpose_bit(&ctx.purpose).unwrap_or(0);
+        let best = {
+            let st = self.state.read();
+            let si = *st.subject_idx.get(subject).ok_or_else(|| Error::UnknownSubject(subject.to_string()))?;
+            let templates = st.live_by_subject.get(&si).cloned().unwrap_or_default();
+            if templates.is_empty() {
+                return Err(Error::UnknownSubject(subject.to_string()));
+            }
+            let mut best: Option<Candidate> = None;
+            for t in templates {
+                let Some(&slot) = st.by_template.get(&t) else { continue };
+                let s = &st.slots[slot as usize];
+                if s.mask & (1 << bit) == 0 || s.expires_at_ms <= now {
+                    continue;
+                }
+                if let Some(v) = st.index.vector(slot) {
+                    let score = dot(&q, v);
+                    if best.as_ref().is_none_or(|b| score > b.score) {
+                        best = Some(Candidate { subject: subject.clone(), template: t, score });
+                    }
+                }
+            }
+            best
+        };
+        let score = best.as_ref().map(|c| c.score);
+        let (decision, threshold) = Self::decide(&policy, Mode::Verify, best);
+        let audit_seq = self.audit_query(ctx, Mode::Verify, threshold, 1, &decision, score, faces, started)?;
+        Ok(Verification { decision, score, threshold, audit_seq })
+    }
+
+    /// 1:N identification: the `k` best templates enrolled for the context's purpose, and a decision on the best.
+    pub fn identify(&self, ctx: &QueryContext, probe: &[f32], k: usize) -> Result<Identification> {
+        self.identify_with(ctx, probe, k, SearchOptions::default(), (1, 0))
+    }
+
+    /// [`Engine::identify`] with search options and face counts for the audit record.
+    pub fn identify_with(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions, faces: (u32, u32)) -> Result<Identification> {
+        let started = Instant::now();
+        let candidates = self.search_candidates(ctx, probe, k, opts)?;
+        let policy = self.policy(&ctx.purpose)?;
+        let top = candidates.first().map(|c| c.score);
+        let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
+        let audit_seq = self.audit_query(ctx, Mode::Identify, threshold, k, &decision, top, faces, started)?;
+        Ok(Identification { candidates, decision, threshold, audit_seq })
+    }
+
+    fn search_candidates(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions) -> Result<Vec<Candidate>> {
+        let (dim, bit, max_k) = {
+            let m = self.manifest.read();
+            let bit = m.config.purpose_bit(&ctx.purpose).ok_or_else(|| Error::PolicyViolation {
+                rule: "specific-purpose",
+                reason: format!("purpose {} is not declared by this gallery", ctx.purpose),
+            })?;
+            (m.config.dim, bit, m.config.max_k)
+        };
+        if k == 0 || k > max_k {
+            return Err(Error::config("k", format!("must be in 1..={max_k}, got {k}")));
+        }
+        let q = normalise(dim, probe)?;
+        let now = self.clock.now_unix_ms();
+        let st = self.state.read();
+        if st.index.is_empty() {
+            return Ok(Vec::new());
+        }
+        let live = st.index.len() as u64;
+        let for_purpose = st.per_purpose[bit as usize];
+        let slots = &st.slots;
+        let mask = 1u64 << bit;
+        let filter = move |slot: u32| slots.get(slot as usize).is_some_and(|s| s.mask & mask != 0 && s.expires_at_ms > now);
+        let needs_filter = for_purpose < live || slots.iter().any(|s| s.expires_at_ms <= now);
+        let mut strategy = opts.strategy;
+        if needs_filter && strategy == SearchStrategy::Auto && (for_purpose as f64) < 0.3 * live as f64 {
+            // A narrow filter starves the graph walk: scan the few that pass.
+            strategy = SearchStrategy::Exact;
+        }
+        let params = SearchParams { k, ef: opts.ef, strategy, filter: if needs_filter { Some(&filter) } else { None } };
+        let hits: Vec<Hit> = st.index.search(&q, &params)?;
+        Ok(hits
+            .into_iter()
+            .filter_map(|h| {
+                let s = st.slots.get(h.slot as usize)?;
+                Some(Candidate { subject: st.subject_ids[s.subject as usize].clone(), template: s.template, score: h.score })
+            })
+            .collect())
+    }
+
+    /// Record a consent (required before enrolment). Refuses a minor under 14 without guardian consent.
+    pub fn record_consent(&self, operator: &Operator, mut consent: ConsentRecord) -> Result<()> {
+        let declared = self.manifest.read().config.purpose_names();
+        consent.validate(&declared)?;
+        if consent.given_at_ms == 0 {
+            consent.given_at_ms = self.clock.now_unix_ms();
+        }
+        let mut w = self.writer.lock();
+        if let Some(old) = self.state.read().consents.get(&consent.consent_id) {
+            if old.subject != consent.subject {
+                return Err(Error::PolicyViolation { rule: "consent-record", reason: format!("consent id {} belongs to another subject", consent.consent_id) });
+            }
+        }
+        w.log.append_durable(&[Op::Consent(consent.clone()).encode()])?;
+        self.state.write().consents.insert(consent.consent_id.clone(), consent.clone());
+        drop(w);
+        self.audit.append(AuditEvent::ConsentRecorded {
+            operator: operator.as_str().into(),
+            subject: consent.subject.to_string(),
+            consent_id: consent.consent_id.clone(),
+            basis: consent.basis.label(),
+            purposes: consent.purposes.iter().map(|p| p.to_string()).collect(),
+            age_bracket: consent.age_bracket.label().into(),
+            guardian: consent.guardian.is_some(),
+        })?;
+        Ok(())
+    }
+
+    fn check_enrolment(&self, cfg: &GalleryConfig, st: &State, e: &Enrolment, now: i64) -> Result<(TemplateMeta, Vec<f32>)> {
+        if let Some(m) = &e.model_id {
+            if m != &cfg.model_id {
+                return Err(Error::config("model_id", format!("embedding from model {m}, gallery holds {}", cfg.model_id)));
+            }
+        }
+        if e.purposes.is_empty() {
+            return Err(Error::PolicyViolation { rule: "specific-purpose", reason: "enrolment names no purpose".into() });
+        }
+        let consent = st.consents.get(&e.consent_id).ok_or_else(|| Error::PolicyViolation {
+            rule: "consent-required",
+            reason: format!("no consent record {} (record consent before enrolling)", e.consent_id),
+        })?;
+        if consent.subject != e.subject {
+            return Err(Error::PolicyViolation { rule: "consent-required", reason: format!("consent {} is not {}'s", e.consent_id, e.subject) });
+        }
+        consent.check_guardian()?;
+        let mut retention = i64::MAX;
+        for p in &e.purposes {
+            let pol = cfg.purpose(p).ok_or_else(|| Error::PolicyViolation { rule: "specific-purpose", reason: format!("purpose {p} is not declared by this gallery") })?;
+            if !consent.covers(p) {
+                return Err(Error::PolicyViolation {
+                    rule: "consent-required",
+                    reason: format!("consent {} does not cover purpose {p} (or was withdrawn)", e.consent_id),
+                });
+            }
+            retention = retention.min(pol.retention_days as i64 * DAY_MS);
+        }
+        let vector = normalise(cfg.dim, &e.embedding)?;
+        let template = match e.template {
+            Some(t) => {
+                if st.by_template.contains_key(&t) || st.metas.contains_key(&t) {
+                    return Err(Error::DuplicateTemplate(t));
+                }
+                t
+            }
+            None => st.next_template,
+        };
+        let meta = TemplateMeta {
+            template,
+            subject: e.subject.clone(),
+            purposes: e.purposes.clone(),
+            enrolled_at_ms: now,
+            expires_at_ms: now.saturating_add(retention),
+            consent_id: e.consent_id.clone(),
+            model_id: cfg.model_id.clone(),
+        };
+        Ok((meta, vector))
+    }
+
+    /// Enrol one template. Returns its template id once it is durable.
+    pub fn enrol(&self, operator: &Operator, e: Enrolment) -> Result<u64> {
+        let ids = self.enrol_batch(operator, vec![e])?;
+        Ok(ids[0])
+    }
+
+    /// Enrol many templates with one fsync (import, migration). All are checked first; nothing is written if one fails.
+    pub fn enrol_batch(&self, operator: &Operator, batch: Vec<Enrolment>) -> Result<Vec<u64>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cfg = self.manifest.read().config.clone();
+        let now = self.clock.now_unix_ms();
+        let mut w = self.writer.lock();
+        let mut planned = Vec::with_capacity(batch.len());
+        {
+            let st = self.state.read();
+            let mut taken = std::collections::HashSet::new();
+            let mut next = st.next_template;
+            for e in &batch {
+                let mut e2 = e.clone();
+                if e2.template.is_none() {
+                    while st.by_template.contains_key(&next) || taken.contains(&next) {
+                        next += 1;
+                    }
+                    e2.template = Some(next);
+                    next += 1;
+                }
+                let (meta, v) = self.check_enrolment(&cfg, &st, &e2, now)?;
+                if !taken.insert(meta.template) {
+                    return Err(Error::DuplicateTemplate(meta.template));
+                }
+                planned.push((meta, v));
+            }
+        }
+        let frames: Vec<Vec<u8>> = planned.iter().map(|(m, v)| Op::Enrol { meta: m.clone(), vector: v.clone() }.encode()).collect();
+        w.log.append_durable(&frames)?;
+        let ids: Vec<u64> = planned.iter().map(|(m, _)| m.template).collect();
+        let people_after;
+        {
+            let mut st = self.state.write();
+            let flat: Vec<f32> = planned.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+            let range = st.index.add_batch(&flat)?;
+            for ((meta, _), slot) in planned.iter().zip(range) {
+                st.note_enrol(&cfg, meta.clone(), slot);
+            }
+            people_after = st.people();
+        }
+        drop(w);
+        for (meta, _) in &planned {
+            self.audit.append(AuditEvent::Enrolment {
+                operator: operator.as_str().into(),
+                subject: meta.subject.to_string(),
+                template: meta.template,
+                purposes: meta.purposes.iter().map(|p| p.to_string()).collect(),
+                consent_id: meta.consent_id.clone(),
+            })?;
+        }
+        self.check_filing(people_after)?;
+        Ok(ids)
+    }
+
+    fn check_filing(&self, people: u64) -> Result<()> {
+        let mut m = self.manifest.write();
+        if m.filing_notice_ms.is_some() || people < m.config.filing_threshold {
+            return Ok(());
+        }
+        let at = self.clock.now_unix_ms();
+        m.filing_notice_ms = Some(at);
+        store::write_manifest(&self.dir, &m)?;
+        let threshold = m.config.filing_threshold;
+        drop(m);
+        tracing::warn!(people, threshold, "stored people reached the filing threshold: file with the provincial cyberspace office within 30 working days");
+        self.audit.append(AuditEvent::FilingNotice { distinct_subjects: people, threshold })?;
+        self.notices.lock().push(Notice::FilingRequired { people, threshold, at_ms: at });
+        Ok(())
+    }
+
+    fn erase(&self, templates: Vec<u64>) -> Result<ErasureReport> {
+        let mut w = self.writer.lock();
+        let known: Vec<u64> = {
+            let st = self.state.read();
+            templates.into_iter().filter(|t| st.by_template.contains_key(t)).collect()
+        };
+        if known.is_empty() {
+            return Ok(ErasureReport::default());
+        }
+        w.log.append_durable(&[Op::Delete { templates: known.clone() }.encode()])?;
+        let mut subjects = Vec::new();
+        {
+            let mut st = self.state.write();
+            for &t in &known {
+                let subj = st.by_template.get(&t).map(|&s| st.slots[s as usize].subject);
+                if let Some(slot) = st.note_delete(t) {
+                    st.index.remove(slot)?;
+                }
+                if let Some(si) = subj {
+                    if st.live_by_subject.get(&si).is_none_or(|v| v.is_empty()) {
+                        subjects.push(st.subject_ids[si as usize].to_string());
+                    }
+                }
+            }
+        }
+        drop(w);
+        subjects.sort();
+        subjects.dedup();
+        Ok(ErasureReport { templates: known, subjects, bytes_removed: false })
+    }
+
+    fn maybe_compact(&self, operator: &Operator, report: &mut ErasureReport) -> Result<()> {
+        let frac = self.state.read().index.deleted_fraction();
+        if frac >= self.manifest.read().config.compact_deleted_fraction {
+            self.compact(operator)?;
+            report.bytes_removed = true;
+        }
+        Ok(())
+    }
+
+    /// Delete templates by id. They are never returned from the moment this returns.
+    pub fn delete(&self, operator: &Operator, templates: &[u64], reason: &str) -> Result<ErasureReport> {
+        {
+            let st = self.state.read();
+            if let Some(t) = templates.iter().find(|t| !st.by_template.contains_key(t)) {
+                return Err(Error::UnknownTemplate(*t));
+            }
+        }
+        let mut r = self.erase(templates.to_vec())?;
+        self.audit.append(AuditEvent::Deletion { operator: operator.as_str().into(), templates: r.templates.clone(), reason: reason.into() })?;
+        self.maybe_compact(operator, &mut r)?;
+        Ok(r)
+    }
+
+    /// Withdrawal of consent: every template of `subject` is erased at once and its consents are marked withdrawn.
+    pub fn withdraw(&self, operator: &Operator, subject: &SubjectId) -> Result<ErasureReport> {
+        let (templates, consents) = {
+            let st = self.state.read();
+            let templates = st.subject_idx.get(subject).and_then(|i| st.live_by_subject.get(i)).cloned().unwrap_or_default();
+            let consents: Vec<ConsentRecord> = st.consents.values().filter(|c| &c.subject == subject && c.withdrawn_at_ms.is_none()).cloned().collect();
+            if templates.is_empty() && consents.is_empty() {
+                return Err(Error::UnknownSubject(subject.to_string()));
+            }
+            (templates, consents)
+        };
+        let now = self.clock.now_unix_ms();
+        {
+            let mut w = self.writer.lock();
+            let frames: Vec<Vec<u8>> = consents
+                .iter()
+                .map(|c| {
+                    let mut c = c.clone();
+                    c.withdrawn_at_ms = Some(now);
+                    Op::Consent(c).encode()
+                })
+                .collect();
+            w.log.append_durable(&frames)?;
+            let mut st = self.state.write();
+            for c in consents {
+                if let Some(x) = st.consents.get_mut(&c.consent_id) {
+                    x.withdrawn_at_ms = Some(now);
+                }
+            }
+        }
+        let mut r = self.erase(templates)?;
+        r.subjects = vec![subject.to_string()];
+        self.audit.append(AuditEvent::ConsentWithdrawn { operator: operator.as_str().into(), subject: subject.to_string(), templates_erased: r.templates.clone() })?;
+        self.maybe_compact(operator, &mut r)?;
+        Ok(r)
+    }
+
+    /// Erase every template whose retention has expired (also run on open).
+    pub fn purge_expired(&self, operator: &Operator) -> Result<ErasureReport> {
+        let now = self.clock.now_unix_ms();
+        let expired: Vec<u64> = {
+            let st = self.state.read();
+            st.by_template.iter().filter(|(_, &s)| st.slots[s as usize].expires_at_ms <= now).map(|(&t, _)| t).collect()
+        };
+        if expired.is_empty() {
+            return Ok(ErasureReport::default());
+        }
+        let mut r = self.erase(expired)?;
+        r.templates.sort_unstable();
+        self.audit.append(AuditEvent::Purge { operator: operator.as_str().into(), templates: r.templates.clone(), reason: "retention expired".into() })?;
+        self.maybe_compact(operator, &mut r)?;
+        Ok(r)
+    }
+
+    /// Rewrite the store without deleted templates: their bytes leave every file; the index drops them and repairs its graph.
+    pub fn compact(&self, operator: &Operator) -> Result<CompactionReport> {
+        let key = self.key.read().clone();
+        let r = self.rewrite(&key)?;
+        self.audit.append(AuditEvent::Compaction {
+            operator: operator.as_str().into(),
+            templates_removed: r.templates_removed,
+            bytes_before: r.bytes_before,
+            bytes_after: r.bytes_after,
+        })?;
+        Ok(r)
+    }
+
+    /// Write a new log (live templates + consents) sealed with `key`, a fresh snapshot, swap them in, shred the old log.
+    fn rewrite(&self, key: &MasterKey) -> Result<CompactionReport> {
+        let mut w = self.writer.lock();
+        let mut st = self.state.write();
+        let bytes_before = w.log.len();
+        let removed = (st.index.slots() - st.index.len()) as u64;
+        let map = st.index.compact();
+        // Renumber slots.
+        let mut new_slots = vec![None; st.index.slots()];
+        for (old, new) in map.iter().enumerate() {
+            if let Some(n) = new {
+                if st.by_template.get(&st.slots[old].template) == Some(&(old as u32)) {
+                    new_slots[*n as usize] = Some(st.slots[old].clone());
+                }
+            }
+        }
+        let slots: Vec<Slot> = new_slots.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Error::DataCorruption {
+            path: self.dir.clone(),
+            reason: "index compaction map disagrees with the gallery metadata".into(),
+        })?;
+        st.by_template = slots.iter().enumerate().map(|(i, s)| (s.template, i as u32)).collect();
+        st.slots = slots;
+
+        let tmp = self.dir.join("templates.log.new");
+        let _ = std::fs::remove_file(&tmp);
+        let mut nl = LogWriter::create(&tmp, key.store_cipher())?;
+        let mut frames: Vec<Vec<u8>> = st.consents.values().map(|c| Op::Consent(c.clone()).encode()).collect();
+        frames.sort();
+        for (i, s) in st.slots.iter().enumerate() {
+            let meta = st.metas.get(&s.template).cloned().ok_or(Error::UnknownTemplate(s.template))?;
+            let v = st.index.vector(i as u32).ok_or(Error::UnknownTemplate(s.template))?.to_vec();
+            frames.push(Op::Enrol { meta, vector: v }.encode());
+            if frames.len() >= 8192 {
+                nl.append_durable(&frames)?;
+                frames.clear();
+            }
+        }
+        nl.append_durable(&frames)?;
+        let header = snapshot::SnapshotHeader { log_id: nl.file_id(), frames: nl.frames(), slots: st.index.slots() as u64 };
+        let idx = &st.index;
+        snapshot::write(&self.dir.join(store::SNAPSHOT), &key.store_cipher(), header, |out| idx.write_to(out))?;
+        let logp = self.dir.join(store::LOG);
+        std::fs::rename(&tmp, &logp).map_err(|e| Error::io(&logp, e))?;
+        store::sync_dir(&self.dir)?;
+        let bytes_after = nl.len();
+        let old = std::mem::replace(&mut w.log, nl);
+        old.shred()?;
+        Ok(CompactionReport { templates_removed: removed, bytes_before, bytes_after })
+    }
+
+    /// Write an index snapshot so the next open loads instead of rebuilding.
+    pub fn checkpoint(&self) -> Result<()> {
+        let w = self.writer.lock();
+        let st = self.state.read();
+        let key = self.key.read();
+        let header = snapshot::SnapshotHeader { log_id: w.log.file_id(), frames: w.log.frames(), slots: st.index.slots() as u64 };
+        snapshot::write(&self.dir.join(store::SNAPSHOT), &key.store_cipher(), header, |out| st.index.write_to(out))
+    }
+
+    /// Re-encrypt the whole store (and re-sign the audit log) under a new key.
+    pub fn rotate_key(&self, operator: &Operator, new_key: MasterKey) -> Result<()> {
+        let old = self.key.read().clone();
+        self.rewrite(&new_key)?;
+        {
+            let mut m = self.manifest.write();
+            let fresh = store::new_manifest(m.config.clone(), &new_key, m.created_ms);
+            m.key_check = fresh.key_check;
+            store::write_manifest(&self.dir, &m)?;
+        }
+        self.audit.append(AuditEvent::KeyRotation { operator: operator.as_str().into() })?;
+        self.audit.flush()?;
+        AuditLog::rekey(&self.dir.join(store::AUDIT_DIR), &AuditKey::from_bytes(old.audit_key_bytes()), &AuditKey::from_bytes(new_key.audit_key_bytes()))?;
+        *self.key.write() = new_key;
+        Ok(())
+    }
+
+    /// Change a purpose's threshold for a mode; versioned and audited.
+    pub fn set_threshold(&self, operator: &Operator, purpose: &Purpose, mode: Mode, value: f32) -> Result<Threshold> {
+        let mut m = self.manifest.write();
+        let mut cfg = m.config.clone();
+        let p = cfg.purposes.iter_mut().find(|p| &p.name == purpose).ok_or_else(|| Error::PolicyViolation {
+            rule: "specific-purpose",
+            reason: format!("purpose {purpose} is not declared by this gallery"),
+        })?;
+        let t = Threshold::new(value, p.threshold_version + 1)?;
+        let old = match mode {
+            Mode::Verify => std::mem::replace(&mut p.verify_threshold, value),
+            Mode::Identify => std::mem::replace(&mut p.identify_threshold, value),
+        };
+        p.threshold_version += 1;
+        cfg.validate()?;
+        let mut nm = m.clone();
+        nm.config = cfg;
+        store::write_manifest(&self.dir, &nm)?;
+        *m = nm;
+        drop(m);
+        self.audit.append(AuditEvent::ThresholdChange {
+            operator: operator.as_str().into(),
+            purpose: purpose.to_string(),
+            mode: mode.as_str().into(),
+            old: Some(old),
+            new: value,
+            version: t.version(),
+        })?;
+        Ok(t)
+    }
+
+    /// Export live templates (optionally of one purpose) as an `.npy` matrix plus a JSON manifest of
+    /// subjects, into `dest` on this machine. An explicit, audited act.
+    pub fn export(&self, operator: &Operator, purpose: Option<&Purpose>, dest: &Path) -> Result<u64> {
+        let bit = match purpose {
+            Some(p) => Some(self.manifest.read().config.purpose_bit(p).ok_or_else(|| Error::PolicyViolation { rule: "specific-purpose", reason: format!("purpose {p} is not declared") })?),
+            None => None,
+        };
+        let st = self.state.read();
+        let dim = st.index.dim();
+        let mut data = Vec::new();
+        let mut rows = Vec::new();
+        for (i, s) in st.slots.iter().enumerate() {
+            if !st.by_template.contains_key(&s.template) || bit.is_some_and(|b| s.mask & (1 << b) == 0) {
+                continue;
+            }
+            if let Some(v) = st.index.vector(i as u32) {
+                data.extend_from_slice(v);
+                rows.push(serde_json::json!({"template": s.template, "subject": st.subject_ids[s.subject as usize]}));
+            }
+        }
+        drop(st);
+        let n = rows.len() as u64;
+        self.audit.append(AuditEvent::Export { operator: operator.as_str().into(), templates: n, destination: dest.display().to_string() })?;
+        std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        crate::npy::write_f32(&dest.join("templates.npy"), &data, n as usize, dim)?;
+        let j = serde_json::to_vec_pretty(&rows).map_err(|e| Error::config("export", e.to_string()))?;
+        store::write_atomic(&dest.join("templates.json"), &j)?;
+        Ok(n)
+    }
+
+    /// Gallery statistics (people count against the filing threshold among them).
+    pub fn stats(&self) -> Stats {
+        let m = self.manifest.read();
+        let st = self.state.read();
+        let w = self.writer.lock();
+        let per_purpose = m.config.purposes.iter().enumerate().map(|(i, p)| (p.name.to_string(), st.per_purpose[i])).collect();
+        Stats {
+            templates: st.index.len() as u64,
+            people: st.people(),
+            filing_threshold: m.config.filing_threshold,
+            filing_notice_ms: m.filing_notice_ms,
+            slots: st.index.slots() as u64,
+            deleted_fraction: st.index.deleted_fraction(),
+            per_purpose,
+            consents: st.consents.len() as u64,
+            log_bytes: w.log.len(),
+            index_memory_bytes: st.index.memory_bytes() as u64,
+            dim: m.config.dim,
+            model_id: m.config.model_id.clone(),
+        }
+    }
+
+    /// Metadata of a live template.
+    pub fn template(&self, template: u64) -> Result<TemplateMeta> {
+        self.state.read().metas.get(&template).cloned().ok_or(Error::UnknownTemplate(template))
+    }
+
+    /// Live template ids of a subject.
+    pub fn templates_of(&self, subject: &SubjectId) -> Vec<u64> {
+        let st = self.state.read();
+        st.subject_idx.get(subject).and_then(|i| st.live_by_subject.get(i)).cloned().unwrap_or_default()
+    }
+
+    /// Consent records of a subject (kept for the audit trail, withdrawn ones included).
+    pub fn consents_of(&self, subject: &SubjectId) -> Vec<ConsentRecord> {
+        self.state.read().consents.values().filter(|c| &c.subject == subject).cloned().collect()
+    }
+
+    /// Flush the audit log and write a snapshot if many frames are not in it.
+    pub fn close(self) -> Result<()> {
+        self.audit.flush()?;
+        self.checkpoint()
+    }
+}
+
+/// Default audit configuration re-exported for callers building configs.
+pub fn default_audit_config() -> AuditConfig {
+    AuditConfig::default()
+}

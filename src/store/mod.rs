@@ -1,1 +1,309 @@
-//! (to be written)
+//! The gallery directory on disk: manifest, encrypted template log, encrypted
+//! index snapshot, audit log, lock.
+//!
+//! ```text
+//! gallery/
+//!   LOCK              exclusive lock: one process per gallery
+//!   gallery.json      manifest: format version, config, key check (no biometric data)
+//!   templates.log     encrypted append-only log of enrolments, deletions, consents (log.rs)
+//!   index.snap        encrypted snapshot of the index, bound to the log (snapshot.rs)
+//!   audit/            hash-chained audit log (crate::audit)
+//! ```
+//! Every write is crash-safe: log appends are fsynced before they are
+//! acknowledged, whole-file replacements go through tmp + fsync + rename +
+//! directory fsync. Compaction writes a new log holding only live templates,
+//! swaps it in and overwrites the old one with zeros before it is freed.
+
+mod crypto;
+mod log;
+pub(crate) mod snapshot;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use self::crypto::{MasterKey, KEY_ENV};
+pub(crate) use self::log::LogWriter;
+pub use self::log::TornTail;
+use crate::compliance::{ConsentRecord, Purpose, SubjectId};
+use crate::config::GalleryConfig;
+use crate::{Error, Result};
+
+/// Version of the gallery format this build writes (and the newest it reads).
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_NAME: &str = "facematch-gallery";
+pub(crate) const MANIFEST: &str = "gallery.json";
+pub(crate) const LOG: &str = "templates.log";
+pub(crate) const SNAPSHOT: &str = "index.snap";
+pub(crate) const AUDIT_DIR: &str = "audit";
+const LOCK: &str = "LOCK";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"facematch key check v1";
+
+/// The manifest: what the gallery is, in plain JSON (no biometric data).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always "facematch-gallery".
+    pub format: String,
+    /// On-disk format version.
+    pub version: u32,
+    /// Creation time (unix ms).
+    pub created_ms: i64,
+    /// Sealed known text: proves the key before anything is read.
+    pub key_check: String,
+    /// The gallery's configuration.
+    pub config: GalleryConfig,
+    /// When the filing notice was raised (unix ms), once.
+    #[serde(default)]
+    pub filing_notice_ms: Option<i64>,
+}
+
+/// Metadata of one enrolled template (no biometric data).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    /// Template id (unique in the gallery).
+    pub template: u64,
+    /// Whose template.
+    pub subject: SubjectId,
+    /// Purposes it was enrolled for.
+    pub purposes: Vec<Purpose>,
+    /// Enrolment time (unix ms).
+    pub enrolled_at_ms: i64,
+    /// Expiry (unix ms): the shortest retention among its purposes.
+    pub expires_at_ms: i64,
+    /// The consent it rests on.
+    pub consent_id: String,
+    /// The embedding model that made it.
+    pub model_id: String,
+}
+
+/// One operation in the template log.
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    Enrol { meta: TemplateMeta, vector: Vec<f32> },
+    Delete { templates: Vec<u64> },
+    Consent(ConsentRecord),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum JsonOp {
+    Delete { templates: Vec<u64> },
+    Consent { record: ConsentRecord },
+}
+
+const TAG_ENROL: u8 = 1;
+const TAG_JSON: u8 = 2;
+
+impl Op {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            Op::Enrol { meta, vector } => {
+                let m = serde_json::to_vec(meta).unwrap_or_default();
+                let mut out = Vec::with_capacity(1 + 4 + m.len() + 4 + vector.len() * 4);
+                out.push(TAG_ENROL);
+                out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+                out.extend_from_slice(&m);
+                out.extend_from_slice(&(vector.len() as u32).to_le_bytes());
+                for x in vector {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+                out
+            }
+            Op::Delete { templates } => json_frame(&JsonOp::Delete { templates: templates.clone() }),
+            Op::Consent(record) => json_frame(&JsonOp::Consent { record: record.clone() }),
+        }
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> std::result::Result<Op, String> {
+        let (&tag, rest) = b.split_first().ok_or("empty frame")?;
+        match tag {
+            TAG_ENROL => {
+                let rd = |s: &[u8], at: usize| -> std::result::Result<u32, String> {
+                    s.get(at..at + 4).map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]])).ok_or_else(|| "short enrol frame".to_string())
+                };
+                let ml = rd(rest, 0)? as usize;
+                let meta_bytes = rest.get(4..4 + ml).ok_or("short enrol meta")?;
+                let meta: TemplateMeta = serde_json::from_slice(meta_bytes).map_err(|e| format!("enrol meta: {e}"))?;
+                let dim = rd(rest, 4 + ml)? as usize;
+                let vb = rest.get(8 + ml..8 + ml + dim * 4).ok_or("short enrol vector")?;
+                let vector = vb.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                Ok(Op::Enrol { meta, vector })
+            }
+            TAG_JSON => match serde_json::from_slice::<JsonOp>(rest).map_err(|e| format!("op: {e}"))? {
+                JsonOp::Delete { templates } => Ok(Op::Delete { templates }),
+                JsonOp::Consent { record } => Ok(Op::Consent(record)),
+            },
+            t => Err(format!("unknown op tag {t}")),
+        }
+    }
+}
+
+fn json_frame(op: &JsonOp) -> Vec<u8> {
+    let mut out = vec![TAG_JSON];
+    out.extend_from_slice(&serde_json::to_vec(op).unwrap_or_default());
+    out
+}
+
+/// fsync a directory so a rename in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+}
+
+/// Write `bytes` to `path` atomically (tmp, fsync, rename, fsync dir).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The exclusive lock on a gallery directory (released on drop).
+#[derive(Debug)]
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    pub(crate) fn acquire(dir: &Path) -> Result<Self> {
+        let p = dir.join(LOCK);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(|e| Error::io(&p, e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(DirLock { _file: f }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&p, e)),
+        }
+    }
+}
+
+/// Read and check a manifest (format, version), without the key.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let p = dir.join(MANIFEST);
+    let bytes = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::IncompatibleStore { path: dir.into(), reason: "no gallery here (gallery.json missing)".into() })
+        }
+        Err(e) => return Err(Error::io(&p, e)),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::IncompatibleStore { path: p.clone(), reason: format!("not a facematch manifest: {e}") })?;
+    if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+        return Err(Error::IncompatibleStore { path: p, reason: "not a facematch gallery manifest".into() });
+    }
+    let version = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0);
+    if version > FORMAT_VERSION as u64 {
+        return Err(Error::IncompatibleStore {
+            path: p,
+            reason: format!("written by a newer facematch (format {version}, this build reads up to {FORMAT_VERSION})"),
+        });
+    }
+    serde_json::from_value(v).map_err(|e| Error::DataCorruption { path: p, reason: format!("manifest: {e}") })
+}
+
+/// Write the manifest atomically.
+pub(crate) fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::config("manifest", e.to_string()))?;
+    write_atomic(&dir.join(MANIFEST), &bytes)
+}
+
+/// Make a new manifest for `config` sealed with `key`.
+pub(crate) fn new_manifest(config: GalleryConfig, key: &MasterKey, now_ms: i64) -> Manifest {
+    Manifest {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        created_ms: now_ms,
+        key_check: hex::encode(key.store_cipher().seal(b"key-check", KEY_CHECK_PLAINTEXT)),
+        config,
+        filing_notice_ms: None,
+    }
+}
+
+/// Check that `key` opens this gallery.
+pub(crate) fn check_key(dir: &Path, m: &Manifest, key: &MasterKey) -> Result<()> {
+    let sealed = hex::decode(&m.key_check).map_err(|_| Error::DataCorruption { path: dir.join(MANIFEST), reason: "bad key_check".into() })?;
+    match key.store_cipher().open(b"key-check", &sealed) {
+        Some(p) if &p[..] == KEY_CHECK_PLAINTEXT => Ok(()),
+        _ => Err(Error::Key(format!("the key (fingerprint {}) does not open the gallery at {}", key.fingerprint(), dir.display()))),
+    }
+}
+
+/// Decrypt every frame and snapshot chunk in a gallery directory and return
+/// all the plaintext, concatenated, plus every raw file's bytes. For
+/// forensic checks ("are the erased template's bytes anywhere?") and tests.
+pub fn forensic_dump(dir: &Path, key: &MasterKey) -> Result<(Vec<u8>, Vec<u8>)> {
+    let cipher = key.store_cipher();
+    let mut plain = Vec::new();
+    let mut raw = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+            let e = e.map_err(|e| Error::io(&d, e))?;
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                raw.extend_from_slice(&std::fs::read(&p).map_err(|e| Error::io(&p, e))?);
+            }
+        }
+    }
+    let logp = dir.join(LOG);
+    if logp.exists() {
+        // Read-only replay of a copy so the original is untouched.
+        let tmp = tempdir_in(dir)?;
+        let copy = tmp.join(LOG);
+        std::fs::copy(&logp, &copy).map_err(|e| Error::io(&copy, e))?;
+        LogWriter::open(&copy, cipher.clone(), |_, b| {
+            plain.extend_from_slice(b);
+            Ok(())
+        })?;
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let snap = dir.join(SNAPSHOT);
+    if let Some(h) = snapshot::read_header(&snap)? {
+        let _ = snapshot::read(&snap, &cipher, &h, |r| {
+            r.read_to_end(&mut plain).map_err(|e| Error::io(&snap, e))?;
+            Ok(())
+        });
+    }
+    Ok((plain, raw))
+}
+
+fn tempdir_in(dir: &Path) -> Result<PathBuf> {
+    let _ = dir;
+    let base = std::env::temp_dir().join(format!("facematch-forensic-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    std::fs::create_dir_all(&base).map_err(|e| Error::io(&base, e))?;
+    Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_round_trip() {
+        let meta = TemplateMeta {
+            template: 7,
+            subject: SubjectId::new("s").unwrap(),
+            purposes: vec![Purpose::new("a").unwrap()],
+            enrolled_at_ms: 1,
+            expires_at_ms: 2,
+            consent_id: "c".into(),
+            model_id: "m".into(),
+        };
+        let op = Op::Enrol { meta: meta.clone(), vector: vec![0.5, -0.25] };
+        match Op::decode(&op.encode()).unwrap() {
+            Op::Enrol { meta: m, vector } => {
+                assert_eq!(m, meta);
+                assert_eq!(vector, vec![0.5, -0.25]);
+            }
+            _ => panic!("wrong op"),
+        }
+        assert!(Op::decode(&[]).is_err());
+        assert!(Op::decode(&[1, 200, 0, 0, 0]).is_err());
+        assert!(Op::decode(&[9]).is_err());
+    }
+}

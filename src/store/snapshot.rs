@@ -1,0 +1,187 @@
+//! Encrypted snapshots of the in-memory index, so opening a large gallery
+//! loads the graph instead of rebuilding it.
+//!
+//! ```text
+//! header (64 B): b"FMSNAP\0\0" | u32 version | u32 reserved | log file id (16) | u64 frames covered | u64 slots | 16 B reserved
+//! chunks:        u32 sealed_len | sealed(AAD = "snap" | log id | chunk index | last flag)
+//! ```
+//! A snapshot names the log (file id) and the number of its frames it
+//! reflects; a snapshot that does not match the log, fails authentication or
+//! is truncated is ignored (the index is rebuilt from the log), never trusted.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+use super::crypto::{Cipher, NONCE_LEN, TAG_LEN};
+use crate::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"FMSNAP\0\0";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 64;
+const CHUNK: usize = 1 << 20;
+
+/// What a snapshot covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SnapshotHeader {
+    pub log_id: [u8; 16],
+    pub frames: u64,
+    pub slots: u64,
+}
+
+fn chunk_aad(log_id: &[u8; 16], idx: u64, last: bool) -> [u8; 29] {
+    let mut a = [0u8; 29];
+    a[..4].copy_from_slice(b"snap");
+    a[4..20].copy_from_slice(log_id);
+    a[20..28].copy_from_slice(&idx.to_le_bytes());
+    a[28] = last as u8;
+    a
+}
+
+struct SealingWriter<'a, W: Write> {
+    out: W,
+    cipher: &'a Cipher,
+    log_id: [u8; 16],
+    buf: Zeroizing<Vec<u8>>,
+    idx: u64,
+}
+
+impl<W: Write> SealingWriter<'_, W> {
+    fn emit(&mut self, last: bool) -> std::io::Result<()> {
+        let sealed = self.cipher.seal(&chunk_aad(&self.log_id, self.idx, last), &self.buf);
+        self.out.write_all(&(sealed.len() as u32).to_le_bytes())?;
+        self.out.write_all(&sealed)?;
+        self.idx += 1;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for SealingWriter<'_, W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = CHUNK - self.buf.len();
+            let n = room.min(rest.len());
+            self.buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if self.buf.len() == CHUNK {
+                self.emit(false)?;
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Write a snapshot atomically (tmp file, fsync, rename, fsync dir).
+pub(crate) fn write(
+    path: &Path,
+    cipher: &Cipher,
+    header: SnapshotHeader,
+    body: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension("snap.tmp");
+    let file = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut out = BufWriter::with_capacity(CHUNK + 64, file);
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[16..32].copy_from_slice(&header.log_id);
+    h[32..40].copy_from_slice(&header.frames.to_le_bytes());
+    h[40..48].copy_from_slice(&header.slots.to_le_bytes());
+    out.write_all(&h).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = SealingWriter { out, cipher, log_id: header.log_id, buf: Zeroizing::new(Vec::with_capacity(CHUNK)), idx: 0 };
+    body(&mut w)?;
+    w.emit(true).map_err(|e| Error::io(&tmp, e))?;
+    let file = w.out.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    super::sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    Ok(())
+}
+
+struct OpeningReader<'a, R: Read> {
+    inp: R,
+    cipher: &'a Cipher,
+    log_id: [u8; 16],
+    buf: Zeroizing<Vec<u8>>,
+    pos: usize,
+    idx: u64,
+    done: bool,
+}
+
+impl<R: Read> Read for OpeningReader<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let mut l = [0u8; 4];
+            self.inp.read_exact(&mut l)?;
+            let len = u32::from_le_bytes(l) as usize;
+            if !(NONCE_LEN + TAG_LEN..=CHUNK + NONCE_LEN + TAG_LEN).contains(&len) {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad snapshot chunk length"));
+            }
+            let mut sealed = vec![0u8; len];
+            self.inp.read_exact(&mut sealed)?;
+            // A chunk opens either as a middle chunk or as the last one.
+            let (plain, last) = match self.cipher.open(&chunk_aad(&self.log_id, self.idx, false), &sealed) {
+                Some(p) => (p, false),
+                None => match self.cipher.open(&chunk_aad(&self.log_id, self.idx, true), &sealed) {
+                    Some(p) => (p, true),
+                    None => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot chunk fails authentication")),
+                },
+            };
+            self.buf = plain;
+            self.pos = 0;
+            self.idx += 1;
+            self.done = last;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Read a snapshot's header; `Ok(None)` if there is no snapshot file.
+pub(crate) fn read_header(path: &Path) -> Result<Option<SnapshotHeader>> {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut h = [0u8; HEADER_LEN];
+    if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().unwrap_or_default()) != VERSION {
+        return Ok(None);
+    }
+    let mut log_id = [0u8; 16];
+    log_id.copy_from_slice(&h[16..32]);
+    Ok(Some(SnapshotHeader {
+        log_id,
+        frames: u64::from_le_bytes(h[32..40].try_into().unwrap_or_default()),
+        slots: u64::from_le_bytes(h[40..48].try_into().unwrap_or_default()),
+    }))
+}
+
+/// Stream a snapshot's decrypted body into `body`.
+pub(crate) fn read<T>(path: &Path, cipher: &Cipher, header: &SnapshotHeader, body: impl FnOnce(&mut dyn Read) -> Result<T>) -> Result<T> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut inp = BufReader::with_capacity(CHUNK + 64, f);
+    let mut h = [0u8; HEADER_LEN];
+    inp.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
+    let mut r = OpeningReader { inp, cipher, log_id: header.log_id, buf: Zeroizing::new(Vec::new()), pos: 0, idx: 0, done: false };
+    let v = body(&mut r)?;
+    // The body must have consumed the whole stream up to the last chunk.
+    let mut probe = [0u8; 1];
+    match r.read(&mut probe) {
+        Ok(0) if r.done => Ok(v),
+        _ => Err(Error::DataCorruption { path: path.into(), reason: "snapshot has trailing data or no final chunk".into() }),
+    }
+}
