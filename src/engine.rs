@@ -458,7 +458,14 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn normalise(dim: usize, v: &[f32]) -> Result<Vec<f32>> {
+/// Check an embedding (dimension, finite, non-zero) and L2-normalise it, exactly as the engine stores it.
+///
+/// ```
+/// let v = facematch::engine::normalise(2, &[3.0, 4.0]).unwrap();
+/// assert_eq!(v, vec![0.6, 0.8]);
+/// assert!(facematch::engine::normalise(2, &[0.0, 0.0]).is_err());
+/// ```
+pub fn normalise(dim: usize, v: &[f32]) -> Result<Vec<f32>> {
     if v.len() != dim {
         return Err(Error::WrongDimension { expected: dim, got: v.len() });
     }

@@ -1,0 +1,256 @@
+//! Gallery behaviour: errors not panics, persistence, crash safety, concurrency.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+
+use facematch::engine::{Enrolment, SearchOptions};
+use facematch::index::SearchStrategy;
+use facematch::store::MasterKey;
+use facematch::Error;
+
+#[test]
+fn bad_embeddings_are_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let e = create(d.path(), &MasterKey::generate(), clock());
+    let cid = consent(&e, "a", &["door-access"], facematch::compliance::AgeBracket::Adult).unwrap();
+    let mk = |v: Vec<f32>| Enrolment::new(subject("a"), cid.clone(), vec![purpose("door-access")], v);
+    assert!(matches!(e.enrol(&op(), mk(vec![1.0; DIM - 1])), Err(Error::WrongDimension { expected: DIM, got: 15 })));
+    let mut nan = vector(1);
+    nan[3] = f32::NAN;
+    assert!(matches!(e.enrol(&op(), mk(nan.clone())), Err(Error::InvalidEmbedding { .. })));
+    let mut inf = vector(1);
+    inf[0] = f32::INFINITY;
+    assert!(matches!(e.enrol(&op(), mk(inf)), Err(Error::InvalidEmbedding { .. })));
+    assert!(matches!(e.enrol(&op(), mk(vec![0.0; DIM])), Err(Error::InvalidEmbedding { .. })));
+    let t = e.enrol(&op(), mk(vector(1))).unwrap();
+    let mut dup = mk(vector(2));
+    dup.template = Some(t);
+    assert!(matches!(e.enrol(&op(), dup), Err(Error::DuplicateTemplate(x)) if x == t));
+    assert!(matches!(e.identify(&ctx("door-access"), &nan, 3), Err(Error::InvalidEmbedding { .. })));
+    assert!(matches!(e.identify(&ctx("door-access"), &[1.0; 3], 3), Err(Error::WrongDimension { .. })));
+    assert!(e.identify(&ctx("door-access"), &vector(1), 0).is_err());
+    assert!(matches!(e.verify(&ctx("door-access"), &vector(1), &subject("nobody")), Err(Error::UnknownSubject(_))));
+    assert!(matches!(e.delete(&op(), &[987654], "test"), Err(Error::UnknownTemplate(987654))));
+    let mut wrong_model = mk(vector(3));
+    wrong_model.model_id = Some("other-model".into());
+    assert!(e.enrol(&op(), wrong_model).is_err());
+    assert_eq!(e.stats().templates, 1, "failed enrolments left nothing behind");
+}
+
+#[test]
+fn no_match_is_a_result() {
+    let d = tempfile::tempdir().unwrap();
+    let e = create(d.path(), &MasterKey::generate(), clock());
+    let r = e.identify(&ctx("door-access"), &vector(1), 5).unwrap();
+    assert!(r.candidates.is_empty());
+    assert_eq!(r.decision.kind(), "no_match");
+    enrol(&e, "a", &["door-access"], vector(1));
+    let r = e.identify(&ctx("door-access"), &vector(2), 5).unwrap();
+    assert_eq!(r.decision.kind(), "no_match");
+    assert_eq!(r.candidates.len(), 1);
+}
+
+fn gallery(e: &facematch::engine::Engine, n: u64) {
+    for i in 0..n {
+        let p = if i % 3 == 0 { "payment" } else { "door-access" };
+        enrol(e, &format!("s{i}"), &[p], vector(i));
+    }
+}
+
+#[test]
+fn results_identical_after_close_and_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create(d.path(), &key, clock());
+    gallery(&e, 200);
+    e.delete(&op(), &[5, 6, 7], "test").unwrap();
+    let probe: Vec<Vec<f32>> = (0..20).map(|i| near(&vector(i * 7), i, 0.3)).collect();
+    let run = |e: &facematch::engine::Engine| -> Vec<Vec<(u64, f32)>> {
+        probe
+            .iter()
+            .map(|q| {
+                e.identify_with(&ctx("door-access"), q, 10, SearchOptions { strategy: SearchStrategy::Exact, ef: None }, (1, 0))
+                    .unwrap()
+                    .candidates
+                    .iter()
+                    .map(|c| (c.template, c.score))
+                    .collect()
+            })
+            .collect()
+    };
+    let before = run(&e);
+    e.close().unwrap();
+    let e = open(d.path(), &key, clock()).unwrap();
+    assert!(e.open_report().snapshot_used);
+    assert_eq!(before, run(&e));
+    // Without the snapshot the index is rebuilt from the log: same answers.
+    drop(e);
+    std::fs::remove_file(d.path().join("index.snap")).unwrap();
+    let e = open(d.path(), &key, clock()).unwrap();
+    assert!(!e.open_report().snapshot_used);
+    assert_eq!(before, run(&e));
+    // A damaged snapshot is ignored, never trusted.
+    drop(e);
+    let mut s = std::fs::read(d.path().join("index.snap")).unwrap();
+    let mid = s.len() / 2;
+    s[mid] ^= 0x55;
+    std::fs::write(d.path().join("index.snap"), s).unwrap();
+    let e = open(d.path(), &key, clock()).unwrap();
+    assert!(!e.open_report().snapshot_used);
+    assert_eq!(before, run(&e));
+}
+
+#[test]
+fn deleted_template_never_returned_before_or_after_compaction() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create(d.path(), &key, clock());
+    gallery(&e, 120);
+    let victims: Vec<u64> = (1..=120).filter(|t| t % 4 == 0).collect();
+    e.delete(&op(), &victims, "test").unwrap();
+    let check = |e: &facematch::engine::Engine| {
+        for i in 0..120u64 {
+            for strategy in [SearchStrategy::Exact, SearchStrategy::Graph] {
+                for p in ["door-access", "payment"] {
+                    let r = e.identify_with(&ctx(p), &vector(i), 20, SearchOptions { strategy, ef: Some(64) }, (1, 0)).unwrap();
+                    assert!(r.candidates.iter().all(|c| !victims.contains(&c.template)), "deleted template returned");
+                }
+            }
+        }
+    };
+    check(&e);
+    e.compact(&op()).unwrap();
+    check(&e);
+    assert_eq!(e.stats().deleted_fraction, 0.0);
+    drop(e);
+    check(&open(d.path(), &key, clock()).unwrap());
+}
+
+#[test]
+fn foreign_truncated_and_newer_stores_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create(d.path(), &key, clock());
+    gallery(&e, 10);
+    drop(e);
+    // newer format version
+    let m = d.path().join("gallery.json");
+    let orig = std::fs::read_to_string(&m).unwrap();
+    std::fs::write(&m, orig.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    assert!(matches!(open(d.path(), &key, clock()), Err(Error::IncompatibleStore { .. })));
+    std::fs::write(&m, "{\"hello\": 1}").unwrap();
+    assert!(matches!(open(d.path(), &key, clock()), Err(Error::IncompatibleStore { .. })));
+    std::fs::write(&m, &orig).unwrap();
+    // foreign log
+    let log = d.path().join("templates.log");
+    let good = std::fs::read(&log).unwrap();
+    std::fs::write(&log, b"this is not a facematch file at all, just some text here").unwrap();
+    assert!(matches!(open(d.path(), &key, clock()), Err(Error::IncompatibleStore { .. })));
+    // truncated to less than a header
+    std::fs::write(&log, &good[..10]).unwrap();
+    assert!(matches!(open(d.path(), &key, clock()), Err(Error::DataCorruption { .. })));
+    // damage in the middle is corruption, not silently dropped
+    let mut bad = good.clone();
+    bad[200] ^= 0xff;
+    std::fs::write(&log, &bad).unwrap();
+    assert!(matches!(open(d.path(), &key, clock()), Err(Error::DataCorruption { .. })));
+    // a torn tail (crash mid-append) is cut and reported; everything acknowledged survives
+    std::fs::write(&log, &good[..good.len() - 7]).unwrap();
+    let e = open(d.path(), &key, clock()).unwrap();
+    assert!(e.open_report().torn_log_tail.is_some());
+    assert_eq!(e.stats().templates, 9);
+    drop(e);
+    // no gallery at all
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(open(empty.path(), &key, clock()), Err(Error::IncompatibleStore { .. })));
+}
+
+#[test]
+fn one_process_per_gallery() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let _e = create(d.path(), &key, clock());
+    assert!(matches!(open(d.path(), &key, clock()), Err(Error::Locked(_))));
+}
+
+#[test]
+fn searches_run_while_one_thread_enrols_and_deletes() {
+    let d = tempfile::tempdir().unwrap();
+    let e = Arc::new(create(d.path(), &MasterKey::generate(), clock()));
+    gallery(&e, 50);
+    std::thread::scope(|s| {
+        for t in 0..3u64 {
+            let e = e.clone();
+            s.spawn(move || {
+                for i in 0..60u64 {
+                    let r = e.identify(&ctx("door-access"), &vector((i * 3 + t) % 50), 5).unwrap();
+                    assert!(r.candidates.len() <= 5);
+                }
+            });
+        }
+        let e = e.clone();
+        s.spawn(move || {
+            for i in 50..90u64 {
+                enrol(&e, &format!("s{i}"), &["door-access"], vector(i));
+                if i % 5 == 0 {
+                    e.delete(&op(), &[i - 40], "test").unwrap();
+                }
+            }
+        });
+    });
+    assert_eq!(e.stats().templates, 90 - 8);
+}
+
+/// Child side of the kill -9 test: enrol forever, print each id after it is acknowledged.
+#[test]
+fn crash_child_enrols_until_killed() {
+    let Ok(dir) = std::env::var("FACEMATCH_CRASH_DIR") else { return };
+    let key = MasterKey::from_hex(&std::env::var("FACEMATCH_CRASH_KEY").unwrap()).unwrap();
+    let e = match open(std::path::Path::new(&dir), &key, clock()) {
+        Ok(e) => e,
+        Err(_) => create(std::path::Path::new(&dir), &key, clock()),
+    };
+    let mut out = std::io::stdout().lock();
+    for i in 0.. {
+        let t = enrol(&e, &format!("c{i}"), &["door-access"], vector(i));
+        writeln!(out, "ACK {t}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+#[test]
+fn acknowledged_enrolments_survive_kill_9() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args(["--exact", "crash_child_enrols_until_killed", "--nocapture", "--test-threads", "1"])
+        .env("FACEMATCH_CRASH_DIR", d.path())
+        .env("FACEMATCH_CRASH_KEY", key.to_hex())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut acked = Vec::new();
+    let reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in reader.lines() {
+        let line = line.unwrap();
+        if let Some(t) = line.strip_prefix("ACK ") {
+            acked.push(t.parse::<u64>().unwrap());
+            if acked.len() == 150 {
+                child.kill().unwrap(); // SIGKILL
+                break;
+            }
+        }
+    }
+    child.wait().unwrap();
+    assert_eq!(acked.len(), 150);
+    let e = open(d.path(), &key, clock()).unwrap();
+    for t in &acked {
+        assert!(e.template(*t).is_ok(), "acknowledged template {t} lost after kill -9");
+    }
+    let a = facematch::audit::AuditLog::verify(&d.path().join("audit"), &facematch::audit::AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
+    assert!(a.first_bad.is_none(), "{a:?}");
+}
