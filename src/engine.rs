@@ -1103,7 +1103,7 @@ impl Engine {
         let n = rows.len() as u64;
         self.audit.append(AuditEvent::Export { operator: operator.as_str().into(), templates: n, destination: dest.display().to_string() })?;
         std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-        crate::npy::write_f32(&dest.join("templates.npy"), &data, n as usize, dim)?;
+        crate::npy::write_f32_matrix(dest.join("templates.npy"), &data, n as usize, dim)?;
         let j = serde_json::to_vec_pretty(&rows).map_err(|e| Error::config("export", e.to_string()))?;
         store::write_atomic(&dest.join("templates.json"), &j)?;
         Ok(n)

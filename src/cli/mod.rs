@@ -1,0 +1,651 @@
+//! Gallery, compliance and audit subcommands of the `facematch` binary.
+//! Thin clients of the library's public API; `anyhow` lives only here.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use facematch::audit::{AuditFilter, AuditKey, AuditLog};
+use facematch::compliance::*;
+use facematch::config::GalleryConfig;
+use facematch::engine::{Engine, EngineBuilder, Enrolment, QueryContext, SearchOptions};
+use facematch::index::SearchStrategy;
+use facematch::pipeline::{FacePipeline, PipelineConfig};
+use facematch::store::{MasterKey, KEY_ENV};
+
+/// Options every gallery command takes.
+#[derive(Args, Debug, Clone)]
+pub struct GalleryOpts {
+    /// Gallery directory.
+    #[arg(long, short = 'g', value_name = "DIR")]
+    pub gallery: PathBuf,
+    /// Key file (64 hex digits or 32 raw bytes); otherwise the FACEMATCH_KEY environment variable (hex).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Operator identity recorded in the audit log (default: FACEMATCH_OPERATOR, then USER).
+    #[arg(long)]
+    pub operator: Option<String>,
+}
+
+impl GalleryOpts {
+    fn key(&self) -> anyhow::Result<MasterKey> {
+        Ok(match &self.key_file {
+            Some(p) => MasterKey::from_file(p)?,
+            None => MasterKey::from_env().with_context(|| format!("no --key-file and no {KEY_ENV}"))?,
+        })
+    }
+    fn operator(&self) -> anyhow::Result<Operator> {
+        let name = self
+            .operator
+            .clone()
+            .or_else(|| std::env::var("FACEMATCH_OPERATOR").ok())
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "cli".into());
+        Ok(Operator::new(name)?)
+    }
+    fn open(&self) -> anyhow::Result<Engine> {
+        let e = EngineBuilder::new(&self.gallery).key(self.key()?).open().with_context(|| format!("opening gallery {}", self.gallery.display()))?;
+        if let Some(t) = &e.open_report().torn_log_tail {
+            eprintln!("warning: cut a torn write ({} bytes) off the template log", t.bytes_dropped);
+        }
+        print_notices(&e);
+        Ok(e)
+    }
+}
+
+fn print_notices(e: &Engine) {
+    for n in e.notices() {
+        match n {
+            facematch::engine::Notice::FilingRequired { people, threshold, at_ms } => eprintln!(
+                "NOTICE: {people} people stored (threshold {threshold}, reached at unix ms {at_ms}): file with the provincial cyberspace office within 30 working days"
+            ),
+        }
+    }
+}
+
+fn json_line(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+/// Gallery subcommands.
+#[derive(Subcommand, Debug)]
+pub enum GalleryCommand {
+    /// Write a new random master key to a file (mode 0600).
+    Keygen {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create a gallery.
+    Init(InitArgs),
+    /// Record a person's consent (required before enrolment).
+    Consent(ConsentArgs),
+    /// Enrol the main face of images (other faces are never embedded; images are not stored).
+    Enrol(EnrolArgs),
+    /// Import precomputed embeddings (.npy float32 N x D) with a manifest of subject ids, one per row.
+    Import(ImportArgs),
+    /// Search precomputed embeddings: one JSON line per query.
+    Search(SearchArgs),
+    /// 1:1: verify the main face of an image against a subject.
+    Verify(VerifyArgs),
+    /// 1:N: identify the faces of images (faces that match nobody are discarded).
+    Identify(IdentifyArgs),
+    /// Delete templates by id.
+    Delete(DeleteArgs),
+    /// Withdrawal of consent: erase every template of a subject.
+    Withdraw(WithdrawArgs),
+    /// Erase templates whose retention has expired.
+    Purge(GalleryOnly),
+    /// Remove deleted templates' bytes from disk and repair the index.
+    Compact(GalleryOnly),
+    /// Gallery statistics (people count against the filing threshold).
+    Stats(GalleryOnly),
+    /// Export templates to local files (explicit, audited).
+    Export(ExportArgs),
+    /// Change a purpose's threshold (versioned, audited).
+    Threshold(ThresholdArgs),
+    /// Re-encrypt the gallery under a new key.
+    RotateKey(RotateArgs),
+    /// Audit log: verify, show, export.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `init`.
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    /// A purpose as NAME:RETENTION_DAYS[:assist] (repeatable), e.g. door-access:365.
+    #[arg(long = "purpose", required_unless_present = "config")]
+    purposes: Vec<String>,
+    /// Full gallery configuration (JSON `GalleryConfig`) instead of the flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    /// Embedding model id.
+    #[arg(long, default_value = "sface-2021dec")]
+    model_id: String,
+    /// Site recorded in audit records.
+    #[arg(long, default_value = "site-1")]
+    site: String,
+    /// Device recorded in audit records.
+    #[arg(long, default_value = "device-1")]
+    device: String,
+}
+
+/// `consent`.
+#[derive(Args, Debug)]
+pub struct ConsentArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    subject: String,
+    /// Consent id (e.g. the signed form's number).
+    #[arg(long)]
+    consent_id: String,
+    /// Purposes consented to (repeatable).
+    #[arg(long = "purpose", required = true)]
+    purposes: Vec<String>,
+    /// separate | written | legal:<named basis>
+    #[arg(long, default_value = "separate")]
+    basis: String,
+    /// adult | 14-17 | under-14
+    #[arg(long, default_value = "adult")]
+    age: String,
+    /// Guardian (required under 14).
+    #[arg(long)]
+    guardian: Option<String>,
+    /// Guardian's relationship to the child.
+    #[arg(long, default_value = "guardian")]
+    relationship: String,
+    /// Who collected the consent (default: the operator).
+    #[arg(long)]
+    collected_by: Option<String>,
+}
+
+/// `enrol`.
+#[derive(Args, Debug)]
+pub struct EnrolArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    subject: String,
+    #[arg(long)]
+    consent_id: String,
+    #[arg(long = "purpose", required = true)]
+    purposes: Vec<String>,
+    /// Images of the subject.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Pipeline configuration (JSON `PipelineConfig`).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+}
+
+/// `import`.
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    /// float32 N x D .npy
+    #[arg(long)]
+    embeddings: PathBuf,
+    /// Text file, one subject id per row of the .npy.
+    #[arg(long)]
+    manifest: PathBuf,
+    #[arg(long = "purpose", required = true)]
+    purposes: Vec<String>,
+    /// Basis of the migrated consents: separate | written | legal:<named basis>.
+    #[arg(long, default_value = "legal:migrated-consent")]
+    basis: String,
+    /// Rows per durable batch.
+    #[arg(long, default_value_t = 50_000)]
+    batch: usize,
+}
+
+/// `search`.
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    purpose: String,
+    /// float32 Q x D .npy of probes.
+    #[arg(long)]
+    embeddings: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// auto | exact | graph
+    #[arg(long, default_value = "auto")]
+    strategy: String,
+    /// Graph search breadth.
+    #[arg(long)]
+    ef: Option<usize>,
+}
+
+/// `verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    purpose: String,
+    #[arg(long)]
+    subject: String,
+    image: PathBuf,
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+}
+
+/// `identify`.
+#[derive(Args, Debug)]
+pub struct IdentifyArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    purpose: String,
+    #[arg(long, default_value_t = 5)]
+    k: usize,
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+}
+
+/// `delete`.
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long = "template", required = true)]
+    templates: Vec<u64>,
+    #[arg(long, default_value = "operator request")]
+    reason: String,
+    /// Compact right away so the bytes leave the disk now.
+    #[arg(long)]
+    compact: bool,
+}
+
+/// `withdraw`.
+#[derive(Args, Debug)]
+pub struct WithdrawArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    subject: String,
+    /// Compact right away so the bytes leave the disk now.
+    #[arg(long)]
+    compact: bool,
+}
+
+/// Commands that only need the gallery.
+#[derive(Args, Debug)]
+pub struct GalleryOnly {
+    #[command(flatten)]
+    g: GalleryOpts,
+}
+
+/// `export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    purpose: Option<String>,
+    /// Output directory (templates.npy + templates.json).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `threshold`.
+#[derive(Args, Debug)]
+pub struct ThresholdArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    purpose: String,
+    /// verify | identify
+    #[arg(long)]
+    mode: String,
+    #[arg(long)]
+    value: f32,
+}
+
+/// `rotate-key`.
+#[derive(Args, Debug)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    /// The new key file.
+    #[arg(long)]
+    new_key_file: PathBuf,
+}
+
+/// Audit subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the whole chain; names the first bad record.
+    Verify(GalleryOnly),
+    /// Print records (JSONL) matching the filters.
+    Show(AuditQuery),
+    /// Same as show (for piping into files).
+    Export(AuditQuery),
+}
+
+/// Audit filters.
+#[derive(Args, Debug)]
+pub struct AuditQuery {
+    #[command(flatten)]
+    g: GalleryOpts,
+    /// From this time (unix ms).
+    #[arg(long)]
+    from_ms: Option<i64>,
+    /// Until this time (unix ms).
+    #[arg(long)]
+    until_ms: Option<i64>,
+    #[arg(long = "by")]
+    operator: Option<String>,
+    #[arg(long)]
+    purpose: Option<String>,
+    #[arg(long)]
+    subject: Option<String>,
+}
+
+fn parse_basis(s: &str) -> anyhow::Result<ConsentBasis> {
+    Ok(match s {
+        "separate" => ConsentBasis::SeparateConsent,
+        "written" => ConsentBasis::WrittenConsent,
+        _ => match s.strip_prefix("legal:") {
+            Some(b) if !b.trim().is_empty() => ConsentBasis::LegalBasis(b.to_string()),
+            _ => bail!("--basis must be separate, written or legal:<named basis>"),
+        },
+    })
+}
+
+fn parse_age(s: &str) -> anyhow::Result<AgeBracket> {
+    Ok(match s {
+        "adult" => AgeBracket::Adult,
+        "14-17" => AgeBracket::Minor14To17,
+        "under-14" | "under14" => AgeBracket::Under14,
+        _ => bail!("--age must be adult, 14-17 or under-14"),
+    })
+}
+
+fn purposes(v: &[String]) -> anyhow::Result<Vec<Purpose>> {
+    v.iter().map(|p| Ok(Purpose::new(p.as_str())?)).collect()
+}
+
+fn pipeline(path: &Option<PathBuf>) -> anyhow::Result<FacePipeline> {
+    let cfg: PipelineConfig = match path {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
+        None => PipelineConfig::default(),
+    };
+    Ok(FacePipeline::new(cfg).context("loading the face pipeline")?)
+}
+
+fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+/// Run a gallery command; `Ok(false)` means some inputs failed.
+pub fn run(cmd: &GalleryCommand) -> anyhow::Result<bool> {
+    match cmd {
+        GalleryCommand::Keygen { out } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let k = MasterKey::generate();
+            let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(out).with_context(|| format!("creating {}", out.display()))?;
+            writeln!(f, "{}", k.to_hex())?;
+            eprintln!("wrote key {} (fingerprint {}); keep it outside the gallery", out.display(), k.fingerprint());
+            Ok(true)
+        }
+        GalleryCommand::Init(a) => {
+            let mut cfg: GalleryConfig = match &a.config {
+                Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("parsing {}", p.display()))?,
+                None => GalleryConfig { dim: a.dim, model_id: a.model_id.clone(), ..Default::default() },
+            };
+            for spec in &a.purposes {
+                let parts: Vec<&str> = spec.split(':').collect();
+                let (name, days, assist) = match parts.as_slice() {
+                    [n, d] => (*n, *d, false),
+                    [n, d, "assist"] => (*n, *d, true),
+                    _ => bail!("--purpose must be NAME:RETENTION_DAYS[:assist], got {spec}"),
+                };
+                let mut p = PurposePolicy::new(Purpose::new(name)?, days.parse().with_context(|| format!("retention days in {spec}"))?);
+                p.assist_only = assist;
+                cfg.purposes.push(p);
+            }
+            cfg.audit.site = a.site.clone();
+            cfg.audit.device = a.device.clone();
+            let e = EngineBuilder::new(&a.g.gallery).key(a.g.key()?).create(cfg)?;
+            e.audit().append(facematch::audit::AuditEvent::Admin { operator: a.g.operator()?.as_str().into(), action: "init".into(), detail: format!("gallery {}", a.g.gallery.display()) })?;
+            json_line(&e.stats())?;
+            e.close()?;
+            Ok(true)
+        }
+        GalleryCommand::Consent(a) => {
+            let e = a.g.open()?;
+            let op = a.g.operator()?;
+            let mut c = ConsentRecord::new(
+                a.consent_id.clone(),
+                &a.subject,
+                parse_basis(&a.basis)?,
+                purposes(&a.purposes)?,
+                a.collected_by.clone().unwrap_or_else(|| op.as_str().to_string()),
+                parse_age(&a.age)?,
+            );
+            c.guardian = a.guardian.clone().map(|g| GuardianConsent { guardian: g, relationship: a.relationship.clone() });
+            e.record_consent(&op, c)?;
+            json_line(&serde_json::json!({"consent": a.consent_id, "subject": a.subject, "recorded": true}))?;
+            Ok(true)
+        }
+        GalleryCommand::Enrol(a) => {
+            let e = a.g.open()?;
+            let op = a.g.operator()?;
+            let p = pipeline(&a.pipeline)?;
+            let mut ok = true;
+            for img in &a.images {
+                let req = Enrolment::new(SubjectId::new(a.subject.as_str())?, a.consent_id.clone(), purposes(&a.purposes)?, Vec::new());
+                match read_image(img).and_then(|b| Ok(facematch::probe::enrol_image(&e, &p, &op, &b, req)?)) {
+                    Ok((t, face, discarded)) => json_line(&serde_json::json!({"image": img, "template": t, "face": face, "faces_discarded": discarded}))?,
+                    Err(err) => {
+                        ok = false;
+                        json_line(&serde_json::json!({"image": img, "error": format!("{err:#}")}))?
+                    }
+                }
+            }
+            print_notices(&e);
+            e.close()?;
+            Ok(ok)
+        }
+        GalleryCommand::Import(a) => run_import(a),
+        GalleryCommand::Search(a) => {
+            let e = a.g.open()?;
+            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
+            let strategy = match a.strategy.as_str() {
+                "auto" => SearchStrategy::Auto,
+                "exact" => SearchStrategy::Exact,
+                "graph" => SearchStrategy::Graph,
+                s => bail!("--strategy must be auto, exact or graph, got {s}"),
+            };
+            let q = facematch::npy::read_f32_matrix(&a.embeddings)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for i in 0..q.rows {
+                let r = e.identify_with(&ctx, q.row(i), a.k, SearchOptions { strategy, ef: a.ef }, (1, 0))?;
+                serde_json::to_writer(&mut out, &serde_json::json!({"query": i, "candidates": r.candidates, "decision": r.decision}))?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+            Ok(true)
+        }
+        GalleryCommand::Verify(a) => {
+            let e = a.g.open()?;
+            let p = pipeline(&a.pipeline)?;
+            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
+            let r = facematch::probe::verify_image(&e, &p, &ctx, &read_image(&a.image)?, &SubjectId::new(a.subject.as_str())?)?;
+            json_line(&serde_json::json!({"image": a.image, "result": r}))?;
+            Ok(true)
+        }
+        GalleryCommand::Identify(a) => {
+            let e = a.g.open()?;
+            let p = pipeline(&a.pipeline)?;
+            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
+            let mut ok = true;
+            for img in &a.images {
+                match read_image(img).and_then(|b| Ok(facematch::probe::identify_image(&e, &p, &ctx, &b, a.k)?)) {
+                    Ok(r) => json_line(&serde_json::json!({"image": img, "result": r}))?,
+                    Err(err) => {
+                        ok = false;
+                        json_line(&serde_json::json!({"image": img, "error": format!("{err:#}")}))?
+                    }
+                }
+            }
+            Ok(ok)
+        }
+        GalleryCommand::Delete(a) => {
+            let e = a.g.open()?;
+            let op = a.g.operator()?;
+            let mut r = e.delete(&op, &a.templates, &a.reason)?;
+            if a.compact && !r.bytes_removed {
+                e.compact(&op)?;
+                r.bytes_removed = true;
+            }
+            json_line(&r)?;
+            e.close()?;
+            Ok(true)
+        }
+        GalleryCommand::Withdraw(a) => {
+            let e = a.g.open()?;
+            let op = a.g.operator()?;
+            let mut r = e.withdraw(&op, &SubjectId::new(a.subject.as_str())?)?;
+            if a.compact && !r.bytes_removed {
+                e.compact(&op)?;
+                r.bytes_removed = true;
+            }
+            json_line(&r)?;
+            e.close()?;
+            Ok(true)
+        }
+        GalleryCommand::Purge(a) => {
+            let e = a.g.open()?;
+            let r = e.purge_expired(&a.g.operator()?)?;
+            json_line(&serde_json::json!({"purged_on_open": e.open_report().purged_on_open, "purged_now": r}))?;
+            e.close()?;
+            Ok(true)
+        }
+        GalleryCommand::Compact(a) => {
+            let e = a.g.open()?;
+            let r = e.compact(&a.g.operator()?)?;
+            json_line(&r)?;
+            e.close()?;
+            Ok(true)
+        }
+        GalleryCommand::Stats(a) => {
+            let e = a.g.open()?;
+            json_line(&e.stats())?;
+            Ok(true)
+        }
+        GalleryCommand::Export(a) => {
+            let e = a.g.open()?;
+            let p = a.purpose.as_deref().map(Purpose::new).transpose()?;
+            let n = e.export(&a.g.operator()?, p.as_ref(), &a.out)?;
+            json_line(&serde_json::json!({"exported": n, "to": a.out}))?;
+            Ok(true)
+        }
+        GalleryCommand::Threshold(a) => {
+            let e = a.g.open()?;
+            let mode = match a.mode.as_str() {
+                "verify" => Mode::Verify,
+                "identify" => Mode::Identify,
+                m => bail!("--mode must be verify or identify, got {m}"),
+            };
+            let t = e.set_threshold(&a.g.operator()?, &Purpose::new(a.purpose.as_str())?, mode, a.value)?;
+            json_line(&serde_json::json!({"purpose": a.purpose, "mode": a.mode, "threshold": t.value(), "version": t.version()}))?;
+            Ok(true)
+        }
+        GalleryCommand::RotateKey(a) => {
+            let e = a.g.open()?;
+            let new = MasterKey::from_file(&a.new_key_file)?;
+            let fp = new.fingerprint();
+            e.rotate_key(&a.g.operator()?, new)?;
+            json_line(&serde_json::json!({"rotated": true, "new_key_fingerprint": fp}))?;
+            Ok(true)
+        }
+        GalleryCommand::Audit(c) => run_audit(c),
+    }
+}
+
+fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
+    let e = a.g.open()?;
+    let op = a.g.operator()?;
+    let m = facematch::npy::read_f32_matrix(&a.embeddings)?;
+    let subjects: Vec<String> = std::fs::read_to_string(&a.manifest)
+        .with_context(|| format!("reading {}", a.manifest.display()))?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if subjects.len() != m.rows {
+        bail!("manifest has {} subject ids, the .npy has {} rows", subjects.len(), m.rows);
+    }
+    let ps = purposes(&a.purposes)?;
+    let basis = parse_basis(&a.basis)?;
+    let bar = indicatif::ProgressBar::new(m.rows as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_message("import");
+    let mut seen = std::collections::HashSet::new();
+    let mut imported = 0u64;
+    let batch = a.batch.max(1);
+    for start in (0..m.rows).step_by(batch) {
+        let end = (start + batch).min(m.rows);
+        let mut reqs = Vec::with_capacity(end - start);
+        for (i, subject_name) in subjects.iter().enumerate().take(end).skip(start) {
+            let subject = SubjectId::new(subject_name.as_str())?;
+            let cid = format!("import-{subject}");
+            if seen.insert(subject.clone()) && e.consents_of(&subject).iter().all(|c| c.consent_id != cid) {
+                let c = ConsentRecord::new(cid.clone(), subject.as_str(), basis.clone(), ps.clone(), op.as_str(), AgeBracket::Adult);
+                e.record_consent(&op, c)?;
+            }
+            reqs.push(Enrolment::new(subject, cid, ps.clone(), m.row(i).to_vec()));
+        }
+        imported += e.enrol_batch(&op, reqs)?.len() as u64;
+        bar.set_position(end as u64);
+    }
+    bar.finish_and_clear();
+    e.checkpoint()?;
+    json_line(&serde_json::json!({"imported": imported, "stats": e.stats()}))?;
+    print_notices(&e);
+    e.close()?;
+    Ok(true)
+}
+
+fn run_audit(c: &AuditCommand) -> anyhow::Result<bool> {
+    match c {
+        AuditCommand::Verify(a) => {
+            let key = AuditKey::from_bytes(a.g.key()?.audit_key_bytes());
+            let r = AuditLog::verify(&a.g.gallery.join("audit"), &key)?;
+            json_line(&r)?;
+            Ok(r.ok())
+        }
+        AuditCommand::Show(q) | AuditCommand::Export(q) => {
+            let f = AuditFilter {
+                from_ms: q.from_ms,
+                until_ms: q.until_ms,
+                operator: q.operator.clone(),
+                purpose: q.purpose.clone(),
+                subject: q.subject.clone(),
+                ..Default::default()
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            AuditLog::export_jsonl(&q.g.gallery.join("audit"), &f, &mut out)?;
+            out.flush()?;
+            Ok(true)
+        }
+    }
+}

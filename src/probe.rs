@@ -1,0 +1,160 @@
+//! From an image to a decision, applying the unrelated-faces rule.
+//!
+//! An image may hold people who have nothing to do with the service. The
+//! Measures (draft art. 18) ask that their face information not be collected,
+//! or be deleted at once. Here:
+//! - **verification and enrolment** use one face, the largest (the person in
+//!   front of the camera); every other face is discarded *before* it is
+//!   embedded, so no embedding of a bystander ever exists;
+//! - **identification** embeds every face (it cannot know who is enrolled
+//!   without comparing), and every face that does not match is dropped from
+//!   the result and its embedding zeroed; only counts reach the audit record.
+//!
+//! Nothing here writes the image, a crop or an embedding anywhere.
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use crate::compliance::SubjectId;
+use crate::engine::{Engine, Enrolment, Identification, QueryContext, SearchOptions, Verification};
+use crate::pipeline::{Face, FacePipeline};
+use crate::{Error, Result};
+
+/// Where a face is, without anything biometric.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaceBox {
+    /// `[x, y, width, height]` in image pixels.
+    pub bbox: [f32; 4],
+    /// Detection confidence.
+    pub score: f32,
+}
+
+/// Verification of the main face of an image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageVerification {
+    /// The face that was compared.
+    pub face: FaceBox,
+    /// The result.
+    pub verification: Verification,
+    /// Faces found in the image.
+    pub faces_found: u32,
+    /// Faces discarded as unrelated (never embedded).
+    pub faces_discarded: u32,
+}
+
+/// One face of an image that matched.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FaceIdentification {
+    /// Where the face is.
+    pub face: FaceBox,
+    /// Candidates and decision.
+    pub identification: Identification,
+}
+
+/// Identification of every face of an image; only matching faces are kept.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageIdentification {
+    /// Faces that matched (or need human review), best first.
+    pub matches: Vec<FaceIdentification>,
+    /// Faces found in the image.
+    pub faces_found: u32,
+    /// Faces dropped because they matched nobody (their embeddings are erased).
+    pub faces_discarded: u32,
+}
+
+fn area(f: &Face) -> f32 {
+    f.bbox[2].max(0.0) * f.bbox[3].max(0.0)
+}
+
+/// The largest face, or an error when there is none.
+fn main_face(mut faces: Vec<Face>) -> Result<(Face, u32, u32)> {
+    let found = faces.len() as u32;
+    if faces.is_empty() {
+        return Err(Error::BadImage { path: None, reason: "no face found".into() });
+    }
+    let (i, _) = faces
+        .iter()
+        .enumerate()
+        .max_by(|a, b| area(a.1).total_cmp(&area(b.1)))
+        .ok_or_else(|| Error::BadImage { path: None, reason: "no face found".into() })?;
+    let f = faces.swap_remove(i);
+    Ok((f, found, found - 1))
+}
+
+fn embed_one(pipeline: &FacePipeline, img: &crate::image_io::DecodedImage, face: Face) -> Result<(FaceBox, Vec<f32>)> {
+    let mut one = [face];
+    pipeline.embed_faces(img, &mut one)?;
+    let [face] = one;
+    let b = FaceBox { bbox: face.bbox, score: face.score };
+    let e = face.embedding.ok_or_else(|| Error::Model { model: pipeline.model_id().into(), reason: "no embedding produced".into() })?;
+    Ok((b, e))
+}
+
+/// 1:1: verify the largest face of `image` (encoded bytes) against `subject`.
+pub fn verify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], subject: &SubjectId) -> Result<ImageVerification> {
+    check_model(engine, pipeline)?;
+    let img = pipeline.decode_bytes(image)?;
+    let (face, found, discarded) = main_face(pipeline.detect(&img)?)?;
+    let (fb, mut e) = embed_one(pipeline, &img, face)?;
+    let r = engine.verify_with_faces(ctx, &e, subject, (found, discarded));
+    e.zeroize();
+    Ok(ImageVerification { face: fb, verification: r?, faces_found: found, faces_discarded: discarded })
+}
+
+/// 1:N: identify every face of `image`; faces that match nobody are discarded.
+pub fn identify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], k: usize) -> Result<ImageIdentification> {
+    check_model(engine, pipeline)?;
+    let img = pipeline.decode_bytes(image)?;
+    let mut faces = pipeline.detect(&img)?;
+    let found = faces.len() as u32;
+    if faces.is_empty() {
+        return Ok(ImageIdentification { matches: Vec::new(), faces_found: 0, faces_discarded: 0 });
+    }
+    pipeline.embed_faces(&img, &mut faces)?;
+    let mut results = Vec::new();
+    let mut err = None;
+    for f in &mut faces {
+        let Some(mut e) = f.embedding.take() else { continue };
+        if err.is_none() {
+            match engine.identify_with(ctx, &e, k, SearchOptions::default(), (found, 0)) {
+                Ok(id) => results.push((FaceBox { bbox: f.bbox, score: f.score }, id)),
+                Err(x) => err = Some(x),
+            }
+        }
+        e.zeroize();
+    }
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let matches: Vec<FaceIdentification> = results
+        .into_iter()
+        .filter(|(_, id)| !matches!(id.decision, crate::compliance::Decision::NoMatch { .. }))
+        .map(|(face, identification)| FaceIdentification { face, identification })
+        .collect();
+    let discarded = found - matches.len() as u32;
+    Ok(ImageIdentification { matches, faces_found: found, faces_discarded: discarded })
+}
+
+/// Enrol the largest face of `image`; other faces are never embedded. The image itself is not stored.
+pub fn enrol_image(engine: &Engine, pipeline: &FacePipeline, operator: &crate::compliance::Operator, image: &[u8], mut request: Enrolment) -> Result<(u64, FaceBox, u32)> {
+    check_model(engine, pipeline)?;
+    let img = pipeline.decode_bytes(image)?;
+    let (face, _found, discarded) = main_face(pipeline.detect(&img)?)?;
+    let (fb, e) = embed_one(pipeline, &img, face)?;
+    request.embedding = e;
+    request.model_id = Some(pipeline.model_id().to_string());
+    let t = engine.enrol(operator, request.clone());
+    request.embedding.zeroize();
+    Ok((t?, fb, discarded))
+}
+
+fn check_model(engine: &Engine, pipeline: &FacePipeline) -> Result<()> {
+    let cfg = engine.config();
+    if cfg.model_id != pipeline.model_id() || cfg.dim != pipeline.dimension() {
+        return Err(Error::config(
+            "model_id",
+            format!("gallery holds {} ({}-d) templates, the pipeline makes {} ({}-d)", cfg.model_id, cfg.dim, pipeline.model_id(), pipeline.dimension()),
+        ));
+    }
+    Ok(())
+}
