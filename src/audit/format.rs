@@ -162,7 +162,9 @@ pub(crate) struct Header {
     pub mac: Option<String>,
 }
 
-/// A checkpoint: HMAC over the last record's seq and hash.
+/// A checkpoint: HMAC over the last record's seq and hash, chained to the
+/// previous checkpoint's (or the segment header's) MAC so that removing a
+/// checkpoint is detected too.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Checkpoint {
@@ -171,6 +173,7 @@ pub(crate) struct Checkpoint {
     pub segment: u32,
     pub seq: u64,
     pub hash: String,
+    pub prev_mac: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
 }
@@ -225,9 +228,23 @@ pub(crate) fn parse_control<'a, T: serde::de::DeserializeOwned>(line: &'a [u8]) 
     Some((v, prefix, auth))
 }
 
-/// Checkpoint line for (segment, seq, hash) under `key`; returns line and MAC.
-pub(crate) fn checkpoint_line(key: &AuditKey, segment: u32, seq: u64, hash_hex: &str) -> Result<(Vec<u8>, [u8; 32])> {
-    let c = Checkpoint { kind: "checkpoint".into(), segment, seq, hash: hash_hex.to_string(), mac: None };
+/// Checkpoint line for (segment, seq, hash) chained to `prev_mac` under
+/// `key`; returns line and MAC.
+pub(crate) fn checkpoint_line(
+    key: &AuditKey,
+    segment: u32,
+    seq: u64,
+    hash_hex: &str,
+    prev_mac: &str,
+) -> Result<(Vec<u8>, [u8; 32])> {
+    let c = Checkpoint {
+        kind: "checkpoint".into(),
+        segment,
+        seq,
+        hash: hash_hex.to_string(),
+        prev_mac: prev_mac.to_string(),
+        mac: None,
+    };
     seal_control(key, CKPT_DOMAIN, &c)
 }
 

@@ -159,8 +159,9 @@ fn next_expect(scan: &Scan) -> Expect {
     Expect::genesis()
 }
 
-/// Create a segment file holding only its header.
-fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: bool) -> Result<File> {
+/// Create a segment file holding only its header; returns it and the
+/// header's MAC (the first checkpoint chains to it).
+fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: bool) -> Result<(File, String)> {
     let h = Header {
         kind: "header".into(),
         format: format::FORMAT,
@@ -172,7 +173,7 @@ fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: boo
         created_ms: now_ms,
         mac: None,
     };
-    let (line, _) = seal_control(key, HEADER_DOMAIN, &h)?;
+    let (line, m) = seal_control(key, HEADER_DOMAIN, &h)?;
     let path = dir.join(segment_name(e.segment));
     let mut f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(|err| Error::io(&path, err))?;
     f.write_all(&line).map_err(|err| Error::io(&path, err))?;
@@ -180,7 +181,19 @@ fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: boo
         f.sync_all().map_err(|err| Error::io(&path, err))?;
         sync_dir(dir)?;
     }
-    Ok(f)
+    Ok((f, hex::encode(m)))
+}
+
+/// Check and serialize an event on the appender's thread.
+fn encode_event(event: &AuditEvent) -> Result<String> {
+    if let Some(field) = event.non_finite_field() {
+        return Err(Error::Audit(format!("event field {field} is NaN or infinite")));
+    }
+    let json = serde_json::to_string(event).map_err(|e| Error::Audit(format!("serialising audit event: {e}")))?;
+    if json.len() > MAX_EVENT_BYTES {
+        return Err(Error::Audit(format!("audit event of {} bytes exceeds the {MAX_EVENT_BYTES}-byte limit", json.len())));
+    }
+    Ok(json)
 }
 
 fn json_string(s: &str) -> Result<String> {
@@ -217,7 +230,7 @@ impl AuditLog {
             Some(s) => s.clone(),
             None => {
                 let e = next_expect(&scan);
-                create_segment(dir, &key, &e, now, true)?;
+                let (_, header_mac) = create_segment(dir, &key, &e, now, true)?;
                 let st = SegState {
                     index: e.segment,
                     path: dir.join(segment_name(e.segment)),
@@ -225,7 +238,7 @@ impl AuditLog {
                     first_seq: e.first_seq,
                     records: 0,
                     last_hash: e.prev_hash.clone(),
-                    last_mac: e.prev_mac.clone(),
+                    last_mac: header_mac,
                     newest_ms: i64::MIN,
                     auth_end: 0,
                     file_len: 0,
@@ -304,18 +317,25 @@ impl AuditLog {
     /// configured [`Durability`] says. On error the caller must not act as
     /// if the event was recorded (e.g. must not answer the query).
     pub fn append(&self, event: AuditEvent) -> Result<u64> {
-        if let Some(field) = event.non_finite_field() {
-            return Err(Error::Audit(format!("event field {field} is NaN or infinite")));
+        let json = encode_event(&event)?;
+        let seqs = self.enqueue(vec![(event, json)])?;
+        Ok(seqs.start)
+    }
+
+    /// Append several events with consecutive seqs, normally in one commit
+    /// (e.g. an enrolment and the filing notice it triggers); returns their
+    /// seqs once all are durable. Nothing is queued if any event is invalid.
+    pub fn append_batch(&self, events: Vec<AuditEvent>) -> Result<std::ops::Range<u64>> {
+        let mut encoded = Vec::with_capacity(events.len());
+        for e in events {
+            let j = encode_event(&e)?;
+            encoded.push((e, j));
         }
-        let event_json =
-            serde_json::to_string(&event).map_err(|e| Error::Audit(format!("serialising audit event: {e}")))?;
-        if event_json.len() > MAX_EVENT_BYTES {
-            return Err(Error::Audit(format!(
-                "audit event of {} bytes exceeds the {MAX_EVENT_BYTES}-byte limit",
-                event_json.len()
-            )));
-        }
-        let seq = {
+        self.enqueue(encoded)
+    }
+
+    fn enqueue(&self, events: Vec<(AuditEvent, String)>) -> Result<std::ops::Range<u64>> {
+        let range = {
             let mut q = self.shared.queue.lock();
             if q.closing {
                 return Err(Error::Audit("the audit log is closing".into()));
@@ -323,21 +343,27 @@ impl AuditLog {
             if let Some(e) = &self.shared.done.lock().error {
                 return Err(Error::Audit(format!("the audit log failed earlier: {e}")));
             }
-            let seq = q.next_seq;
-            q.next_seq += 1;
+            let start = q.next_seq;
             let time_ms = self.shared.clock.now_unix_ms();
-            q.items.push(Pending { seq, time_ms, event_json, event });
-            seq
+            for (event, event_json) in events {
+                let seq = q.next_seq;
+                q.next_seq += 1;
+                q.items.push(Pending { seq, time_ms, event_json, event });
+            }
+            start..q.next_seq
         };
+        if range.is_empty() {
+            return Ok(range);
+        }
         self.shared.queue_cv.notify_one();
         let mut d = self.shared.done.lock();
-        while d.next <= seq {
+        while d.next < range.end {
             if let Some(e) = &d.error {
-                return Err(Error::Audit(format!("audit record {seq} not written: {e}")));
+                return Err(Error::Audit(format!("audit records {range:?} not written: {e}")));
             }
             self.shared.done_cv.wait(&mut d);
         }
-        Ok(seq)
+        Ok(range)
     }
 
     /// Make everything appended so far durable (fsync log and `HEAD`), also
@@ -443,14 +469,15 @@ impl AuditLog {
         let mut scan = scan(dir, Some(old), None)?.into_ok()?;
         repair(&mut scan)?;
 
-        // Tombstones: closing MACs of retired segments re-signed.
+        // Tombstones re-signed. A retired segment's closing MAC cannot be
+        // recomputed (its checkpoints are gone); it stays as an opaque value
+        // that the re-signed tombstone and next header both bind.
         let mut retired_bytes = Vec::new();
         let mut prev_mac = format::zero_mac();
         for r in &scan.retired {
-            let (_, closing) = checkpoint_line(new, r.segment, r.last_seq, &r.last_hash)?;
-            let t = Retired { closing_mac: hex::encode(closing), key_id: new.id(), mac: None, ..r.clone() };
+            let t = Retired { key_id: new.id(), mac: None, ..r.clone() };
             retired_bytes.extend_from_slice(&seal_control(new, RETIRED_DOMAIN, &t)?.0);
-            prev_mac = hex::encode(closing);
+            prev_mac = r.closing_mac.clone();
         }
 
         let mut renames = Vec::new();
@@ -469,13 +496,15 @@ impl AuditLog {
                     h.mac = None;
                     h.key_id = new.id();
                     h.prev_mac = prev_mac.clone();
-                    out.extend_from_slice(&seal_control(new, HEADER_DOMAIN, &h)?.0);
+                    let (hl, m) = seal_control(new, HEADER_DOMAIN, &h)?;
+                    out.extend_from_slice(&hl);
+                    prev_mac = hex::encode(m);
                 } else if l.starts_with(b"{\"type\":\"checkpoint\"") {
                     let (c, _, _) = parse_control::<format::Checkpoint>(l).ok_or_else(|| Error::AuditTampered {
                         seq: s.first_seq,
                         reason: "unreadable checkpoint".into(),
                     })?;
-                    let (cl, m) = checkpoint_line(new, c.segment, c.seq, &c.hash)?;
+                    let (cl, m) = checkpoint_line(new, c.segment, c.seq, &c.hash, &prev_mac)?;
                     out.extend_from_slice(&cl);
                     prev_mac = hex::encode(m);
                 } else {
@@ -690,7 +719,8 @@ impl Writer {
     }
 
     fn push_checkpoint(&mut self) -> Result<()> {
-        let (line, m) = checkpoint_line(&self.shared.key, self.seg_index, self.next_seq - 1, &self.last_hash)?;
+        let (line, m) =
+            checkpoint_line(&self.shared.key, self.seg_index, self.next_seq - 1, &self.last_hash, &self.last_mac)?;
         self.buf.extend_from_slice(&line);
         self.last_mac = hex::encode(m);
         self.since_ckpt = 0;
@@ -725,7 +755,10 @@ impl Writer {
             prev_hash: self.last_hash.clone(),
             prev_mac: self.last_mac.clone(),
         };
-        self.file = create_segment(&self.shared.dir, &self.shared.key, &e, self.shared.clock.now_unix_ms(), self.sync)?;
+        let (file, header_mac) =
+            create_segment(&self.shared.dir, &self.shared.key, &e, self.shared.clock.now_unix_ms(), self.sync)?;
+        self.file = file;
+        self.last_mac = header_mac;
         self.seg_index = e.segment;
         self.seg_first_seq = e.first_seq;
         self.seg_records = 0;

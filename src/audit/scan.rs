@@ -106,7 +106,7 @@ pub(crate) struct SegState {
     pub records: u64,
     /// Hash of the last checkpointed record (header's prev_hash if none).
     pub last_hash: String,
-    /// MAC of the last checkpoint (header's prev_mac if none).
+    /// MAC of the last checkpoint (the header's own MAC if none).
     pub last_mac: String,
     /// Time of the newest checkpointed record (`i64::MIN` if none).
     pub newest_ms: i64,
@@ -467,6 +467,8 @@ fn scan_segment(
     }
     st.has_header = true;
     st.auth_end = n as u64;
+    // Checkpoints chain to the header's MAC, then to each other.
+    st.last_mac = auth.to_string();
     let mut offset = n as u64;
 
     let mut next_seq = expect.first_seq;
@@ -495,6 +497,9 @@ fn scan_segment(
             };
             if c.kind != "checkpoint" || c.segment != index || pending == 0 || c.seq + 1 != next_seq || c.hash != cur_hash {
                 return Ok((st, bad(index, first_pending, "checkpoint does not cover the records before it"), None));
+            }
+            if c.prev_mac != st.last_mac {
+                return Ok((st, bad(index, first_pending, "checkpoint does not chain to the previous checkpoint"), None));
             }
             if let Some(k) = key {
                 if !mac_matches(&mac_of_prefix(k, CKPT_DOMAIN, prefix), auth) {
