@@ -305,6 +305,7 @@ impl AuditLog {
             buf: Vec::with_capacity(1 << 16),
             body: Vec::with_capacity(1024),
             sync,
+            head: HeadWriter::start(Arc::clone(&shared), records)?,
         };
         let handle = std::thread::Builder::new()
             .name("facematch-audit".into())
@@ -630,6 +631,97 @@ struct Writer {
     site_json: String,
     device_json: String,
     sync: bool,
+    head: HeadWriter,
+}
+
+/// Latest state for `HEAD` and how far the durable `HEAD` has got.
+struct HeadState {
+    want: Option<(u32, u64, String)>,
+    written: u64,
+    error: Option<String>,
+    closing: bool,
+}
+
+/// Replaces `HEAD` on its own thread, so that its two fsyncs (temp file,
+/// directory) overlap the next commit's write and fsync instead of adding
+/// to every commit. It is only ever given states whose records are already
+/// durable, so `HEAD` never runs ahead of the log; it trails it by at most
+/// the commit in flight (which verification accepts, as after a crash).
+struct HeadWriter {
+    state: Arc<(Mutex<HeadState>, Condvar)>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl HeadWriter {
+    fn start(shared: Arc<Shared>, written: u64) -> Result<HeadWriter> {
+        let state = Arc::new((Mutex::new(HeadState { want: None, written, error: None, closing: false }), Condvar::new()));
+        let st = Arc::clone(&state);
+        let handle = std::thread::Builder::new()
+            .name("facematch-audit-head".into())
+            .spawn(move || {
+                let (m, cv) = &*st;
+                loop {
+                    let next = {
+                        let mut g = m.lock();
+                        while g.want.is_none() && !g.closing {
+                            cv.wait(&mut g);
+                        }
+                        match g.want.take() {
+                            Some(w) => w,
+                            None => return,
+                        }
+                    };
+                    let r = write_head(&shared.dir, &shared.key, next.0, next.1, &next.2, true);
+                    let mut g = m.lock();
+                    match r {
+                        Ok(()) => g.written = g.written.max(next.1),
+                        Err(e) => {
+                            g.error = Some(e.to_string());
+                            cv.notify_all();
+                            return;
+                        }
+                    }
+                    cv.notify_all();
+                }
+            })
+            .map_err(|e| Error::Audit(format!("starting the audit HEAD thread: {e}")))?;
+        Ok(HeadWriter { state, handle: Some(handle) })
+    }
+
+    /// Ask for `HEAD` to say (segment, records, hash); newer requests replace older ones.
+    fn post(&self, segment: u32, records: u64, hash: &str) {
+        let (m, cv) = &*self.state;
+        m.lock().want = Some((segment, records, hash.to_string()));
+        cv.notify_all();
+    }
+
+    fn error(&self) -> Option<String> {
+        self.state.0.lock().error.clone()
+    }
+
+    /// Block until a durable `HEAD` covers `records`.
+    fn wait(&self, records: u64) -> Result<()> {
+        let (m, cv) = &*self.state;
+        let mut g = m.lock();
+        while g.written < records {
+            if let Some(e) = &g.error {
+                return Err(Error::Audit(format!("replacing audit HEAD: {e}")));
+            }
+            cv.wait(&mut g);
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        {
+            let (m, cv) = &*self.state;
+            m.lock().closing = true;
+            cv.notify_all();
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl Writer {
@@ -664,8 +756,11 @@ impl Writer {
                 (items, q.sync_ticket, q.closing && q.items.is_empty())
             };
 
-            let mut result = Ok(());
-            if !items.is_empty() {
+            let mut result = match self.head.error() {
+                Some(e) => Err(Error::Audit(format!("replacing audit HEAD: {e}"))),
+                None => Ok(()),
+            };
+            if result.is_ok() && !items.is_empty() {
                 result = if sh.cfg.durability == Durability::EveryRecord {
                     let mut r = Ok(());
                     for i in 0..items.len() {
@@ -698,23 +793,28 @@ impl Writer {
                 drop(d);
                 sh.done_cv.notify_all();
                 sh.subscribers.lock().clear();
+                self.head.stop();
                 return;
             }
             items.clear();
             spare = items;
             if closing {
                 sh.subscribers.lock().clear();
+                self.head.stop();
                 return;
             }
         }
     }
 
-    /// Mark `items` durable, wake their appenders, feed subscribers.
+    /// Mark `items` durable, wake their appenders, and have `HEAD` follow.
     fn ack(&mut self, items: &[Pending]) {
         let sh = &self.shared;
         if let Some(last) = items.last() {
             sh.done.lock().next = last.seq + 1;
             sh.done_cv.notify_all();
+        }
+        if self.sync {
+            self.head.post(self.seg_index, self.next_seq, &self.last_hash);
         }
     }
 
@@ -813,7 +913,6 @@ impl Writer {
             let path = self.shared.dir.join(segment_name(self.seg_index));
             self.file.sync_data().map_err(|e| Error::io(&path, e))?;
         }
-        write_head(&self.shared.dir, &self.shared.key, self.seg_index, self.next_seq, &self.last_hash, self.sync)?;
         if want_records {
             let sh = &self.shared;
             let mut subs = sh.subscribers.lock();
@@ -833,11 +932,12 @@ impl Writer {
         Ok(())
     }
 
-    /// fsync the segment and write HEAD durably (flush/close).
+    /// fsync the segment and wait for a durable HEAD (flush/close).
     fn sync_all(&mut self) -> Result<()> {
         let path = self.shared.dir.join(segment_name(self.seg_index));
         self.file.sync_all().map_err(|e| Error::io(&path, e))?;
-        write_head(&self.shared.dir, &self.shared.key, self.seg_index, self.next_seq, &self.last_hash, true)
+        self.head.post(self.seg_index, self.next_seq, &self.last_hash);
+        self.head.wait(self.next_seq)
     }
 }
 

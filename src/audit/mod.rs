@@ -32,9 +32,17 @@
 //!   and as a link of the chain.
 //!
 //! `HEAD` holds the last committed seq and hash under an HMAC and is replaced
-//! (write temp, fsync, rename, fsync directory) after every commit, before any
-//! appender is answered: cutting records off the end, even at a line
-//! boundary, is detected by comparing with it.
+//! (write temp, fsync, rename, fsync directory) after every commit: cutting
+//! records off the end, even at a line boundary, is detected by comparing
+//! with it. A companion thread replaces it while the next commit is written,
+//! so its fsyncs do not lengthen every commit; it is only given records that
+//! are already durable, so it never runs ahead of the log, and a `HEAD` that
+//! trails checkpointed records (crash between the two) verifies. Under
+//! [`Durability::Off`] it is replaced only by [`AuditLog::flush`] and on close.
+//!
+//! Checkpoint MACs are themselves chained (each covers the previous
+//! checkpoint's MAC, the first one the header's), so removing a checkpoint
+//! line is detected as well.
 //!
 //! After a crash the log may end with bytes no checkpoint covers (a partial
 //! line, or whole records whose checkpoint never reached the file). No caller
