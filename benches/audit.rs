@@ -59,10 +59,11 @@ fn bench_audit(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(500));
     g.measurement_time(Duration::from_secs(4));
 
-    let cases: [(&str, Durability, u64); 5] = [
+    let cases: [(&str, Durability, u64); 6] = [
         ("every_record_1_thread", Durability::EveryRecord, 1),
         ("group_commit_1_thread", Durability::default(), 1),
         ("group_commit_8_threads", Durability::default(), 8),
+        ("group_commit_32_threads", Durability::default(), 32),
         ("off_1_thread", Durability::Off, 1),
         ("off_8_threads", Durability::Off, 8),
     ];
