@@ -1,0 +1,1019 @@
+//! The writer side: [`AuditLog`] with its group-commit writer thread.
+//!
+//! Appenders serialize their event on their own thread, take the next seq
+//! under a short lock and queue the event. One writer thread drains the
+//! queue, chains and writes the batch (records, then a checkpoint), fsyncs
+//! once, replaces `HEAD`, and only then wakes the appenders of that batch:
+//! a query is never answered before its record is durable.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::event::{AuditEvent, AuditFilter, AuditRecord};
+use super::format::{
+    self, checkpoint_line, genesis_hash, parse_control, record_hash, seal_control, seal_into, segment_name, sync_dir,
+    write_head, Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN, RETIRED_FILE,
+};
+use super::scan::{scan, Expect, OpenReport, Scan, SegState, TornTail, VerifyReport};
+use super::{AuditConfig, AuditKey, Durability, MIN_RETENTION_DAYS};
+use crate::clock::Clock;
+use crate::{Error, Result};
+
+/// Largest serialized event accepted (operator-supplied strings are bounded).
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+const DAY_MS: i64 = 86_400_000;
+
+/// The append-only, hash-chained audit log of one store.
+///
+/// `Send + Sync`: share it behind an `Arc` and append from many threads.
+/// Dropping it flushes, writes the final `HEAD` and stops the writer thread.
+/// See the [module docs](super) for the format and an example.
+pub struct AuditLog {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").field("dir", &self.shared.dir).field("cfg", &self.shared.cfg).finish_non_exhaustive()
+    }
+}
+
+struct Pending {
+    seq: u64,
+    time_ms: i64,
+    event_json: String,
+    event: AuditEvent,
+}
+
+struct Queue {
+    items: Vec<Pending>,
+    next_seq: u64,
+    sync_ticket: u64,
+    closing: bool,
+}
+
+struct Done {
+    /// Every seq below this is durable.
+    next: u64,
+    /// Highest flush ticket served.
+    synced: u64,
+    /// Set once a write failed; the log accepts nothing more.
+    error: Option<String>,
+}
+
+/// A closed segment, as retention needs it.
+#[derive(Clone, Debug)]
+struct SegMeta {
+    index: u32,
+    first_seq: u64,
+    last_seq: u64,
+    last_hash: String,
+    closing_mac: String,
+    newest_ms: i64,
+}
+
+struct Shared {
+    dir: PathBuf,
+    key: AuditKey,
+    cfg: AuditConfig,
+    clock: Arc<dyn Clock>,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    done: Mutex<Done>,
+    done_cv: Condvar,
+    subscribers: Mutex<Vec<Sender<AuditRecord>>>,
+    closed_segments: Mutex<Vec<SegMeta>>,
+    retention: Mutex<()>,
+    /// Holds the advisory lock on `LOCK` for the log's lifetime.
+    _lock: File,
+}
+
+/// Take the directory's advisory lock (one writer process at a time).
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Cut a torn tail off the last segment (or remove a segment whose header
+/// never made it) and delete files of already-retired segments.
+fn repair(scan: &mut Scan) -> Result<Option<TornTail>> {
+    for p in scan.stale_files.drain(..) {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&p, e)),
+        }
+    }
+    let torn = scan.torn();
+    if torn.is_some() {
+        if let Some(last) = scan.segments.last() {
+            if last.has_header {
+                let f = OpenOptions::new().write(true).open(&last.path).map_err(|e| Error::io(&last.path, e))?;
+                f.set_len(last.auth_end).map_err(|e| Error::io(&last.path, e))?;
+                f.sync_all().map_err(|e| Error::io(&last.path, e))?;
+                if let Some(l) = scan.segments.last_mut() {
+                    l.file_len = l.auth_end;
+                    l.tail_records = 0;
+                    l.tail_partial = false;
+                }
+            } else {
+                fs::remove_file(&last.path).map_err(|e| Error::io(&last.path, e))?;
+                scan.segments.pop();
+            }
+        }
+    }
+    Ok(torn)
+}
+
+/// Where a new segment would start, from the scan.
+fn next_expect(scan: &Scan) -> Expect {
+    if let Some(s) = scan.segments.last() {
+        return Expect {
+            segment: s.index + 1,
+            first_seq: s.first_seq + s.records,
+            prev_hash: s.last_hash.clone(),
+            prev_mac: s.last_mac.clone(),
+        };
+    }
+    if let Some(r) = scan.retired.last() {
+        return Expect {
+            segment: r.segment + 1,
+            first_seq: r.last_seq + 1,
+            prev_hash: r.last_hash.clone(),
+            prev_mac: r.closing_mac.clone(),
+        };
+    }
+    Expect::genesis()
+}
+
+/// Create a segment file holding only its header; returns it and the
+/// header's MAC (the first checkpoint chains to it).
+fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: bool) -> Result<(File, String)> {
+    let h = Header {
+        kind: "header".into(),
+        format: format::FORMAT,
+        segment: e.segment,
+        first_seq: e.first_seq,
+        prev_hash: e.prev_hash.clone(),
+        prev_mac: e.prev_mac.clone(),
+        key_id: key.id(),
+        created_ms: now_ms,
+        mac: None,
+    };
+    let (line, m) = seal_control(key, HEADER_DOMAIN, &h)?;
+    let path = dir.join(segment_name(e.segment));
+    let mut f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(|err| Error::io(&path, err))?;
+    f.write_all(&line).map_err(|err| Error::io(&path, err))?;
+    if sync {
+        f.sync_all().map_err(|err| Error::io(&path, err))?;
+        sync_dir(dir)?;
+    }
+    Ok((f, hex::encode(m)))
+}
+
+/// Check and serialize an event on the appender's thread.
+fn encode_event(event: &AuditEvent) -> Result<String> {
+    if let Some(field) = event.non_finite_field() {
+        return Err(Error::Audit(format!("event field {field} is NaN or infinite")));
+    }
+    let json = serde_json::to_string(event).map_err(|e| Error::Audit(format!("serialising audit event: {e}")))?;
+    if json.len() > MAX_EVENT_BYTES {
+        return Err(Error::Audit(format!("audit event of {} bytes exceeds the {MAX_EVENT_BYTES}-byte limit", json.len())));
+    }
+    Ok(json)
+}
+
+fn json_string(s: &str) -> Result<String> {
+    serde_json::to_string(s).map_err(|e| Error::Audit(format!("serialising {s:?}: {e}")))
+}
+
+impl AuditLog {
+    /// Open (or create) the audit log in `dir`.
+    ///
+    /// Verifies the whole log first: a torn tail left by a crash is cut off
+    /// and reported; any other damage refuses with
+    /// [`Error::AuditTampered`] so nothing is appended onto a broken chain;
+    /// a log signed with another key gives [`Error::Key`]; a log held by
+    /// another process gives [`Error::Locked`].
+    pub fn open(dir: &Path, key: AuditKey, cfg: AuditConfig, clock: Arc<dyn Clock>) -> Result<(AuditLog, OpenReport)> {
+        cfg.validate()?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let lock = lock_dir(dir)?;
+        let sync = cfg.durability != Durability::Off;
+
+        let mut scan = scan(dir, Some(&key), None)?.into_ok()?;
+        if scan.head.is_none() && scan.segments.is_empty() && scan.retired.is_empty() {
+            // A new log: HEAD first, so a crash before the first segment
+            // exists leaves a log that still verifies.
+            write_head(dir, &key, 0, 0, &genesis_hash(), true)?;
+        }
+        let torn = repair(&mut scan)?;
+        if torn.is_some() {
+            sync_dir(dir)?;
+        }
+
+        let now = clock.now_unix_ms();
+        let current: SegState = match scan.segments.last() {
+            Some(s) => s.clone(),
+            None => {
+                let e = next_expect(&scan);
+                let (_, header_mac) = create_segment(dir, &key, &e, now, true)?;
+                let st = SegState {
+                    index: e.segment,
+                    path: dir.join(segment_name(e.segment)),
+                    has_header: true,
+                    first_seq: e.first_seq,
+                    records: 0,
+                    last_hash: e.prev_hash.clone(),
+                    last_mac: header_mac,
+                    newest_ms: i64::MIN,
+                    auth_end: 0,
+                    file_len: 0,
+                    tail_records: 0,
+                    tail_partial: false,
+                };
+                scan.segments.push(st.clone());
+                st
+            }
+        };
+        let file = OpenOptions::new().append(true).open(&current.path).map_err(|e| Error::io(&current.path, e))?;
+        let records = current.first_seq + current.records;
+        // HEAD may lag after a crash between the log fsync and its rename.
+        if scan.head.as_ref().map(|h| h.records) != Some(records) {
+            write_head(dir, &key, current.index, records, &current.last_hash, true)?;
+        }
+
+        let closed: Vec<SegMeta> = scan.segments[..scan.segments.len() - 1]
+            .iter()
+            .map(|s| SegMeta {
+                index: s.index,
+                first_seq: s.first_seq,
+                last_seq: s.first_seq + s.records - 1,
+                last_hash: s.last_hash.clone(),
+                closing_mac: s.last_mac.clone(),
+                newest_ms: s.newest_ms,
+            })
+            .collect();
+
+        let report = OpenReport {
+            records,
+            segments: scan.segments.len() as u32,
+            retired_segments: scan.retired.len() as u32,
+            torn_tail_repaired: torn,
+        };
+
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            key,
+            cfg,
+            clock,
+            queue: Mutex::new(Queue { items: Vec::new(), next_seq: records, sync_ticket: 0, closing: false }),
+            queue_cv: Condvar::new(),
+            done: Mutex::new(Done { next: records, synced: 0, error: None }),
+            done_cv: Condvar::new(),
+            subscribers: Mutex::new(Vec::new()),
+            closed_segments: Mutex::new(closed),
+            retention: Mutex::new(()),
+            _lock: lock,
+        });
+        let writer = Writer {
+            site_json: json_string(&shared.cfg.site)?,
+            device_json: json_string(&shared.cfg.device)?,
+            shared: Arc::clone(&shared),
+            file,
+            seg_index: current.index,
+            seg_first_seq: current.first_seq,
+            seg_records: current.records,
+            seg_newest_ms: current.newest_ms,
+            last_hash: current.last_hash.clone(),
+            last_mac: current.last_mac.clone(),
+            next_seq: records,
+            since_ckpt: 0,
+            buf: Vec::with_capacity(1 << 16),
+            body: Vec::with_capacity(1024),
+            sync,
+            head: HeadWriter::start(Arc::clone(&shared), records)?,
+        };
+        let handle = std::thread::Builder::new()
+            .name("facematch-audit".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::Audit(format!("starting the audit writer thread: {e}")))?;
+        Ok((AuditLog { shared, writer: Mutex::new(Some(handle)) }, report))
+    }
+
+    /// Append one event; returns its seq once the record is durable as the
+    /// configured [`Durability`] says. On error the caller must not act as
+    /// if the event was recorded (e.g. must not answer the query).
+    pub fn append(&self, event: AuditEvent) -> Result<u64> {
+        let json = encode_event(&event)?;
+        let seqs = self.enqueue(vec![(event, json)])?;
+        Ok(seqs.start)
+    }
+
+    /// Append several events with consecutive seqs, normally in one commit
+    /// (e.g. an enrolment and the filing notice it triggers); returns their
+    /// seqs once all are durable. Nothing is queued if any event is invalid.
+    pub fn append_batch(&self, events: Vec<AuditEvent>) -> Result<std::ops::Range<u64>> {
+        let mut encoded = Vec::with_capacity(events.len());
+        for e in events {
+            let j = encode_event(&e)?;
+            encoded.push((e, j));
+        }
+        self.enqueue(encoded)
+    }
+
+    fn enqueue(&self, events: Vec<(AuditEvent, String)>) -> Result<std::ops::Range<u64>> {
+        let range = {
+            let mut q = self.shared.queue.lock();
+            if q.closing {
+                return Err(Error::Audit("the audit log is closing".into()));
+            }
+            if let Some(e) = &self.shared.done.lock().error {
+                return Err(Error::Audit(format!("the audit log failed earlier: {e}")));
+            }
+            let start = q.next_seq;
+            let time_ms = self.shared.clock.now_unix_ms();
+            for (event, event_json) in events {
+                let seq = q.next_seq;
+                q.next_seq += 1;
+                q.items.push(Pending { seq, time_ms, event_json, event });
+            }
+            start..q.next_seq
+        };
+        if range.is_empty() {
+            return Ok(range);
+        }
+        self.shared.queue_cv.notify_one();
+        let mut d = self.shared.done.lock();
+        while d.next < range.end {
+            if let Some(e) = &d.error {
+                return Err(Error::Audit(format!("audit records {range:?} not written: {e}")));
+            }
+            self.shared.done_cv.wait(&mut d);
+        }
+        Ok(range)
+    }
+
+    /// Make everything appended so far durable (fsync log and `HEAD`), also
+    /// under [`Durability::Off`].
+    pub fn flush(&self) -> Result<()> {
+        let ticket = {
+            let mut q = self.shared.queue.lock();
+            q.sync_ticket += 1;
+            q.sync_ticket
+        };
+        self.shared.queue_cv.notify_one();
+        let mut d = self.shared.done.lock();
+        while d.synced < ticket {
+            if let Some(e) = &d.error {
+                return Err(Error::Audit(format!("audit flush failed: {e}")));
+            }
+            self.shared.done_cv.wait(&mut d);
+        }
+        Ok(())
+    }
+
+    /// Flush and close, reporting any error (dropping closes silently).
+    pub fn close(self) -> Result<()> {
+        self.flush()?;
+        let err = self.shared.done.lock().error.clone();
+        drop(self);
+        match err {
+            Some(e) => Err(Error::Audit(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Records durable so far (the next seq to be confirmed).
+    pub fn records(&self) -> u64 {
+        self.shared.done.lock().next
+    }
+
+    /// The directory of this log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Live feed of records, each sent once durable, in seq order. The feed
+    /// ends when the log closes; a dropped receiver is forgotten.
+    pub fn subscribe(&self) -> Receiver<AuditRecord> {
+        let (tx, rx) = mpsc::channel();
+        self.shared.subscribers.lock().push(tx);
+        rx
+    }
+
+    /// Check the log in `dir` with `key`: every segment on its own and as a
+    /// chain, every checkpoint and `HEAD`. Damage is reported in
+    /// [`VerifyReport::first_bad`], not as an error; a log signed with
+    /// another key is [`Error::Key`]. Safe while a writer is appending
+    /// (records after the last checkpoint it sees count as a torn tail).
+    pub fn verify(dir: &Path, key: &AuditKey) -> Result<VerifyReport> {
+        Ok(scan(dir, Some(key), None)?.report())
+    }
+
+    /// Records matching `filter`, in seq order. Needs no key: record hashes
+    /// and links are checked (damage is [`Error::AuditTampered`]); run
+    /// [`AuditLog::verify`] for the keyed checks.
+    pub fn read(dir: &Path, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let mut out = Vec::new();
+        let mut visit = |r: AuditRecord, _raw: &[u8]| -> Result<()> {
+            if filter.matches(&r) {
+                out.push(r);
+            }
+            Ok(())
+        };
+        scan(dir, None, Some(&mut visit))?.into_ok()?;
+        Ok(out)
+    }
+
+    /// Write the records matching `filter` to `w` as JSON lines, exactly as
+    /// stored (each line still carries `prev` and `hash`); returns how many.
+    /// On damage the records before it have been written and the error is
+    /// returned.
+    pub fn export_jsonl(dir: &Path, filter: &AuditFilter, w: &mut dyn Write) -> Result<u64> {
+        let mut n = 0u64;
+        let mut visit = |r: AuditRecord, raw: &[u8]| -> Result<()> {
+            if filter.matches(&r) {
+                w.write_all(raw)
+                    .and_then(|_| w.write_all(b"\n"))
+                    .map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
+                n += 1;
+            }
+            Ok(())
+        };
+        scan(dir, None, Some(&mut visit))?.into_ok()?;
+        w.flush().map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
+        Ok(n)
+    }
+
+    /// Re-sign the closed log in `dir` from `old` to `new` (key rotation):
+    /// verify with `old`, repair a torn tail, re-MAC every header,
+    /// checkpoint, tombstone and `HEAD` under `new`, verify with `new`.
+    /// Records and their hashes are unchanged. Each file is replaced
+    /// atomically, but not all at once: a crash midway leaves a log that
+    /// verifies under neither key (the `*.rekey` files show where it stopped).
+    pub fn rekey(dir: &Path, old: &AuditKey, new: &AuditKey) -> Result<()> {
+        let _lock = lock_dir(dir)?;
+        let mut scan = scan(dir, Some(old), None)?.into_ok()?;
+        repair(&mut scan)?;
+
+        // Tombstones re-signed. A retired segment's closing MAC cannot be
+        // recomputed (its checkpoints are gone); it stays as an opaque value
+        // that the re-signed tombstone and next header both bind.
+        let mut retired_bytes = Vec::new();
+        let mut prev_mac = format::zero_mac();
+        for r in &scan.retired {
+            let t = Retired { key_id: new.id(), mac: None, ..r.clone() };
+            retired_bytes.extend_from_slice(&seal_control(new, RETIRED_DOMAIN, &t)?.0);
+            prev_mac = r.closing_mac.clone();
+        }
+
+        let mut renames = Vec::new();
+        for s in &scan.segments {
+            let tmp = s.path.with_extension("log.rekey");
+            let mut raw = Vec::new();
+            File::open(&s.path)
+                .and_then(|mut f| f.read_to_end(&mut raw))
+                .map_err(|e| Error::io(&s.path, e))?;
+            let mut out = Vec::with_capacity(raw.len());
+            for line in raw.split_inclusive(|&b| b == b'\n') {
+                let l = line.strip_suffix(b"\n").unwrap_or(line);
+                if l.starts_with(b"{\"type\":\"header\"") {
+                    let (mut h, _, _) = parse_control::<Header>(l)
+                        .ok_or_else(|| Error::AuditTampered { seq: s.first_seq, reason: "unreadable header".into() })?;
+                    h.mac = None;
+                    h.key_id = new.id();
+                    h.prev_mac = prev_mac.clone();
+                    let (hl, m) = seal_control(new, HEADER_DOMAIN, &h)?;
+                    out.extend_from_slice(&hl);
+                    prev_mac = hex::encode(m);
+                } else if l.starts_with(b"{\"type\":\"checkpoint\"") {
+                    let (c, _, _) = parse_control::<format::Checkpoint>(l).ok_or_else(|| Error::AuditTampered {
+                        seq: s.first_seq,
+                        reason: "unreadable checkpoint".into(),
+                    })?;
+                    let (cl, m) = checkpoint_line(new, c.segment, c.seq, &c.hash, &prev_mac)?;
+                    out.extend_from_slice(&cl);
+                    prev_mac = hex::encode(m);
+                } else {
+                    out.extend_from_slice(line);
+                }
+            }
+            let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+            renames.push((tmp, s.path.clone()));
+        }
+        if !scan.retired.is_empty() {
+            format::atomic_write(dir, RETIRED_FILE, &retired_bytes, true)?;
+        }
+        for (tmp, path) in &renames {
+            fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+        }
+        sync_dir(dir)?;
+        let (seg, records, last_hash) = match scan.segments.last() {
+            Some(s) => (s.index, s.first_seq + s.records, s.last_hash.clone()),
+            None => {
+                let e = next_expect(&scan);
+                (e.segment, e.first_seq, e.prev_hash)
+            }
+        };
+        write_head(dir, new, seg, records, &last_hash, true)?;
+        let check = scan_verify_after_rekey(dir, new)?;
+        if let Some(b) = check.first_bad {
+            return Err(Error::AuditTampered { seq: b.seq, reason: format!("after rekey: {}", b.reason) });
+        }
+        Ok(())
+    }
+
+    /// Delete whole segments whose newest record is older than the
+    /// retention period (never under three years), oldest first, keeping
+    /// the chain verifiable: each is recorded in `RETIRED` (last seq, hash
+    /// and closing MAC, signed) before its file is removed, and an
+    /// [`AuditEvent::Admin`] record notes the retirement. The current
+    /// segment is never deleted. Returns the number of segments deleted.
+    pub fn enforce_retention(&self) -> Result<u32> {
+        let sh = &self.shared;
+        let _g = sh.retention.lock();
+        let days = sh.cfg.retention_days.max(MIN_RETENTION_DAYS) as i64;
+        let now = sh.clock.now_unix_ms();
+        let cutoff = now.saturating_sub(days.saturating_mul(DAY_MS));
+        let drop: Vec<SegMeta> =
+            sh.closed_segments.lock().iter().take_while(|m| m.newest_ms < cutoff).cloned().collect();
+        if drop.is_empty() {
+            return Ok(0);
+        }
+        let path = sh.dir.join(RETIRED_FILE);
+        let mut bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        for m in &drop {
+            let t = Retired {
+                kind: "retired".into(),
+                segment: m.index,
+                first_seq: m.first_seq,
+                last_seq: m.last_seq,
+                last_hash: m.last_hash.clone(),
+                closing_mac: m.closing_mac.clone(),
+                newest_ms: m.newest_ms,
+                retired_ms: now,
+                key_id: sh.key.id(),
+                mac: None,
+            };
+            bytes.extend_from_slice(&seal_control(&sh.key, RETIRED_DOMAIN, &t)?.0);
+        }
+        format::atomic_write(&sh.dir, RETIRED_FILE, &bytes, true)?;
+        for m in &drop {
+            let p = sh.dir.join(segment_name(m.index));
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&p, e)),
+            }
+        }
+        sync_dir(&sh.dir)?;
+        sh.closed_segments.lock().drain(..drop.len());
+        let (first, last) = (&drop[0], &drop[drop.len() - 1]);
+        self.append(AuditEvent::Admin {
+            operator: "facematch:retention".into(),
+            action: "audit-retention".into(),
+            detail: format!(
+                "retired audit segments {}..={} (records {}..={}); newest record older than {days} days",
+                first.index, last.index, first.first_seq, last.last_seq
+            ),
+        })?;
+        Ok(drop.len() as u32)
+    }
+}
+
+fn scan_verify_after_rekey(dir: &Path, key: &AuditKey) -> Result<VerifyReport> {
+    AuditLog::verify(dir, key)
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.shared.queue.lock().closing = true;
+        self.shared.queue_cv.notify_one();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The writer thread's state: the current segment and the chain's end.
+struct Writer {
+    shared: Arc<Shared>,
+    file: File,
+    seg_index: u32,
+    seg_first_seq: u64,
+    seg_records: u64,
+    seg_newest_ms: i64,
+    last_hash: String,
+    last_mac: String,
+    next_seq: u64,
+    since_ckpt: u64,
+    buf: Vec<u8>,
+    body: Vec<u8>,
+    site_json: String,
+    device_json: String,
+    sync: bool,
+    head: HeadWriter,
+}
+
+/// Latest state for `HEAD` and how far the durable `HEAD` has got.
+struct HeadState {
+    want: Option<(u32, u64, String)>,
+    written: u64,
+    error: Option<String>,
+    closing: bool,
+}
+
+/// Replaces `HEAD` on its own thread, so that its two fsyncs (temp file,
+/// directory) overlap the next commit's write and fsync instead of adding
+/// to every commit. It is only ever given states whose records are already
+/// durable, so `HEAD` never runs ahead of the log; it trails it by at most
+/// the commit in flight (which verification accepts, as after a crash).
+struct HeadWriter {
+    state: Arc<(Mutex<HeadState>, Condvar)>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl HeadWriter {
+    fn start(shared: Arc<Shared>, written: u64) -> Result<HeadWriter> {
+        let state = Arc::new((Mutex::new(HeadState { want: None, written, error: None, closing: false }), Condvar::new()));
+        let st = Arc::clone(&state);
+        let handle = std::thread::Builder::new()
+            .name("facematch-audit-head".into())
+            .spawn(move || {
+                let (m, cv) = &*st;
+                loop {
+                    let next = {
+                        let mut g = m.lock();
+                        while g.want.is_none() && !g.closing {
+                            cv.wait(&mut g);
+                        }
+                        match g.want.take() {
+                            Some(w) => w,
+                            None => return,
+                        }
+                    };
+                    let r = write_head(&shared.dir, &shared.key, next.0, next.1, &next.2, true);
+                    let mut g = m.lock();
+                    match r {
+                        Ok(()) => g.written = g.written.max(next.1),
+                        Err(e) => {
+                            g.error = Some(e.to_string());
+                            cv.notify_all();
+                            return;
+                        }
+                    }
+                    cv.notify_all();
+                }
+            })
+            .map_err(|e| Error::Audit(format!("starting the audit HEAD thread: {e}")))?;
+        Ok(HeadWriter { state, handle: Some(handle) })
+    }
+
+    /// Ask for `HEAD` to say (segment, records, hash); newer requests replace older ones.
+    fn post(&self, segment: u32, records: u64, hash: &str) {
+        let (m, cv) = &*self.state;
+        m.lock().want = Some((segment, records, hash.to_string()));
+        cv.notify_all();
+    }
+
+    fn error(&self) -> Option<String> {
+        self.state.0.lock().error.clone()
+    }
+
+    /// Block until a durable `HEAD` covers `records`.
+    fn wait(&self, records: u64) -> Result<()> {
+        let (m, cv) = &*self.state;
+        let mut g = m.lock();
+        while g.written < records {
+            if let Some(e) = &g.error {
+                return Err(Error::Audit(format!("replacing audit HEAD: {e}")));
+            }
+            cv.wait(&mut g);
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        {
+            let (m, cv) = &*self.state;
+            m.lock().closing = true;
+            cv.notify_all();
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Writer {
+    fn run(mut self) {
+        let sh = Arc::clone(&self.shared);
+        let (max_batch, max_delay) = match sh.cfg.durability {
+            Durability::GroupCommit { max_delay_us, max_batch } => (max_batch, Duration::from_micros(max_delay_us)),
+            Durability::EveryRecord => (usize::MAX, Duration::ZERO),
+            Durability::Off => (usize::MAX, Duration::ZERO),
+        };
+        let mut synced_ticket = 0u64;
+        let mut spare: Vec<Pending> = Vec::new();
+        loop {
+            let (mut items, ticket, closing) = {
+                let mut q = sh.queue.lock();
+                while q.items.is_empty() && !q.closing && q.sync_ticket <= synced_ticket {
+                    sh.queue_cv.wait(&mut q);
+                }
+                if !max_delay.is_zero() && !q.items.is_empty() && q.items.len() < max_batch && !q.closing {
+                    let deadline = Instant::now() + max_delay;
+                    while q.items.len() < max_batch && !q.closing {
+                        if sh.queue_cv.wait_until(&mut q, deadline).timed_out() {
+                            break;
+                        }
+                    }
+                }
+                let items = if q.items.len() <= max_batch {
+                    std::mem::replace(&mut q.items, std::mem::take(&mut spare))
+                } else {
+                    q.items.drain(..max_batch).collect()
+                };
+                (items, q.sync_ticket, q.closing && q.items.is_empty())
+            };
+
+            let mut result = match self.head.error() {
+                Some(e) => Err(Error::Audit(format!("replacing audit HEAD: {e}"))),
+                None => Ok(()),
+            };
+            if result.is_ok() && !items.is_empty() {
+                result = if sh.cfg.durability == Durability::EveryRecord {
+                    let mut r = Ok(());
+                    for i in 0..items.len() {
+                        r = self.commit(&items[i..i + 1]);
+                        if r.is_err() {
+                            break;
+                        }
+                        self.ack(&items[i..i + 1]);
+                    }
+                    r
+                } else {
+                    let r = self.commit(&items);
+                    if r.is_ok() {
+                        self.ack(&items);
+                    }
+                    r
+                };
+            }
+            if result.is_ok() && (ticket > synced_ticket || closing) {
+                result = self.sync_all();
+                if result.is_ok() {
+                    synced_ticket = ticket;
+                    sh.done.lock().synced = ticket;
+                    sh.done_cv.notify_all();
+                }
+            }
+            if let Err(e) = result {
+                let mut d = sh.done.lock();
+                d.error = Some(e.to_string());
+                drop(d);
+                sh.done_cv.notify_all();
+                sh.subscribers.lock().clear();
+                self.head.stop();
+                return;
+            }
+            items.clear();
+            spare = items;
+            if closing {
+                sh.subscribers.lock().clear();
+                self.head.stop();
+                return;
+            }
+        }
+    }
+
+    /// Mark `items` durable, wake their appenders, and have `HEAD` follow.
+    fn ack(&mut self, items: &[Pending]) {
+        let sh = &self.shared;
+        if let Some(last) = items.last() {
+            sh.done.lock().next = last.seq + 1;
+            sh.done_cv.notify_all();
+        }
+        if self.sync {
+            self.head.post(self.seg_index, self.next_seq, &self.last_hash);
+        }
+    }
+
+    fn push_checkpoint(&mut self) -> Result<()> {
+        let (line, m) =
+            checkpoint_line(&self.shared.key, self.seg_index, self.next_seq - 1, &self.last_hash, &self.last_mac)?;
+        self.buf.extend_from_slice(&line);
+        self.last_mac = hex::encode(m);
+        self.since_ckpt = 0;
+        Ok(())
+    }
+
+    fn write_buf(&mut self) -> Result<()> {
+        let path = || self.shared.dir.join(segment_name(self.seg_index));
+        self.file.write_all(&self.buf).map_err(|e| Error::io(path(), e))?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Close the current segment (already checkpointed) and start the next.
+    fn rotate(&mut self) -> Result<()> {
+        self.write_buf()?;
+        let path = self.shared.dir.join(segment_name(self.seg_index));
+        if self.sync {
+            self.file.sync_data().map_err(|e| Error::io(&path, e))?;
+        }
+        self.shared.closed_segments.lock().push(SegMeta {
+            index: self.seg_index,
+            first_seq: self.seg_first_seq,
+            last_seq: self.next_seq - 1,
+            last_hash: self.last_hash.clone(),
+            closing_mac: self.last_mac.clone(),
+            newest_ms: self.seg_newest_ms,
+        });
+        let e = Expect {
+            segment: self.seg_index + 1,
+            first_seq: self.next_seq,
+            prev_hash: self.last_hash.clone(),
+            prev_mac: self.last_mac.clone(),
+        };
+        let (file, header_mac) =
+            create_segment(&self.shared.dir, &self.shared.key, &e, self.shared.clock.now_unix_ms(), self.sync)?;
+        self.file = file;
+        self.last_mac = header_mac;
+        self.seg_index = e.segment;
+        self.seg_first_seq = e.first_seq;
+        self.seg_records = 0;
+        self.seg_newest_ms = i64::MIN;
+        Ok(())
+    }
+
+    /// Chain, write and (per durability) fsync `items`, then replace HEAD.
+    fn commit(&mut self, items: &[Pending]) -> Result<()> {
+        let cfg = &self.shared.cfg;
+        let (seg_max, ckpt_every) = (cfg.segment_max_records, cfg.checkpoint_every);
+        let want_records = !self.shared.subscribers.lock().is_empty();
+        let mut links: Vec<(String, String)> = Vec::new();
+        self.buf.clear();
+        for p in items {
+            if p.seq != self.next_seq {
+                return Err(Error::Audit(format!("internal: expected seq {}, got {}", self.next_seq, p.seq)));
+            }
+            if self.seg_records >= seg_max {
+                if self.since_ckpt > 0 {
+                    self.push_checkpoint()?;
+                }
+                self.rotate()?;
+            }
+            self.body.clear();
+            let prev = std::mem::take(&mut self.last_hash);
+            // Same field order as AuditRecord; the hash covers these bytes.
+            let _ = write!(
+                self.body,
+                "{{\"seq\":{},\"time_ms\":{},\"site\":{},\"device\":{},\"event\":{},\"prev\":\"{}\"}}",
+                p.seq, p.time_ms, self.site_json, self.device_json, p.event_json, prev
+            );
+            let h = record_hash(&self.body);
+            seal_into(&mut self.buf, &self.body, "hash", &h);
+            self.last_hash = hex::encode(h);
+            if want_records {
+                links.push((prev, self.last_hash.clone()));
+            }
+            self.next_seq += 1;
+            self.seg_records += 1;
+            self.since_ckpt += 1;
+            self.seg_newest_ms = self.seg_newest_ms.max(p.time_ms);
+            if self.since_ckpt >= ckpt_every {
+                self.push_checkpoint()?;
+            }
+        }
+        if self.since_ckpt > 0 {
+            self.push_checkpoint()?;
+        }
+        self.write_buf()?;
+        if self.sync {
+            let path = self.shared.dir.join(segment_name(self.seg_index));
+            self.file.sync_data().map_err(|e| Error::io(&path, e))?;
+        }
+        if want_records {
+            let sh = &self.shared;
+            let mut subs = sh.subscribers.lock();
+            for (p, (prev, hash)) in items.iter().zip(links) {
+                let r = AuditRecord {
+                    seq: p.seq,
+                    time_ms: p.time_ms,
+                    site: sh.cfg.site.clone(),
+                    device: sh.cfg.device.clone(),
+                    event: p.event.clone(),
+                    prev,
+                    hash,
+                };
+                subs.retain(|tx| tx.send(r.clone()).is_ok());
+            }
+        }
+        Ok(())
+    }
+
+    /// fsync the segment and wait for a durable HEAD (flush/close).
+    fn sync_all(&mut self) -> Result<()> {
+        let path = self.shared.dir.join(segment_name(self.seg_index));
+        self.file.sync_all().map_err(|e| Error::io(&path, e))?;
+        self.head.post(self.seg_index, self.next_seq, &self.last_hash);
+        self.head.wait(self.next_seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::time::UNIX_EPOCH;
+
+    fn clock() -> Arc<ManualClock> {
+        Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000)))
+    }
+
+    fn admin(i: u64) -> AuditEvent {
+        AuditEvent::Admin { operator: "t".into(), action: "a".into(), detail: format!("{i}") }
+    }
+
+    #[test]
+    fn append_reopen_continue() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let cfg = AuditConfig { segment_max_records: 3, checkpoint_every: 2, ..Default::default() };
+        {
+            let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
+            assert_eq!(rep.records, 0);
+            for i in 0..7 {
+                assert_eq!(log.append(admin(i)).unwrap(), i);
+            }
+        }
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg, clock()).unwrap();
+        assert_eq!(rep.records, 7);
+        assert_eq!(rep.segments, 3);
+        assert!(rep.torn_tail_repaired.is_none());
+        assert_eq!(log.append(admin(7)).unwrap(), 7);
+        drop(log);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok(), "{v:?}");
+        assert_eq!(v.records, 8);
+        let all = AuditLog::read(d.path(), &AuditFilter::default()).unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
+        assert_eq!(all[0].prev, genesis_hash());
+        for w in all.windows(2) {
+            assert_eq!(w[1].prev, w[0].hash);
+        }
+    }
+
+    #[test]
+    fn second_open_is_locked_and_wrong_key_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let (log, _) = AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()).unwrap();
+        log.append(admin(0)).unwrap();
+        assert!(matches!(
+            AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()),
+            Err(Error::Locked(_))
+        ));
+        drop(log);
+        let other = AuditKey::from_bytes([2; 32]);
+        assert!(matches!(AuditLog::open(d.path(), other.clone(), AuditConfig::default(), clock()), Err(Error::Key(_))));
+        assert!(matches!(AuditLog::verify(d.path(), &other), Err(Error::Key(_))));
+    }
+
+    #[test]
+    fn non_finite_scores_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (log, _) =
+            AuditLog::open(d.path(), AuditKey::from_bytes([1; 32]), AuditConfig::default(), clock()).unwrap();
+        let e = AuditEvent::ThresholdChange {
+            operator: "o".into(),
+            purpose: "p".into(),
+            mode: "verify".into(),
+            old: None,
+            new: f32::NAN,
+            version: 1,
+        };
+        assert!(matches!(log.append(e), Err(Error::Audit(_))));
+        assert_eq!(log.append(admin(0)).unwrap(), 0);
+    }
+}
