@@ -74,6 +74,23 @@ fn bench_audit(c: &mut Criterion) {
         drop(log);
     }
     g.finish();
+
+    // Verifying (every hash, link and MAC) a 10,000-record log.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path(), Durability::Off);
+        for chunk in 0..100u64 {
+            log.append_batch((0..100).map(|i| event(chunk * 100 + i)).collect()).unwrap();
+        }
+    }
+    let key = AuditKey::from_bytes([9; 32]);
+    let mut g = c.benchmark_group("audit_verify");
+    g.throughput(Throughput::Elements(10_000));
+    g.sample_size(10);
+    g.bench_function("verify_10k_records", |b| {
+        b.iter(|| assert!(AuditLog::verify(dir.path(), &key).unwrap().ok()))
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench_audit);

@@ -9,7 +9,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ use crate::{Error, Result};
 
 /// Largest serialized event accepted (operator-supplied strings are bounded).
 const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Records a [`AuditLog::subscribe`] receiver may fall behind before it is cut off.
+pub const SUBSCRIBER_BACKLOG: usize = 65_536;
 const DAY_MS: i64 = 86_400_000;
 
 /// The append-only, hash-chained audit log of one store.
@@ -89,7 +91,7 @@ struct Shared {
     queue_cv: Condvar,
     done: Mutex<Done>,
     done_cv: Condvar,
-    subscribers: Mutex<Vec<Sender<AuditRecord>>>,
+    subscribers: Mutex<Vec<SyncSender<AuditRecord>>>,
     closed_segments: Mutex<Vec<SegMeta>>,
     retention: Mutex<()>,
     /// Holds the advisory lock on `LOCK` for the log's lifetime.
@@ -412,9 +414,12 @@ impl AuditLog {
     }
 
     /// Live feed of records, each sent once durable, in seq order. The feed
-    /// ends when the log closes; a dropped receiver is forgotten.
+    /// ends when the log closes; a dropped receiver is forgotten. A receiver
+    /// that falls more than [`SUBSCRIBER_BACKLOG`] records behind is cut off
+    /// (its feed ends) rather than stalling appends or growing without
+    /// bound; it can catch up with [`AuditLog::read`] from the next seq.
     pub fn subscribe(&self) -> Receiver<AuditRecord> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(SUBSCRIBER_BACKLOG);
         self.shared.subscribers.lock().push(tx);
         rx
     }
@@ -671,6 +676,8 @@ impl HeadWriter {
                             cv.wait(&mut g);
                         }
                         match g.want.take() {
+                            // Already covered by the write that just finished.
+                            Some(w) if w.1 <= g.written => continue,
                             Some(w) => w,
                             None => return,
                         }
@@ -703,10 +710,15 @@ impl HeadWriter {
         self.state.0.lock().error.clone()
     }
 
-    /// Block until a durable `HEAD` covers `records`.
-    fn wait(&self, records: u64) -> Result<()> {
+    /// Make sure a durable `HEAD` covers `records` (asking for it if no
+    /// request is pending) and block until it does.
+    fn ensure(&self, segment: u32, records: u64, hash: &str) -> Result<()> {
         let (m, cv) = &*self.state;
         let mut g = m.lock();
+        if g.written < records && g.want.is_none() {
+            g.want = Some((segment, records, hash.to_string()));
+            cv.notify_all();
+        }
         while g.written < records {
             if let Some(e) = &g.error {
                 return Err(Error::Audit(format!("replacing audit HEAD: {e}")));
@@ -930,7 +942,7 @@ impl Writer {
                     prev,
                     hash,
                 };
-                subs.retain(|tx| tx.send(r.clone()).is_ok());
+                subs.retain(|tx| tx.try_send(r.clone()).is_ok());
             }
         }
         Ok(())
@@ -940,8 +952,7 @@ impl Writer {
     fn sync_all(&mut self) -> Result<()> {
         let path = self.shared.dir.join(segment_name(self.seg_index));
         self.file.sync_all().map_err(|e| Error::io(&path, e))?;
-        self.head.post(self.seg_index, self.next_seq, &self.last_hash);
-        self.head.wait(self.next_seq)
+        self.head.ensure(self.seg_index, self.next_seq, &self.last_hash)
     }
 }
 
@@ -957,6 +968,12 @@ mod tests {
 
     fn admin(i: u64) -> AuditEvent {
         AuditEvent::Admin { operator: "t".into(), action: "a".into(), detail: format!("{i}") }
+    }
+
+    #[test]
+    fn log_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<AuditLog>();
     }
 
     #[test]
@@ -1010,6 +1027,7 @@ mod tests {
         let dir = d.path().join("audit");
         let (log, _) = AuditLog::open(&dir, AuditKey::from_bytes([1; 32]), AuditConfig::default(), clock()).unwrap();
         log.append(admin(0)).unwrap();
+        log.flush().unwrap(); // nothing in flight while the directory goes
         // HEAD can no longer be replaced once the directory is gone.
         fs::remove_dir_all(&dir).unwrap();
         let mut failed = false;
