@@ -201,7 +201,7 @@ fn recompute_chain(dir: &Path, rng: &mut ChaCha8Rng) -> String {
 fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
     let segs = segments(dir);
     let pick_seg = |rng: &mut ChaCha8Rng| segs[rng.gen_range(0..segs.len())].clone();
-    match rng.gen_range(0..9) {
+    match rng.gen_range(0..11) {
         0 | 1 => {
             // Byte flip anywhere in a segment or HEAD.
             let mut files = segs.clone();
@@ -271,10 +271,30 @@ fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
                 }
             }
         }
-        _ => {
+        8 => {
             let p = pick_seg(rng);
             fs::remove_file(&p).unwrap();
             format!("delete segment {}", p.display())
+        }
+        9 => {
+            // Replay: a copy of some line inserted somewhere (maybe another segment).
+            let (a, b) = (pick_seg(rng), pick_seg(rng));
+            let la = lines(&fs::read(&a).unwrap());
+            let mut lb = lines(&fs::read(&b).unwrap());
+            let i = rng.gen_range(0..la.len());
+            let j = rng.gen_range(0..=lb.len());
+            lb.insert(j, la[i].clone());
+            fs::write(&b, lb.concat()).unwrap();
+            format!("copy line {i} of {} to line {j} of {}", a.display(), b.display())
+        }
+        _ => {
+            // Reorder whole segments.
+            let i = rng.gen_range(0..segs.len() - 1);
+            let j = rng.gen_range(i + 1..segs.len());
+            let (a, b) = (fs::read(&segs[i]).unwrap(), fs::read(&segs[j]).unwrap());
+            fs::write(&segs[i], b).unwrap();
+            fs::write(&segs[j], a).unwrap();
+            format!("swap segment files {i} and {j}")
         }
     }
 }
