@@ -31,8 +31,20 @@ fn event(i: u64) -> AuditEvent {
 }
 
 fn open(dir: &std::path::Path, durability: Durability) -> AuditLog {
-    let cfg = AuditConfig { site: "bench".into(), device: "bench".into(), durability, ..Default::default() };
-    AuditLog::open(dir, AuditKey::from_bytes([9; 32]), cfg, Arc::new(SystemClock)).unwrap().0
+    let cfg = AuditConfig {
+        site: "bench".into(),
+        device: "bench".into(),
+        durability,
+        ..Default::default()
+    };
+    AuditLog::open(
+        dir,
+        AuditKey::from_bytes([9; 32]),
+        cfg,
+        Arc::new(SystemClock),
+    )
+    .unwrap()
+    .0
 }
 
 /// `iters` appends spread over `threads` threads; returns wall time.
@@ -70,9 +82,29 @@ fn bench_audit(c: &mut Criterion) {
     for (name, durability, threads) in cases {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(open(dir.path(), durability));
-        g.bench_function(name, |b| b.iter_custom(|iters| run_threads(&log, threads, iters)));
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| run_threads(&log, threads, iters))
+        });
         drop(log);
     }
+    g.finish();
+
+    // Verifying (every hash, link and MAC) a 10,000-record log.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path(), Durability::Off);
+        for chunk in 0..100u64 {
+            log.append_batch((0..100).map(|i| event(chunk * 100 + i)).collect())
+                .unwrap();
+        }
+    }
+    let key = AuditKey::from_bytes([9; 32]);
+    let mut g = c.benchmark_group("audit_verify");
+    g.throughput(Throughput::Elements(10_000));
+    g.sample_size(10);
+    g.bench_function("verify_10k_records", |b| {
+        b.iter(|| assert!(AuditLog::verify(dir.path(), &key).unwrap().ok()))
+    });
     g.finish();
 }
 

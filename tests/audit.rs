@@ -40,7 +40,11 @@ fn query(i: u64, operator: &str, purpose: &str, subject: Option<&str>) -> AuditE
     AuditEvent::Query(QueryAudit {
         operator: operator.into(),
         purpose: purpose.into(),
-        mode: if i % 2 == 0 { QueryMode::Verify } else { QueryMode::Identify },
+        mode: if i % 2 == 0 {
+            QueryMode::Verify
+        } else {
+            QueryMode::Identify
+        },
         model_id: "sface-2021dec".into(),
         threshold: 0.363,
         threshold_version: 3,
@@ -63,7 +67,7 @@ fn query(i: u64, operator: &str, purpose: &str, subject: Option<&str>) -> AuditE
 fn event(i: u64) -> AuditEvent {
     let subj = format!("subject-{}", i % 7);
     match i % 9 {
-        0 | 1 | 2 => query(i, &format!("op{}", i % 3), "access", Some(&subj)),
+        0..=2 => query(i, &format!("op{}", i % 3), "access", Some(&subj)),
         3 => AuditEvent::Enrolment {
             operator: "op0".into(),
             subject: subj,
@@ -80,7 +84,11 @@ fn event(i: u64) -> AuditEvent {
             age_bracket: "adult".into(),
             guardian: false,
         },
-        5 => AuditEvent::Deletion { operator: "op2".into(), templates: vec![i, i + 1], reason: "request".into() },
+        5 => AuditEvent::Deletion {
+            operator: "op2".into(),
+            templates: vec![i, i + 1],
+            reason: "request".into(),
+        },
         6 => AuditEvent::ThresholdChange {
             operator: "op0".into(),
             purpose: "payment".into(),
@@ -89,8 +97,17 @@ fn event(i: u64) -> AuditEvent {
             new: 0.42,
             version: i as u32,
         },
-        7 => AuditEvent::Compaction { operator: "op1".into(), templates_removed: 3, bytes_before: 9000, bytes_after: 6000 },
-        _ => AuditEvent::Admin { operator: "op2".into(), action: "config".into(), detail: format!("change {i}") },
+        7 => AuditEvent::Compaction {
+            operator: "op1".into(),
+            templates_removed: 3,
+            bytes_before: 9000,
+            bytes_after: 6000,
+        },
+        _ => AuditEvent::Admin {
+            operator: "op2".into(),
+            action: "config".into(),
+            detail: format!("change {i}"),
+        },
     }
 }
 
@@ -133,7 +150,10 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn lines(bytes: &[u8]) -> Vec<Vec<u8>> {
-    bytes.split_inclusive(|&b| b == b'\n').map(|l| l.to_vec()).collect()
+    bytes
+        .split_inclusive(|&b| b == b'\n')
+        .map(|l| l.to_vec())
+        .collect()
 }
 
 fn record_hash(body: &[u8]) -> String {
@@ -153,7 +173,10 @@ fn recompute_chain(dir: &Path, rng: &mut ChaCha8Rng) -> String {
         .iter()
         .enumerate()
         .flat_map(|(s, ls)| {
-            ls.iter().enumerate().filter(|(_, l)| l.starts_with(b"{\"seq\":")).map(move |(i, _)| (s, i))
+            ls.iter()
+                .enumerate()
+                .filter(|(_, l)| l.starts_with(b"{\"seq\":"))
+                .map(move |(i, _)| (s, i))
         })
         .collect();
     let (ts, ti) = records[rng.gen_range(0..records.len())];
@@ -201,7 +224,7 @@ fn recompute_chain(dir: &Path, rng: &mut ChaCha8Rng) -> String {
 fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
     let segs = segments(dir);
     let pick_seg = |rng: &mut ChaCha8Rng| segs[rng.gen_range(0..segs.len())].clone();
-    match rng.gen_range(0..9) {
+    match rng.gen_range(0..11) {
         0 | 1 => {
             // Byte flip anywhere in a segment or HEAD.
             let mut files = segs.clone();
@@ -232,7 +255,11 @@ fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
             let p = pick_seg(rng);
             let mut ls = lines(&fs::read(&p).unwrap());
             let i = rng.gen_range(0..ls.len() - 1);
-            let j = if rng.gen_bool(0.5) { i + 1 } else { rng.gen_range(i + 1..ls.len()) };
+            let j = if rng.gen_bool(0.5) {
+                i + 1
+            } else {
+                rng.gen_range(i + 1..ls.len())
+            };
             ls.swap(i, j);
             fs::write(&p, ls.concat()).unwrap();
             format!("swap lines {i} and {j} of {}", p.display())
@@ -260,7 +287,8 @@ fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
                     "delete HEAD".into()
                 }
                 _ => {
-                    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&head).unwrap()).unwrap();
+                    let mut v: serde_json::Value =
+                        serde_json::from_slice(&fs::read(&head).unwrap()).unwrap();
                     let r = v["records"].as_u64().unwrap();
                     let new = rng.gen_range(0..r);
                     v["records"] = new.into();
@@ -271,10 +299,34 @@ fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
                 }
             }
         }
-        _ => {
+        8 => {
             let p = pick_seg(rng);
             fs::remove_file(&p).unwrap();
             format!("delete segment {}", p.display())
+        }
+        9 => {
+            // Replay: a copy of some line inserted somewhere (maybe another segment).
+            let (a, b) = (pick_seg(rng), pick_seg(rng));
+            let la = lines(&fs::read(&a).unwrap());
+            let mut lb = lines(&fs::read(&b).unwrap());
+            let i = rng.gen_range(0..la.len());
+            let j = rng.gen_range(0..=lb.len());
+            lb.insert(j, la[i].clone());
+            fs::write(&b, lb.concat()).unwrap();
+            format!(
+                "copy line {i} of {} to line {j} of {}",
+                a.display(),
+                b.display()
+            )
+        }
+        _ => {
+            // Reorder whole segments.
+            let i = rng.gen_range(0..segs.len() - 1);
+            let j = rng.gen_range(i + 1..segs.len());
+            let (a, b) = (fs::read(&segs[i]).unwrap(), fs::read(&segs[j]).unwrap());
+            fs::write(&segs[i], b).unwrap();
+            fs::write(&segs[j], a).unwrap();
+            format!("swap segment files {i} and {j}")
         }
     }
 }
@@ -289,22 +341,32 @@ fn thousand_seeded_mutations_are_all_detected() {
     assert!(clean.ok() && !clean.torn_tail, "{clean:?}");
     assert_eq!(clean.records, n);
 
-    let mut rng = ChaCha8Rng::seed_from_u64(0xA0D1_7);
+    let mut rng = ChaCha8Rng::seed_from_u64(0x000A_0D17);
     let mut recompute_caught_by_key = 0;
     for round in 0..1000 {
         let dir = root.path().join(format!("m{round}"));
         copy_dir(&base, &dir);
         let what = mutate(&dir, &mut rng);
-        let rep = AuditLog::verify(&dir, &key()).unwrap_or_else(|e| panic!("round {round}: {what}: {e}"));
-        let bad = rep.first_bad.clone().unwrap_or_else(|| panic!("round {round}: undetected: {what}: {rep:?}"));
+        let rep =
+            AuditLog::verify(&dir, &key()).unwrap_or_else(|e| panic!("round {round}: {what}: {e}"));
+        let bad = rep
+            .first_bad
+            .clone()
+            .unwrap_or_else(|| panic!("round {round}: undetected: {what}: {rep:?}"));
         if what.starts_with("recomputed") {
             // The attacker's hashes are right, so only keyed parts can catch it.
-            assert!(bad.reason.contains("MAC") || bad.reason.contains("HEAD"), "{what}: {bad:?}");
+            assert!(
+                bad.reason.contains("MAC") || bad.reason.contains("HEAD"),
+                "{what}: {bad:?}"
+            );
             recompute_caught_by_key += 1;
         }
         if round % 20 == 0 {
             let opened = AuditLog::open(&dir, key(), cfg(25, 4, Durability::Off), clock());
-            assert!(matches!(opened, Err(Error::AuditTampered { .. })), "round {round}: {what}: open did not refuse");
+            assert!(
+                matches!(opened, Err(Error::AuditTampered { .. })),
+                "round {round}: {what}: open did not refuse"
+            );
         }
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -404,7 +466,9 @@ fn biometric_findings(bytes: &[u8], probe: &[f32]) -> Vec<String> {
                 }
                 num = false;
             }
-            c if in_array && (c.is_ascii_digit() || "-+.eE ".contains(c)) => num |= c.is_ascii_digit(),
+            c if in_array && (c.is_ascii_digit() || "-+.eE ".contains(c)) => {
+                num |= c.is_ascii_digit()
+            }
             _ if in_array => {
                 in_array = false;
             }
@@ -434,7 +498,10 @@ fn biometric_findings(bytes: &[u8], probe: &[f32]) -> Vec<String> {
             break;
         }
     }
-    for (magic, what) in [(&[0xFF, 0xD8, 0xFF][..], "JPEG"), (&[0x89, 0x50, 0x4E, 0x47][..], "PNG")] {
+    for (magic, what) in [
+        (&[0xFF, 0xD8, 0xFF][..], "JPEG"),
+        (&[0x89, 0x50, 0x4E, 0x47][..], "PNG"),
+    ] {
         if bytes.windows(magic.len()).any(|b| b == magic) {
             found.push(format!("{what} magic"));
         }
@@ -499,41 +566,77 @@ fn filters_and_export() {
     drop(log);
     let all = AuditLog::read(&dir, &AuditFilter::default()).unwrap();
     assert_eq!(all.len(), 90);
-    assert!(all.iter().all(|r| r.site == "site-A" && r.device == "dev-7"));
+    assert!(all
+        .iter()
+        .all(|r| r.site == "site-A" && r.device == "dev-7"));
 
-    let f = AuditFilter { operator: Some("op1".into()), ..Default::default() };
+    let f = AuditFilter {
+        operator: Some("op1".into()),
+        ..Default::default()
+    };
     let got = AuditLog::read(&dir, &f).unwrap();
-    let want: Vec<u64> = (0..90).filter(|&i| event(i).operator() == Some("op1")).collect();
+    let want: Vec<u64> = (0..90)
+        .filter(|&i| event(i).operator() == Some("op1"))
+        .collect();
     assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), want);
     assert!(!want.is_empty());
 
-    let f = AuditFilter { kinds: vec![EventKind::Enrolment, EventKind::Deletion], ..Default::default() };
+    let f = AuditFilter {
+        kinds: vec![EventKind::Enrolment, EventKind::Deletion],
+        ..Default::default()
+    };
     let got = AuditLog::read(&dir, &f).unwrap();
     assert_eq!(got.len(), 20);
-    assert!(got.iter().all(|r| matches!(r.event.kind(), EventKind::Enrolment | EventKind::Deletion)));
+    assert!(got
+        .iter()
+        .all(|r| matches!(r.event.kind(), EventKind::Enrolment | EventKind::Deletion)));
 
-    let f = AuditFilter { purpose: Some("payment".into()), ..Default::default() };
+    let f = AuditFilter {
+        purpose: Some("payment".into()),
+        ..Default::default()
+    };
     let got = AuditLog::read(&dir, &f).unwrap();
-    let want: Vec<u64> = (0..90).filter(|&i| event(i).has_purpose("payment")).collect();
+    let want: Vec<u64> = (0..90)
+        .filter(|&i| event(i).has_purpose("payment"))
+        .collect();
     assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), want);
 
-    let f = AuditFilter { subject: Some("subject-3".into()), kinds: vec![EventKind::Query], ..Default::default() };
+    let f = AuditFilter {
+        subject: Some("subject-3".into()),
+        kinds: vec![EventKind::Query],
+        ..Default::default()
+    };
     let got = AuditLog::read(&dir, &f).unwrap();
     assert!(!got.is_empty());
-    assert!(got.iter().all(|r| r.event.subject() == Some("subject-3") && r.event.kind() == EventKind::Query));
+    assert!(got
+        .iter()
+        .all(|r| r.event.subject() == Some("subject-3") && r.event.kind() == EventKind::Query));
 
     let t0 = (T0_S * 1000) as i64;
-    let f = AuditFilter { from_ms: Some(t0 + 10 * 60_000), until_ms: Some(t0 + 20 * 60_000), ..Default::default() };
+    let f = AuditFilter {
+        from_ms: Some(t0 + 10 * 60_000),
+        until_ms: Some(t0 + 20 * 60_000),
+        ..Default::default()
+    };
     let got = AuditLog::read(&dir, &f).unwrap();
-    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), (10..20).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (10..20).collect::<Vec<_>>()
+    );
 
     // Export is JSON lines, exactly the stored records.
     let mut out = Vec::new();
-    let f = AuditFilter { from_seq: Some(30), ..Default::default() };
+    let f = AuditFilter {
+        from_seq: Some(30),
+        ..Default::default()
+    };
     let n = AuditLog::export_jsonl(&dir, &f, &mut out).unwrap();
     assert_eq!(n, 60);
-    let exported: Vec<AuditRecord> =
-        out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+    let exported: Vec<AuditRecord> = out
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
     assert_eq!(exported, all[30..].to_vec());
     // Every exported line still proves itself: its hash covers the bytes before it.
     for l in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
@@ -548,7 +651,8 @@ fn filters_and_export() {
 fn subscribe_sees_durable_records_in_order() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("audit");
-    let (log, _) = AuditLog::open(&dir, key(), cfg(1000, 64, Durability::default()), clock()).unwrap();
+    let (log, _) =
+        AuditLog::open(&dir, key(), cfg(1000, 64, Durability::default()), clock()).unwrap();
     let log = Arc::new(log);
     let rx = log.subscribe();
     let dropped_rx = log.subscribe();
@@ -568,8 +672,13 @@ fn subscribe_sees_durable_records_in_order() {
     for h in handles {
         h.join().unwrap();
     }
-    let got: Vec<AuditRecord> = (0..100).map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
-    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..100).collect::<Vec<_>>());
+    let got: Vec<AuditRecord> = (0..100)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
+        .collect();
+    assert_eq!(
+        got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (0..100).collect::<Vec<_>>()
+    );
     drop(Arc::try_unwrap(log).unwrap());
     assert!(rx.recv().is_err(), "feed ends when the log closes");
     let stored = AuditLog::read(&dir, &AuditFilter::default()).unwrap();
@@ -608,7 +717,9 @@ fn retention_drops_only_segments_older_than_three_years_and_chain_still_verifies
     let recs = AuditLog::read(&dir, &AuditFilter::default()).unwrap();
     assert_eq!(recs.first().unwrap().seq, 30);
     let admin = recs.iter().find(|r| r.seq == 50).unwrap();
-    assert!(matches!(&admin.event, AuditEvent::Admin { action, .. } if action == "audit-retention"));
+    assert!(
+        matches!(&admin.event, AuditEvent::Admin { action, .. } if action == "audit-retention")
+    );
 
     let (_, open) = AuditLog::open(&dir, key(), c.clone(), clk.clone()).unwrap();
     assert_eq!((open.records, open.retired_segments), (52, 3));
@@ -621,12 +732,22 @@ fn retention_drops_only_segments_older_than_three_years_and_chain_still_verifies
     let tampered = root.path().join("t2");
     copy_dir(&dir, &tampered);
     let r = fs::read_to_string(tampered.join("RETIRED")).unwrap();
-    fs::write(tampered.join("RETIRED"), r.replacen("\"last_seq\":29", "\"last_seq\":28", 1)).unwrap();
+    fs::write(
+        tampered.join("RETIRED"),
+        r.replacen("\"last_seq\":29", "\"last_seq\":28", 1),
+    )
+    .unwrap();
     assert!(!AuditLog::verify(&tampered, &key()).unwrap().ok());
 
     // Retention below three years is refused outright.
-    let short = AuditConfig { retention_days: 365, ..c };
-    assert!(matches!(AuditLog::open(&dir, key(), short, clk), Err(Error::InvalidConfig { .. })));
+    let short = AuditConfig {
+        retention_days: 365,
+        ..c
+    };
+    assert!(matches!(
+        AuditLog::open(&dir, key(), short, clk),
+        Err(Error::InvalidConfig { .. })
+    ));
 }
 
 #[test]
@@ -651,11 +772,20 @@ fn rekey_resigns_everything_and_keeps_records() {
     assert!(rep.ok(), "{rep:?}");
     assert_eq!(rep.retired_segments, 2);
     assert!(matches!(AuditLog::verify(&dir, &key()), Err(Error::Key(_))));
-    assert!(matches!(AuditLog::rekey(&dir, &key(), &new), Err(Error::Key(_))));
-    assert_eq!(AuditLog::read(&dir, &AuditFilter::default()).unwrap(), before);
+    assert!(matches!(
+        AuditLog::rekey(&dir, &key(), &new),
+        Err(Error::Key(_))
+    ));
+    assert_eq!(
+        AuditLog::read(&dir, &AuditFilter::default()).unwrap(),
+        before
+    );
     let (log, open) = AuditLog::open(&dir, new.clone(), c, clk).unwrap();
     assert_eq!(open.records, 27);
-    log.append(AuditEvent::KeyRotation { operator: "admin".into() }).unwrap();
+    log.append(AuditEvent::KeyRotation {
+        operator: "admin".into(),
+    })
+    .unwrap();
     drop(log);
     assert!(AuditLog::verify(&dir, &new).unwrap().ok());
 }
@@ -664,16 +794,30 @@ fn rekey_resigns_everything_and_keeps_records() {
 fn concurrent_group_commit_appends_are_gap_free() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("audit");
-    let c = cfg(300, 128, Durability::GroupCommit { max_delay_us: 200, max_batch: 64 });
+    let c = cfg(
+        300,
+        128,
+        Durability::GroupCommit {
+            max_delay_us: 200,
+            max_batch: 64,
+        },
+    );
     let (log, _) = AuditLog::open(&dir, key(), c, clock()).unwrap();
     let log = Arc::new(log);
     let handles: Vec<_> = (0..8)
         .map(|t| {
             let log = Arc::clone(&log);
-            std::thread::spawn(move || (0..100).map(|i| log.append(event(t * 1000 + i)).unwrap()).collect::<Vec<_>>())
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|i| log.append(event(t * 1000 + i)).unwrap())
+                    .collect::<Vec<_>>()
+            })
         })
         .collect();
-    let mut seqs: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut seqs: Vec<u64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     seqs.sort();
     assert_eq!(seqs, (0..800).collect::<Vec<_>>());
     // Verification of a live log: the writer is idle, so it is clean.
@@ -681,7 +825,10 @@ fn concurrent_group_commit_appends_are_gap_free() {
     assert!(rep.ok() && !rep.torn_tail && rep.records == 800, "{rep:?}");
     drop(log);
     let rep = AuditLog::verify(&dir, &key()).unwrap();
-    assert!(rep.ok() && rep.records == 800 && rep.segments == 3, "{rep:?}");
+    assert!(
+        rep.ok() && rep.records == 800 && rep.segments == 3,
+        "{rep:?}"
+    );
 }
 
 #[test]
@@ -697,5 +844,60 @@ fn every_record_durability_and_reopen_after_segment_fills() {
         }
     }
     let rep = AuditLog::verify(&dir, &key()).unwrap();
-    assert!(rep.ok() && rep.records == 15 && rep.segments == 3, "{rep:?}");
+    assert!(
+        rep.ok() && rep.records == 15 && rep.segments == 3,
+        "{rep:?}"
+    );
+}
+
+#[test]
+fn removing_any_single_line_or_flipping_any_byte_of_the_log_end_is_detected() {
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base");
+    build_base(&base);
+    let mut checked = 0;
+    for (si, seg) in segments(&base).iter().enumerate() {
+        let ls = lines(&fs::read(seg).unwrap());
+        for i in 0..ls.len() {
+            let dir = root.path().join(format!("l{si}-{i}"));
+            copy_dir(&base, &dir);
+            let mut m = ls.clone();
+            m.remove(i);
+            fs::write(dir.join(seg.file_name().unwrap()), m.concat()).unwrap();
+            let rep = AuditLog::verify(&dir, &key()).unwrap();
+            assert!(
+                !rep.ok(),
+                "removing line {i} of segment {si} went unnoticed"
+            );
+            fs::remove_dir_all(&dir).unwrap();
+            checked += 1;
+        }
+    }
+    assert!(checked > 130, "{checked}");
+    // Every byte of HEAD and of the last two lines (last record's tail, final checkpoint).
+    let last = segments(&base).pop().unwrap();
+    let bytes = fs::read(&last).unwrap();
+    let ls = lines(&bytes);
+    let from = bytes.len() - ls[ls.len() - 1].len() - ls[ls.len() - 2].len();
+    let dir = root.path().join("flip");
+    copy_dir(&base, &dir);
+    let head = fs::read(base.join("HEAD")).unwrap();
+    for (file, orig, start) in [
+        (dir.join(last.file_name().unwrap()), &bytes, from),
+        (dir.join("HEAD"), &head, 0),
+    ] {
+        for at in start..orig.len() {
+            let mut b = orig.clone();
+            b[at] ^= 0x01;
+            fs::write(&file, &b).unwrap();
+            let rep = AuditLog::verify(&dir, &key()).unwrap();
+            assert!(
+                !rep.ok(),
+                "flipping byte {at} of {} went unnoticed",
+                file.display()
+            );
+        }
+        fs::write(&file, orig).unwrap();
+    }
+    assert!(AuditLog::verify(&dir, &key()).unwrap().ok());
 }

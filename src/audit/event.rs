@@ -265,9 +265,8 @@ impl AuditEvent {
         match self {
             AuditEvent::Query(q) => q.purpose == purpose,
             AuditEvent::ThresholdChange { purpose: p, .. } => p == purpose,
-            AuditEvent::Enrolment { purposes, .. } | AuditEvent::ConsentRecorded { purposes, .. } => {
-                purposes.iter().any(|p| p == purpose)
-            }
+            AuditEvent::Enrolment { purposes, .. }
+            | AuditEvent::ConsentRecorded { purposes, .. } => purposes.iter().any(|p| p == purpose),
             _ => false,
         }
     }
@@ -410,10 +409,15 @@ mod tests {
         assert!(j.starts_with(r#"{"kind":"query","#), "{j}");
         let back: AuditEvent = serde_json::from_str(&j).unwrap();
         assert_eq!(back, e);
-        let e = AuditEvent::KeyRotation { operator: "x".into() };
+        let e = AuditEvent::KeyRotation {
+            operator: "x".into(),
+        };
         let j = serde_json::to_string(&e).unwrap();
         assert_eq!(j, r#"{"kind":"key_rotation","operator":"x"}"#);
-        assert_eq!(EventKind::parse("consent_withdrawn"), Some(EventKind::ConsentWithdrawn));
+        assert_eq!(
+            EventKind::parse("consent_withdrawn"),
+            Some(EventKind::ConsentWithdrawn)
+        );
         assert_eq!(EventKind::parse("nope"), None);
     }
 
@@ -434,7 +438,9 @@ mod tests {
             let j = serde_json::to_string(&AuditEvent::Query(qa)).unwrap();
             let back: AuditEvent = serde_json::from_str(&j).unwrap();
             match back {
-                AuditEvent::Query(b) => assert_eq!(b.top_score.map(f32::to_bits), Some(f.to_bits())),
+                AuditEvent::Query(b) => {
+                    assert_eq!(b.top_score.map(f32::to_bits), Some(f.to_bits()))
+                }
                 _ => unreachable!(),
             }
         }
@@ -457,13 +463,40 @@ mod tests {
             hash: String::new(),
         };
         assert!(AuditFilter::default().matches(&r));
-        assert!(!AuditFilter { from_ms: Some(1001), ..Default::default() }.matches(&r));
-        assert!(!AuditFilter { until_ms: Some(1000), ..Default::default() }.matches(&r));
-        assert!(AuditFilter { until_ms: Some(1001), ..Default::default() }.matches(&r));
-        assert!(!AuditFilter { kinds: vec![EventKind::Admin], ..Default::default() }.matches(&r));
-        assert!(!AuditFilter { subject: Some("s2".into()), ..Default::default() }.matches(&r));
-        assert!(AuditFilter { from_seq: Some(4), ..Default::default() }.matches(&r));
-        let notice = AuditEvent::FilingNotice { distinct_subjects: 100_000, threshold: 100_000 };
+        assert!(!AuditFilter {
+            from_ms: Some(1001),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(!AuditFilter {
+            until_ms: Some(1000),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(AuditFilter {
+            until_ms: Some(1001),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(!AuditFilter {
+            kinds: vec![EventKind::Admin],
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(!AuditFilter {
+            subject: Some("s2".into()),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(AuditFilter {
+            from_seq: Some(4),
+            ..Default::default()
+        }
+        .matches(&r));
+        let notice = AuditEvent::FilingNotice {
+            distinct_subjects: 100_000,
+            threshold: 100_000,
+        };
         assert_eq!(notice.operator(), None);
         let mut bad = q();
         bad.top_score = Some(f32::NAN);

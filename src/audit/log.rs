@@ -9,7 +9,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,8 +18,9 @@ use parking_lot::{Condvar, Mutex};
 
 use super::event::{AuditEvent, AuditFilter, AuditRecord};
 use super::format::{
-    self, checkpoint_line, genesis_hash, parse_control, record_hash, seal_control, seal_into, segment_name, sync_dir,
-    write_head, Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN, RETIRED_FILE,
+    self, checkpoint_line, genesis_hash, parse_control, record_hash, seal_control, seal_into,
+    segment_name, sync_dir, write_head, Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN,
+    RETIRED_FILE,
 };
 use super::scan::{scan, Expect, OpenReport, Scan, SegState, TornTail, VerifyReport};
 use super::{AuditConfig, AuditKey, Durability, MIN_RETENTION_DAYS};
@@ -28,6 +29,8 @@ use crate::{Error, Result};
 
 /// Largest serialized event accepted (operator-supplied strings are bounded).
 const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Records a [`AuditLog::subscribe`] receiver may fall behind before it is cut off.
+pub const SUBSCRIBER_BACKLOG: usize = 65_536;
 const DAY_MS: i64 = 86_400_000;
 
 /// The append-only, hash-chained audit log of one store.
@@ -42,7 +45,10 @@ pub struct AuditLog {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("dir", &self.shared.dir).field("cfg", &self.shared.cfg).finish_non_exhaustive()
+        f.debug_struct("AuditLog")
+            .field("dir", &self.shared.dir)
+            .field("cfg", &self.shared.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,7 +95,7 @@ struct Shared {
     queue_cv: Condvar,
     done: Mutex<Done>,
     done_cv: Condvar,
-    subscribers: Mutex<Vec<Sender<AuditRecord>>>,
+    subscribers: Mutex<Vec<SyncSender<AuditRecord>>>,
     closed_segments: Mutex<Vec<SegMeta>>,
     retention: Mutex<()>,
     /// Holds the advisory lock on `LOCK` for the log's lifetime.
@@ -99,8 +105,17 @@ struct Shared {
 /// Take the directory's advisory lock (one writer process at a time).
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
-    match f.try_lock() {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    // std's file locks need Rust 1.89 (the toolchain here is newer than the
+    // declared MSRV; the lead may raise `rust-version`).
+    #[allow(clippy::incompatible_msrv)]
+    let locked = f.try_lock();
+    match locked {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
@@ -121,8 +136,12 @@ fn repair(scan: &mut Scan) -> Result<Option<TornTail>> {
     if torn.is_some() {
         if let Some(last) = scan.segments.last() {
             if last.has_header {
-                let f = OpenOptions::new().write(true).open(&last.path).map_err(|e| Error::io(&last.path, e))?;
-                f.set_len(last.auth_end).map_err(|e| Error::io(&last.path, e))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&last.path)
+                    .map_err(|e| Error::io(&last.path, e))?;
+                f.set_len(last.auth_end)
+                    .map_err(|e| Error::io(&last.path, e))?;
                 f.sync_all().map_err(|e| Error::io(&last.path, e))?;
                 if let Some(l) = scan.segments.last_mut() {
                     l.file_len = l.auth_end;
@@ -161,7 +180,13 @@ fn next_expect(scan: &Scan) -> Expect {
 
 /// Create a segment file holding only its header; returns it and the
 /// header's MAC (the first checkpoint chains to it).
-fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: bool) -> Result<(File, String)> {
+fn create_segment(
+    dir: &Path,
+    key: &AuditKey,
+    e: &Expect,
+    now_ms: i64,
+    sync: bool,
+) -> Result<(File, String)> {
     let h = Header {
         kind: "header".into(),
         format: format::FORMAT,
@@ -175,7 +200,11 @@ fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: boo
     };
     let (line, m) = seal_control(key, HEADER_DOMAIN, &h)?;
     let path = dir.join(segment_name(e.segment));
-    let mut f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(|err| Error::io(&path, err))?;
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(|err| Error::io(&path, err))?;
     f.write_all(&line).map_err(|err| Error::io(&path, err))?;
     if sync {
         f.sync_all().map_err(|err| Error::io(&path, err))?;
@@ -187,11 +216,17 @@ fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: boo
 /// Check and serialize an event on the appender's thread.
 fn encode_event(event: &AuditEvent) -> Result<String> {
     if let Some(field) = event.non_finite_field() {
-        return Err(Error::Audit(format!("event field {field} is NaN or infinite")));
+        return Err(Error::Audit(format!(
+            "event field {field} is NaN or infinite"
+        )));
     }
-    let json = serde_json::to_string(event).map_err(|e| Error::Audit(format!("serialising audit event: {e}")))?;
+    let json = serde_json::to_string(event)
+        .map_err(|e| Error::Audit(format!("serialising audit event: {e}")))?;
     if json.len() > MAX_EVENT_BYTES {
-        return Err(Error::Audit(format!("audit event of {} bytes exceeds the {MAX_EVENT_BYTES}-byte limit", json.len())));
+        return Err(Error::Audit(format!(
+            "audit event of {} bytes exceeds the {MAX_EVENT_BYTES}-byte limit",
+            json.len()
+        )));
     }
     Ok(json)
 }
@@ -208,7 +243,12 @@ impl AuditLog {
     /// [`Error::AuditTampered`] so nothing is appended onto a broken chain;
     /// a log signed with another key gives [`Error::Key`]; a log held by
     /// another process gives [`Error::Locked`].
-    pub fn open(dir: &Path, key: AuditKey, cfg: AuditConfig, clock: Arc<dyn Clock>) -> Result<(AuditLog, OpenReport)> {
+    pub fn open(
+        dir: &Path,
+        key: AuditKey,
+        cfg: AuditConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(AuditLog, OpenReport)> {
         cfg.validate()?;
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let lock = lock_dir(dir)?;
@@ -249,7 +289,10 @@ impl AuditLog {
                 st
             }
         };
-        let file = OpenOptions::new().append(true).open(&current.path).map_err(|e| Error::io(&current.path, e))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&current.path)
+            .map_err(|e| Error::io(&current.path, e))?;
         let records = current.first_seq + current.records;
         // HEAD may lag after a crash between the log fsync and its rename.
         if scan.head.as_ref().map(|h| h.records) != Some(records) {
@@ -280,9 +323,18 @@ impl AuditLog {
             key,
             cfg,
             clock,
-            queue: Mutex::new(Queue { items: Vec::new(), next_seq: records, sync_ticket: 0, closing: false }),
+            queue: Mutex::new(Queue {
+                items: Vec::new(),
+                next_seq: records,
+                sync_ticket: 0,
+                closing: false,
+            }),
             queue_cv: Condvar::new(),
-            done: Mutex::new(Done { next: records, synced: 0, error: None }),
+            done: Mutex::new(Done {
+                next: records,
+                synced: 0,
+                error: None,
+            }),
             done_cv: Condvar::new(),
             subscribers: Mutex::new(Vec::new()),
             closed_segments: Mutex::new(closed),
@@ -311,7 +363,13 @@ impl AuditLog {
             .name("facematch-audit".into())
             .spawn(move || writer.run())
             .map_err(|e| Error::Audit(format!("starting the audit writer thread: {e}")))?;
-        Ok((AuditLog { shared, writer: Mutex::new(Some(handle)) }, report))
+        Ok((
+            AuditLog {
+                shared,
+                writer: Mutex::new(Some(handle)),
+            },
+            report,
+        ))
     }
 
     /// Append one event; returns its seq once the record is durable as the
@@ -349,7 +407,12 @@ impl AuditLog {
             for (event, event_json) in events {
                 let seq = q.next_seq;
                 q.next_seq += 1;
-                q.items.push(Pending { seq, time_ms, event_json, event });
+                q.items.push(Pending {
+                    seq,
+                    time_ms,
+                    event_json,
+                    event,
+                });
             }
             start..q.next_seq
         };
@@ -360,7 +423,9 @@ impl AuditLog {
         let mut d = self.shared.done.lock();
         while d.next < range.end {
             if let Some(e) = &d.error {
-                return Err(Error::Audit(format!("audit records {range:?} not written: {e}")));
+                return Err(Error::Audit(format!(
+                    "audit records {range:?} not written: {e}"
+                )));
             }
             self.shared.done_cv.wait(&mut d);
         }
@@ -408,9 +473,12 @@ impl AuditLog {
     }
 
     /// Live feed of records, each sent once durable, in seq order. The feed
-    /// ends when the log closes; a dropped receiver is forgotten.
+    /// ends when the log closes; a dropped receiver is forgotten. A receiver
+    /// that falls more than [`SUBSCRIBER_BACKLOG`] records behind is cut off
+    /// (its feed ends) rather than stalling appends or growing without
+    /// bound; it can catch up with [`AuditLog::read`] from the next seq.
     pub fn subscribe(&self) -> Receiver<AuditRecord> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(SUBSCRIBER_BACKLOG);
         self.shared.subscribers.lock().push(tx);
         rx
     }
@@ -455,7 +523,8 @@ impl AuditLog {
             Ok(())
         };
         scan(dir, None, Some(&mut visit))?.into_ok()?;
-        w.flush().map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
+        w.flush()
+            .map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
         Ok(n)
     }
 
@@ -476,7 +545,11 @@ impl AuditLog {
         let mut retired_bytes = Vec::new();
         let mut prev_mac = format::zero_mac();
         for r in &scan.retired {
-            let t = Retired { key_id: new.id(), mac: None, ..r.clone() };
+            let t = Retired {
+                key_id: new.id(),
+                mac: None,
+                ..r.clone()
+            };
             retired_bytes.extend_from_slice(&seal_control(new, RETIRED_DOMAIN, &t)?.0);
             prev_mac = r.closing_mac.clone();
         }
@@ -492,8 +565,11 @@ impl AuditLog {
             for line in raw.split_inclusive(|&b| b == b'\n') {
                 let l = line.strip_suffix(b"\n").unwrap_or(line);
                 if l.starts_with(b"{\"type\":\"header\"") {
-                    let (mut h, _, _) = parse_control::<Header>(l)
-                        .ok_or_else(|| Error::AuditTampered { seq: s.first_seq, reason: "unreadable header".into() })?;
+                    let (mut h, _, _) =
+                        parse_control::<Header>(l).ok_or_else(|| Error::AuditTampered {
+                            seq: s.first_seq,
+                            reason: "unreadable header".into(),
+                        })?;
                     h.mac = None;
                     h.key_id = new.id();
                     h.prev_mac = prev_mac.clone();
@@ -501,9 +577,11 @@ impl AuditLog {
                     out.extend_from_slice(&hl);
                     prev_mac = hex::encode(m);
                 } else if l.starts_with(b"{\"type\":\"checkpoint\"") {
-                    let (c, _, _) = parse_control::<format::Checkpoint>(l).ok_or_else(|| Error::AuditTampered {
-                        seq: s.first_seq,
-                        reason: "unreadable checkpoint".into(),
+                    let (c, _, _) = parse_control::<format::Checkpoint>(l).ok_or_else(|| {
+                        Error::AuditTampered {
+                            seq: s.first_seq,
+                            reason: "unreadable checkpoint".into(),
+                        }
                     })?;
                     let (cl, m) = checkpoint_line(new, c.segment, c.seq, &c.hash, &prev_mac)?;
                     out.extend_from_slice(&cl);
@@ -513,7 +591,9 @@ impl AuditLog {
                 }
             }
             let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&out)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| Error::io(&tmp, e))?;
             renames.push((tmp, s.path.clone()));
         }
         if !scan.retired.is_empty() {
@@ -531,9 +611,12 @@ impl AuditLog {
             }
         };
         write_head(dir, new, seg, records, &last_hash, true)?;
-        let check = scan_verify_after_rekey(dir, new)?;
+        let check = AuditLog::verify(dir, new)?;
         if let Some(b) = check.first_bad {
-            return Err(Error::AuditTampered { seq: b.seq, reason: format!("after rekey: {}", b.reason) });
+            return Err(Error::AuditTampered {
+                seq: b.seq,
+                reason: format!("after rekey: {}", b.reason),
+            });
         }
         Ok(())
     }
@@ -550,8 +633,13 @@ impl AuditLog {
         let days = sh.cfg.retention_days.max(MIN_RETENTION_DAYS) as i64;
         let now = sh.clock.now_unix_ms();
         let cutoff = now.saturating_sub(days.saturating_mul(DAY_MS));
-        let drop: Vec<SegMeta> =
-            sh.closed_segments.lock().iter().take_while(|m| m.newest_ms < cutoff).cloned().collect();
+        let drop: Vec<SegMeta> = sh
+            .closed_segments
+            .lock()
+            .iter()
+            .take_while(|m| m.newest_ms < cutoff)
+            .cloned()
+            .collect();
         if drop.is_empty() {
             return Ok(0);
         }
@@ -598,10 +686,6 @@ impl AuditLog {
         })?;
         Ok(drop.len() as u32)
     }
-}
-
-fn scan_verify_after_rekey(dir: &Path, key: &AuditKey) -> Result<VerifyReport> {
-    AuditLog::verify(dir, key)
 }
 
 impl Drop for AuditLog {
@@ -654,7 +738,15 @@ struct HeadWriter {
 
 impl HeadWriter {
     fn start(shared: Arc<Shared>, written: u64) -> Result<HeadWriter> {
-        let state = Arc::new((Mutex::new(HeadState { want: None, written, error: None, closing: false }), Condvar::new()));
+        let state = Arc::new((
+            Mutex::new(HeadState {
+                want: None,
+                written,
+                error: None,
+                closing: false,
+            }),
+            Condvar::new(),
+        ));
         let st = Arc::clone(&state);
         let handle = std::thread::Builder::new()
             .name("facematch-audit-head".into())
@@ -667,6 +759,8 @@ impl HeadWriter {
                             cv.wait(&mut g);
                         }
                         match g.want.take() {
+                            // Already covered by the write that just finished.
+                            Some(w) if w.1 <= g.written => continue,
                             Some(w) => w,
                             None => return,
                         }
@@ -685,7 +779,10 @@ impl HeadWriter {
                 }
             })
             .map_err(|e| Error::Audit(format!("starting the audit HEAD thread: {e}")))?;
-        Ok(HeadWriter { state, handle: Some(handle) })
+        Ok(HeadWriter {
+            state,
+            handle: Some(handle),
+        })
     }
 
     /// Ask for `HEAD` to say (segment, records, hash); newer requests replace older ones.
@@ -699,10 +796,15 @@ impl HeadWriter {
         self.state.0.lock().error.clone()
     }
 
-    /// Block until a durable `HEAD` covers `records`.
-    fn wait(&self, records: u64) -> Result<()> {
+    /// Make sure a durable `HEAD` covers `records` (asking for it if no
+    /// request is pending) and block until it does.
+    fn ensure(&self, segment: u32, records: u64, hash: &str) -> Result<()> {
         let (m, cv) = &*self.state;
         let mut g = m.lock();
+        if g.written < records && g.want.is_none() {
+            g.want = Some((segment, records, hash.to_string()));
+            cv.notify_all();
+        }
         while g.written < records {
             if let Some(e) = &g.error {
                 return Err(Error::Audit(format!("replacing audit HEAD: {e}")));
@@ -728,7 +830,10 @@ impl Writer {
     fn run(mut self) {
         let sh = Arc::clone(&self.shared);
         let (max_batch, max_delay) = match sh.cfg.durability {
-            Durability::GroupCommit { max_delay_us, max_batch } => (max_batch, Duration::from_micros(max_delay_us)),
+            Durability::GroupCommit {
+                max_delay_us,
+                max_batch,
+            } => (max_batch, Duration::from_micros(max_delay_us)),
             Durability::EveryRecord => (usize::MAX, Duration::ZERO),
             Durability::Off => (usize::MAX, Duration::ZERO),
         };
@@ -740,7 +845,11 @@ impl Writer {
                 while q.items.is_empty() && !q.closing && q.sync_ticket <= synced_ticket {
                     sh.queue_cv.wait(&mut q);
                 }
-                if !max_delay.is_zero() && !q.items.is_empty() && q.items.len() < max_batch && !q.closing {
+                if !max_delay.is_zero()
+                    && !q.items.is_empty()
+                    && q.items.len() < max_batch
+                    && !q.closing
+                {
                     let deadline = Instant::now() + max_delay;
                     while q.items.len() < max_batch && !q.closing {
                         if sh.queue_cv.wait_until(&mut q, deadline).timed_out() {
@@ -814,13 +923,19 @@ impl Writer {
             sh.done_cv.notify_all();
         }
         if self.sync {
-            self.head.post(self.seg_index, self.next_seq, &self.last_hash);
+            self.head
+                .post(self.seg_index, self.next_seq, &self.last_hash);
         }
     }
 
     fn push_checkpoint(&mut self) -> Result<()> {
-        let (line, m) =
-            checkpoint_line(&self.shared.key, self.seg_index, self.next_seq - 1, &self.last_hash, &self.last_mac)?;
+        let (line, m) = checkpoint_line(
+            &self.shared.key,
+            self.seg_index,
+            self.next_seq - 1,
+            &self.last_hash,
+            &self.last_mac,
+        )?;
         self.buf.extend_from_slice(&line);
         self.last_mac = hex::encode(m);
         self.since_ckpt = 0;
@@ -829,7 +944,9 @@ impl Writer {
 
     fn write_buf(&mut self) -> Result<()> {
         let path = || self.shared.dir.join(segment_name(self.seg_index));
-        self.file.write_all(&self.buf).map_err(|e| Error::io(path(), e))?;
+        self.file
+            .write_all(&self.buf)
+            .map_err(|e| Error::io(path(), e))?;
         self.buf.clear();
         Ok(())
     }
@@ -855,8 +972,13 @@ impl Writer {
             prev_hash: self.last_hash.clone(),
             prev_mac: self.last_mac.clone(),
         };
-        let (file, header_mac) =
-            create_segment(&self.shared.dir, &self.shared.key, &e, self.shared.clock.now_unix_ms(), self.sync)?;
+        let (file, header_mac) = create_segment(
+            &self.shared.dir,
+            &self.shared.key,
+            &e,
+            self.shared.clock.now_unix_ms(),
+            self.sync,
+        )?;
         self.file = file;
         self.last_mac = header_mac;
         self.seg_index = e.segment;
@@ -875,7 +997,10 @@ impl Writer {
         self.buf.clear();
         for p in items {
             if p.seq != self.next_seq {
-                return Err(Error::Audit(format!("internal: expected seq {}, got {}", self.next_seq, p.seq)));
+                return Err(Error::Audit(format!(
+                    "internal: expected seq {}, got {}",
+                    self.next_seq, p.seq
+                )));
             }
             if self.seg_records >= seg_max {
                 if self.since_ckpt > 0 {
@@ -926,7 +1051,7 @@ impl Writer {
                     prev,
                     hash,
                 };
-                subs.retain(|tx| tx.send(r.clone()).is_ok());
+                subs.retain(|tx| tx.try_send(r.clone()).is_ok());
             }
         }
         Ok(())
@@ -936,8 +1061,8 @@ impl Writer {
     fn sync_all(&mut self) -> Result<()> {
         let path = self.shared.dir.join(segment_name(self.seg_index));
         self.file.sync_all().map_err(|e| Error::io(&path, e))?;
-        self.head.post(self.seg_index, self.next_seq, &self.last_hash);
-        self.head.wait(self.next_seq)
+        self.head
+            .ensure(self.seg_index, self.next_seq, &self.last_hash)
     }
 }
 
@@ -948,18 +1073,34 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     fn clock() -> Arc<ManualClock> {
-        Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000)))
+        Arc::new(ManualClock::new(
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        ))
     }
 
     fn admin(i: u64) -> AuditEvent {
-        AuditEvent::Admin { operator: "t".into(), action: "a".into(), detail: format!("{i}") }
+        AuditEvent::Admin {
+            operator: "t".into(),
+            action: "a".into(),
+            detail: format!("{i}"),
+        }
+    }
+
+    #[test]
+    fn log_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<AuditLog>();
     }
 
     #[test]
     fn append_reopen_continue() {
         let d = tempfile::tempdir().unwrap();
         let key = AuditKey::from_bytes([1; 32]);
-        let cfg = AuditConfig { segment_max_records: 3, checkpoint_every: 2, ..Default::default() };
+        let cfg = AuditConfig {
+            segment_max_records: 3,
+            checkpoint_every: 2,
+            ..Default::default()
+        };
         {
             let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
             assert_eq!(rep.records, 0);
@@ -977,7 +1118,10 @@ mod tests {
         assert!(v.ok(), "{v:?}");
         assert_eq!(v.records, 8);
         let all = AuditLog::read(d.path(), &AuditFilter::default()).unwrap();
-        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<_>>()
+        );
         assert_eq!(all[0].prev, genesis_hash());
         for w in all.windows(2) {
             assert_eq!(w[1].prev, w[0].hash);
@@ -988,7 +1132,8 @@ mod tests {
     fn second_open_is_locked_and_wrong_key_refused() {
         let d = tempfile::tempdir().unwrap();
         let key = AuditKey::from_bytes([1; 32]);
-        let (log, _) = AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()).unwrap();
+        let (log, _) =
+            AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()).unwrap();
         log.append(admin(0)).unwrap();
         assert!(matches!(
             AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()),
@@ -996,15 +1141,56 @@ mod tests {
         ));
         drop(log);
         let other = AuditKey::from_bytes([2; 32]);
-        assert!(matches!(AuditLog::open(d.path(), other.clone(), AuditConfig::default(), clock()), Err(Error::Key(_))));
-        assert!(matches!(AuditLog::verify(d.path(), &other), Err(Error::Key(_))));
+        assert!(matches!(
+            AuditLog::open(d.path(), other.clone(), AuditConfig::default(), clock()),
+            Err(Error::Key(_))
+        ));
+        assert!(matches!(
+            AuditLog::verify(d.path(), &other),
+            Err(Error::Key(_))
+        ));
+    }
+
+    #[test]
+    fn a_failed_write_stops_all_further_appends() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("audit");
+        let (log, _) = AuditLog::open(
+            &dir,
+            AuditKey::from_bytes([1; 32]),
+            AuditConfig::default(),
+            clock(),
+        )
+        .unwrap();
+        log.append(admin(0)).unwrap();
+        log.flush().unwrap(); // nothing in flight while the directory goes
+                              // HEAD can no longer be replaced once the directory is gone.
+        fs::remove_dir_all(&dir).unwrap();
+        let mut failed = false;
+        for i in 1..50 {
+            if log.append(admin(i)).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(
+            failed,
+            "appends kept succeeding although HEAD cannot be written"
+        );
+        assert!(matches!(log.append(admin(99)), Err(Error::Audit(_))));
+        assert!(log.flush().is_err());
     }
 
     #[test]
     fn non_finite_scores_are_refused() {
         let d = tempfile::tempdir().unwrap();
-        let (log, _) =
-            AuditLog::open(d.path(), AuditKey::from_bytes([1; 32]), AuditConfig::default(), clock()).unwrap();
+        let (log, _) = AuditLog::open(
+            d.path(),
+            AuditKey::from_bytes([1; 32]),
+            AuditConfig::default(),
+            clock(),
+        )
+        .unwrap();
         let e = AuditEvent::ThresholdChange {
             operator: "o".into(),
             purpose: "p".into(),

@@ -81,7 +81,7 @@ pub use event::{
     AuditEvent, AuditFilter, AuditRecord, DecisionKind, EventKind, QueryAudit, QueryMode,
 };
 pub use format::genesis_hash;
-pub use log::AuditLog;
+pub use log::{AuditLog, SUBSCRIBER_BACKLOG};
 pub use scan::{BadRecord, OpenReport, TornTail, VerifyReport};
 
 use serde::{Deserialize, Serialize};
@@ -118,7 +118,10 @@ pub enum Durability {
 
 impl Default for Durability {
     fn default() -> Self {
-        Durability::GroupCommit { max_delay_us: 0, max_batch: 4096 }
+        Durability::GroupCommit {
+            max_delay_us: 0,
+            max_batch: 4096,
+        }
     }
 }
 
@@ -172,14 +175,27 @@ impl AuditConfig {
             ));
         }
         if self.segment_max_records == 0 {
-            return Err(Error::config("audit.segment_max_records", "must be at least 1"));
+            return Err(Error::config(
+                "audit.segment_max_records",
+                "must be at least 1",
+            ));
         }
         if self.checkpoint_every == 0 {
-            return Err(Error::config("audit.checkpoint_every", "must be at least 1"));
+            return Err(Error::config(
+                "audit.checkpoint_every",
+                "must be at least 1",
+            ));
         }
-        if let Durability::GroupCommit { max_batch, max_delay_us } = self.durability {
+        if let Durability::GroupCommit {
+            max_batch,
+            max_delay_us,
+        } = self.durability
+        {
             if max_batch == 0 {
-                return Err(Error::config("audit.durability.max_batch", "must be at least 1"));
+                return Err(Error::config(
+                    "audit.durability.max_batch",
+                    "must be at least 1",
+                ));
             }
             if max_delay_us > 1_000_000 {
                 return Err(Error::config(
@@ -249,20 +265,38 @@ mod tests {
     #[test]
     fn config_validation() {
         AuditConfig::default().validate().unwrap();
-        let c = AuditConfig { retention_days: 1094, ..Default::default() };
-        assert!(matches!(c.validate(), Err(Error::InvalidConfig { .. })));
-        let c = AuditConfig { retention_days: 1095, ..Default::default() };
-        c.validate().unwrap();
-        let c = AuditConfig { segment_max_records: 0, ..Default::default() };
-        assert!(c.validate().is_err());
-        let c = AuditConfig { checkpoint_every: 0, ..Default::default() };
-        assert!(c.validate().is_err());
         let c = AuditConfig {
-            durability: Durability::GroupCommit { max_delay_us: 0, max_batch: 0 },
+            retention_days: 1094,
+            ..Default::default()
+        };
+        assert!(matches!(c.validate(), Err(Error::InvalidConfig { .. })));
+        let c = AuditConfig {
+            retention_days: 1095,
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        let c = AuditConfig {
+            segment_max_records: 0,
             ..Default::default()
         };
         assert!(c.validate().is_err());
-        let c = AuditConfig { site: String::new(), ..Default::default() };
+        let c = AuditConfig {
+            checkpoint_every: 0,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        let c = AuditConfig {
+            durability: Durability::GroupCommit {
+                max_delay_us: 0,
+                max_batch: 0,
+            },
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        let c = AuditConfig {
+            site: String::new(),
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
     }
 

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::event::AuditRecord;
 use super::format::{
-    self, genesis_hash, mac_matches, mac_of_prefix, parse_control, parse_segment_name, record_hash_of_prefix,
-    unseal, zero_mac, Checkpoint, Head, Header, Retired, CKPT_DOMAIN, HEADER_DOMAIN, HEAD_DOMAIN, HEAD_FILE,
-    RETIRED_DOMAIN, RETIRED_FILE,
+    self, genesis_hash, mac_matches, mac_of_prefix, parse_control, parse_segment_name,
+    record_hash_of_prefix, unseal, zero_mac, Checkpoint, Head, Header, Retired, CKPT_DOMAIN,
+    HEADER_DOMAIN, HEAD_DOMAIN, HEAD_FILE, RETIRED_DOMAIN, RETIRED_FILE,
 };
 use super::AuditKey;
 use crate::{Error, Result};
@@ -90,7 +90,12 @@ pub(crate) struct Expect {
 
 impl Expect {
     pub(crate) fn genesis() -> Self {
-        Expect { segment: 0, first_seq: 0, prev_hash: genesis_hash(), prev_mac: zero_mac() }
+        Expect {
+            segment: 0,
+            first_seq: 0,
+            prev_hash: genesis_hash(),
+            prev_mac: zero_mac(),
+        }
     }
 }
 
@@ -168,7 +173,10 @@ impl Scan {
     /// Turn damage into the error `open` and `rekey` refuse with.
     pub(crate) fn into_ok(self) -> Result<Scan> {
         if let Some(b) = &self.bad {
-            return Err(Error::AuditTampered { seq: b.seq, reason: format!("segment {}: {}", b.segment, b.reason) });
+            return Err(Error::AuditTampered {
+                seq: b.seq,
+                reason: format!("segment {}: {}", b.segment, b.reason),
+            });
         }
         Ok(self)
     }
@@ -178,13 +186,21 @@ impl Scan {
 pub(crate) type Visitor<'a> = &'a mut dyn FnMut(AuditRecord, &[u8]) -> Result<()>;
 
 fn bad(segment: u32, seq: u64, reason: impl Into<String>) -> Option<BadRecord> {
-    Some(BadRecord { segment, seq, reason: reason.into() })
+    Some(BadRecord {
+        segment,
+        seq,
+        reason: reason.into(),
+    })
 }
 
 /// Scan `dir`. With a key every MAC and `HEAD` are checked; without one
 /// (reading/export) only hashes and links. I/O errors are errors; damage is
 /// reported in [`Scan::bad`].
-pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor<'_>>) -> Result<Scan> {
+pub(crate) fn scan(
+    dir: &Path,
+    key: Option<&AuditKey>,
+    mut visit: Option<Visitor<'_>>,
+) -> Result<Scan> {
     let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
     if !meta.is_dir() {
         return Err(Error::io(dir, std::io::Error::other("not a directory")));
@@ -209,7 +225,9 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
                 }
                 Some((h, prefix, auth)) => {
                     if let Some(k) = key {
-                        if !raw.ends_with(b"\n") || !mac_matches(&mac_of_prefix(k, HEAD_DOMAIN, prefix), auth) {
+                        if !raw.ends_with(b"\n")
+                            || !mac_matches(&mac_of_prefix(k, HEAD_DOMAIN, prefix), auth)
+                        {
                             head_bad = Some("HEAD MAC mismatch".into());
                         } else if h.format != format::FORMAT {
                             head_bad = Some(format!("HEAD format {} unknown", h.format));
@@ -255,7 +273,14 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
         }
     }
 
-    let mut out = Scan { retired: Vec::new(), segments: Vec::new(), stale_files: Vec::new(), head: head.clone(), bad: None, records: 0 };
+    let mut out = Scan {
+        retired: Vec::new(),
+        segments: Vec::new(),
+        stale_files: Vec::new(),
+        head: head.clone(),
+        bad: None,
+        records: 0,
+    };
 
     // Tombstones of retired segments.
     let mut expect = Expect::genesis();
@@ -278,8 +303,16 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
                         return Ok(out);
                     }
                 }
-                if r.kind != "retired" || r.segment != seg || r.first_seq != expect.first_seq || r.last_seq < r.first_seq {
-                    out.bad = bad(seg, expect.first_seq, "RETIRED entries are not a contiguous prefix of the log");
+                if r.kind != "retired"
+                    || r.segment != seg
+                    || r.first_seq != expect.first_seq
+                    || r.last_seq < r.first_seq
+                {
+                    out.bad = bad(
+                        seg,
+                        expect.first_seq,
+                        "RETIRED entries are not a contiguous prefix of the log",
+                    );
                     return Ok(out);
                 }
                 expect = Expect {
@@ -301,7 +334,11 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
     if let (Some(w), Some(r)) = (want_seq, out.retired.last()) {
         if w <= r.last_seq {
             // HEAD can only lag into retired segments at their very end.
-            want_hash = out.retired.iter().find(|t| t.last_seq == w).map(|t| t.last_hash.clone());
+            want_hash = out
+                .retired
+                .iter()
+                .find(|t| t.last_seq == w)
+                .map(|t| t.last_hash.clone());
         }
     }
 
@@ -323,7 +360,10 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
             out.bad = bad(
                 expect.segment,
                 expect.first_seq,
-                format!("segment file {} is missing", format::segment_name(expect.segment)),
+                format!(
+                    "segment file {} is missing",
+                    format::segment_name(expect.segment)
+                ),
             );
             return Ok(out);
         }
@@ -339,7 +379,11 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
         }
         if !is_last {
             if st.has_tail() {
-                out.bad = bad(index, st.first_seq + st.records, "a segment before the last ends without a checkpoint");
+                out.bad = bad(
+                    index,
+                    st.first_seq + st.records,
+                    "a segment before the last ends without a checkpoint",
+                );
                 return Ok(out);
             }
             if st.records == 0 {
@@ -360,7 +404,11 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
     if key.is_none() {
         return Ok(out);
     }
-    let last_seg = out.segments.last().map(|s| s.index).unwrap_or(expect.segment);
+    let last_seg = out
+        .segments
+        .last()
+        .map(|s| s.index)
+        .unwrap_or(expect.segment);
     if let Some(reason) = head_bad {
         out.bad = bad(last_seg, out.records, reason);
         return Ok(out);
@@ -383,7 +431,11 @@ pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor
                 );
             } else if h.records == 0 {
                 if h.last_hash != genesis_hash() {
-                    out.bad = bad(last_seg, 0, "HEAD of an empty log does not hold the genesis hash");
+                    out.bad = bad(
+                        last_seg,
+                        0,
+                        "HEAD of an empty log does not hold the genesis hash",
+                    );
                 }
             } else if want_hash.as_deref() != Some(h.last_hash.as_str()) {
                 out.bad = bad(
@@ -402,8 +454,11 @@ pub(crate) fn first_header(path: &Path) -> Result<Option<Header>> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut r = BufReader::new(f);
     let mut line = Vec::new();
-    r.read_until(b'\n', &mut line).map_err(|e| Error::io(path, e))?;
-    let Some(l) = line.strip_suffix(b"\n") else { return Ok(None) };
+    r.read_until(b'\n', &mut line)
+        .map_err(|e| Error::io(path, e))?;
+    let Some(l) = line.strip_suffix(b"\n") else {
+        return Ok(None);
+    };
     Ok(parse_control::<Header>(l).map(|(h, _, _)| h))
 }
 
@@ -445,23 +500,54 @@ fn scan_segment(
     }
     let l = &line[..n - 1];
     let Some((h, prefix, auth)) = parse_control::<Header>(l) else {
-        return Ok((st, bad(index, expect.first_seq, "unreadable segment header"), None));
+        return Ok((
+            st,
+            bad(index, expect.first_seq, "unreadable segment header"),
+            None,
+        ));
     };
     if h.kind != "header" || h.format != format::FORMAT {
-        return Ok((st, bad(index, expect.first_seq, "not an audit segment header of a known format"), None));
+        return Ok((
+            st,
+            bad(
+                index,
+                expect.first_seq,
+                "not an audit segment header of a known format",
+            ),
+            None,
+        ));
     }
     if let Some(k) = key {
         if !mac_matches(&mac_of_prefix(k, HEADER_DOMAIN, prefix), auth) {
-            return Ok((st, bad(index, expect.first_seq, "segment header MAC mismatch"), None));
+            return Ok((
+                st,
+                bad(index, expect.first_seq, "segment header MAC mismatch"),
+                None,
+            ));
         }
     }
     if h.segment != index {
-        return Ok((st, bad(index, expect.first_seq, format!("header names segment {}", h.segment)), None));
-    }
-    if h.first_seq != expect.first_seq || h.prev_hash != expect.prev_hash || h.prev_mac != expect.prev_mac {
         return Ok((
             st,
-            bad(index, expect.first_seq, "segment header does not link to the end of the previous segment"),
+            bad(
+                index,
+                expect.first_seq,
+                format!("header names segment {}", h.segment),
+            ),
+            None,
+        ));
+    }
+    if h.first_seq != expect.first_seq
+        || h.prev_hash != expect.prev_hash
+        || h.prev_mac != expect.prev_mac
+    {
+        return Ok((
+            st,
+            bad(
+                index,
+                expect.first_seq,
+                "segment header does not link to the end of the previous segment",
+            ),
             None,
         ));
     }
@@ -495,11 +581,32 @@ fn scan_segment(
             let Some((c, prefix, auth)) = parse_control::<Checkpoint>(l) else {
                 return Ok((st, bad(index, first_pending, "unreadable checkpoint"), None));
             };
-            if c.kind != "checkpoint" || c.segment != index || pending == 0 || c.seq + 1 != next_seq || c.hash != cur_hash {
-                return Ok((st, bad(index, first_pending, "checkpoint does not cover the records before it"), None));
+            if c.kind != "checkpoint"
+                || c.segment != index
+                || pending == 0
+                || c.seq + 1 != next_seq
+                || c.hash != cur_hash
+            {
+                return Ok((
+                    st,
+                    bad(
+                        index,
+                        first_pending,
+                        "checkpoint does not cover the records before it",
+                    ),
+                    None,
+                ));
             }
             if c.prev_mac != st.last_mac {
-                return Ok((st, bad(index, first_pending, "checkpoint does not chain to the previous checkpoint"), None));
+                return Ok((
+                    st,
+                    bad(
+                        index,
+                        first_pending,
+                        "checkpoint does not chain to the previous checkpoint",
+                    ),
+                    None,
+                ));
             }
             if let Some(k) = key {
                 if !mac_matches(&mac_of_prefix(k, CKPT_DOMAIN, prefix), auth) {
@@ -534,17 +641,43 @@ fn scan_segment(
             };
             let computed = record_hash_of_prefix(prefix);
             if hex::encode(computed) != auth {
-                return Ok((st, bad(index, next_seq, "record hash does not match its contents"), None));
+                return Ok((
+                    st,
+                    bad(index, next_seq, "record hash does not match its contents"),
+                    None,
+                ));
             }
             let r: AuditRecord = match serde_json::from_slice(l) {
                 Ok(r) => r,
-                Err(e) => return Ok((st, bad(index, next_seq, format!("unreadable record: {e}")), None)),
+                Err(e) => {
+                    return Ok((
+                        st,
+                        bad(index, next_seq, format!("unreadable record: {e}")),
+                        None,
+                    ))
+                }
             };
             if r.seq != next_seq {
-                return Ok((st, bad(index, next_seq, format!("expected seq {next_seq}, found {}", r.seq)), None));
+                return Ok((
+                    st,
+                    bad(
+                        index,
+                        next_seq,
+                        format!("expected seq {next_seq}, found {}", r.seq),
+                    ),
+                    None,
+                ));
             }
             if r.prev != cur_hash {
-                return Ok((st, bad(index, next_seq, "prev does not match the previous record's hash"), None));
+                return Ok((
+                    st,
+                    bad(
+                        index,
+                        next_seq,
+                        "prev does not match the previous record's hash",
+                    ),
+                    None,
+                ));
             }
             if want_seq == Some(r.seq) {
                 captured_pending = Some(r.hash.clone());
@@ -569,10 +702,20 @@ mod tests {
 
     #[test]
     fn report_ok_ignores_torn_tail() {
-        let r = VerifyReport { records: 3, segments: 1, retired_segments: 0, first_bad: None, torn_tail: true };
+        let r = VerifyReport {
+            records: 3,
+            segments: 1,
+            retired_segments: 0,
+            first_bad: None,
+            torn_tail: true,
+        };
         assert!(r.ok());
         let r = VerifyReport {
-            first_bad: Some(BadRecord { segment: 0, seq: 1, reason: "x".into() }),
+            first_bad: Some(BadRecord {
+                segment: 0,
+                seq: 1,
+                reason: "x".into(),
+            }),
             torn_tail: false,
             ..r
         };
