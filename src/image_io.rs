@@ -113,7 +113,12 @@ pub fn decode_path(path: &Path, limits: &ImageLimits) -> Result<DecodedImage> {
     let mut bytes = Vec::with_capacity(len as usize);
     file.take(limits.max_file_bytes + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
     decode_bytes(&bytes, limits).map_err(|e| match e {
-        Error::BadImage { path: None, reason } => Error::BadImage { path: Some(path.to_path_buf()), reason },
+        Error::BadImage { path: None, mut reason } => {
+            if let Some(ext) = path.extension() {
+                reason.push_str(&format!(" (file named .{})", ext.to_string_lossy()));
+            }
+            Error::BadImage { path: Some(path.to_path_buf()), reason }
+        }
         other => other,
     })
 }
@@ -136,7 +141,13 @@ pub fn decode_bytes(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage> 
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read: {e}")))?;
-    let format = reader.format().ok_or_else(|| bad("unrecognised image format".into()))?;
+    let format = reader
+        .format()
+        .ok_or_else(|| bad("not a recognised image: the content is not JPEG, PNG, BMP, WebP or TIFF".into()))?;
+    if format == image::ImageFormat::Jpeg {
+        // The JPEG decoder fills missing data with grey; a cut file must not pass as a photo.
+        check_jpeg_structure(bytes).map_err(|r| bad(format!("truncated or corrupt JPEG: {r}")))?;
+    }
     // Allocation ceiling for the decoder: the largest accepted image at 16-bit RGBA, plus slack.
     let mut image_limits = image::Limits::default();
     image_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
@@ -151,6 +162,56 @@ pub fn decode_bytes(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage> 
     let rgb = img.into_rgb8();
     let (w, h) = rgb.dimensions();
     DecodedImage::from_rgb8(w, h, rgb.into_raw())
+}
+
+/// Walk a JPEG's marker segments from SOI to EOI (skipping entropy-coded
+/// data): `Err` with the reason if the file ends early or is malformed.
+pub fn check_jpeg_structure(b: &[u8]) -> std::result::Result<(), String> {
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return Err("missing start-of-image marker".into());
+    }
+    let mut i = 2;
+    loop {
+        // Skip fill bytes before a marker.
+        while i < b.len() && b[i] == 0xFF && i + 1 < b.len() && b[i + 1] == 0xFF {
+            i += 1;
+        }
+        if i + 1 >= b.len() {
+            return Err(format!("ends after {} bytes without an end-of-image marker", b.len()));
+        }
+        if b[i] != 0xFF {
+            return Err(format!("expected a marker at byte {i}"));
+        }
+        let marker = b[i + 1];
+        match marker {
+            0xD9 => return Ok(()),
+            0x01 | 0xD0..=0xD7 => {
+                i += 2;
+                continue;
+            }
+            _ => {}
+        }
+        if i + 3 >= b.len() {
+            return Err(format!("ends inside the header of marker 0x{marker:02X}"));
+        }
+        let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+        if len < 2 || i + 2 + len > b.len() {
+            return Err(format!("segment 0x{marker:02X} at byte {i} runs past the end of the file"));
+        }
+        i += 2 + len;
+        if marker == 0xDA {
+            // Entropy-coded data: runs until a marker other than a stuffed 0xFF00 or a restart.
+            loop {
+                if i + 1 >= b.len() {
+                    return Err(format!("image data ends after {} bytes without an end-of-image marker", b.len()));
+                }
+                if b[i] == 0xFF && b[i + 1] != 0x00 && !(0xD0..=0xD7).contains(&b[i + 1]) {
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
 }
 
 /// Header-only check of an image's claimed size: `(width, height)` or the refusal.
