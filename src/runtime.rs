@@ -331,11 +331,42 @@ pub struct SessionSettings {
     /// Number of sessions kept (ORT's `run` needs exclusive access); 0 = one
     /// per available core.
     pub pool_size: usize,
+    /// ONNX Runtime graph optimisation level.
+    pub optimization: GraphOptimization,
 }
 
 impl Default for SessionSettings {
     fn default() -> Self {
-        SessionSettings { intra_threads: 1, pool_size: 0 }
+        SessionSettings { intra_threads: 1, pool_size: 0, optimization: GraphOptimization::All }
+    }
+}
+
+/// ONNX Runtime graph optimisation levels (see ORT's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GraphOptimization {
+    /// No graph rewrites.
+    Disable,
+    /// Constant folding, redundant node elimination.
+    Basic,
+    /// Plus node fusions.
+    Extended,
+    /// Plus memory-layout (NCHWc) rewrites.
+    Layout,
+    /// Everything.
+    All,
+}
+
+impl From<GraphOptimization> for ort::session::builder::GraphOptimizationLevel {
+    fn from(g: GraphOptimization) -> Self {
+        use ort::session::builder::GraphOptimizationLevel as L;
+        match g {
+            GraphOptimization::Disable => L::Disable,
+            GraphOptimization::Basic => L::Level1,
+            GraphOptimization::Extended => L::Level2,
+            GraphOptimization::Layout => L::Level3,
+            GraphOptimization::All => L::All,
+        }
     }
 }
 
@@ -388,7 +419,7 @@ impl SessionPool {
             let mut builder = builder
                 .with_intra_threads(settings.intra_threads)
                 .and_then(|b| b.with_inter_threads(1))
-                .and_then(|b| b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3))
+                .and_then(|b| b.with_optimization_level(settings.optimization.into()))
                 .map_err(|e| err(format!("session options: {e}")))?;
             let session = builder.commit_from_file(path).map_err(|e| err(format!("cannot load model: {e}")))?;
             sessions.push(parking_lot::Mutex::new(session));
