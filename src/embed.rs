@@ -155,14 +155,16 @@ impl Recognizer {
         &self.config
     }
 
-    /// Embed aligned crops (each `input.width x input.height`), in batches of
-    /// at most `max_batch`; one L2-normalised vector per crop, same order.
+    /// Embed aligned crops (each `input.width x input.height`); one
+    /// L2-normalised vector per crop, same order. The crops are split into one
+    /// batch per pooled session (at most `max_batch` each) run in parallel on
+    /// the rayon pool: on CPU a bigger batch is not cheaper per face, spare
+    /// cores are.
     pub fn embed(&self, faces: &[AlignedFace]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(faces.len());
-        for chunk in faces.chunks(self.config.max_batch) {
-            out.extend(self.embed_batch(chunk)?);
-        }
-        Ok(out)
+        use rayon::prelude::*;
+        let per = faces.len().div_ceil(self.pool.len()).clamp(1, self.config.max_batch);
+        let batches: Vec<Vec<Vec<f32>>> = faces.par_chunks(per).map(|c| self.embed_batch(c)).collect::<Result<_>>()?;
+        Ok(batches.into_iter().flatten().collect())
     }
 
     fn embed_batch(&self, faces: &[AlignedFace]) -> Result<Vec<Vec<f32>>> {

@@ -427,6 +427,16 @@ impl SessionPool {
         Ok(SessionPool { model, sessions, next: std::sync::atomic::AtomicUsize::new(0) })
     }
 
+    /// Number of sessions in the pool (at least 1).
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Never true: a pool holds at least one session.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
     /// Model file this pool was loaded from (for error messages).
     pub fn model(&self) -> &str {
         &self.model
