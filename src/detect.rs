@@ -293,6 +293,8 @@ pub fn decode_yunet(outputs: &[StrideOutputs<'_>], width: u32, threshold: f32) -
         }
         for i in 0..n {
             let score = (o.cls[i].clamp(0.0, 1.0) * o.obj[i].clamp(0.0, 1.0)).sqrt();
+            // Written so that a NaN score is dropped too.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
             if !(score > threshold) {
                 continue;
             }
@@ -369,7 +371,7 @@ impl Detector {
         })?;
         let pool = SessionPool::load(rt, &path, &config.session)?;
         let inputs = pool.input_names();
-        if !inputs.iter().any(|n| *n == config.input.name) {
+        if !inputs.contains(&config.input.name) {
             return Err(Error::Model {
                 model: pool.model().to_string(),
                 reason: format!("no input named {:?} (model inputs: {inputs:?})", config.input.name),
