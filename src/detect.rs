@@ -1,1 +1,519 @@
-//! (to be written)
+//! Face detection with YuNet (OpenCV zoo) through ONNX Runtime.
+//!
+//! The image is letterboxed into the model's fixed input (resized with
+//! OpenCV-style bilinear sampling, padded right and bottom), the per-stride
+//! outputs are decoded anchor by anchor, filtered by score, reduced by
+//! non-maximum suppression and mapped back to original-image coordinates.
+//! Everything model-specific (file, input size, channel order, scaling,
+//! output names, strides) comes from [`DetectorConfig`].
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::image_io::DecodedImage;
+use crate::runtime::{ChannelOrder, ImageInput, Layout, Runtime, SessionPool, SessionSettings};
+use crate::{Error, Result};
+
+/// One detected face, in original-image pixel coordinates.
+///
+/// Landmarks are, in order: right eye, left eye, nose tip, right mouth corner,
+/// left mouth corner (the first is the eye on the image's left).
+///
+/// ```
+/// let f = facematch::detect::Face { bbox: [1.0, 2.0, 30.0, 40.0], score: 0.9, landmarks: [[0.0; 2]; 5], embedding: None };
+/// let json = serde_json::to_string(&f).unwrap();
+/// assert!(json.starts_with(r#"{"bbox":[1.0,2.0,30.0,40.0],"score":0.9"#));
+/// assert!(!json.contains("embedding"));
+/// ```
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Face {
+    /// Bounding box `[x, y, width, height]` (may extend past the image edge).
+    pub bbox: [f32; 4],
+    /// Detection confidence in 0..1.
+    pub score: f32,
+    /// Five landmarks `[x, y]`.
+    pub landmarks: [[f32; 2]; 5],
+    /// L2-normalised embedding, when computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for Face {
+    // The embedding is biometric data: never printed, only its presence.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Face")
+            .field("bbox", &self.bbox)
+            .field("score", &self.score)
+            .field("landmarks", &self.landmarks)
+            .field("embedding", &self.embedding.as_ref().map(|e| format!("<{} dims>", e.len())))
+            .finish()
+    }
+}
+
+/// Output tensor names of a YuNet-style detector; `{stride}` is replaced by each stride.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorOutputs {
+    /// Classification score `[1, N, 1]`.
+    pub cls: String,
+    /// Objectness `[1, N, 1]`.
+    pub obj: String,
+    /// Box offsets `[1, N, 4]`.
+    pub bbox: String,
+    /// Landmark offsets `[1, N, 10]`.
+    pub kps: String,
+}
+
+/// Description of the detector model and its post-processing.
+///
+/// ```
+/// let cfg = facematch::detect::DetectorConfig::default();
+/// assert_eq!(cfg.input.width, 640);
+/// cfg.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectorConfig {
+    /// ONNX file; a relative path is searched like the ORT library (see [`crate::runtime`]).
+    pub model: PathBuf,
+    /// Input tensor description (YuNet: `input`, 640x640, NCHW, BGR, 0..255).
+    pub input: ImageInput,
+    /// Anchor strides, one output group per stride.
+    pub strides: Vec<u32>,
+    /// Output tensor names.
+    pub outputs: DetectorOutputs,
+    /// Minimum score kept.
+    pub score_threshold: f32,
+    /// IoU above which the lower-scored of two boxes is suppressed.
+    pub nms_iou: f32,
+    /// At most this many candidates enter NMS and this many faces come out.
+    pub top_k: usize,
+    /// Enlarge images smaller than the input (off: small images run at native scale).
+    pub upscale: bool,
+    /// ORT session settings.
+    pub session: SessionSettings,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        DetectorConfig {
+            model: PathBuf::from("models/yunet.onnx"),
+            input: ImageInput {
+                name: "input".into(),
+                width: 640,
+                height: 640,
+                layout: Layout::Nchw,
+                channels: ChannelOrder::Bgr,
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            },
+            strides: vec![8, 16, 32],
+            outputs: DetectorOutputs {
+                cls: "cls_{stride}".into(),
+                obj: "obj_{stride}".into(),
+                bbox: "bbox_{stride}".into(),
+                kps: "kps_{stride}".into(),
+            },
+            score_threshold: 0.6,
+            nms_iou: 0.3,
+            top_k: 5000,
+            upscale: false,
+            session: SessionSettings::default(),
+        }
+    }
+}
+
+impl DetectorConfig {
+    /// Check every field.
+    pub fn validate(&self) -> Result<()> {
+        if self.model.as_os_str().is_empty() {
+            return Err(Error::config("detector.model", "empty path"));
+        }
+        self.input.validate("detector.input")?;
+        if self.strides.is_empty() {
+            return Err(Error::config("detector.strides", "at least one stride"));
+        }
+        for &s in &self.strides {
+            if s == 0 || self.input.width % s != 0 || self.input.height % s != 0 {
+                return Err(Error::config("detector.strides", format!("stride {s} must divide the input size")));
+            }
+        }
+        for (f, v) in [("cls", &self.outputs.cls), ("obj", &self.outputs.obj), ("bbox", &self.outputs.bbox), ("kps", &self.outputs.kps)] {
+            if v.is_empty() {
+                return Err(Error::config(format!("detector.outputs.{f}"), "empty"));
+            }
+        }
+        if !(self.score_threshold > 0.0 && self.score_threshold <= 1.0) {
+            return Err(Error::config("detector.score_threshold", "must be in (0, 1]"));
+        }
+        if !(self.nms_iou > 0.0 && self.nms_iou <= 1.0) {
+            return Err(Error::config("detector.nms_iou", "must be in (0, 1]"));
+        }
+        if self.top_k == 0 {
+            return Err(Error::config("detector.top_k", "must be > 0"));
+        }
+        self.session.validate("detector.session")
+    }
+}
+
+/// How an image was fitted into the detector input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Letterbox {
+    /// Resized width (<= input width).
+    pub width: u32,
+    /// Resized height (<= input height).
+    pub height: u32,
+    /// Original pixels per resized pixel, horizontally.
+    pub rx: f32,
+    /// Original pixels per resized pixel, vertically.
+    pub ry: f32,
+}
+
+impl Letterbox {
+    /// Fit `w x h` into `in_w x in_h` keeping the aspect ratio (never enlarging unless `upscale`).
+    ///
+    /// ```
+    /// let lb = facematch::detect::Letterbox::fit(1280, 960, 640, 640, false);
+    /// assert_eq!((lb.width, lb.height), (640, 480));
+    /// assert_eq!(lb.map_point([0.0, 0.0]), [0.5, 0.5]);
+    /// ```
+    pub fn fit(w: u32, h: u32, in_w: u32, in_h: u32, upscale: bool) -> Letterbox {
+        let mut s = (f64::from(in_w) / f64::from(w)).min(f64::from(in_h) / f64::from(h));
+        if !upscale {
+            s = s.min(1.0);
+        }
+        let rw = ((f64::from(w) * s).round() as u32).clamp(1, in_w);
+        let rh = ((f64::from(h) * s).round() as u32).clamp(1, in_h);
+        Letterbox { width: rw, height: rh, rx: w as f32 / rw as f32, ry: h as f32 / rh as f32 }
+    }
+
+    /// Map a point from resized to original coordinates (pixel centres aligned).
+    pub fn map_point(&self, p: [f32; 2]) -> [f32; 2] {
+        [(p[0] + 0.5) * self.rx - 0.5, (p[1] + 0.5) * self.ry - 0.5]
+    }
+}
+
+/// Fill one image of an input tensor with `img` letterboxed into `spec`
+/// (bilinear, OpenCV `INTER_LINEAR` conventions, rounded to 8 bits as OpenCV
+/// does; padding is black).
+pub fn letterbox_into(img: &DecodedImage, spec: &ImageInput, upscale: bool, out: &mut [f32]) -> Letterbox {
+    let lb = Letterbox::fit(img.width(), img.height(), spec.width, spec.height, upscale);
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_raw();
+    for c in 0..3 {
+        let pad = spec.scale(c, 0);
+        for y in 0..spec.height as usize {
+            for x in 0..spec.width as usize {
+                out[spec.offset(c, y, x)] = pad;
+            }
+        }
+    }
+    // Per-axis sample positions and weights.
+    let axis = |n_out: u32, n_in: usize, r: f32| -> Vec<(usize, usize, f32)> {
+        (0..n_out as usize)
+            .map(|i| {
+                let f = (i as f32 + 0.5) * r - 0.5;
+                let f = f.max(0.0);
+                let i0 = (f.floor() as usize).min(n_in - 1);
+                let i1 = (i0 + 1).min(n_in - 1);
+                let t = if i0 == n_in - 1 { 0.0 } else { f - i0 as f32 };
+                (i0, i1, t)
+            })
+            .collect()
+    };
+    let xs = axis(lb.width, w, lb.rx);
+    let ys = axis(lb.height, h, lb.ry);
+    let identity = lb.width as usize == w && lb.height as usize == h;
+    let ch: [usize; 3] = [spec.rgb_index(0), spec.rgb_index(1), spec.rgb_index(2)];
+    let mut row = vec![0f32; lb.width as usize * 3];
+    for (y, &(y0, y1, ty)) in ys.iter().enumerate() {
+        if identity {
+            let line = &src[y * w * 3..(y + 1) * w * 3];
+            for (v, &s) in row.iter_mut().zip(line) {
+                *v = f32::from(s);
+            }
+        } else {
+            let (r0, r1) = (&src[y0 * w * 3..(y0 + 1) * w * 3], &src[y1 * w * 3..(y1 + 1) * w * 3]);
+            for (x, &(x0, x1, tx)) in xs.iter().enumerate() {
+                for k in 0..3 {
+                    let a = f32::from(r0[x0 * 3 + k]) + (f32::from(r0[x1 * 3 + k]) - f32::from(r0[x0 * 3 + k])) * tx;
+                    let b = f32::from(r1[x0 * 3 + k]) + (f32::from(r1[x1 * 3 + k]) - f32::from(r1[x0 * 3 + k])) * tx;
+                    row[x * 3 + k] = (a + (b - a) * ty).round();
+                }
+            }
+        }
+        for c in 0..3 {
+            let (m, s) = (spec.mean[c], spec.std[c]);
+            let k = ch[c];
+            for x in 0..lb.width as usize {
+                out[spec.offset(c, y, x)] = (row[x * 3 + k] - m) / s;
+            }
+        }
+    }
+    lb
+}
+
+/// Raw outputs of one stride, as flat slices (`cls`, `obj`: N; `bbox`: 4N; `kps`: 10N).
+#[derive(Debug, Clone, Copy)]
+pub struct StrideOutputs<'a> {
+    /// Stride in input pixels.
+    pub stride: u32,
+    /// Classification scores.
+    pub cls: &'a [f32],
+    /// Objectness scores.
+    pub obj: &'a [f32],
+    /// Box regressions.
+    pub bbox: &'a [f32],
+    /// Landmark regressions.
+    pub kps: &'a [f32],
+}
+
+/// Decode YuNet outputs into candidate faces in input (letterboxed) coordinates,
+/// keeping those with score > `threshold`. Anchors are row-major over a
+/// `(width / stride) x (height / stride)` grid.
+pub fn decode_yunet(outputs: &[StrideOutputs<'_>], width: u32, threshold: f32) -> Result<Vec<Face>> {
+    let mut faces = Vec::new();
+    for o in outputs {
+        let s = o.stride as f32;
+        let cols = (width / o.stride) as usize;
+        let n = o.cls.len();
+        if cols == 0 || o.obj.len() != n || o.bbox.len() != 4 * n || o.kps.len() != 10 * n || n % cols != 0 {
+            return Err(Error::Model {
+                model: "detector".into(),
+                reason: format!(
+                    "stride {}: unexpected output sizes cls {} obj {} bbox {} kps {}",
+                    o.stride,
+                    n,
+                    o.obj.len(),
+                    o.bbox.len(),
+                    o.kps.len()
+                ),
+            });
+        }
+        for i in 0..n {
+            let score = (o.cls[i].clamp(0.0, 1.0) * o.obj[i].clamp(0.0, 1.0)).sqrt();
+            // Written so that a NaN score is dropped too.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+            if !(score > threshold) {
+                continue;
+            }
+            let (col, row) = ((i % cols) as f32, (i / cols) as f32);
+            let b = &o.bbox[4 * i..4 * i + 4];
+            let (cx, cy) = ((col + b[0]) * s, (row + b[1]) * s);
+            let (w, h) = (b[2].exp() * s, b[3].exp() * s);
+            let k = &o.kps[10 * i..10 * i + 10];
+            let mut landmarks = [[0f32; 2]; 5];
+            for (j, l) in landmarks.iter_mut().enumerate() {
+                *l = [(k[2 * j] + col) * s, (k[2 * j + 1] + row) * s];
+            }
+            let bbox = [cx - w / 2.0, cy - h / 2.0, w, h];
+            if bbox.iter().chain(landmarks.iter().flatten()).all(|v| v.is_finite()) {
+                faces.push(Face { bbox, score, landmarks, embedding: None });
+            }
+        }
+    }
+    Ok(faces)
+}
+
+/// Intersection over union of two `[x, y, w, h]` boxes.
+///
+/// ```
+/// let iou = facematch::detect::iou(&[0.0, 0.0, 2.0, 2.0], &[1.0, 0.0, 2.0, 2.0]);
+/// assert!((iou - 1.0 / 3.0).abs() < 1e-6);
+/// ```
+pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let ix = (a[0] + a[2]).min(b[0] + b[2]) - a[0].max(b[0]);
+    let iy = (a[1] + a[3]).min(b[1] + b[3]) - a[1].max(b[1]);
+    if ix <= 0.0 || iy <= 0.0 {
+        return 0.0;
+    }
+    let inter = ix * iy;
+    let union = a[2] * a[3] + b[2] * b[3] - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
+}
+
+/// Greedy non-maximum suppression: highest score first, drop boxes with IoU >
+/// `iou_threshold` against a kept one; at most `top_k` candidates and results.
+pub fn nms(mut faces: Vec<Face>, iou_threshold: f32, top_k: usize) -> Vec<Face> {
+    faces.sort_by(|a, b| b.score.total_cmp(&a.score));
+    faces.truncate(top_k);
+    let mut kept: Vec<Face> = Vec::new();
+    for f in faces {
+        if kept.iter().all(|k| iou(&k.bbox, &f.bbox) <= iou_threshold) {
+            kept.push(f);
+            if kept.len() >= top_k {
+                break;
+            }
+        }
+    }
+    kept
+}
+
+/// A loaded detector (`Send + Sync`; sessions pooled).
+#[derive(Debug)]
+pub struct Detector {
+    config: DetectorConfig,
+    pool: SessionPool,
+}
+
+impl Detector {
+    /// Load the model described by `config` (validated first).
+    pub fn new(rt: &Runtime, config: DetectorConfig) -> Result<Self> {
+        config.validate()?;
+        let path = crate::runtime::resolve_asset(&config.model).ok_or_else(|| Error::Model {
+            model: config.model.display().to_string(),
+            reason: "detector model not found (run scripts/setup.sh or set detector.model)".into(),
+        })?;
+        let pool = SessionPool::load(rt, &path, &config.session)?;
+        let inputs = pool.input_names();
+        if !inputs.contains(&config.input.name) {
+            return Err(Error::Model {
+                model: pool.model().to_string(),
+                reason: format!("no input named {:?} (model inputs: {inputs:?})", config.input.name),
+            });
+        }
+        let outputs = pool.output_names();
+        for s in &config.strides {
+            for pattern in [&config.outputs.cls, &config.outputs.obj, &config.outputs.bbox, &config.outputs.kps] {
+                let name = pattern.replace("{stride}", &s.to_string());
+                if !outputs.contains(&name) {
+                    return Err(Error::Model {
+                        model: pool.model().to_string(),
+                        reason: format!("no output named {name:?} (model outputs: {outputs:?})"),
+                    });
+                }
+            }
+        }
+        Ok(Detector { config, pool })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &DetectorConfig {
+        &self.config
+    }
+
+    /// Detect faces in `img`; sorted by decreasing score, in original coordinates.
+    pub fn detect(&self, img: &DecodedImage) -> Result<Vec<Face>> {
+        let spec = &self.config.input;
+        let mut input = vec![0f32; spec.plane_len()];
+        let lb = letterbox_into(img, spec, self.config.upscale, &mut input);
+        let shape = spec.shape(1);
+        let model_err = |reason: String| Error::Model { model: self.pool.model().to_string(), reason };
+        let candidates = self.pool.with(|session| {
+            let tensor = ort::value::TensorRef::from_array_view((shape, input.as_slice()))
+                .map_err(|e| model_err(format!("input tensor: {e}")))?;
+            let outputs = session
+                .run(ort::inputs![spec.name.as_str() => tensor])
+                .map_err(|e| model_err(format!("inference failed: {e}")))?;
+            let mut names = Vec::new();
+            for s in &self.config.strides {
+                let o = &self.config.outputs;
+                let n = |p: &str| p.replace("{stride}", &s.to_string());
+                names.push((*s, n(&o.cls), n(&o.obj), n(&o.bbox), n(&o.kps)));
+            }
+            let get = |name: &str| -> Result<&[f32]> {
+                let v = outputs.get(name).ok_or_else(|| model_err(format!("missing output {name}")))?;
+                v.try_extract_tensor::<f32>().map(|(_, d)| d).map_err(|e| model_err(format!("output {name}: {e}")))
+            };
+            let mut per_stride = Vec::with_capacity(names.len());
+            for (stride, cls, obj, bbox, kps) in &names {
+                per_stride.push(StrideOutputs { stride: *stride, cls: get(cls)?, obj: get(obj)?, bbox: get(bbox)?, kps: get(kps)? });
+            }
+            decode_yunet(&per_stride, spec.width, self.config.score_threshold)
+        })?;
+        let mut faces = nms(candidates, self.config.nms_iou, self.config.top_k);
+        for f in &mut faces {
+            let [x, y] = lb.map_point([f.bbox[0], f.bbox[1]]);
+            f.bbox = [x, y, f.bbox[2] * lb.rx, f.bbox[3] * lb.ry];
+            for l in &mut f.landmarks {
+                *l = lb.map_point(*l);
+            }
+        }
+        Ok(faces)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn face(x: f32, score: f32) -> Face {
+        Face { bbox: [x, 0.0, 10.0, 10.0], score, landmarks: [[0.0; 2]; 5], embedding: None }
+    }
+
+    #[test]
+    fn nms_keeps_best_and_drops_overlaps() {
+        let kept = nms(vec![face(0.0, 0.7), face(1.0, 0.9), face(50.0, 0.8), face(2.0, 0.65)], 0.3, 10);
+        let xs: Vec<f32> = kept.iter().map(|f| f.bbox[0]).collect();
+        assert_eq!(xs, vec![1.0, 50.0]);
+        assert_eq!(nms(vec![face(0.0, 0.7), face(50.0, 0.8)], 0.3, 1).len(), 1);
+    }
+
+    #[test]
+    fn decode_places_anchor_and_landmarks() {
+        // 2x2 grid at stride 8 on a 16x16 input; only anchor (col 1, row 0) fires.
+        let mut cls = vec![0.0; 4];
+        let mut obj = vec![0.0; 4];
+        cls[1] = 0.81;
+        obj[1] = 1.0;
+        let mut bbox = vec![0.0; 16];
+        bbox[4..8].copy_from_slice(&[0.5, 0.25, 0.0, (2.0f32).ln()]);
+        let mut kps = vec![0.0; 40];
+        kps[10..12].copy_from_slice(&[0.5, 0.5]);
+        let out = [StrideOutputs { stride: 8, cls: &cls, obj: &obj, bbox: &bbox, kps: &kps }];
+        let faces = decode_yunet(&out, 16, 0.6).unwrap();
+        assert_eq!(faces.len(), 1);
+        let f = &faces[0];
+        assert!((f.score - 0.9).abs() < 1e-6);
+        // cx = (1 + 0.5) * 8 = 12, cy = 0.25 * 8 = 2, w = 8, h = 16
+        assert_eq!(f.bbox, [8.0, -6.0, 8.0, 16.0]);
+        assert_eq!(f.landmarks[0], [12.0, 4.0]);
+        assert_eq!(f.landmarks[1], [8.0, 0.0]);
+        // Wrong sizes are a model error, not a panic.
+        let bad = [StrideOutputs { stride: 8, cls: &cls, obj: &obj[..3], bbox: &bbox, kps: &kps }];
+        assert!(decode_yunet(&bad, 16, 0.6).is_err());
+    }
+
+    #[test]
+    fn letterbox_copies_at_native_scale_and_pads() {
+        let img = DecodedImage::from_rgb8(2, 1, vec![10, 20, 30, 40, 50, 60]).unwrap();
+        let spec = DetectorConfig::default().input; // BGR, NCHW, raw 0..255
+        let mut out = vec![-1.0; spec.plane_len()];
+        let lb = letterbox_into(&img, &spec, false, &mut out);
+        assert_eq!((lb.width, lb.height, lb.rx, lb.ry), (2, 1, 1.0, 1.0));
+        // channel 0 is blue
+        assert_eq!(out[spec.offset(0, 0, 0)], 30.0);
+        assert_eq!(out[spec.offset(2, 0, 1)], 40.0);
+        assert_eq!(out[spec.offset(1, 5, 5)], 0.0);
+    }
+
+    #[test]
+    fn letterbox_downscales_bilinearly() {
+        // 4x4 -> input 2x2: each output pixel is the mean of a 2x2 block (half-pixel centres).
+        let data: Vec<u8> = (0..16u8).flat_map(|v| [v * 10; 3]).collect();
+        let img = DecodedImage::from_rgb8(4, 4, data).unwrap();
+        let spec = ImageInput { width: 2, height: 2, ..DetectorConfig::default().input };
+        let mut out = vec![0.0; spec.plane_len()];
+        let lb = letterbox_into(&img, &spec, false, &mut out);
+        assert_eq!((lb.width, lb.height), (2, 2));
+        // output (0,0) samples at (0.5, 0.5): mean of 0, 10, 40, 50 = 25
+        assert_eq!(out[spec.offset(0, 0, 0)], 25.0);
+    }
+
+    #[test]
+    fn config_round_trips_and_validates() {
+        let cfg = DetectorConfig::default();
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back: DetectorConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(cfg, back);
+        let bad = DetectorConfig { strides: vec![7], ..DetectorConfig::default() };
+        assert!(bad.validate().is_err());
+        let bad = DetectorConfig { nms_iou: 0.0, ..DetectorConfig::default() };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,1 +1,128 @@
-fn main() {}
+//! `facematch`: command-line client of the facematch library.
+//!
+//! ```text
+//! facematch faces [--embeddings] IMAGE...
+//! ```
+//! prints one JSON object per image and line, in input order:
+//! `{"image": PATH, "faces": [{"bbox": [x,y,w,h], "score": S, "landmarks": [[x,y] x5], "embedding": [...]}]}`
+//! or `{"image": PATH, "error": "..."}`; exit code 1 if any input failed.
+//! Logs go to stderr (`RUST_LOG`), never embeddings.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use facematch::pipeline::{FacePipeline, PipelineConfig};
+use rayon::prelude::*;
+
+#[derive(Parser, Debug)]
+#[command(name = "facematch", version, about = "Face detection, embedding and matching engine")]
+struct Cli {
+    /// Pipeline configuration file (JSON, `PipelineConfig`); defaults otherwise.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Explicit path to libonnxruntime (overrides the configuration and the search).
+    #[arg(long, global = true, value_name = "FILE")]
+    ort_lib: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Detect faces in images and print them as JSON lines.
+    Faces(FacesArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FacesArgs {
+    /// Also compute the L2-normalised embedding of every face.
+    #[arg(long)]
+    embeddings: bool,
+    /// Images to process.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<PipelineConfig> {
+    let mut cfg = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => PipelineConfig::default(),
+    };
+    if let Some(lib) = &cli.ort_lib {
+        cfg.runtime.ort_library = Some(lib.clone());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Output line for a processed image (field order = JSON order).
+#[derive(serde::Serialize)]
+struct FacesLine<'a> {
+    image: &'a std::path::Path,
+    faces: &'a [facematch::pipeline::Face],
+}
+
+/// Output line for an image that failed.
+#[derive(serde::Serialize)]
+struct ErrorLine<'a> {
+    image: &'a std::path::Path,
+    error: String,
+}
+
+fn run_faces(pipeline: &FacePipeline, args: &FacesArgs) -> anyhow::Result<bool> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut all_ok = true;
+    // Parallel within a chunk, printed in input order as each chunk completes.
+    let chunk = (rayon::current_num_threads() * 8).max(8);
+    for paths in args.images.chunks(chunk) {
+        let results: Vec<_> = paths.par_iter().map(|p| pipeline.process_path(p, args.embeddings)).collect();
+        for (path, result) in paths.iter().zip(results) {
+            match result {
+                Ok(r) => serde_json::to_writer(&mut out, &FacesLine { image: path, faces: &r.faces })?,
+                Err(e) => {
+                    all_ok = false;
+                    tracing::warn!(image = %path.display(), error = %e, "image failed");
+                    serde_json::to_writer(&mut out, &ErrorLine { image: path, error: e.to_string() })?
+                }
+            }
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    }
+    Ok(all_ok)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = (|| -> anyhow::Result<bool> {
+        let config = load_config(&cli)?;
+        match &cli.command {
+            Command::Faces(args) => {
+                let pipeline = FacePipeline::new(config).context("loading the face pipeline")?;
+                run_faces(&pipeline, args)
+            }
+        }
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("facematch: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

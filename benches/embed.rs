@@ -1,0 +1,68 @@
+//! Throughput of the spine's stages on the sample photos, in faces per second:
+//! `detect` (letterbox + YuNet + decode/NMS, one image), `align` (Umeyama +
+//! bilinear warp, one face), `embed` (SFace, batches of 1 and 6 faces) and
+//! `end_to_end` (decode + detect + align + embed over all sample photos,
+//! parallel across images). Needs `scripts/setup.sh`.
+//!
+//! `cargo bench --bench embed`
+
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use facematch::pipeline::{FacePipeline, PipelineConfig};
+
+fn samples() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/samples");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh first)", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn bench(c: &mut Criterion) {
+    let pipeline = FacePipeline::new(PipelineConfig::default()).expect("pipeline (run scripts/setup.sh first)");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/samples");
+    let group_photo = pipeline.decode_path(&dir.join("t1.jpg")).expect("t1.jpg");
+    let faces = pipeline.detect(&group_photo).expect("detect");
+    assert_eq!(faces.len(), 6);
+
+    let mut g = c.benchmark_group("detect");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(faces.len() as u64));
+    g.bench_function("t1_1280x886", |b| b.iter(|| pipeline.detect(&group_photo).expect("detect")));
+    g.finish();
+
+    let mut g = c.benchmark_group("align");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("one_face", |b| b.iter(|| pipeline.align(&group_photo, &faces[0]).expect("align")));
+    g.finish();
+
+    let crops: Vec<_> = faces.iter().map(|f| pipeline.align(&group_photo, f).expect("align")).collect();
+    let mut g = c.benchmark_group("embed");
+    g.sample_size(20);
+    for n in [1usize, 6] {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("batch", n), &n, |b, &n| b.iter(|| pipeline.embed_aligned(&crops[..n]).expect("embed")));
+    }
+    g.finish();
+
+    let paths = samples();
+    let total: usize = pipeline.process_paths(&paths, false).into_iter().map(|r| r.expect("sample").faces.len()).sum();
+    let mut g = c.benchmark_group("end_to_end");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(total as u64));
+    g.bench_function("samples_parallel", |b| {
+        b.iter(|| {
+            for r in pipeline.process_paths(&paths, true) {
+                r.expect("sample");
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
