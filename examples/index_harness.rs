@@ -321,7 +321,7 @@ fn timed_search(
     ef: usize,
     threads: usize,
     min_secs: f64,
-) -> Result<(Vec<Vec<(u32, f32)>>, f64)> {
+) -> Result<(Vec<backends::Hits>, f64)> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let nq = set.query_rows();
     let pass = || -> Result<Vec<Vec<(u32, f32)>>> {

@@ -176,7 +176,7 @@ impl SynthConfig {
             ("synth.noise_jitter", self.noise_jitter),
             ("synth.mean_offset", self.mean_offset),
         ] {
-            if !v.is_finite() || v < 0.0 || v > 100.0 {
+            if !v.is_finite() || !(0.0..=100.0).contains(&v) {
                 return Err(Error::config(name, format!("must be finite and in [0, 100], got {v}")));
             }
         }

@@ -8,7 +8,10 @@
 //! docs/BENCHMARK_DATA.md, "Adding a backend"): wrap `VectorIndex`, map
 //! `Hit { slot, score }` to `(slot, score)`, and add a name to [`make`].
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+
+/// One query's result: `(row, cosine)`, best first.
+pub type Hits = Vec<(u32, f32)>;
 
 /// An index under test.
 pub trait AnnBackend: Send + Sync {
@@ -25,7 +28,7 @@ pub trait AnnBackend: Send + Sync {
         true
     }
     /// A native batched search of all `qs` (row-major), if the backend has one.
-    fn search_batch(&self, _qs: &[f32], _k: usize) -> Option<anyhow::Result<Vec<Vec<(u32, f32)>>>> {
+    fn search_batch(&self, _qs: &[f32], _k: usize) -> Option<anyhow::Result<Vec<Hits>>> {
         None
     }
 }
@@ -204,7 +207,7 @@ impl AnnBackend for Exact {
     fn uses_ef(&self) -> bool {
         false
     }
-    fn search_batch(&self, qs: &[f32], k: usize) -> Option<anyhow::Result<Vec<Vec<(u32, f32)>>>> {
+    fn search_batch(&self, qs: &[f32], k: usize) -> Option<anyhow::Result<Vec<Hits>>> {
         Some(Ok(exact_batch(&self.data, self.dim, qs, k)))
     }
 }
@@ -212,6 +215,7 @@ impl AnnBackend for Exact {
 #[cfg(feature = "hnsw-rs-baseline")]
 mod hnsw {
     use super::*;
+    use anyhow::Context;
     use hnsw_rs::prelude::{DistDot, Hnsw};
 
     /// `DistDot` asserts `dot <= 1.000002`: store vectors renormalised in f64
