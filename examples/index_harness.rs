@@ -300,7 +300,9 @@ fn load_or_generate(cfg: &SynthConfig, dir: &Path) -> Result<(SynthSet, SynthSta
             }
         }
     }
+    let t = Instant::now();
     let set = synth::generate(cfg)?;
+    eprintln!("[harness] generated {} x {} in {:.2}s", set.gallery_rows(), set.dim, t.elapsed().as_secs_f64());
     let stats = synth::measure(&set, 100_000, cfg.seed ^ 0x5eed);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let _ = std::fs::remove_file(&meta_path);
