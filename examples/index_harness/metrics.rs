@@ -53,9 +53,19 @@ pub fn accuracy(
             }
         }
         let truth: Vec<u32> = ex.iter().take(k).map(|&(r, _)| r).collect();
-        overlap += res.iter().take(k).filter(|(r, _)| truth.contains(r)).count();
+        overlap += res
+            .iter()
+            .take(k)
+            .filter(|(r, _)| truth.contains(r))
+            .count();
     }
-    let rate = |a: usize, b: usize| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
+    let rate = |a: usize, b: usize| {
+        if b == 0 {
+            f64::NAN
+        } else {
+            a as f64 / b as f64
+        }
+    };
     let total_truth: usize = exact.iter().map(|e| e.len().min(k)).sum();
     Accuracy {
         mate_at_1: rate(mates1, enrolled),
@@ -69,7 +79,11 @@ pub fn accuracy(
 
 /// The lowest threshold at which at most `fpir` of the unenrolled queries are
 /// accepted by `results` (None without unenrolled queries).
-pub fn threshold_for_fpir(results: &[Vec<(u32, f32)>], query_identity: &[Option<u32>], fpir: f64) -> Option<f32> {
+pub fn threshold_for_fpir(
+    results: &[Vec<(u32, f32)>],
+    query_identity: &[Option<u32>],
+    fpir: f64,
+) -> Option<f32> {
     let mut tops: Vec<f32> = results
         .iter()
         .zip(query_identity)
@@ -105,9 +119,19 @@ mod tests {
     fn open_set_counts() {
         let gallery_identity = vec![0, 1, 2];
         let queries = vec![Some(0), Some(1), None, None];
-        let exact = vec![vec![(0, 0.8)], vec![(1, 0.4)], vec![(2, 0.6)], vec![(1, 0.3)]];
+        let exact = vec![
+            vec![(0, 0.8)],
+            vec![(1, 0.4)],
+            vec![(2, 0.6)],
+            vec![(1, 0.3)],
+        ];
         // query 1: wrong top-1; query 2: impostor above threshold
-        let res = vec![vec![(0, 0.8)], vec![(2, 0.45)], vec![(2, 0.6)], vec![(1, 0.3)]];
+        let res = vec![
+            vec![(0, 0.8)],
+            vec![(2, 0.45)],
+            vec![(2, 0.6)],
+            vec![(1, 0.3)],
+        ];
         let a = accuracy(&res, &exact, &gallery_identity, &queries, 1, 0.5);
         assert_eq!(a.mate_at_1, 0.5);
         assert_eq!(a.impostors_accepted, (1, 2));
