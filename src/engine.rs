@@ -447,7 +447,7 @@ pub struct Engine {
     manifest: RwLock<Manifest>,
     state: RwLock<State>,
     writer: Mutex<Writer>,
-    audit: AuditLog,
+    audit: RwLock<Option<AuditLog>>,
     notices: Mutex<Vec<Notice>>,
     open_report: OpenReport,
 }
@@ -518,7 +518,7 @@ impl Engine {
             manifest: RwLock::new(manifest),
             state: RwLock::new(state),
             writer: Mutex::new(Writer { log }),
-            audit,
+            audit: RwLock::new(Some(audit)),
             notices: Mutex::new(notices),
             open_report: report,
         })
@@ -536,9 +536,30 @@ impl Engine {
     pub fn config(&self) -> GalleryConfig {
         self.manifest.read().config.clone()
     }
-    /// The audit log (read, subscribe).
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
+    /// Append an event to the audit log; returns once it is durable.
+    fn audit_append(&self, event: AuditEvent) -> Result<u64> {
+        match self.audit.read().as_ref() {
+            Some(a) => a.append(event),
+            None => Err(Error::Audit("the audit log is closed (key rotation failed?)".into())),
+        }
+    }
+
+    /// Record an administrative act (open, configuration, maintenance) in the audit log.
+    pub fn record_admin(&self, operator: &Operator, action: &str, detail: &str) -> Result<u64> {
+        self.audit_append(AuditEvent::Admin { operator: operator.as_str().into(), action: action.into(), detail: detail.into() })
+    }
+
+    /// Live audit records, delivered once durable (a server can stream them to an off-device anchor).
+    pub fn subscribe_audit(&self) -> Result<std::sync::mpsc::Receiver<crate::audit::AuditRecord>> {
+        match self.audit.read().as_ref() {
+            Some(a) => Ok(a.subscribe()),
+            None => Err(Error::Audit("the audit log is closed".into())),
+        }
+    }
+
+    /// The audit directory of this gallery (for [`AuditLog::verify`], [`AuditLog::read`]).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.join(store::AUDIT_DIR)
     }
     /// Warnings for the operator (the filing notice).
     pub fn notices(&self) -> Vec<Notice> {
@@ -576,7 +597,7 @@ impl Engine {
             Decision::NoMatch { .. } => (DecisionKind::NoMatch, None, None),
         };
         let model_id = self.manifest.read().config.model_id.clone();
-        self.audit.append(AuditEvent::Query(QueryAudit {
+        self.audit_append(AuditEvent::Query(QueryAudit {
             operator: ctx.operator.as_str().to_string(),
             purpose: ctx.purpose.as_str().to_string(),
             mode: match mode {
@@ -711,7 +732,7 @@ impl Engine {
         w.log.append_durable(&[Op::Consent(consent.clone()).encode()])?;
         self.state.write().consents.insert(consent.consent_id.clone(), consent.clone());
         drop(w);
-        self.audit.append(AuditEvent::ConsentRecorded {
+        self.audit_append(AuditEvent::ConsentRecorded {
             operator: operator.as_str().into(),
             subject: consent.subject.to_string(),
             consent_id: consent.consent_id.clone(),
@@ -823,7 +844,7 @@ impl Engine {
         }
         drop(w);
         for (meta, _) in &planned {
-            self.audit.append(AuditEvent::Enrolment {
+            self.audit_append(AuditEvent::Enrolment {
                 operator: operator.as_str().into(),
                 subject: meta.subject.to_string(),
                 template: meta.template,
@@ -846,7 +867,7 @@ impl Engine {
         let threshold = m.config.filing_threshold;
         drop(m);
         tracing::warn!(people, threshold, "stored people reached the filing threshold: file with the provincial cyberspace office within 30 working days");
-        self.audit.append(AuditEvent::FilingNotice { distinct_subjects: people, threshold })?;
+        self.audit_append(AuditEvent::FilingNotice { distinct_subjects: people, threshold })?;
         self.notices.lock().push(Notice::FilingRequired { people, threshold, at_ms: at });
         Ok(())
     }
@@ -900,7 +921,7 @@ impl Engine {
             }
         }
         let mut r = self.erase(templates.to_vec())?;
-        self.audit.append(AuditEvent::Deletion { operator: operator.as_str().into(), templates: r.templates.clone(), reason: reason.into() })?;
+        self.audit_append(AuditEvent::Deletion { operator: operator.as_str().into(), templates: r.templates.clone(), reason: reason.into() })?;
         self.maybe_compact(operator, &mut r)?;
         Ok(r)
     }
@@ -937,7 +958,7 @@ impl Engine {
         }
         let mut r = self.erase(templates)?;
         r.subjects = vec![subject.to_string()];
-        self.audit.append(AuditEvent::ConsentWithdrawn { operator: operator.as_str().into(), subject: subject.to_string(), templates_erased: r.templates.clone() })?;
+        self.audit_append(AuditEvent::ConsentWithdrawn { operator: operator.as_str().into(), subject: subject.to_string(), templates_erased: r.templates.clone() })?;
         self.maybe_compact(operator, &mut r)?;
         Ok(r)
     }
@@ -954,7 +975,7 @@ impl Engine {
         }
         let mut r = self.erase(expired)?;
         r.templates.sort_unstable();
-        self.audit.append(AuditEvent::Purge { operator: operator.as_str().into(), templates: r.templates.clone(), reason: "retention expired".into() })?;
+        self.audit_append(AuditEvent::Purge { operator: operator.as_str().into(), templates: r.templates.clone(), reason: "retention expired".into() })?;
         self.maybe_compact(operator, &mut r)?;
         Ok(r)
     }
@@ -963,7 +984,7 @@ impl Engine {
     pub fn compact(&self, operator: &Operator) -> Result<CompactionReport> {
         let key = self.key.read().clone();
         let r = self.rewrite(&key)?;
-        self.audit.append(AuditEvent::Compaction {
+        self.audit_append(AuditEvent::Compaction {
             operator: operator.as_str().into(),
             templates_removed: r.templates_removed,
             bytes_before: r.bytes_before,
@@ -1041,9 +1062,18 @@ impl Engine {
             m.key_check = fresh.key_check;
             store::write_manifest(&self.dir, &m)?;
         }
-        self.audit.append(AuditEvent::KeyRotation { operator: operator.as_str().into() })?;
-        self.audit.flush()?;
-        AuditLog::rekey(&self.dir.join(store::AUDIT_DIR), &AuditKey::from_bytes(old.audit_key_bytes()), &AuditKey::from_bytes(new_key.audit_key_bytes()))?;
+        self.audit_append(AuditEvent::KeyRotation { operator: operator.as_str().into() })?;
+        // Re-sign the audit log: close it, rekey, reopen under the new key.
+        let mut slot = self.audit.write();
+        if let Some(a) = slot.take() {
+            a.close()?;
+        }
+        let dir = self.dir.join(store::AUDIT_DIR);
+        AuditLog::rekey(&dir, &AuditKey::from_bytes(old.audit_key_bytes()), &AuditKey::from_bytes(new_key.audit_key_bytes()))?;
+        let cfg = self.manifest.read().config.audit.clone();
+        let (a, _) = AuditLog::open(&dir, AuditKey::from_bytes(new_key.audit_key_bytes()), cfg, self.clock.clone())?;
+        *slot = Some(a);
+        drop(slot);
         *self.key.write() = new_key;
         Ok(())
     }
@@ -1068,7 +1098,7 @@ impl Engine {
         store::write_manifest(&self.dir, &nm)?;
         *m = nm;
         drop(m);
-        self.audit.append(AuditEvent::ThresholdChange {
+        self.audit_append(AuditEvent::ThresholdChange {
             operator: operator.as_str().into(),
             purpose: purpose.to_string(),
             mode: mode.as_str().into(),
@@ -1101,7 +1131,7 @@ impl Engine {
         }
         drop(st);
         let n = rows.len() as u64;
-        self.audit.append(AuditEvent::Export { operator: operator.as_str().into(), templates: n, destination: dest.display().to_string() })?;
+        self.audit_append(AuditEvent::Export { operator: operator.as_str().into(), templates: n, destination: dest.display().to_string() })?;
         std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
         crate::npy::write_f32_matrix(dest.join("templates.npy"), &data, n as usize, dim)?;
         let j = serde_json::to_vec_pretty(&rows).map_err(|e| Error::config("export", e.to_string()))?;
@@ -1149,8 +1179,11 @@ impl Engine {
 
     /// Flush the audit log and write a snapshot if many frames are not in it.
     pub fn close(self) -> Result<()> {
-        self.audit.flush()?;
-        self.checkpoint()
+        self.checkpoint()?;
+        if let Some(a) = self.audit.write().take() {
+            a.close()?;
+        }
+        Ok(())
     }
 }
 

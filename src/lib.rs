@@ -25,6 +25,7 @@ pub mod detect;
 pub mod embed;
 pub mod image_io;
 pub mod pipeline;
+pub mod probe;
 pub mod runtime;
 
 // --- matching ---

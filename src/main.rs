@@ -8,6 +8,8 @@
 //! or `{"image": PATH, "error": "..."}`; exit code 1 if any input failed.
 //! Logs go to stderr (`RUST_LOG`), never embeddings.
 
+mod cli;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +36,8 @@ struct Cli {
 enum Command {
     /// Detect faces in images and print them as JSON lines.
     Faces(FacesArgs),
+    #[command(flatten)]
+    Gallery(cli::GalleryCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
                 let pipeline = FacePipeline::new(config).context("loading the face pipeline")?;
                 run_faces(&pipeline, args)
             }
+            Command::Gallery(cmd) => cli::run(cmd, &config),
         }
     })();
     match result {

@@ -184,9 +184,6 @@ pub struct EnrolArgs {
     /// Images of the subject.
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    /// Pipeline configuration (JSON `PipelineConfig`).
-    #[arg(long)]
-    pipeline: Option<PathBuf>,
 }
 
 /// `import`.
@@ -240,8 +237,6 @@ pub struct VerifyArgs {
     #[arg(long)]
     subject: String,
     image: PathBuf,
-    #[arg(long)]
-    pipeline: Option<PathBuf>,
 }
 
 /// `identify`.
@@ -255,8 +250,6 @@ pub struct IdentifyArgs {
     k: usize,
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    #[arg(long)]
-    pipeline: Option<PathBuf>,
 }
 
 /// `delete`.
@@ -382,12 +375,8 @@ fn purposes(v: &[String]) -> anyhow::Result<Vec<Purpose>> {
     v.iter().map(|p| Ok(Purpose::new(p.as_str())?)).collect()
 }
 
-fn pipeline(path: &Option<PathBuf>) -> anyhow::Result<FacePipeline> {
-    let cfg: PipelineConfig = match path {
-        Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
-        None => PipelineConfig::default(),
-    };
-    Ok(FacePipeline::new(cfg).context("loading the face pipeline")?)
+fn pipeline(cfg: &PipelineConfig) -> anyhow::Result<FacePipeline> {
+    Ok(FacePipeline::new(cfg.clone()).context("loading the face pipeline")?)
 }
 
 fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {
@@ -395,7 +384,7 @@ fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Run a gallery command; `Ok(false)` means some inputs failed.
-pub fn run(cmd: &GalleryCommand) -> anyhow::Result<bool> {
+pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> {
     match cmd {
         GalleryCommand::Keygen { out } => {
             use std::os::unix::fs::OpenOptionsExt;
@@ -424,7 +413,7 @@ pub fn run(cmd: &GalleryCommand) -> anyhow::Result<bool> {
             cfg.audit.site = a.site.clone();
             cfg.audit.device = a.device.clone();
             let e = EngineBuilder::new(&a.g.gallery).key(a.g.key()?).create(cfg)?;
-            e.audit().append(facematch::audit::AuditEvent::Admin { operator: a.g.operator()?.as_str().into(), action: "init".into(), detail: format!("gallery {}", a.g.gallery.display()) })?;
+            e.record_admin(&a.g.operator()?, "init", &format!("gallery {}", a.g.gallery.display()))?;
             json_line(&e.stats())?;
             e.close()?;
             Ok(true)
@@ -448,7 +437,7 @@ pub fn run(cmd: &GalleryCommand) -> anyhow::Result<bool> {
         GalleryCommand::Enrol(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;
-            let p = pipeline(&a.pipeline)?;
+            let p = pipeline(pcfg)?;
             let mut ok = true;
             for img in &a.images {
                 let req = Enrolment::new(SubjectId::new(a.subject.as_str())?, a.consent_id.clone(), purposes(&a.purposes)?, Vec::new());
@@ -486,7 +475,7 @@ pub fn run(cmd: &GalleryCommand) -> anyhow::Result<bool> {
         }
         GalleryCommand::Verify(a) => {
             let e = a.g.open()?;
-            let p = pipeline(&a.pipeline)?;
+            let p = pipeline(pcfg)?;
             let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
             let r = facematch::probe::verify_image(&e, &p, &ctx, &read_image(&a.image)?, &SubjectId::new(a.subject.as_str())?)?;
             json_line(&serde_json::json!({"image": a.image, "result": r}))?;
@@ -494,7 +483,7 @@ pub fn run(cmd: &GalleryCommand) -> anyhow::Result<bool> {
         }
         GalleryCommand::Identify(a) => {
             let e = a.g.open()?;
-            let p = pipeline(&a.pipeline)?;
+            let p = pipeline(pcfg)?;
             let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
             let mut ok = true;
             for img in &a.images {
