@@ -85,7 +85,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     build_threads: usize,
     /// Backends: exact, hnsw_rs (feature hnsw-rs-baseline), peers (Python hnswlib/faiss).
-    #[arg(long, default_value = "exact,hnsw_rs,peers")]
+    #[arg(long, default_value = "exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers")]
     backends: String,
     /// Which Python peers to run.
     #[arg(long, default_value = "hnswlib,faiss_hnsw,faiss_flat")]

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --locked --quiet
-BIN=target/release/facematch
+BIN="${CARGO_TARGET_DIR:-target}/release/facematch"
 S=data/samples
 WORK="${1:-$(mktemp -d -t facematch-demo.XXXXXX)}"
 mkdir -p "$WORK"

@@ -38,17 +38,17 @@ run() { # name args...
 smoke() {
   run smoke --data structured --n 20000 --dim 128 --queries 1000 --seed 42 \
     --m 16 --efc 200 --ef 16,32,64,128,256 --threads 1,2 --build-threads 2 \
-    --threshold 0.5 --backends exact,hnsw_rs,peers "$@"
+    --threshold 0.5 --backends exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers "$@"
 }
 structured_1m() {
   run structured-1m --data structured --n 1000000 --dim 128 --queries 1000 --seed 42 \
     --m 16 --efc 200 --ef 16,32,64,128,256,512,1024 --threads 1,2 --build-threads 2 \
-    --threshold 0.55 --backends exact,hnsw_rs,peers "$@"
+    --threshold 0.55 --backends exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers "$@"
 }
 isotropic_200k() {
   run isotropic-200k --data isotropic --n 200000 --dim 512 --queries 1000 --seed 42 \
     --m 16 --efc 200 --ef 64,128,256,512,1024,2048 --threads 1,2 --build-threads 2 \
-    --threshold 0.35 --backends exact,hnsw_rs,peers "$@"
+    --threshold 0.35 --backends exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers "$@"
 }
 
 case "$CONFIG" in

@@ -591,13 +591,19 @@ impl Engine {
 
     #[allow(clippy::too_many_arguments)]
     fn audit_query(&self, ctx: &QueryContext, mode: Mode, t: Threshold, k: usize, decision: &Decision, top: Option<f32>, faces: (u32, u32), started: Instant) -> Result<u64> {
+        let ev = self.query_event(ctx, mode, t, k, decision, top, faces, started);
+        self.audit_append(ev)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn query_event(&self, ctx: &QueryContext, mode: Mode, t: Threshold, k: usize, decision: &Decision, top: Option<f32>, faces: (u32, u32), started: Instant) -> AuditEvent {
         let (kind, subject, template) = match decision {
             Decision::Match { subject, template, .. } => (DecisionKind::Match, Some(subject.to_string()), Some(*template)),
             Decision::NeedsHumanReview { subject, template, .. } => (DecisionKind::NeedsHumanReview, Some(subject.to_string()), Some(*template)),
             Decision::NoMatch { .. } => (DecisionKind::NoMatch, None, None),
         };
         let model_id = self.manifest.read().config.model_id.clone();
-        self.audit_append(AuditEvent::Query(QueryAudit {
+        AuditEvent::Query(QueryAudit {
             operator: ctx.operator.as_str().to_string(),
             purpose: ctx.purpose.as_str().to_string(),
             mode: match mode {
@@ -615,7 +621,7 @@ impl Engine {
             template,
             top_score: top,
             latency_us: started.elapsed().as_micros() as u64,
-        }))
+        })
     }
 
     /// 1:1 verification of `probe` against `subject`'s templates enrolled for the context's purpose.
@@ -674,6 +680,36 @@ impl Engine {
         let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
         let audit_seq = self.audit_query(ctx, Mode::Identify, threshold, k, &decision, top, faces, started)?;
         Ok(Identification { candidates, decision, threshold, audit_seq })
+    }
+
+    /// 1:N for every face of one image: one audit record per face (written with one fsync), each
+    /// carrying how many faces the image held and how many matched nobody (to be discarded by the caller).
+    pub fn identify_faces(&self, ctx: &QueryContext, probes: &[Vec<f32>], k: usize) -> Result<Vec<Identification>> {
+        let started = Instant::now();
+        let policy = self.policy(&ctx.purpose)?;
+        let mut out = Vec::with_capacity(probes.len());
+        for p in probes {
+            let candidates = self.search_candidates(ctx, p, k, SearchOptions::default())?;
+            let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
+            out.push(Identification { candidates, decision, threshold, audit_seq: 0 });
+        }
+        let found = probes.len() as u32;
+        let discarded = out.iter().filter(|r| matches!(r.decision, Decision::NoMatch { .. })).count() as u32;
+        let events: Vec<AuditEvent> = out
+            .iter()
+            .map(|r| self.query_event(ctx, Mode::Identify, r.threshold, k, &r.decision, r.candidates.first().map(|c| c.score), (found, discarded), started))
+            .collect();
+        if events.is_empty() {
+            return Ok(out);
+        }
+        let seqs = match self.audit.read().as_ref() {
+            Some(a) => a.append_batch(events)?,
+            None => return Err(Error::Audit("the audit log is closed".into())),
+        };
+        for (r, s) in out.iter_mut().zip(seqs) {
+            r.audit_seq = s;
+        }
+        Ok(out)
     }
 
     fn search_candidates(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions) -> Result<Vec<Candidate>> {
@@ -843,15 +879,20 @@ impl Engine {
             people_after = st.people();
         }
         drop(w);
-        for (meta, _) in &planned {
-            self.audit_append(AuditEvent::Enrolment {
+        let events: Vec<AuditEvent> = planned
+            .iter()
+            .map(|(meta, _)| AuditEvent::Enrolment {
                 operator: operator.as_str().into(),
                 subject: meta.subject.to_string(),
                 template: meta.template,
                 purposes: meta.purposes.iter().map(|p| p.to_string()).collect(),
                 consent_id: meta.consent_id.clone(),
-            })?;
-        }
+            })
+            .collect();
+        match self.audit.read().as_ref() {
+            Some(a) => a.append_batch(events)?,
+            None => return Err(Error::Audit("the audit log is closed".into())),
+        };
         self.check_filing(people_after)?;
         Ok(ids)
     }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use crate::compliance::SubjectId;
-use crate::engine::{Engine, Enrolment, Identification, QueryContext, SearchOptions, Verification};
+use crate::engine::{Engine, Enrolment, Identification, QueryContext, Verification};
 use crate::pipeline::{Face, FacePipeline};
 use crate::{Error, Result};
 
@@ -111,21 +111,13 @@ pub fn identify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryConte
         return Ok(ImageIdentification { matches: Vec::new(), faces_found: 0, faces_discarded: 0 });
     }
     pipeline.embed_faces(&img, &mut faces)?;
-    let mut results = Vec::new();
-    let mut err = None;
-    for f in &mut faces {
-        let Some(mut e) = f.embedding.take() else { continue };
-        if err.is_none() {
-            match engine.identify_with(ctx, &e, k, SearchOptions::default(), (found, 0)) {
-                Ok(id) => results.push((FaceBox { bbox: f.bbox, score: f.score }, id)),
-                Err(x) => err = Some(x),
-            }
-        }
-        e.zeroize();
+    let boxes: Vec<FaceBox> = faces.iter().map(|f| FaceBox { bbox: f.bbox, score: f.score }).collect();
+    let mut probes: Vec<Vec<f32>> = faces.iter_mut().filter_map(|f| f.embedding.take()).collect();
+    let r = engine.identify_faces(ctx, &probes, k);
+    for p in &mut probes {
+        p.zeroize();
     }
-    if let Some(e) = err {
-        return Err(e);
-    }
+    let results: Vec<(FaceBox, Identification)> = boxes.into_iter().zip(r?).collect();
     let matches: Vec<FaceIdentification> = results
         .into_iter()
         .filter(|(_, id)| !matches!(id.decision, crate::compliance::Decision::NoMatch { .. }))

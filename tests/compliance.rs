@@ -335,3 +335,28 @@ fn no_network_export_is_explicit_and_audited() {
     let recs = facematch::audit::AuditLog::read(&d.path().join("audit"), &Default::default()).unwrap();
     assert!(recs.iter().any(|r| matches!(&r.event, facematch::audit::AuditEvent::Export { templates: 1, .. })));
 }
+
+#[test]
+fn unrelated_faces_that_match_nobody_are_counted_discarded_and_never_logged() {
+    let d = tempfile::tempdir().unwrap();
+    let e = create(d.path(), &MasterKey::generate(), clock());
+    let v = vector(21);
+    enrol(&e, "uma", &["door-access"], v.clone());
+    let bystander = vector(22);
+    let r = e.identify_faces(&ctx("door-access"), &[near(&v, 1, 0.05), bystander.clone()], 3).unwrap();
+    assert!(r[0].decision.is_match());
+    assert!(!r[1].decision.is_match());
+    drop(e);
+    let recs = facematch::audit::AuditLog::read(&d.path().join("audit"), &Default::default()).unwrap();
+    let q: Vec<_> = recs
+        .iter()
+        .filter_map(|r| match &r.event {
+            facematch::audit::AuditEvent::Query(q) => Some(q.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(q.len(), 2);
+    assert!(q.iter().all(|q| q.faces_found == 2 && q.faces_discarded == 1));
+    let raw = all_bytes(d.path());
+    assert!(!contains(&raw, &f32_bytes(&bystander)[..12]));
+}

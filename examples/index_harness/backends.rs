@@ -39,12 +39,70 @@ pub fn make(name: &str, m: usize, ef_construction: usize) -> Option<Box<dyn AnnB
         "exact" => Some(Box::new(Exact::default())),
         #[cfg(feature = "hnsw-rs-baseline")]
         "hnsw_rs" => Some(Box::new(hnsw::HnswRs::new(m, ef_construction))),
-        // The lead plugs facematch's VectorIndex in here, e.g.
-        // "facematch" => Some(Box::new(Facematch::new(m, ef_construction, SearchStrategy::Graph))),
+        "facematch" => Some(Box::new(Facematch::new(m, ef_construction, SearchStrategy::Graph, VectorStorage::F32))),
+        "facematch-int8" => Some(Box::new(Facematch::new(m, ef_construction, SearchStrategy::Graph, VectorStorage::Int8))),
+        "facematch-exact" => Some(Box::new(Facematch::new(m, ef_construction, SearchStrategy::Exact, VectorStorage::F32))),
         _ => {
             let _ = (m, ef_construction);
             None
         }
+    }
+}
+
+use anyhow::Context as _;
+use facematch::index::{IndexConfig, SearchParams, SearchStrategy, VectorIndex, VectorStorage};
+
+/// facematch's own index (graph, int8 graph, or its exact scan).
+pub struct Facematch {
+    cfg: IndexConfig,
+    strategy: SearchStrategy,
+    index: Option<VectorIndex>,
+}
+
+impl Facematch {
+    fn new(m: usize, ef_construction: usize, strategy: SearchStrategy, storage: VectorStorage) -> Self {
+        let cfg = IndexConfig { m, ef_construction, storage, ..Default::default() };
+        Facematch { cfg, strategy, index: None }
+    }
+}
+
+impl AnnBackend for Facematch {
+    fn name(&self) -> String {
+        match (self.strategy, self.cfg.storage) {
+            (SearchStrategy::Exact, _) => "facematch-exact".into(),
+            (_, VectorStorage::Int8) => "facematch-int8".into(),
+            _ => "facematch".into(),
+        }
+    }
+    fn build(&mut self, data: &[f32], dim: usize) -> anyhow::Result<()> {
+        let mut index = VectorIndex::new(dim, self.cfg.clone())?;
+        index.add_batch(data)?; // slots 0..n in row order
+        self.index = Some(index);
+        Ok(())
+    }
+    fn search(&self, q: &[f32], k: usize, ef: usize) -> anyhow::Result<Vec<(u32, f32)>> {
+        let index = self.index.as_ref().context("search before build")?;
+        let params = SearchParams { k, ef: Some(ef), strategy: self.strategy, filter: None };
+        Ok(index.search(q, &params)?.into_iter().map(|h| (h.slot, h.score)).collect())
+    }
+    fn memory_bytes(&self) -> Option<usize> {
+        self.index.as_ref().map(|i| i.memory_bytes())
+    }
+    fn uses_ef(&self) -> bool {
+        self.strategy != SearchStrategy::Exact
+    }
+    fn search_batch(&self, qs: &[f32], k: usize) -> Option<anyhow::Result<Vec<Hits>>> {
+        if self.strategy != SearchStrategy::Exact {
+            return None;
+        }
+        let index = self.index.as_ref()?;
+        let params = SearchParams { k, ef: None, strategy: SearchStrategy::Exact, filter: None };
+        Some(
+            index
+                .search_batch(qs, &params)
+                .map(|r| r.into_iter().map(|hits| hits.into_iter().map(|h| (h.slot, h.score)).collect()).collect())
+                .map_err(Into::into),
+        )
     }
 }
 
