@@ -234,6 +234,8 @@ struct State {
     consents: HashMap<String, ConsentRecord>,
     per_purpose: [u64; 64],
     next_template: u64,
+    /// Earliest expiry among slots (a lower bound: deleted slots may keep it low until compaction).
+    min_expiry_ms: i64,
 }
 
 impl State {
@@ -249,6 +251,7 @@ impl State {
             consents: HashMap::new(),
             per_purpose: [0; 64],
             next_template: 1,
+            min_expiry_ms: i64::MAX,
         }
     }
 
@@ -277,6 +280,7 @@ impl State {
             }
         }
         debug_assert_eq!(slot as usize, self.slots.len());
+        self.min_expiry_ms = self.min_expiry_ms.min(meta.expires_at_ms);
         self.slots.push(Slot { template: meta.template, subject, mask, expires_at_ms: meta.expires_at_ms });
         self.by_template.insert(meta.template, slot);
         self.live_by_subject.entry(subject).or_default().push(meta.template);
@@ -735,7 +739,7 @@ impl Engine {
         let slots = &st.slots;
         let mask = 1u64 << bit;
         let filter = move |slot: u32| slots.get(slot as usize).is_some_and(|s| s.mask & mask != 0 && s.expires_at_ms > now);
-        let needs_filter = for_purpose < live || slots.iter().any(|s| s.expires_at_ms <= now);
+        let needs_filter = for_purpose < live || st.min_expiry_ms <= now;
         let mut strategy = opts.strategy;
         if needs_filter && strategy == SearchStrategy::Auto && (for_purpose as f64) < 0.3 * live as f64 {
             // A narrow filter starves the graph walk: scan the few that pass.
@@ -1055,6 +1059,7 @@ impl Engine {
             reason: "index compaction map disagrees with the gallery metadata".into(),
         })?;
         st.by_template = slots.iter().enumerate().map(|(i, s)| (s.template, i as u32)).collect();
+        st.min_expiry_ms = slots.iter().map(|s| s.expires_at_ms).min().unwrap_or(i64::MAX);
         st.slots = slots;
 
         let tmp = self.dir.join("templates.log.new");

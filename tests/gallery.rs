@@ -254,3 +254,67 @@ fn acknowledged_enrolments_survive_kill_9() {
     let a = facematch::audit::AuditLog::verify(&d.path().join("audit"), &facematch::audit::AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
     assert!(a.first_bad.is_none(), "{a:?}");
 }
+
+/// Child side of the query crash test: answer queries from 4 threads, print each audit seq once answered.
+#[test]
+fn crash_child_queries_until_killed() {
+    let Ok(dir) = std::env::var("FACEMATCH_QCRASH_DIR") else { return };
+    let key = MasterKey::from_hex(&std::env::var("FACEMATCH_QCRASH_KEY").unwrap()).unwrap();
+    let e = open(std::path::Path::new(&dir), &key, clock()).unwrap();
+    let out = std::sync::Mutex::new(std::io::stdout());
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (e, out) = (&e, &out);
+            s.spawn(move || {
+                for i in 0.. {
+                    let r = e.identify(&ctx("door-access"), &vector((i * 4 + t) % 60), 3).unwrap();
+                    let mut o = out.lock().unwrap();
+                    writeln!(o, "ANSWERED {}", r.audit_seq).unwrap();
+                    o.flush().unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn every_answered_query_has_its_audit_record_after_kill_9() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create(d.path(), &key, clock());
+    gallery(&e, 60);
+    e.close().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child_queries_until_killed", "--nocapture", "--test-threads", "1"])
+        .env("FACEMATCH_QCRASH_DIR", d.path())
+        .env("FACEMATCH_QCRASH_KEY", key.to_hex())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut answered = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        if let Some(s) = line.unwrap().strip_prefix("ANSWERED ") {
+            answered.push(s.parse::<u64>().unwrap());
+            if answered.len() == 400 {
+                child.kill().unwrap();
+                break;
+            }
+        }
+    }
+    child.wait().unwrap();
+    let akey = facematch::audit::AuditKey::from_bytes(key.audit_key_bytes());
+    let adir = d.path().join("audit");
+    let report = facematch::audit::AuditLog::verify(&adir, &akey).unwrap();
+    assert!(report.first_bad.is_none(), "{report:?}");
+    // Reopening repairs a torn tail if there is one; then every answered query's record is there.
+    drop(open(d.path(), &key, clock()).unwrap());
+    let recs = facematch::audit::AuditLog::read(&adir, &Default::default()).unwrap();
+    let seqs: std::collections::HashSet<u64> = recs
+        .iter()
+        .filter(|r| matches!(r.event, facematch::audit::AuditEvent::Query(_)))
+        .map(|r| r.seq)
+        .collect();
+    for s in &answered {
+        assert!(seqs.contains(s), "answered query with audit seq {s} has no record after kill -9");
+    }
+}

@@ -1,0 +1,130 @@
+//! Engine-level costs: encryption at rest on open and on search, and auditing on vs off.
+//!
+//! - `engine_open/encrypted_gallery`: open a 20k x 128 gallery (key check, mmap +
+//!   authenticate + decrypt the template log, decrypt and load the index snapshot);
+//!   `engine_open/plaintext_index_load`: loading the same index from plaintext bytes
+//!   already in memory: the difference is the price of encryption + replay on open.
+//! - `engine_query/*`: one 1:N identification through the engine (purpose check,
+//!   decision, audit record made durable) with the audit log's group commit, with
+//!   `Durability::Off`, and the bare index search the engine wraps, on 1 and 8
+//!   threads. Templates are decrypted into memory on open, so search itself pays
+//!   nothing for encryption: `index_only` vs `audit_off` shows the engine's own overhead.
+//!   Group commit shares one fsync among concurrent queries, so its cost falls with concurrency (64 threads).
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use facematch::audit::Durability;
+use facematch::compliance::*;
+use facematch::config::GalleryConfig;
+use facematch::engine::{Engine, EngineBuilder, Enrolment, QueryContext};
+use facematch::index::{SearchParams, SearchStrategy, VectorIndex};
+use facematch::store::MasterKey;
+use facematch::synth::{generate, SynthConfig};
+
+const N: usize = 20_000;
+
+fn gallery(dir: &std::path::Path, key: &MasterKey, durability: Durability) -> (Engine, Vec<f32>) {
+    let set = generate(&SynthConfig { identities: N, queries: 200, ..Default::default() }).unwrap();
+    let door = Purpose::new("door-access").unwrap();
+    let mut cfg = GalleryConfig::default();
+    cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
+    cfg.audit.durability = durability;
+    let e = EngineBuilder::new(dir).key(key.clone()).create(cfg).unwrap();
+    let op = Operator::new("bench").unwrap();
+    let mut batch = Vec::new();
+    for i in 0..N {
+        let s = format!("s{i}");
+        e.record_consent(&op, ConsentRecord::new(format!("c{i}"), &s, ConsentBasis::SeparateConsent, vec![door.clone()], "bench", AgeBracket::Adult))
+            .unwrap();
+        batch.push(Enrolment::new(SubjectId::new(s).unwrap(), format!("c{i}"), vec![door.clone()], set.gallery[i * 128..(i + 1) * 128].to_vec()));
+        if batch.len() == 5000 {
+            e.enrol_batch(&op, std::mem::take(&mut batch)).unwrap();
+        }
+    }
+    e.enrol_batch(&op, batch).unwrap();
+    e.checkpoint().unwrap();
+    (e, set.queries)
+}
+
+fn bench_open(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let (e, _) = gallery(dir.path(), &key, Durability::Off);
+    // The plaintext the snapshot holds, for the comparison.
+    let mut plain = Vec::new();
+    {
+        let cfg = e.config();
+        let mut ix = VectorIndex::new(cfg.dim, cfg.index.clone()).unwrap();
+        // Rebuild an identical index from the exported templates.
+        let exp = dir.path().join("export");
+        e.export(&Operator::new("bench").unwrap(), None, &exp).unwrap();
+        let m = facematch::npy::read_f32_matrix(exp.join("templates.npy")).unwrap();
+        ix.add_batch(&m.data).unwrap();
+        ix.write_to(&mut plain).unwrap();
+        std::fs::remove_dir_all(&exp).unwrap();
+    }
+    e.close().unwrap();
+    let mut g = c.benchmark_group("engine_open");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("encrypted_gallery", |b| b.iter(|| EngineBuilder::new(dir.path()).key(key.clone()).open().unwrap()));
+    g.bench_function("plaintext_index_load", |b| b.iter(|| VectorIndex::read_from(&mut plain.as_slice()).unwrap()));
+    g.finish();
+}
+
+fn bench_query(c: &mut Criterion) {
+    let mut g = c.benchmark_group("engine_query");
+    g.sample_size(20);
+    let door = Purpose::new("door-access").unwrap();
+    for (name, durability) in [("audit_group_commit", Durability::default()), ("audit_off", Durability::Off)] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MasterKey::generate();
+        let (e, queries) = gallery(dir.path(), &key, durability);
+        let e = Arc::new(e);
+        let ctx = QueryContext::new(Operator::new("bench").unwrap(), door.clone());
+        for threads in [1usize, 8, 64] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let nq = queries.len() / 128;
+            g.throughput(Throughput::Elements(nq as u64));
+            g.bench_with_input(BenchmarkId::new(name, threads), &threads, |b, _| {
+                b.iter(|| {
+                    pool.install(|| {
+                        use rayon::prelude::*;
+                        (0..nq).into_par_iter().for_each(|i| {
+                            e.identify(&ctx, &queries[i * 128..(i + 1) * 128], 10).unwrap();
+                        })
+                    })
+                })
+            });
+        }
+        if durability == Durability::Off {
+            // The bare index the engine wraps, same queries.
+            let cfg = e.config();
+            let exp = dir.path().join("export");
+            e.export(&Operator::new("bench").unwrap(), None, &exp).unwrap();
+            let m = facematch::npy::read_f32_matrix(exp.join("templates.npy")).unwrap();
+            let mut ix = VectorIndex::new(cfg.dim, cfg.index.clone()).unwrap();
+            ix.add_batch(&m.data).unwrap();
+            for threads in [1usize, 8] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let nq = queries.len() / 128;
+                g.bench_with_input(BenchmarkId::new("index_only", threads), &threads, |b, _| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            use rayon::prelude::*;
+                            (0..nq).into_par_iter().for_each(|i| {
+                                let p = SearchParams { k: 10, ef: None, strategy: SearchStrategy::Auto, filter: None };
+                                ix.search(&queries[i * 128..(i + 1) * 128], &p).unwrap();
+                            })
+                        })
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_open, bench_query);
+criterion_main!(benches);
