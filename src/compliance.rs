@@ -55,28 +55,38 @@ impl Purpose {
         }
         Ok(Purpose(name))
     }
-    /// The purpose's name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl TryFrom<String> for Purpose {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        Purpose::new(s)
-    }
+/// String newtypes that validate on construction and (de)serialise as plain strings.
+macro_rules! string_id {
+    ($t:ident) => {
+        impl TryFrom<String> for $t {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self> {
+                $t::new(s)
+            }
+        }
+        impl From<$t> for String {
+            fn from(p: $t) -> String {
+                p.0
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl $t {
+            /// The validated string.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+    };
 }
-impl From<Purpose> for String {
-    fn from(p: Purpose) -> String {
-        p.0
-    }
-}
-impl std::fmt::Display for Purpose {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_id!(Purpose);
+string_id!(SubjectId);
+string_id!(Operator);
 
 /// A person's identifier in the gallery (never their name in clear, by convention).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -89,26 +99,6 @@ impl SubjectId {
         let id = id.into();
         check_name("subject", &id, 128)?;
         Ok(SubjectId(id))
-    }
-    /// The id.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-impl TryFrom<String> for SubjectId {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        SubjectId::new(s)
-    }
-}
-impl From<SubjectId> for String {
-    fn from(p: SubjectId) -> String {
-        p.0
-    }
-}
-impl std::fmt::Display for SubjectId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
@@ -123,21 +113,6 @@ impl Operator {
         let id = id.into();
         check_name("operator", &id, 128)?;
         Ok(Operator(id))
-    }
-    /// The id.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-impl TryFrom<String> for Operator {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        Operator::new(s)
-    }
-}
-impl From<Operator> for String {
-    fn from(p: Operator) -> String {
-        p.0
     }
 }
 

@@ -128,18 +128,7 @@ impl Recognizer {
     /// Load the model described by `config` (validated first).
     pub fn new(rt: &Runtime, config: RecognizerConfig) -> Result<Self> {
         config.validate()?;
-        let path = crate::runtime::resolve_asset(&config.model).ok_or_else(|| Error::Model {
-            model: config.model.display().to_string(),
-            reason: "recognition model not found (run scripts/setup.sh or set recognizer.model)".into(),
-        })?;
-        let pool = SessionPool::load(rt, &path, &config.session)?;
-        let inputs = pool.input_names();
-        if !inputs.contains(&config.input.name) {
-            return Err(Error::Model {
-                model: pool.model().to_string(),
-                reason: format!("no input named {:?} (model inputs: {inputs:?})", config.input.name),
-            });
-        }
+        let pool = SessionPool::load_model(rt, &config.model, "recognizer", &config.session, &config.input.name)?;
         let outputs = pool.output_names();
         if !outputs.contains(&config.output) {
             return Err(Error::Model {

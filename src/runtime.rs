@@ -408,6 +408,24 @@ impl std::fmt::Debug for SessionPool {
 }
 
 impl SessionPool {
+    /// Resolve a model file (`what` = "detector" / "recognizer", the config section that names it),
+    /// load it, and check that it has an input called `input`.
+    pub fn load_model(rt: &Runtime, model: &Path, what: &str, settings: &SessionSettings, input: &str) -> Result<Self> {
+        let path = resolve_asset(model).ok_or_else(|| Error::Model {
+            model: model.display().to_string(),
+            reason: format!("{what} model not found (run scripts/setup.sh or set {what}.model)"),
+        })?;
+        let pool = SessionPool::load(rt, &path, settings)?;
+        let inputs = pool.input_names();
+        if !inputs.iter().any(|n| n == input) {
+            return Err(Error::Model {
+                model: pool.model().to_string(),
+                reason: format!("no input named {input:?} (model inputs: {inputs:?})"),
+            });
+        }
+        Ok(pool)
+    }
+
     /// Load `path` into `settings.effective_pool_size()` sessions.
     pub fn load(rt: &Runtime, path: &Path, settings: &SessionSettings) -> Result<Self> {
         let model = path.display().to_string();

@@ -500,26 +500,14 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
         GalleryCommand::Delete(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;
-            let mut r = e.delete(&op, &a.templates, &a.reason)?;
-            if a.compact && !r.bytes_removed {
-                e.compact(&op)?;
-                r.bytes_removed = true;
-            }
-            json_line(&r)?;
-            e.close()?;
-            Ok(true)
+            let r = e.delete(&op, &a.templates, &a.reason)?;
+            finish_erasure(e, &op, r, a.compact)
         }
         GalleryCommand::Withdraw(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;
-            let mut r = e.withdraw(&op, &SubjectId::new(a.subject.as_str())?)?;
-            if a.compact && !r.bytes_removed {
-                e.compact(&op)?;
-                r.bytes_removed = true;
-            }
-            json_line(&r)?;
-            e.close()?;
-            Ok(true)
+            let r = e.withdraw(&op, &SubjectId::new(a.subject.as_str())?)?;
+            finish_erasure(e, &op, r, a.compact)
         }
         GalleryCommand::Purge(a) => {
             let e = a.g.open()?;
@@ -568,6 +556,17 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
         }
         GalleryCommand::Audit(c) => run_audit(c),
     }
+}
+
+/// Compact now if asked (and not already done), report, close.
+fn finish_erasure(e: Engine, op: &Operator, mut r: facematch::engine::ErasureReport, compact: bool) -> anyhow::Result<bool> {
+    if compact && !r.bytes_removed {
+        e.compact(op)?;
+        r.bytes_removed = true;
+    }
+    json_line(&r)?;
+    e.close()?;
+    Ok(true)
 }
 
 fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
