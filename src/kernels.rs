@@ -9,6 +9,7 @@
 //!   report bit-identical scores for the same (query, template) pair.
 //! - [`dot_i8_i16`]: int8 codes against a query pre-widened to i16 (exact
 //!   integer arithmetic), the traversal metric of int8 graph storage.
+//! - [`dot_i8`]: int8 x int8 (exact i32), the build's pairwise metric with int8 storage.
 //! - [`dot_many`]: a register- and cache-blocked "small GEMM" that scores a
 //!   batch of queries against many vectors while reading each vector once per
 //!   block of queries.
@@ -138,6 +139,29 @@ pub fn dot_i8_i16(code: &[i8], q: &[i16]) -> i32 {
 /// Portable int8 x i16 dot product.
 pub fn dot_i8_scalar(code: &[i8], q: &[i16]) -> i32 {
     code.iter().zip(q).map(|(&a, &b)| a as i32 * b as i32).sum()
+}
+
+/// Dot product of two int8 code vectors (over the shorter length), exact i32.
+#[inline]
+pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        match simd_level() {
+            // SAFETY: the level was detected at run time.
+            SimdLevel::Avx512Vnni => return unsafe { x86::dot_i8i8_avx512vnni(a, b) },
+            SimdLevel::Avx512 => return unsafe { x86::dot_i8i8_avx512(a, b) },
+            SimdLevel::Avx2 => return unsafe { x86::dot_i8i8_avx2(a, b) },
+            SimdLevel::Scalar => {}
+        }
+    }
+    dot_i8i8_scalar(a, b)
+}
+
+/// Portable int8 x int8 dot product.
+pub fn dot_i8i8_scalar(a: &[i8], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
 }
 
 /// Quantise `v` to symmetric int8 with one scale: `v[i] ~= scale * out[i]`.
@@ -350,6 +374,66 @@ mod x86 {
         t
     }
 
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dot_i8i8_avx512(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len();
+        let mut acc = _mm512_setzero_si512();
+        let mut i = 0;
+        while i + 32 <= n {
+            let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(a.as_ptr().add(i) as *const __m256i));
+            let y = _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(x, y));
+            i += 32;
+        }
+        let mut t = _mm512_reduce_add_epi32(acc);
+        while i < n {
+            t += *a.get_unchecked(i) as i32 * *b.get_unchecked(i) as i32;
+            i += 1;
+        }
+        t
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_i8i8_avx512vnni(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len();
+        let mut acc = _mm512_setzero_si512();
+        let mut i = 0;
+        while i + 32 <= n {
+            let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(a.as_ptr().add(i) as *const __m256i));
+            let y = _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
+            acc = _mm512_dpwssd_epi32(acc, x, y);
+            i += 32;
+        }
+        let mut t = _mm512_reduce_add_epi32(acc);
+        while i < n {
+            t += *a.get_unchecked(i) as i32 * *b.get_unchecked(i) as i32;
+            i += 1;
+        }
+        t
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i8i8_avx2(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len();
+        let mut acc = _mm256_setzero_si256();
+        let mut i = 0;
+        while i + 16 <= n {
+            let x = _mm256_cvtepi8_epi16(_mm_loadu_si128(a.as_ptr().add(i) as *const __m128i));
+            let y = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x, y));
+            i += 16;
+        }
+        let h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01));
+        let mut t = _mm_cvtsi128_si32(h);
+        while i < n {
+            t += *a.get_unchecked(i) as i32 * *b.get_unchecked(i) as i32;
+            i += 1;
+        }
+        t
+    }
+
     /// Horizontal sums of four vectors: lane i of the result = sum of `a[i]`.
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -497,6 +581,8 @@ mod tests {
             let c: Vec<i8> = (0..n).map(|_| rng.gen_range(-127i8..=127)).collect();
             let q: Vec<i16> = (0..n).map(|_| rng.gen_range(-127i16..=127)).collect();
             assert_eq!(dot_i8_i16(&c, &q), dot_i8_scalar(&c, &q), "n={n}");
+            let d: Vec<i8> = (0..n).map(|_| rng.gen_range(-128i8..=127)).collect();
+            assert_eq!(dot_i8(&c, &d), dot_i8i8_scalar(&c, &d), "n={n}");
         }
     }
 
