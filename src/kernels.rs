@@ -489,6 +489,9 @@ mod x86 {
         _mm_storeu_ps(out.as_mut_ptr(), hsum4(acc[0], acc[1], acc[2], acc[3]));
     }
 
+    /// Vectors ahead of the single-query scan to prefetch.
+    const PF_AHEAD: usize = 16;
+
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_many_avx512(
         qs: &[f32],
@@ -535,6 +538,15 @@ mod x86 {
                 let mut out = [0.0f32; 4];
                 while j + 4 <= v1 {
                     let v = [vp.add(j * stride), vp.add((j + 1) * stride), vp.add((j + 2) * stride), vp.add((j + 3) * stride)];
+                    // one query streams the vectors from memory: software prefetch ahead
+                    if j + PF_AHEAD + 4 <= nv {
+                        let base = vp.add((j + PF_AHEAD) * stride) as *const i8;
+                        let mut off = 0;
+                        while off < 4 * stride * 4 {
+                            _mm_prefetch(base.add(off), _MM_HINT_T0);
+                            off += 64;
+                        }
+                    }
                     kernel1x4(q, v, dim, &mut out);
                     for (b, &s) in out.iter().enumerate() {
                         sink(i, j + b, s);
