@@ -171,7 +171,7 @@ pub fn dot_i8i8_scalar(a: &[i8], b: &[i8]) -> i32 {
 pub fn quantize_i8(v: &[f32], out: &mut [i8]) -> f32 {
     let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     out.iter_mut().for_each(|o| *o = 0);
-    if !(amax > 0.0) || !amax.is_finite() {
+    if amax.is_nan() || amax <= 0.0 || amax.is_infinite() {
         return 0.0;
     }
     let inv = 127.0 / amax;
@@ -215,7 +215,7 @@ pub fn dot_many(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if matches!(simd_level(), SimdLevel::Avx512 | SimdLevel::Avx512Vnni) && dim % 16 == 0 {
+        if matches!(simd_level(), SimdLevel::Avx512 | SimdLevel::Avx512Vnni) && dim.is_multiple_of(16) {
             // SAFETY: avx512f detected; bounds clamped above.
             unsafe { x86::dot_many_avx512(qs, nq, vs, stride, nv, dim, &mut sink) };
             return;

@@ -36,6 +36,8 @@
 mod graph;
 mod io;
 
+pub use io::FORMAT_VERSION;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -271,7 +273,7 @@ fn check_vector(v: &[f32], dim: usize) -> Result<f32> {
         n2 += x as f64 * x as f64;
     }
     let n = n2.sqrt();
-    if !(n > 1e-12) || !n.is_finite() {
+    if n.is_nan() || n <= 1e-12 || n.is_infinite() {
         return Err(Error::InvalidEmbedding { reason: "zero norm".into() });
     }
     Ok(n as f32)
@@ -507,7 +509,7 @@ impl VectorIndex {
         let level = self.level_of(slot as u64);
         self.levels.push(level as u8);
         self.upper.push(vec![0u32; level * (1 + self.cfg.m)].into_boxed_slice());
-        if slot % 64 == 0 {
+        if slot.is_multiple_of(64) {
             self.deleted.push(0);
         }
         self.slots += 1;
@@ -533,7 +535,7 @@ impl VectorIndex {
     /// Add `vs.len() / dim` vectors, all validated before any is added; the
     /// graph is built in parallel (`build_threads`). Returns the new slots.
     pub fn add_batch(&mut self, vs: &[f32]) -> Result<std::ops::Range<u32>> {
-        if vs.len() % self.dim != 0 {
+        if !vs.len().is_multiple_of(self.dim) {
             // not a whole number of vectors: report the length received
             return Err(Error::WrongDimension { expected: self.dim, got: vs.len() });
         }
@@ -646,7 +648,7 @@ impl VectorIndex {
     /// the queries in parallel. With `Auto`, a large batch takes the exact
     /// path when its measured cost model says it is cheaper than the graph.
     pub fn search_batch(&self, qs: &[f32], p: &SearchParams) -> Result<Vec<Vec<Hit>>> {
-        if qs.len() % self.dim != 0 {
+        if !qs.len().is_multiple_of(self.dim) {
             return Err(Error::WrongDimension { expected: self.dim, got: qs.len() });
         }
         let nq = qs.len() / self.dim;
@@ -879,7 +881,7 @@ impl VectorIndex {
             }
         }
         // tombstones beyond n must be clear
-        if n % 64 != 0 {
+        if !n.is_multiple_of(64) {
             if let Some(last) = ix.deleted.last() {
                 if last >> (n % 64) != 0 {
                     return Err(bad("tombstone bits beyond the last slot".into()));
