@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example index_probe -- --n 100000 --dim 128 --kind clustered --storage int8 --ef 32,64,128
 //! ```
+//! `--save FILE` / `--load FILE` write or read the built index (same data args).
 //! `--dump PATH` also writes gallery and queries as raw little-endian f32
 //! (`PATH.gallery.f32`, `PATH.queries.f32`, `PATH.mates.u32`) for side-by-side runs.
 
@@ -108,10 +109,21 @@ fn main() -> facematch::Result<()> {
         storage: if storage == "f32" { VectorStorage::F32 } else { VectorStorage::Int8 },
         ..Default::default()
     };
+    let load: String = arg("--load", String::new());
+    let save: String = arg("--save", String::new());
     let mut ix = VectorIndex::new(dim, cfg)?;
     let t = Instant::now();
     let c0 = cpu_secs();
-    ix.add_batch(&g)?;
+    if load.is_empty() {
+        ix.add_batch(&g)?;
+    } else {
+        let mut f = std::io::BufReader::new(std::fs::File::open(&load).map_err(|e| facematch::Error::io(&load, e))?);
+        ix = VectorIndex::read_from(&mut f)?;
+    }
+    if !save.is_empty() {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&save).map_err(|e| facematch::Error::io(&save, e))?);
+        ix.write_to(&mut f)?;
+    }
     let build = t.elapsed().as_secs_f64();
     let build_cpu = cpu_secs() - c0;
     println!(

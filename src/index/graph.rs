@@ -167,7 +167,8 @@ impl VectorIndex {
         cand.clear();
         res.clear();
         out.clear();
-        let vec_bytes = self.vec_words * 4;
+        // whole record when small (vector + neighbour list), else the vector part
+        let pf_bytes = self.vec_words * 4;
         for &(s, id) in eps {
             if visited[id as usize] == ep {
                 continue;
@@ -187,13 +188,20 @@ impl VectorIndex {
             if s < lower && res.len() >= ef {
                 break;
             }
+            if level == 0 {
+                // the next candidate's neighbour list, while this one is expanded
+                if let Some(&nk) = cand.peek() {
+                    let nc = nk as u32;
+                    kernels::prefetch(self.rec_ptr(nc).wrapping_add(self.vec_words) as *const u8, (1 + self.m0) * 4);
+                }
+            }
             buf.clear();
             for &n in self.links(c, level) {
                 let v = &mut visited[n as usize];
                 if *v != ep {
                     *v = ep;
                     buf.push(n);
-                    kernels::prefetch(self.rec_ptr(n) as *const u8, vec_bytes);
+                    kernels::prefetch(self.rec_ptr(n) as *const u8, pf_bytes);
                 }
             }
             for &n in buf.iter() {
