@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example index_probe -- --n 100000 --dim 128 --kind clustered --storage int8 --ef 32,64,128
 //! ```
+//! `--save FILE` / `--load FILE` write or read the built index (same data args).
 //! `--dump PATH` also writes gallery and queries as raw little-endian f32
 //! (`PATH.gallery.f32`, `PATH.queries.f32`, `PATH.mates.u32`) for side-by-side runs.
 
@@ -67,6 +68,16 @@ fn data(kind: &str, n: usize, dim: usize, nq: usize, seed: u64) -> (Vec<f32>, Ve
     (g, q, mates)
 }
 
+/// CPU seconds used by this process so far (user + system, from /proc; 0 elsewhere).
+/// Reported beside wall time because the machine is shared.
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn write_raw(path: &str, bytes: impl Iterator<Item = [u8; 4]>) {
     let v: Vec<u8> = bytes.flatten().collect();
     std::fs::write(path, v).expect("write dump");
@@ -98,40 +109,59 @@ fn main() -> facematch::Result<()> {
         storage: if storage == "f32" { VectorStorage::F32 } else { VectorStorage::Int8 },
         ..Default::default()
     };
+    let load: String = arg("--load", String::new());
+    let save: String = arg("--save", String::new());
     let mut ix = VectorIndex::new(dim, cfg)?;
     let t = Instant::now();
-    ix.add_batch(&g)?;
+    let c0 = cpu_secs();
+    if load.is_empty() {
+        ix.add_batch(&g)?;
+    } else {
+        let mut f = std::io::BufReader::new(std::fs::File::open(&load).map_err(|e| facematch::Error::io(&load, e))?);
+        ix = VectorIndex::read_from(&mut f)?;
+    }
+    if !save.is_empty() {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&save).map_err(|e| facematch::Error::io(&save, e))?);
+        ix.write_to(&mut f)?;
+    }
     let build = t.elapsed().as_secs_f64();
+    let build_cpu = cpu_secs() - c0;
     println!(
-        "data={kind} n={n} dim={dim} storage={storage} m={m} efc={efc} rerank={rerank} build_s={build:.2} threads={} memory_mb={:.1}",
+        "data={kind} n={n} dim={dim} storage={storage} m={m} efc={efc} rerank={rerank} build_s={build:.2} build_cpu_s={build_cpu:.2} threads={} memory_mb={:.1}",
         rayon::current_num_threads(),
         ix.memory_bytes() as f64 / 1e6
     );
     let exact_p = SearchParams::top(1).with_strategy(SearchStrategy::Exact);
-    let t = Instant::now();
+    let (t, c0) = (Instant::now(), cpu_secs());
     let truth = pool1.install(|| ix.search_batch(&q, &exact_p))?;
     let batched = nq as f64 / t.elapsed().as_secs_f64();
+    let batched_cpu = nq as f64 / (cpu_secs() - c0).max(0.01);
     let ns = nq.min(200);
-    let t = Instant::now();
+    let (t, c0) = (Instant::now(), cpu_secs());
     for i in 0..ns {
         std::hint::black_box(ix.search(&q[i * dim..(i + 1) * dim], &exact_p)?);
     }
     let single = ns as f64 / t.elapsed().as_secs_f64();
+    let single_cpu = ns as f64 / (cpu_secs() - c0).max(0.01);
     let enrolled = mates.iter().filter(|m| m.is_some()).count();
     let mate1 = |res: &[Vec<facematch::index::Hit>]| {
         res.iter().zip(&mates).filter(|(r, m)| m.is_some() && r.first().map(|h| h.slot) == **m).count() as f64 / enrolled as f64
     };
-    println!("exact: qps_single_1t={single:.0} qps_batched_1t={batched:.0} mate@1={:.4}", mate1(&truth));
+    println!(
+        "exact: qps_single_1t={single:.0} (per cpu-s {single_cpu:.0}) qps_batched_1t={batched:.0} (per cpu-s {batched_cpu:.0}) mate@1={:.4}",
+        mate1(&truth)
+    );
     for ef in efs.split(',').filter_map(|e| e.parse::<usize>().ok()) {
         let p = SearchParams::top(1).with_strategy(SearchStrategy::Graph).with_ef(ef);
         let mut res = Vec::with_capacity(nq);
-        let t = Instant::now();
+        let (t, c0) = (Instant::now(), cpu_secs());
         for i in 0..nq {
             res.push(ix.search(&q[i * dim..(i + 1) * dim], &p)?);
         }
         let qps = nq as f64 / t.elapsed().as_secs_f64();
+        let qps_cpu = nq as f64 / (cpu_secs() - c0).max(0.01);
         let rec = res.iter().zip(&truth).filter(|(a, b)| a.first().map(|h| h.slot) == b.first().map(|h| h.slot)).count() as f64 / nq as f64;
-        println!("graph ef={ef}: recall@1_vs_exact={rec:.4} mate@1={:.4} qps_1t={qps:.0}", mate1(&res));
+        println!("graph ef={ef}: recall@1_vs_exact={rec:.4} mate@1={:.4} qps_1t={qps:.0} (per cpu-s {qps_cpu:.0})", mate1(&res));
     }
     Ok(())
 }

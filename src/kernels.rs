@@ -9,6 +9,7 @@
 //!   report bit-identical scores for the same (query, template) pair.
 //! - [`dot_i8_i16`]: int8 codes against a query pre-widened to i16 (exact
 //!   integer arithmetic), the traversal metric of int8 graph storage.
+//! - [`dot_i8`]: int8 x int8 (exact i32), the build's pairwise metric with int8 storage.
 //! - [`dot_many`]: a register- and cache-blocked "small GEMM" that scores a
 //!   batch of queries against many vectors while reading each vector once per
 //!   block of queries.
@@ -140,6 +141,29 @@ pub fn dot_i8_scalar(code: &[i8], q: &[i16]) -> i32 {
     code.iter().zip(q).map(|(&a, &b)| a as i32 * b as i32).sum()
 }
 
+/// Dot product of two int8 code vectors (over the shorter length), exact i32.
+#[inline]
+pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        match simd_level() {
+            // SAFETY: the level was detected at run time.
+            SimdLevel::Avx512Vnni => return unsafe { x86::dot_i8i8_avx512vnni(a, b) },
+            SimdLevel::Avx512 => return unsafe { x86::dot_i8i8_avx512(a, b) },
+            SimdLevel::Avx2 => return unsafe { x86::dot_i8i8_avx2(a, b) },
+            SimdLevel::Scalar => {}
+        }
+    }
+    dot_i8i8_scalar(a, b)
+}
+
+/// Portable int8 x int8 dot product.
+pub fn dot_i8i8_scalar(a: &[i8], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
+}
+
 /// Quantise `v` to symmetric int8 with one scale: `v[i] ~= scale * out[i]`.
 ///
 /// Returns the scale (0 for an all-zero vector). `out` must be at least as
@@ -147,7 +171,7 @@ pub fn dot_i8_scalar(code: &[i8], q: &[i16]) -> i32 {
 pub fn quantize_i8(v: &[f32], out: &mut [i8]) -> f32 {
     let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     out.iter_mut().for_each(|o| *o = 0);
-    if !(amax > 0.0) || !amax.is_finite() {
+    if amax.is_nan() || amax <= 0.0 || amax.is_infinite() {
         return 0.0;
     }
     let inv = 127.0 / amax;
@@ -191,7 +215,7 @@ pub fn dot_many(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if matches!(simd_level(), SimdLevel::Avx512 | SimdLevel::Avx512Vnni) && dim % 16 == 0 {
+        if matches!(simd_level(), SimdLevel::Avx512 | SimdLevel::Avx512Vnni) && dim.is_multiple_of(16) {
             // SAFETY: avx512f detected; bounds clamped above.
             unsafe { x86::dot_many_avx512(qs, nq, vs, stride, nv, dim, &mut sink) };
             return;
@@ -350,6 +374,66 @@ mod x86 {
         t
     }
 
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dot_i8i8_avx512(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len();
+        let mut acc = _mm512_setzero_si512();
+        let mut i = 0;
+        while i + 32 <= n {
+            let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(a.as_ptr().add(i) as *const __m256i));
+            let y = _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(x, y));
+            i += 32;
+        }
+        let mut t = _mm512_reduce_add_epi32(acc);
+        while i < n {
+            t += *a.get_unchecked(i) as i32 * *b.get_unchecked(i) as i32;
+            i += 1;
+        }
+        t
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_i8i8_avx512vnni(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len();
+        let mut acc = _mm512_setzero_si512();
+        let mut i = 0;
+        while i + 32 <= n {
+            let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(a.as_ptr().add(i) as *const __m256i));
+            let y = _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
+            acc = _mm512_dpwssd_epi32(acc, x, y);
+            i += 32;
+        }
+        let mut t = _mm512_reduce_add_epi32(acc);
+        while i < n {
+            t += *a.get_unchecked(i) as i32 * *b.get_unchecked(i) as i32;
+            i += 1;
+        }
+        t
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i8i8_avx2(a: &[i8], b: &[i8]) -> i32 {
+        let n = a.len();
+        let mut acc = _mm256_setzero_si256();
+        let mut i = 0;
+        while i + 16 <= n {
+            let x = _mm256_cvtepi8_epi16(_mm_loadu_si128(a.as_ptr().add(i) as *const __m128i));
+            let y = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x, y));
+            i += 16;
+        }
+        let h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01));
+        let mut t = _mm_cvtsi128_si32(h);
+        while i < n {
+            t += *a.get_unchecked(i) as i32 * *b.get_unchecked(i) as i32;
+            i += 1;
+        }
+        t
+    }
+
     /// Horizontal sums of four vectors: lane i of the result = sum of `a[i]`.
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -405,6 +489,9 @@ mod x86 {
         _mm_storeu_ps(out.as_mut_ptr(), hsum4(acc[0], acc[1], acc[2], acc[3]));
     }
 
+    /// Vectors ahead of the single-query scan to prefetch.
+    const PF_AHEAD: usize = 16;
+
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_many_avx512(
         qs: &[f32],
@@ -451,6 +538,15 @@ mod x86 {
                 let mut out = [0.0f32; 4];
                 while j + 4 <= v1 {
                     let v = [vp.add(j * stride), vp.add((j + 1) * stride), vp.add((j + 2) * stride), vp.add((j + 3) * stride)];
+                    // one query streams the vectors from memory: software prefetch ahead
+                    if j + PF_AHEAD + 4 <= nv {
+                        let base = vp.add((j + PF_AHEAD) * stride) as *const i8;
+                        let mut off = 0;
+                        while off < 4 * stride * 4 {
+                            _mm_prefetch(base.add(off), _MM_HINT_T0);
+                            off += 64;
+                        }
+                    }
                     kernel1x4(q, v, dim, &mut out);
                     for (b, &s) in out.iter().enumerate() {
                         sink(i, j + b, s);
@@ -497,6 +593,8 @@ mod tests {
             let c: Vec<i8> = (0..n).map(|_| rng.gen_range(-127i8..=127)).collect();
             let q: Vec<i16> = (0..n).map(|_| rng.gen_range(-127i16..=127)).collect();
             assert_eq!(dot_i8_i16(&c, &q), dot_i8_scalar(&c, &q), "n={n}");
+            let d: Vec<i8> = (0..n).map(|_| rng.gen_range(-128i8..=127)).collect();
+            assert_eq!(dot_i8(&c, &d), dot_i8i8_scalar(&c, &d), "n={n}");
         }
     }
 

@@ -138,7 +138,7 @@ fn edge_cases_never_panic() {
 #[test]
 fn filter_hides_slots_and_selective_filter_is_exact() {
     let (ix, data) = build(2000, 16, 13, VectorStorage::Int8);
-    let only_mod7 = |s: u32| s % 7 == 0;
+    let only_mod7 = |s: u32| s.is_multiple_of(7);
     let q = &data[16 * 5..16 * 6];
     for strategy in [SearchStrategy::Auto, SearchStrategy::Exact, SearchStrategy::Graph] {
         let p = SearchParams { k: 10, ef: None, strategy, filter: Some(&only_mod7) };

@@ -87,15 +87,21 @@ fn sort_desc(c: &mut [(f32, u32)]) {
 }
 
 impl VectorIndex {
-    /// Fill `q16` with the int8 form of `f` (widened), when storage is int8.
+    /// Fill `q16` with the int8 form of `f` (widened to i16; same rounding as
+    /// [`kernels::quantize_i8`]), when storage is int8. No allocation once warm.
     fn prep_q16(&self, f: &[f32], q16: &mut Vec<i16>) {
         if self.cfg.storage != VectorStorage::Int8 {
             return;
         }
-        let mut codes = vec![0i8; self.cpad];
-        kernels::quantize_i8(f, &mut codes);
         q16.clear();
-        q16.extend(codes.iter().map(|&c| c as i16));
+        q16.resize(self.cpad, 0);
+        let amax = f.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        if amax > 0.0 && amax.is_finite() {
+            let inv = 127.0 / amax;
+            for (o, &x) in q16.iter_mut().zip(f) {
+                *o = (x * inv).round().clamp(-127.0, 127.0) as i16;
+            }
+        }
     }
 
     /// Traversal similarity (exact for f32 storage, scaled int8 otherwise).
@@ -111,6 +117,29 @@ impl VectorIndex {
                 let scale = f32::from_bits(*p.add(self.cpad / 4));
                 scale * kernels::dot_i8_i16(codes, q.q16) as f32
             },
+        }
+    }
+
+    /// Int8 codes and scale of a slot (int8 storage only).
+    #[inline(always)]
+    fn codes(&self, s: u32) -> (&[i8], f32) {
+        assert!((s as usize) < self.slots);
+        let p = self.rec_ptr(s);
+        // SAFETY: in range; the record starts with cpad code bytes then the scale.
+        unsafe { (std::slice::from_raw_parts(p as *const i8, self.cpad), f32::from_bits(*p.add(self.cpad / 4))) }
+    }
+
+    /// Similarity of two stored vectors in the build metric: exact f32 with
+    /// f32 storage, int8 x int8 (scaled) with int8 storage.
+    #[inline]
+    fn pair_sim(&self, a: u32, b: u32) -> f32 {
+        match self.cfg.storage {
+            VectorStorage::F32 => kernels::dot_f32(self.exact_vec(a), self.exact_vec(b)),
+            VectorStorage::Int8 => {
+                let (ca, sa) = self.codes(a);
+                let (cb, sb) = self.codes(b);
+                sa * sb * kernels::dot_i8(ca, cb) as f32
+            }
         }
     }
 
@@ -138,7 +167,8 @@ impl VectorIndex {
         cand.clear();
         res.clear();
         out.clear();
-        let vec_bytes = self.vec_words * 4;
+        // whole record when small (vector + neighbour list), else the vector part
+        let pf_bytes = self.vec_words * 4;
         for &(s, id) in eps {
             if visited[id as usize] == ep {
                 continue;
@@ -158,13 +188,20 @@ impl VectorIndex {
             if s < lower && res.len() >= ef {
                 break;
             }
+            if level == 0 {
+                // the next candidate's neighbour list, while this one is expanded
+                if let Some(&nk) = cand.peek() {
+                    let nc = nk as u32;
+                    kernels::prefetch(self.rec_ptr(nc).wrapping_add(self.vec_words) as *const u8, (1 + self.m0) * 4);
+                }
+            }
             buf.clear();
             for &n in self.links(c, level) {
                 let v = &mut visited[n as usize];
                 if *v != ep {
                     *v = ep;
                     buf.push(n);
-                    kernels::prefetch(self.rec_ptr(n) as *const u8, vec_bytes);
+                    kernels::prefetch(self.rec_ptr(n) as *const u8, pf_bytes);
                 }
             }
             for &n in buf.iter() {
@@ -206,15 +243,14 @@ impl VectorIndex {
 
     /// Heuristic neighbour selection (HNSW paper, algorithm 4): keep a
     /// candidate only if it is closer to the base than to every kept one.
-    /// `cands` are (exact similarity to the base, slot), best first.
+    /// `cands` are (similarity to the base in the build metric, slot), best first.
     fn select(&self, cands: &[(f32, u32)], m: usize) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::with_capacity(m);
         for &(s, c) in cands {
             if out.len() >= m {
                 break;
             }
-            let vc = self.exact_vec(c);
-            if out.iter().all(|&r| kernels::dot_f32(vc, self.exact_vec(r)) <= s) {
+            if out.iter().all(|&r| self.pair_sim(c, r) <= s) {
                 out.push(c);
             }
         }
@@ -316,14 +352,16 @@ impl VectorIndex {
                     eps.clear();
                     eps.extend_from_slice(&sc.out);
                 }
-                cands.extend(sc.out.iter().map(|&(s, c)| match self.cfg.storage {
-                    VectorStorage::F32 => (s, c),
-                    VectorStorage::Int8 => (kernels::dot_f32(qf, self.exact_vec(c)), c),
-                }));
+                // int8: the query is x's own code, so scaling by x's scale gives pair_sim
+                let sx = match self.cfg.storage {
+                    VectorStorage::F32 => 1.0,
+                    VectorStorage::Int8 => self.codes(x).1,
+                };
+                cands.extend(sc.out.iter().map(|&(s, c)| (s * sx, c)));
             }
             if let Some(pl) = peers.get(l) {
                 if pl.len() <= PEER_MAX {
-                    cands.extend(pl.iter().filter(|&&p| p != x).map(|&p| (kernels::dot_f32(qf, self.exact_vec(p)), p)));
+                    cands.extend(pl.iter().filter(|&&p| p != x).map(|&p| (self.pair_sim(x, p), p)));
                 }
             }
             sort_desc(&mut cands);
@@ -354,8 +392,7 @@ impl VectorIndex {
         if all.len() <= cap {
             return all;
         }
-        let vt = self.exact_vec(t);
-        let mut c: Vec<(f32, u32)> = all.into_iter().map(|x| (kernels::dot_f32(vt, self.exact_vec(x)), x)).collect();
+        let mut c: Vec<(f32, u32)> = all.into_iter().map(|x| (self.pair_sim(t, x), x)).collect();
         sort_desc(&mut c);
         self.select(&c, cap)
     }
