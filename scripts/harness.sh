@@ -6,8 +6,9 @@
 #   bash scripts/harness.sh isotropic-200k 200k x 512 isotropic (anchor; long: ~1 hour with hnsw_rs)
 #   bash scripts/harness.sh all            the three above
 #
-# Extra arguments after the configuration name go to the harness, e.g.
-#   bash scripts/harness.sh smoke --backends exact,peers
+# Choose backends with BACKENDS=exact,facematch-int8,peers; other arguments after the
+# configuration name go to the harness, e.g.
+#   bash scripts/harness.sh smoke --ef 64,128
 # Results: bench-results/<config>.json and .md; data (.npy, reused across runs)
 # under bench-data/<config>/ (or $FACEMATCH_BENCH_DATA).
 set -euo pipefail
@@ -38,17 +39,17 @@ run() { # name args...
 smoke() {
   run smoke --data structured --n 20000 --dim 128 --queries 1000 --seed 42 \
     --m 16 --efc 200 --ef 16,32,64,128,256 --threads 1,2 --build-threads 2 \
-    --threshold 0.5 --backends exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers "$@"
+    --threshold 0.5 --backends "${BACKENDS:-exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers}" "$@"
 }
 structured_1m() {
   run structured-1m --data structured --n 1000000 --dim 128 --queries 1000 --seed 42 \
     --m 16 --efc 200 --ef 16,32,64,128,256,512,1024 --threads 1,2 --build-threads 2 \
-    --threshold 0.55 --backends exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers "$@"
+    --threshold 0.55 --backends "${BACKENDS:-exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers}" "$@"
 }
 isotropic_200k() {
   run isotropic-200k --data isotropic --n 200000 --dim 512 --queries 1000 --seed 42 \
     --m 16 --efc 200 --ef 64,128,256,512,1024,2048 --threads 1,2 --build-threads 2 \
-    --threshold 0.35 --backends exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers "$@"
+    --threshold 0.35 --backends "${BACKENDS:-exact,facematch-exact,facematch,facematch-int8,hnsw_rs,peers}" "$@"
 }
 
 case "$CONFIG" in
