@@ -706,10 +706,7 @@ impl Engine {
         if events.is_empty() {
             return Ok(out);
         }
-        let seqs = match self.audit.read().as_ref() {
-            Some(a) => a.append_batch(events)?,
-            None => return Err(Error::Audit("the audit log is closed".into())),
-        };
+        let seqs = self.audit_batch(events)?;
         for (r, s) in out.iter_mut().zip(seqs) {
             r.audit_seq = s;
         }
@@ -757,31 +754,65 @@ impl Engine {
     }
 
     /// Record a consent (required before enrolment). Refuses a minor under 14 without guardian consent.
-    pub fn record_consent(&self, operator: &Operator, mut consent: ConsentRecord) -> Result<()> {
-        let declared = self.manifest.read().config.purpose_names();
-        consent.validate(&declared)?;
-        if consent.given_at_ms == 0 {
-            consent.given_at_ms = self.clock.now_unix_ms();
+    pub fn record_consent(&self, operator: &Operator, consent: ConsentRecord) -> Result<()> {
+        self.record_consents(operator, vec![consent])
+    }
+
+    /// Record many consents with one fsync (migration, bulk import). All are checked first; nothing is written if one fails.
+    pub fn record_consents(&self, operator: &Operator, mut consents: Vec<ConsentRecord>) -> Result<()> {
+        if consents.is_empty() {
+            return Ok(());
         }
-        let mut w = self.writer.lock();
-        if let Some(old) = self.state.read().consents.get(&consent.consent_id) {
-            if old.subject != consent.subject {
-                return Err(Error::PolicyViolation { rule: "consent-record", reason: format!("consent id {} belongs to another subject", consent.consent_id) });
+        let declared = self.manifest.read().config.purpose_names();
+        let now = self.clock.now_unix_ms();
+        for c in &mut consents {
+            c.validate(&declared)?;
+            if c.given_at_ms == 0 {
+                c.given_at_ms = now;
             }
         }
-        w.log.append_durable(&[Op::Consent(consent.clone()).encode()])?;
-        self.state.write().consents.insert(consent.consent_id.clone(), consent.clone());
+        let mut w = self.writer.lock();
+        {
+            let st = self.state.read();
+            let mut batch: HashMap<&str, &SubjectId> = HashMap::new();
+            for c in &consents {
+                let owner = st.consents.get(&c.consent_id).map(|o| &o.subject).or(batch.get(c.consent_id.as_str()).copied());
+                if owner.is_some_and(|s| s != &c.subject) {
+                    return Err(Error::PolicyViolation { rule: "consent-record", reason: format!("consent id {} belongs to another subject", c.consent_id) });
+                }
+                batch.insert(&c.consent_id, &c.subject);
+            }
+        }
+        let frames: Vec<Vec<u8>> = consents.iter().map(|c| Op::Consent(c.clone()).encode()).collect();
+        w.log.append_durable(&frames)?;
+        {
+            let mut st = self.state.write();
+            for c in &consents {
+                st.consents.insert(c.consent_id.clone(), c.clone());
+            }
+        }
         drop(w);
-        self.audit_append(AuditEvent::ConsentRecorded {
-            operator: operator.as_str().into(),
-            subject: consent.subject.to_string(),
-            consent_id: consent.consent_id.clone(),
-            basis: consent.basis.label(),
-            purposes: consent.purposes.iter().map(|p| p.to_string()).collect(),
-            age_bracket: consent.age_bracket.label().into(),
-            guardian: consent.guardian.is_some(),
-        })?;
+        let events = consents
+            .iter()
+            .map(|c| AuditEvent::ConsentRecorded {
+                operator: operator.as_str().into(),
+                subject: c.subject.to_string(),
+                consent_id: c.consent_id.clone(),
+                basis: c.basis.label(),
+                purposes: c.purposes.iter().map(|p| p.to_string()).collect(),
+                age_bracket: c.age_bracket.label().into(),
+                guardian: c.guardian.is_some(),
+            })
+            .collect();
+        self.audit_batch(events)?;
         Ok(())
+    }
+
+    fn audit_batch(&self, events: Vec<AuditEvent>) -> Result<std::ops::Range<u64>> {
+        match self.audit.read().as_ref() {
+            Some(a) => a.append_batch(events),
+            None => Err(Error::Audit("the audit log is closed".into())),
+        }
     }
 
     fn check_enrolment(&self, cfg: &GalleryConfig, st: &State, e: &Enrolment, now: i64) -> Result<(TemplateMeta, Vec<f32>)> {
@@ -893,10 +924,7 @@ impl Engine {
                 consent_id: meta.consent_id.clone(),
             })
             .collect();
-        match self.audit.read().as_ref() {
-            Some(a) => a.append_batch(events)?,
-            None => return Err(Error::Audit("the audit log is closed".into())),
-        };
+        self.audit_batch(events)?;
         self.check_filing(people_after)?;
         Ok(ids)
     }
@@ -1216,6 +1244,11 @@ impl Engine {
     pub fn templates_of(&self, subject: &SubjectId) -> Vec<u64> {
         let st = self.state.read();
         st.subject_idx.get(subject).and_then(|i| st.live_by_subject.get(i)).cloned().unwrap_or_default()
+    }
+
+    /// Whether a consent record with this id exists (withdrawn or not).
+    pub fn has_consent(&self, consent_id: &str) -> bool {
+        self.state.read().consents.contains_key(consent_id)
     }
 
     /// Consent records of a subject (kept for the audit trail, withdrawn ones included).

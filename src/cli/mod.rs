@@ -343,8 +343,9 @@ pub struct AuditQuery {
     /// Until this time (unix ms).
     #[arg(long)]
     until_ms: Option<i64>,
+    /// Only records by this operator.
     #[arg(long = "by")]
-    operator: Option<String>,
+    by: Option<String>,
     #[arg(long)]
     purpose: Option<String>,
     #[arg(long)]
@@ -593,15 +594,16 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
     for start in (0..m.rows).step_by(batch) {
         let end = (start + batch).min(m.rows);
         let mut reqs = Vec::with_capacity(end - start);
+        let mut consents = Vec::new();
         for (i, subject_name) in subjects.iter().enumerate().take(end).skip(start) {
             let subject = SubjectId::new(subject_name.as_str())?;
             let cid = format!("import-{subject}");
-            if seen.insert(subject.clone()) && e.consents_of(&subject).iter().all(|c| c.consent_id != cid) {
-                let c = ConsentRecord::new(cid.clone(), subject.as_str(), basis.clone(), ps.clone(), op.as_str(), AgeBracket::Adult);
-                e.record_consent(&op, c)?;
+            if seen.insert(subject.clone()) && !e.has_consent(&cid) {
+                consents.push(ConsentRecord::new(cid.clone(), subject.as_str(), basis.clone(), ps.clone(), op.as_str(), AgeBracket::Adult));
             }
             reqs.push(Enrolment::new(subject, cid, ps.clone(), m.row(i).to_vec()));
         }
+        e.record_consents(&op, consents)?;
         imported += e.enrol_batch(&op, reqs)?.len() as u64;
         bar.set_position(end as u64);
     }
@@ -625,7 +627,7 @@ fn run_audit(c: &AuditCommand) -> anyhow::Result<bool> {
             let f = AuditFilter {
                 from_ms: q.from_ms,
                 until_ms: q.until_ms,
-                operator: q.operator.clone(),
+                operator: q.by.clone(),
                 purpose: q.purpose.clone(),
                 subject: q.subject.clone(),
                 ..Default::default()

@@ -1,0 +1,81 @@
+//! The CLI as a user drives it: init, import (.npy + manifest), search (JSON lines), stats,
+//! withdraw, audit verify / show, and clear errors for a wrong key.
+
+use std::path::Path;
+use std::process::Command;
+
+fn fm(args: &[&str], key: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_facematch"))
+        .args(args)
+        .env("FACEMATCH_KEY", std::fs::read_to_string(key).unwrap().trim())
+        .env("FACEMATCH_OPERATOR", "cli-test")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn import_search_withdraw_and_audit_from_the_command_line() {
+    let d = tempfile::tempdir().unwrap();
+    let key = d.path().join("key");
+    let out = Command::new(env!("CARGO_BIN_EXE_facematch")).args(["keygen", "--out"]).arg(&key).output().unwrap();
+    assert!(out.status.success());
+    let g = d.path().join("g");
+    let g = g.to_str().unwrap();
+    let (ok, _, err) = fm(&["init", "-g", g, "--dim", "32", "--model-id", "synthetic", "--purpose", "door-access:30"], &key);
+    assert!(ok, "{err}");
+
+    let set = facematch::synth::generate(&facematch::synth::SynthConfig { dim: 32, identities: 200, queries: 20, effective_dim: 24.0, ..Default::default() }).unwrap();
+    let npy = d.path().join("g.npy");
+    facematch::npy::write_f32_matrix(&npy, &set.gallery, 200, 32).unwrap();
+    let manifest = d.path().join("subjects.txt");
+    std::fs::write(&manifest, (0..200).map(|i| format!("person-{i}\n")).collect::<String>()).unwrap();
+    let (ok, out, err) = fm(&["import", "-g", g, "--embeddings", npy.to_str().unwrap(), "--manifest", manifest.to_str().unwrap(), "--purpose", "door-access"], &key);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["imported"], 200);
+
+    let q = d.path().join("q.npy");
+    facematch::npy::write_f32_matrix(&q, &set.queries, 20, 32).unwrap();
+    let (ok, out, err) = fm(&["search", "-g", g, "--purpose", "door-access", "--embeddings", q.to_str().unwrap(), "--k", "3"], &key);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 20);
+    let mut mates = 0;
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["query"], i);
+        assert!(l["candidates"].as_array().unwrap().len() <= 3);
+        assert!(l["decision"]["decision"].is_string());
+        if let Some(id) = set.query_identity[i] {
+            if l["candidates"][0]["subject"] == format!("person-{id}") {
+                mates += 1;
+            }
+        }
+    }
+    assert!(mates >= 12, "only {mates} of the enrolled queries found their mate first");
+    // an undeclared purpose is refused with a clear message
+    let (ok, _, err) = fm(&["search", "-g", g, "--purpose", "marketing", "--embeddings", q.to_str().unwrap()], &key);
+    assert!(!ok && err.contains("specific-purpose"), "{err}");
+
+    let (ok, out, _) = fm(&["withdraw", "-g", g, "--subject", "person-7", "--compact"], &key);
+    assert!(ok);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["templates"].as_array().unwrap().len(), 1);
+    assert_eq!(r["bytes_removed"], true);
+    let (ok, out, _) = fm(&["stats", "-g", g], &key);
+    assert!(ok);
+    let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((s["templates"].as_u64(), s["people"].as_u64(), s["filing_threshold"].as_u64()), (Some(199), Some(199), Some(100_000)));
+
+    let (ok, out, err) = fm(&["audit", "verify", "-g", g], &key);
+    assert!(ok, "{out} {err}");
+    let (ok, out, err) = fm(&["audit", "show", "-g", g, "--subject", "person-7"], &key);
+    assert!(ok, "{err}");
+    assert!(out.lines().any(|l| l.contains("consent_withdrawn")));
+
+    // a wrong key: clear error, non-zero exit
+    let other = d.path().join("other");
+    Command::new(env!("CARGO_BIN_EXE_facematch")).args(["keygen", "--out"]).arg(&other).output().unwrap();
+    let (ok, _, err) = fm(&["stats", "-g", g], &other);
+    assert!(!ok && err.contains("does not open the gallery"), "{err}");
+}
