@@ -50,6 +50,14 @@
 //! and reports a [`TornTail`]; anything else that does not verify makes `open`
 //! refuse with [`crate::Error::AuditTampered`].
 //!
+//! `open` costs O(last segment), not O(log): it reads `HEAD`, `RETIRED`, the
+//! header line and closing checkpoint of each closed segment (so a missing,
+//! swapped, truncated or replaced segment file is refused) and the last
+//! segment in full. Records inside closed segments were verified when they
+//! were written and are not re-read; [`AuditLog::verify`] (and `facematch
+//! audit verify`) checks every record of every segment, and retention
+//! verifies a segment in full before it deletes it.
+//!
 //! Records hold no biometric data: the event types have no field that could
 //! carry an embedding, image, crop or score vector.
 //!
