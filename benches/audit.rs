@@ -1,8 +1,11 @@
 //! Audit append throughput: fsync per record, group commit with 8 appending
-//! threads, and no fsync (upper bound).
+//! threads, and no fsync (upper bound); full verification of a 10k-record
+//! log; and `AuditLog::open` of a 100k-record log (what every engine open
+//! pays).
 //!
-//! `cargo bench --bench audit`. Each iteration is one `append` that has
-//! returned, i.e. one durable record under the named durability.
+//! `cargo bench --bench audit`. Each `audit_append` iteration is one
+//! `append` that has returned, i.e. one durable record under the named
+//! durability.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,7 +109,59 @@ fn bench_audit(c: &mut Criterion) {
         b.iter(|| assert!(AuditLog::verify(dir.path(), &key).unwrap().ok()))
     });
     g.finish();
+
+    // Opening a log of 100,000 records in segments of OPEN_BENCH_SEGMENT
+    // records (10 closed segments, the last one full: the worst case for
+    // an open that reads the last segment in full). Only `open` is timed;
+    // closing the log (writer thread join) happens outside the clock.
+    let dir = tempfile::tempdir().unwrap();
+    let open_cfg = AuditConfig {
+        site: "bench".into(),
+        device: "bench".into(),
+        segment_max_records: OPEN_BENCH_SEGMENT,
+        durability: Durability::Off,
+        ..Default::default()
+    };
+    {
+        let (log, _) = AuditLog::open(
+            dir.path(),
+            key.clone(),
+            open_cfg.clone(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        for chunk in 0..1000u64 {
+            log.append_batch((0..100).map(|i| event(chunk * 100 + i)).collect())
+                .unwrap();
+        }
+        log.close().unwrap();
+    }
+    let mut g = c.benchmark_group("audit_open");
+    g.sample_size(10);
+    g.bench_function("open_after_100k_records", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let (log, rep) = AuditLog::open(
+                    dir.path(),
+                    key.clone(),
+                    open_cfg.clone(),
+                    Arc::new(SystemClock),
+                )
+                .unwrap();
+                total += start.elapsed();
+                assert_eq!(rep.records, 100_000);
+                drop(log);
+            }
+            total
+        })
+    });
+    g.finish();
 }
+
+/// Records per segment in the `open_after_100k_records` case.
+const OPEN_BENCH_SEGMENT: u64 = 10_000;
 
 criterion_group!(benches, bench_audit);
 criterion_main!(benches);

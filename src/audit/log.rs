@@ -22,7 +22,10 @@ use super::format::{
     segment_name, sync_dir, write_head, Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN,
     RETIRED_FILE,
 };
-use super::scan::{scan, Expect, OpenReport, Scan, SegState, TornTail, VerifyReport};
+use super::scan::{
+    scan, scan_for_open, verify_closed_segment, Expect, OpenReport, Scan, SegState, TornTail,
+    VerifyReport,
+};
 use super::{AuditConfig, AuditKey, Durability, MIN_RETENTION_DAYS};
 use crate::clock::Clock;
 use crate::{Error, Result};
@@ -83,7 +86,30 @@ struct SegMeta {
     last_seq: u64,
     last_hash: String,
     closing_mac: String,
-    newest_ms: i64,
+    /// Time of its newest record; `None` until its records are read (`open`
+    /// reads only the header and closing checkpoint of closed segments).
+    newest_ms: Option<i64>,
+    /// A lower bound of the newest time: its last record's time.
+    newest_at_least: i64,
+}
+
+impl SegMeta {
+    /// What the next segment's header binds.
+    fn next_expect(&self) -> Expect {
+        Expect {
+            segment: self.index + 1,
+            first_seq: self.last_seq + 1,
+            prev_hash: self.last_hash.clone(),
+            prev_mac: self.closing_mac.clone(),
+        }
+    }
+}
+
+/// The closed segments still on disk, oldest first.
+struct Closed {
+    /// What the oldest one's header binds (the last tombstone, or genesis).
+    start: Expect,
+    segs: Vec<SegMeta>,
 }
 
 struct Shared {
@@ -96,7 +122,7 @@ struct Shared {
     done: Mutex<Done>,
     done_cv: Condvar,
     subscribers: Mutex<Vec<SyncSender<AuditRecord>>>,
-    closed_segments: Mutex<Vec<SegMeta>>,
+    closed_segments: Mutex<Closed>,
     retention: Mutex<()>,
     /// Holds the advisory lock on `LOCK` for the log's lifetime.
     _lock: File,
@@ -167,6 +193,11 @@ fn next_expect(scan: &Scan) -> Expect {
             prev_mac: s.last_mac.clone(),
         };
     }
+    after_retired(scan)
+}
+
+/// What the first segment after the retired ones binds.
+fn after_retired(scan: &Scan) -> Expect {
     if let Some(r) = scan.retired.last() {
         return Expect {
             segment: r.segment + 1,
@@ -238,11 +269,17 @@ fn json_string(s: &str) -> Result<String> {
 impl AuditLog {
     /// Open (or create) the audit log in `dir`.
     ///
-    /// Verifies the whole log first: a torn tail left by a crash is cut off
-    /// and reported; any other damage refuses with
-    /// [`Error::AuditTampered`] so nothing is appended onto a broken chain;
-    /// a log signed with another key gives [`Error::Key`]; a log held by
-    /// another process gives [`Error::Locked`].
+    /// Checks what appending depends on, at a cost that does not grow with
+    /// the log's age: `HEAD`, `RETIRED`, the segment files (none missing,
+    /// each closed one's header and closing checkpoint verify and link to
+    /// their neighbours) and the whole last segment. The records inside
+    /// closed segments are not re-read: [`AuditLog::verify`] checks those
+    /// (and retention verifies a segment in full before deleting it). A
+    /// torn tail left by a crash is cut off and reported; any damage found
+    /// refuses with [`Error::AuditTampered`] naming the first bad record,
+    /// so nothing is appended onto a broken chain; a log signed with
+    /// another key gives [`Error::Key`]; a log held by another process
+    /// gives [`Error::Locked`].
     pub fn open(
         dir: &Path,
         key: AuditKey,
@@ -254,7 +291,12 @@ impl AuditLog {
         let lock = lock_dir(dir)?;
         let sync = cfg.durability != Durability::Off;
 
-        let mut scan = scan(dir, Some(&key), None)?.into_ok()?;
+        // Anything the cheap checks cannot settle (damage, HEAD lagging
+        // into a closed segment after a crash) gets the full scan.
+        let mut scan = match scan_for_open(dir, &key)? {
+            Some(s) => s,
+            None => scan(dir, Some(&key), None)?.into_ok()?,
+        };
         if scan.head.is_none() && scan.segments.is_empty() && scan.retired.is_empty() {
             // A new log: HEAD first, so a crash before the first segment
             // exists leaves a log that still verifies.
@@ -280,6 +322,7 @@ impl AuditLog {
                     last_hash: e.prev_hash.clone(),
                     last_mac: header_mac,
                     newest_ms: i64::MIN,
+                    body_verified: true,
                     auth_end: 0,
                     file_len: 0,
                     tail_records: 0,
@@ -299,17 +342,21 @@ impl AuditLog {
             write_head(dir, &key, current.index, records, &current.last_hash, true)?;
         }
 
-        let closed: Vec<SegMeta> = scan.segments[..scan.segments.len() - 1]
-            .iter()
-            .map(|s| SegMeta {
-                index: s.index,
-                first_seq: s.first_seq,
-                last_seq: s.first_seq + s.records - 1,
-                last_hash: s.last_hash.clone(),
-                closing_mac: s.last_mac.clone(),
-                newest_ms: s.newest_ms,
-            })
-            .collect();
+        let closed = Closed {
+            start: after_retired(&scan),
+            segs: scan.segments[..scan.segments.len() - 1]
+                .iter()
+                .map(|s| SegMeta {
+                    index: s.index,
+                    first_seq: s.first_seq,
+                    last_seq: s.first_seq + s.records - 1,
+                    last_hash: s.last_hash.clone(),
+                    closing_mac: s.last_mac.clone(),
+                    newest_ms: s.body_verified.then_some(s.newest_ms),
+                    newest_at_least: s.newest_ms,
+                })
+                .collect(),
+        };
 
         let report = OpenReport {
             records,
@@ -627,19 +674,60 @@ impl AuditLog {
     /// and closing MAC, signed) before its file is removed, and an
     /// [`AuditEvent::Admin`] record notes the retirement. The current
     /// segment is never deleted. Returns the number of segments deleted.
+    ///
+    /// A segment written before this `open` is read and verified in full
+    /// before it is retired (a signed tombstone must never vouch for a
+    /// tampered segment); if it does not verify, nothing is deleted and
+    /// this returns [`Error::AuditTampered`].
     pub fn enforce_retention(&self) -> Result<u32> {
         let sh = &self.shared;
         let _g = sh.retention.lock();
         let days = sh.cfg.retention_days.max(MIN_RETENTION_DAYS) as i64;
         let now = sh.clock.now_unix_ms();
         let cutoff = now.saturating_sub(days.saturating_mul(DAY_MS));
-        let drop: Vec<SegMeta> = sh
-            .closed_segments
-            .lock()
-            .iter()
-            .take_while(|m| m.newest_ms < cutoff)
-            .cloned()
-            .collect();
+        let (mut expect, closed) = {
+            let c = sh.closed_segments.lock();
+            (c.start.clone(), c.segs.clone())
+        };
+        let mut drop: Vec<SegMeta> = Vec::new();
+        let mut learned: Vec<(u32, i64)> = Vec::new();
+        for mut m in closed {
+            // The last record's time already rules it out: nothing to read.
+            if m.newest_at_least >= cutoff {
+                break;
+            }
+            let newest = match m.newest_ms {
+                Some(t) => t,
+                None => {
+                    let path = sh.dir.join(segment_name(m.index));
+                    let t = verify_closed_segment(
+                        &path,
+                        m.index,
+                        &sh.key,
+                        &expect,
+                        m.last_seq,
+                        &m.last_hash,
+                        &m.closing_mac,
+                    )?;
+                    learned.push((m.index, t));
+                    t
+                }
+            };
+            if newest >= cutoff {
+                break;
+            }
+            m.newest_ms = Some(newest);
+            expect = m.next_expect();
+            drop.push(m);
+        }
+        if !learned.is_empty() {
+            let mut c = sh.closed_segments.lock();
+            for s in c.segs.iter_mut() {
+                if let Some((_, t)) = learned.iter().find(|(i, _)| *i == s.index) {
+                    s.newest_ms = Some(*t);
+                }
+            }
+        }
         if drop.is_empty() {
             return Ok(0);
         }
@@ -657,7 +745,7 @@ impl AuditLog {
                 last_seq: m.last_seq,
                 last_hash: m.last_hash.clone(),
                 closing_mac: m.closing_mac.clone(),
-                newest_ms: m.newest_ms,
+                newest_ms: m.newest_ms.unwrap_or(m.newest_at_least),
                 retired_ms: now,
                 key_id: sh.key.id(),
                 mac: None,
@@ -674,7 +762,11 @@ impl AuditLog {
             }
         }
         sync_dir(&sh.dir)?;
-        sh.closed_segments.lock().drain(..drop.len());
+        {
+            let mut c = sh.closed_segments.lock();
+            c.segs.drain(..drop.len());
+            c.start = expect;
+        }
         let (first, last) = (&drop[0], &drop[drop.len() - 1]);
         self.append(AuditEvent::Admin {
             operator: "facematch:retention".into(),
@@ -958,13 +1050,14 @@ impl Writer {
         if self.sync {
             self.file.sync_data().map_err(|e| Error::io(&path, e))?;
         }
-        self.shared.closed_segments.lock().push(SegMeta {
+        self.shared.closed_segments.lock().segs.push(SegMeta {
             index: self.seg_index,
             first_seq: self.seg_first_seq,
             last_seq: self.next_seq - 1,
             last_hash: self.last_hash.clone(),
             closing_mac: self.last_mac.clone(),
-            newest_ms: self.seg_newest_ms,
+            newest_ms: Some(self.seg_newest_ms),
+            newest_at_least: self.seg_newest_ms,
         });
         let e = Expect {
             segment: self.seg_index + 1,
@@ -1068,6 +1161,7 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
+    use super::super::scan;
     use super::*;
     use crate::clock::ManualClock;
     use std::time::UNIX_EPOCH;
@@ -1179,6 +1273,235 @@ mod tests {
         );
         assert!(matches!(log.append(admin(99)), Err(Error::Audit(_))));
         assert!(log.flush().is_err());
+    }
+
+    /// A closed log of `n` records in segments of `seg` records, the first
+    /// `old` of them a year before the rest.
+    fn build(dir: &Path, key: &AuditKey, seg: u64, n: u64, old: u64, clk: &Arc<ManualClock>) {
+        let cfg = AuditConfig {
+            segment_max_records: seg,
+            checkpoint_every: 4,
+            durability: Durability::Off,
+            ..Default::default()
+        };
+        let (log, _) = AuditLog::open(dir, key.clone(), cfg, clk.clone()).unwrap();
+        for i in 0..n {
+            if i == old {
+                clk.advance(Duration::from_secs(400 * 86_400));
+            }
+            log.append(admin(i)).unwrap();
+        }
+        log.close().unwrap();
+    }
+
+    fn seg_path(dir: &Path, i: u32) -> PathBuf {
+        dir.join(segment_name(i))
+    }
+
+    /// Flip one byte inside the body (not the first or last two lines) of
+    /// segment `i`.
+    fn flip_in_body(dir: &Path, i: u32) {
+        let p = seg_path(dir, i);
+        let mut b = fs::read(&p).unwrap();
+        let line_starts: Vec<usize> = std::iter::once(0)
+            .chain(
+                b.iter()
+                    .enumerate()
+                    .filter(|(_, &c)| c == b'\n')
+                    .map(|(k, _)| k + 1),
+            )
+            .collect();
+        // Line 2 is a record well inside the segment.
+        let at = line_starts[2] + 20;
+        b[at] ^= 0x01;
+        fs::write(&p, b).unwrap();
+    }
+
+    #[test]
+    fn open_reads_closed_segments_only_at_their_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let clk = clock();
+        build(d.path(), &key, 10, 45, 45, &clk);
+        let cfg = AuditConfig {
+            segment_max_records: 10,
+            ..Default::default()
+        };
+        let scan = scan_for_open(d.path(), &key).unwrap().unwrap();
+        assert_eq!(scan.segments.len(), 5);
+        assert!(scan.segments[..4].iter().all(|s| !s.body_verified));
+        assert!(scan.segments[4].body_verified);
+        assert_eq!(scan.records, 45);
+        // The cheap view agrees with the full scan on everything open uses.
+        let full = scan::scan(d.path(), Some(&key), None).unwrap();
+        for (a, b) in scan.segments.iter().zip(&full.segments) {
+            assert_eq!(
+                (a.index, a.first_seq, a.records, &a.last_hash, &a.last_mac),
+                (b.index, b.first_seq, b.records, &b.last_hash, &b.last_mac)
+            );
+            // Records are appended in time order here: the last one is the newest.
+            assert_eq!(a.newest_ms, b.newest_ms);
+        }
+
+        // Damage inside a closed segment's records: verify catches it, open
+        // (which does not read them) lets it through, retention refuses to
+        // tombstone the segment.
+        flip_in_body(d.path(), 1);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert_eq!(v.first_bad.as_ref().map(|b| b.segment), Some(1), "{v:?}");
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clk.clone()).unwrap();
+        assert_eq!(rep.records, 45);
+        clk.advance(Duration::from_secs(1200 * 86_400));
+        assert!(matches!(
+            log.enforce_retention(),
+            Err(Error::AuditTampered { .. })
+        ));
+        drop(log);
+        assert!(seg_path(d.path(), 0).exists() && seg_path(d.path(), 1).exists());
+        assert!(!d.path().join(RETIRED_FILE).exists());
+
+        // Damage at a closed segment's ends (header, closing checkpoint) or
+        // to the set of files is refused by open.
+        type Mutation = fn(&Path);
+        let cases: [(&str, Mutation); 4] = [
+            ("delete", |d| fs::remove_file(seg_path(d, 2)).unwrap()),
+            ("swap", |d| {
+                let (a, b) = (
+                    fs::read(seg_path(d, 2)).unwrap(),
+                    fs::read(seg_path(d, 3)).unwrap(),
+                );
+                fs::write(seg_path(d, 2), b).unwrap();
+                fs::write(seg_path(d, 3), a).unwrap();
+            }),
+            ("drop closing checkpoint", |d| {
+                let b = fs::read(seg_path(d, 3)).unwrap();
+                let cut = b[..b.len() - 1].iter().rposition(|&c| c == b'\n').unwrap() + 1;
+                fs::write(seg_path(d, 3), &b[..cut]).unwrap();
+            }),
+            ("append a line", |d| {
+                let mut b = fs::read(seg_path(d, 2)).unwrap();
+                let first = b[..b.iter().position(|&c| c == b'\n').unwrap() + 1].to_vec();
+                b.extend_from_slice(&first);
+                fs::write(seg_path(d, 2), b).unwrap();
+            }),
+        ];
+        for (what, mutate) in cases {
+            let m = tempfile::tempdir().unwrap();
+            for e in fs::read_dir(d.path()).unwrap() {
+                let e = e.unwrap();
+                fs::copy(e.path(), m.path().join(e.file_name())).unwrap();
+            }
+            flip_in_body(m.path(), 1); // undo: segment 1 intact again
+            assert!(AuditLog::verify(m.path(), &key).unwrap().ok());
+            mutate(m.path());
+            assert!(scan_for_open(m.path(), &key).unwrap().is_none(), "{what}");
+            assert!(
+                matches!(
+                    AuditLog::open(m.path(), key.clone(), cfg.clone(), clk.clone()),
+                    Err(Error::AuditTampered { .. })
+                ),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn retention_after_reopen_verifies_and_retires_unread_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let clk = clock();
+        let t0 = clk.now_unix_ms();
+        build(d.path(), &key, 10, 50, 30, &clk);
+        let cfg = AuditConfig {
+            segment_max_records: 10,
+            ..Default::default()
+        };
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clk.clone()).unwrap();
+        assert_eq!((rep.records, rep.segments), (50, 5));
+        // Inside three years of the oldest records: nothing goes (and the
+        // last records' times settle it without reading the segments).
+        clk.set(UNIX_EPOCH + Duration::from_millis(t0 as u64) + Duration::from_secs(1095 * 86_400));
+        assert_eq!(log.enforce_retention().unwrap(), 0);
+        clk.set(UNIX_EPOCH + Duration::from_millis(t0 as u64) + Duration::from_secs(1097 * 86_400));
+        assert_eq!(log.enforce_retention().unwrap(), 3);
+        assert_eq!(log.enforce_retention().unwrap(), 0);
+        assert_eq!(log.append(admin(99)).unwrap(), 51);
+        drop(log);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok(), "{v:?}");
+        assert_eq!((v.records, v.retired_segments), (52, 3));
+        let (_, rep) = AuditLog::open(d.path(), key.clone(), cfg, clk).unwrap();
+        assert_eq!((rep.records, rep.retired_segments), (52, 3));
+    }
+
+    #[test]
+    fn head_lagging_into_a_closed_segment_falls_back_to_the_full_scan() {
+        // Durability::Off replaces HEAD only on flush/close: a crash leaves it
+        // pointing into the middle of a segment that is closed by now.
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let cfg = AuditConfig {
+            segment_max_records: 4,
+            checkpoint_every: 2,
+            durability: Durability::Off,
+            ..Default::default()
+        };
+        let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
+        for i in 0..6 {
+            log.append(admin(i)).unwrap();
+        }
+        log.flush().unwrap();
+        let head_at_6 = fs::read(d.path().join(format::HEAD_FILE)).unwrap();
+        for i in 6..15 {
+            log.append(admin(i)).unwrap();
+        }
+        drop(log);
+        fs::write(d.path().join(format::HEAD_FILE), &head_at_6).unwrap();
+        assert!(scan_for_open(d.path(), &key).unwrap().is_none());
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg, clock()).unwrap();
+        assert_eq!((rep.records, rep.segments), (15, 4));
+        assert!(rep.torn_tail_repaired.is_none());
+        assert_eq!(log.append(admin(15)).unwrap(), 15);
+        drop(log);
+        assert!(AuditLog::verify(d.path(), &key).unwrap().ok());
+    }
+
+    #[test]
+    fn crash_while_creating_a_segment_is_repaired_by_open() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let clk = clock();
+        build(d.path(), &key, 5, 10, 10, &clk);
+        let cfg = AuditConfig {
+            segment_max_records: 5,
+            ..Default::default()
+        };
+        // Rotation wrote the next header, then the process died.
+        let full = scan::scan(d.path(), Some(&key), None).unwrap();
+        let e = next_expect(&full);
+        create_segment(d.path(), &key, &e, 0, true).unwrap();
+        let scan = scan_for_open(d.path(), &key).unwrap().unwrap();
+        assert_eq!((scan.records, scan.segments.len()), (10, 3));
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clk.clone()).unwrap();
+        assert_eq!((rep.records, rep.segments), (10, 3));
+        assert_eq!(log.append(admin(10)).unwrap(), 10);
+        drop(log);
+        assert!(AuditLog::verify(d.path(), &key).unwrap().ok());
+
+        // ... or died before the header was complete: the partial file goes
+        // and the previous segment is current again.
+        let next = scan::scan(d.path(), Some(&key), None).unwrap();
+        let e = next_expect(&next);
+        fs::write(seg_path(d.path(), e.segment), b"{\"type\":\"hea").unwrap();
+        assert!(scan_for_open(d.path(), &key).unwrap().is_none());
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg, clk).unwrap();
+        assert_eq!(rep.records, 11);
+        assert!(rep.torn_tail_repaired.is_some());
+        assert!(!seg_path(d.path(), e.segment).exists());
+        assert_eq!(log.append(admin(11)).unwrap(), 11);
+        drop(log);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok() && v.records == 12, "{v:?}");
     }
 
     #[test]
