@@ -1,6 +1,0 @@
-#!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-cargo test --locked "$@"
