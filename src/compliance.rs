@@ -108,6 +108,11 @@ impl SubjectId {
 pub struct Operator(String);
 
 impl Operator {
+    /// The engine itself, for what it does on its own (purge on open).
+    pub fn system() -> Self {
+        Operator("facematch-system".into())
+    }
+
     /// Validate and wrap an operator id.
     pub fn new(id: impl Into<String>) -> Result<Self> {
         let id = id.into();

@@ -426,16 +426,11 @@ impl EngineBuilder {
         if !engine.open_report.snapshot_used || stale > 10_000 {
             engine.checkpoint()?;
         }
-        let purged = engine.purge_expired(&Operator::new("facematch-open").unwrap_or_else(|_| unreachable_operator()))?;
+        let purged = engine.purge_expired(&Operator::system())?;
         let mut engine = engine;
         engine.open_report.purged_on_open = purged.templates.len();
         Ok(engine)
     }
-}
-
-fn unreachable_operator() -> Operator {
-    // "facematch-open" is a valid operator id; this is never reached.
-    Operator::new("system").expect("valid literal")
 }
 
 struct Writer {
