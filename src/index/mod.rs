@@ -33,6 +33,7 @@
 //! assert_ne!(idx.search(&[0.9, 0.1, 0.0], &SearchParams::top(1)).unwrap()[0].slot, a);
 //! ```
 
+mod flat;
 mod graph;
 mod io;
 
@@ -227,6 +228,8 @@ pub struct VectorIndex {
     deleted: Vec<u64>,
     n_deleted: usize,
     slots: usize,
+    /// Blocked int8 copy of every slot for the exact scan.
+    flat: flat::FlatCodes,
 }
 
 /// Ordered key of an f32: `a < b` iff `ord(a) < ord(b)` (finite values).
@@ -254,6 +257,11 @@ pub(crate) fn unord(u: u32) -> f32 {
 #[inline(always)]
 fn hit_key(score: f32, slot: u32) -> u64 {
     ((ord(score) as u64) << 32) | (!slot) as u64
+}
+
+/// The score a [`hit_key`] was made from.
+fn score_of_key(key: u64) -> f32 {
+    unord((key >> 32) as u32)
 }
 
 fn sort_hits(h: &mut [Hit]) {
@@ -322,6 +330,7 @@ impl VectorIndex {
             deleted: Vec::new(),
             n_deleted: 0,
             slots: 0,
+            flat: flat::FlatCodes::new(dim),
         })
     }
 
@@ -381,6 +390,7 @@ impl VectorIndex {
             + self.upper.capacity() * std::mem::size_of::<Box<[u32]>>()
             + self.upper.iter().map(|u| u.len() * 4).sum::<usize>()
             + self.deleted.capacity() * 8
+            + self.flat.memory_bytes()
     }
 
     // --- record access ---------------------------------------------------------
@@ -506,6 +516,7 @@ impl VectorIndex {
                 self.f32s.extend_from_slice(&padded);
             }
         }
+        self.flat.push(&padded);
         let level = self.level_of(slot as u64);
         self.levels.push(level as u8);
         self.upper.push(vec![0u32; level * (1 + self.cfg.m)].into_boxed_slice());
@@ -549,6 +560,7 @@ impl VectorIndex {
         if self.cfg.storage == VectorStorage::Int8 {
             self.f32s.reserve(n * self.dpad);
         }
+        self.flat.reserve(n);
         for (v, &norm) in vs.chunks_exact(self.dim).zip(&norms) {
             self.push_storage(v, norm);
         }
@@ -703,7 +715,71 @@ impl VectorIndex {
     }
 
     /// Exact top-k for `nq` prepared queries (padded, back to back).
+    ///
+    /// The int8 scan ([`flat`]) keeps `2k + 32` approximate candidates per
+    /// query, which are re-scored in f32; its error bound then proves that no
+    /// discarded vector could have entered the top k. A query whose proof
+    /// fails (a crowd of near-ties) is answered by the f32 scan instead, so
+    /// the result is the exact top k either way.
     fn exact_many(&self, qp: &[f32], nq: usize, p: &SearchParams) -> Vec<Vec<Hit>> {
+        let k = p.k.min(self.len());
+        if k == 0 {
+            return vec![Vec::new(); nq];
+        }
+        let keep = (2 * k + 32).min(self.slots);
+        let qc = self.flat.quantize_queries(qp, self.dpad, nq);
+        let mut heaps: Vec<BinaryHeap<Reverse<u64>>> = (0..nq).map(|_| BinaryHeap::with_capacity(keep + 1)).collect();
+        let mut thr = vec![f32::NEG_INFINITY; nq];
+        let filter = p.filter;
+        self.flat.scan(&qc, kernels::simd_level(), &mut thr, |i, j, s| {
+            let h = &mut heaps[i];
+            let key = hit_key(s, j);
+            let full = h.len() >= keep;
+            if full && h.peek().is_some_and(|Reverse(min)| key <= *min) {
+                return score_of_key(h.peek().map_or(0, |r| r.0));
+            }
+            if !self.is_deleted(j) && filter.is_none_or(|f| f(j)) {
+                h.push(Reverse(key));
+                if h.len() > keep {
+                    h.pop();
+                }
+            }
+            match h.peek() {
+                Some(Reverse(min)) if h.len() >= keep => score_of_key(*min),
+                _ => f32::NEG_INFINITY,
+            }
+        });
+        heaps
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let q = &qp[i * self.dpad..(i + 1) * self.dpad];
+                let floor = match h.peek() {
+                    Some(Reverse(min)) if h.len() >= keep => score_of_key(*min),
+                    _ => f32::NEG_INFINITY, // every passing slot is in the heap
+                };
+                let mut hits: Vec<Hit> = h
+                    .into_iter()
+                    .map(|Reverse(key)| {
+                        let slot = !(key as u32);
+                        Hit { slot, score: kernels::dot_f32(q, self.exact_vec(slot)) }
+                    })
+                    .collect();
+                sort_hits(&mut hits);
+                hits.truncate(k);
+                let proven = floor == f32::NEG_INFINITY
+                    || hits.len() == k && floor + self.flat.bound(&qc, i) < hits[k - 1].score;
+                if proven {
+                    hits
+                } else {
+                    self.exact_f32(q, 1, p).pop().unwrap_or_default()
+                }
+            })
+            .collect()
+    }
+
+    /// The f32 exact scan (the int8 scan's fallback and reference).
+    pub(crate) fn exact_f32(&self, qp: &[f32], nq: usize, p: &SearchParams) -> Vec<Vec<Hit>> {
         let k = p.k.min(self.len());
         let mut heaps: Vec<BinaryHeap<Reverse<u64>>> = (0..nq).map(|_| BinaryHeap::with_capacity(k + 1)).collect();
         if k > 0 {
@@ -802,6 +878,7 @@ impl VectorIndex {
                 // Overwrite the old bytes before they are freed.
                 self.lines.iter_mut().for_each(|l| *l = Line([0; 16]));
                 self.f32s.iter_mut().for_each(|x| *x = 0.0);
+                self.flat.zeroize();
                 *self = ix;
                 map
             }
@@ -848,6 +925,7 @@ impl VectorIndex {
         if ix.cfg.storage == VectorStorage::Int8 {
             ix.f32s.reserve_exact(n * ix.dpad);
         }
+        ix.flat.reserve(n);
         ix.levels = p.levels;
         ix.deleted = p.deleted;
         ix.slots = n;
@@ -879,6 +957,7 @@ impl VectorIndex {
                     ix.f32s.extend_from_slice(&padded);
                 }
             }
+            ix.flat.push(&padded);
         }
         // tombstones beyond n must be clear
         if !n.is_multiple_of(64) {
@@ -995,6 +1074,45 @@ impl VectorIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The int8 scan with its proof, the f32 fallback and the f32 reference agree
+    /// exactly (slots and scores), with tombstones, filters and crowds of ties.
+    #[test]
+    fn int8_exact_scan_equals_the_f32_scan() {
+        use crate::synth::{generate, SynthConfig};
+        let set = generate(&SynthConfig { identities: 3_000, queries: 64, dim: 64, ..Default::default() }).unwrap();
+        for storage in [VectorStorage::Int8, VectorStorage::F32] {
+            let cfg = IndexConfig { storage, exact_below: usize::MAX, ..Default::default() };
+            let mut ix = VectorIndex::new(64, cfg).unwrap();
+            ix.add_batch(&set.gallery).unwrap();
+            // a crowd of duplicates: the proof must fail and the fallback answer
+            let dup = set.gallery[..64].to_vec();
+            for _ in 0..80 {
+                ix.add(&dup).unwrap();
+            }
+            for s in (0..ix.slots() as u32).step_by(7) {
+                ix.remove(s).unwrap();
+            }
+            let odd = |s: u32| s % 2 == 1;
+            let mut qs = set.queries.clone();
+            qs.extend_from_slice(&dup);
+            let nq = qs.len() / 64;
+            let mut qp = vec![0.0f32; nq * ix.dpad];
+            for (q, o) in qs.chunks_exact(64).zip(qp.chunks_exact_mut(ix.dpad)) {
+                ix.prepare_query(q, o).unwrap();
+            }
+            for k in [1usize, 10, 50] {
+                for filter in [None, Some(&odd as &(dyn Fn(u32) -> bool + Sync))] {
+                    let p = SearchParams { k, ef: None, strategy: SearchStrategy::Exact, filter };
+                    let fast = ix.exact_many(&qp, nq, &p);
+                    let reference = ix.exact_f32(&qp, nq, &p);
+                    assert_eq!(fast, reference, "k {k}");
+                    let one: Vec<Vec<Hit>> = (0..nq).map(|i| ix.exact_many(&qp[i * ix.dpad..(i + 1) * ix.dpad], 1, &p).pop().unwrap()).collect();
+                    assert_eq!(one, reference);
+                }
+            }
+        }
+    }
 
     #[test]
     fn ord_is_monotone() {
