@@ -259,6 +259,9 @@ impl VectorIndex {
 
     /// Insert the stored slots `start..end` into the graph, in batches.
     pub(crate) fn insert_range(&mut self, start: usize, end: usize) {
+        if !self.cfg.graph {
+            return;
+        }
         let mut cur = start;
         while cur < end {
             if self.entry.is_none() {

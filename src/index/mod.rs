@@ -93,8 +93,12 @@ pub struct IndexConfig {
     /// With int8 storage, how many of the best approximate candidates get an
     /// exact f32 re-rank (at least `k` are always re-ranked).
     pub rerank: usize,
-    /// `Auto` uses the exact scan below this many live vectors.
+    /// `Auto` always uses the exact scan below this many live vectors (above
+    /// it, whichever of exact scan and graph the cost model finds cheaper).
     pub exact_below: usize,
+    /// Build the HNSW graph. `false` gives an exact-only index: no build
+    /// cost, every search is the exact scan (recall 1), `Graph` included.
+    pub graph: bool,
     /// Threads to build the graph with (0 = rayon's default pool).
     pub build_threads: usize,
     /// Seed of the level assignment (the build is deterministic).
@@ -110,6 +114,7 @@ impl Default for IndexConfig {
             storage: VectorStorage::Int8,
             rerank: 64,
             exact_below: 10_000,
+            graph: true,
             build_threads: 0,
             seed: 0x5EED_FACE,
         }
@@ -202,6 +207,15 @@ const LINE_WORDS: usize = 16;
 pub(crate) const MAX_LEVEL: usize = 16;
 /// Under this pass fraction of a filter, `Auto` takes the exact scan.
 const FILTER_EXACT_FRACTION: f32 = 0.1;
+
+// The `Auto` cost model, fitted on this project's reference machine (AMD EPYC
+// Zen4, AVX-512 VNNI, 1 thread; `cargo bench --bench search`, 100k x 128 and
+// 1M x 128). Seconds per stored vector per dimension for the int8 exact scan,
+// one query at a time and in batches of 64, and per unit of `ef` for the graph.
+const EXACT_SINGLE_S_PER_DIM: f64 = 2.0e-11;
+const EXACT_BATCH_S_PER_DIM: f64 = 7.7e-12;
+const GRAPH_S_PER_EF: f64 = 0.97e-6;
+const GRAPH_S_PER_EF_DIM: f64 = 0.0057e-6;
 
 /// Exact scan and HNSW graph over L2-normalised vectors. `Send + Sync`.
 pub struct VectorIndex {
@@ -517,7 +531,7 @@ impl VectorIndex {
             }
         }
         self.flat.push(&padded);
-        let level = self.level_of(slot as u64);
+        let level = if self.cfg.graph { self.level_of(slot as u64) } else { 0 };
         self.levels.push(level as u8);
         self.upper.push(vec![0u32; level * (1 + self.cfg.m)].into_boxed_slice());
         if slot.is_multiple_of(64) {
@@ -621,7 +635,11 @@ impl VectorIndex {
         let frac = p.filter.map(|f| self.filter_fraction(f)).unwrap_or(1.0);
         let s = match p.strategy {
             SearchStrategy::Auto => {
-                if self.len() < self.cfg.exact_below || self.entry.is_none() || frac < FILTER_EXACT_FRACTION {
+                if self.len() < self.cfg.exact_below
+                    || self.entry.is_none()
+                    || frac < FILTER_EXACT_FRACTION
+                    || self.exact_single_cost() <= self.graph_cost(p)
+                {
                     SearchStrategy::Exact
                 } else {
                     SearchStrategy::Graph
@@ -700,18 +718,20 @@ impl VectorIndex {
     }
 
     /// Whether a batch of `nq` queries is cheaper through the batched exact
-    /// scan than through the graph. Cost model fitted on this machine class
-    /// (AMD Zen4, 1 thread, 100k x 128 and 200k x 512): batched exact
-    /// ~(4 + 0.03 * dim) ns per vector per query; graph ~(0.97 + 0.0057 *
-    /// dim) us per unit of ef. At a tie the exact scan wins (its recall is 1).
+    /// scan than through the graph. At a tie the exact scan wins (its recall is 1).
     fn batch_prefers_exact(&self, nq: usize, p: &SearchParams) -> bool {
-        if nq < 16 {
-            return false;
-        }
+        nq >= 16 && self.slots as f64 * self.dim as f64 * EXACT_BATCH_S_PER_DIM <= self.graph_cost(p)
+    }
+
+    /// Modelled seconds of one exact scan of a single query.
+    fn exact_single_cost(&self) -> f64 {
+        self.slots as f64 * self.dim as f64 * EXACT_SINGLE_S_PER_DIM
+    }
+
+    /// Modelled seconds of one graph search.
+    fn graph_cost(&self, p: &SearchParams) -> f64 {
         let ef = p.ef.unwrap_or(self.cfg.ef_search).max(p.k) as f64;
-        let exact = self.slots as f64 * (4e-9 + 3e-11 * self.dim as f64);
-        let graph = ef * (0.97e-6 + 0.0057e-6 * self.dim as f64);
-        exact <= graph
+        ef * (GRAPH_S_PER_EF + GRAPH_S_PER_EF_DIM * self.dim as f64)
     }
 
     /// Exact top-k for `nq` prepared queries (padded, back to back).
@@ -996,7 +1016,7 @@ impl VectorIndex {
                     return Err(bad("entry point is not on the top level".into()));
                 }
             }
-            None if n == 0 => {}
+            None if n == 0 || !ix.cfg.graph => {}
             _ => return Err(bad("invalid entry point".into())),
         }
         Ok(ix)
@@ -1074,6 +1094,27 @@ impl VectorIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn graphless_index_is_exact_and_round_trips() {
+        use crate::synth::{generate, SynthConfig};
+        let set = generate(&SynthConfig { identities: 2_000, queries: 20, dim: 64, ..Default::default() }).unwrap();
+        let mut ix = VectorIndex::new(64, IndexConfig { graph: false, exact_below: 0, ..Default::default() }).unwrap();
+        ix.add_batch(&set.gallery).unwrap();
+        ix.remove(5).unwrap();
+        let mut bytes = Vec::new();
+        ix.write_to(&mut bytes).unwrap();
+        let back = VectorIndex::read_from(&mut bytes.as_slice()).unwrap();
+        for strategy in [SearchStrategy::Auto, SearchStrategy::Graph, SearchStrategy::Exact] {
+            let p = SearchParams::top(5).with_strategy(strategy);
+            let want = ix.search_batch(&set.queries, &SearchParams::top(5).with_strategy(SearchStrategy::Exact)).unwrap();
+            assert_eq!(ix.search_batch(&set.queries, &p).unwrap(), want);
+            assert_eq!(back.search_batch(&set.queries, &p).unwrap(), want);
+        }
+        let map = ix.compact();
+        assert_eq!(map[5], None);
+        assert_eq!(ix.len(), 1_999);
+    }
 
     /// The int8 scan with its proof, the f32 fallback and the f32 reference agree
     /// exactly (slots and scores), with tombstones, filters and crowds of ties.
