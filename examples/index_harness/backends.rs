@@ -61,7 +61,9 @@ pub struct Facematch {
 
 impl Facematch {
     fn new(m: usize, ef_construction: usize, strategy: SearchStrategy, storage: VectorStorage) -> Self {
-        let cfg = IndexConfig { m, ef_construction, storage, ..Default::default() };
+        // The exact backend is an exact-only index: no graph to build.
+        let graph = strategy != SearchStrategy::Exact;
+        let cfg = IndexConfig { m, ef_construction, storage, graph, ..Default::default() };
         Facematch { cfg, strategy, index: None }
     }
 }

@@ -210,12 +210,15 @@ const FILTER_EXACT_FRACTION: f32 = 0.1;
 
 // The `Auto` cost model, fitted on this project's reference machine (AMD EPYC
 // Zen4, AVX-512 VNNI, 1 thread; `cargo bench --bench search`, 100k x 128 and
-// 1M x 128). Seconds per stored vector per dimension for the int8 exact scan,
+// 1M x 128: int8 exact 241 us single / 95 us per query in batches of 64 at
+// 100k; graph ef 128 116 us int8, 250 us f32). Seconds per stored vector per dimension for the int8 exact scan,
 // one query at a time and in batches of 64, and per unit of `ef` for the graph.
 const EXACT_SINGLE_S_PER_DIM: f64 = 2.0e-11;
 const EXACT_BATCH_S_PER_DIM: f64 = 7.7e-12;
 const GRAPH_S_PER_EF: f64 = 0.97e-6;
 const GRAPH_S_PER_EF_DIM: f64 = 0.0057e-6;
+/// Int8 traversal (with its f32 re-rank) against f32 traversal, same ef.
+const GRAPH_INT8_FACTOR: f64 = 0.5;
 
 /// Exact scan and HNSW graph over L2-normalised vectors. `Send + Sync`.
 pub struct VectorIndex {
@@ -731,7 +734,11 @@ impl VectorIndex {
     /// Modelled seconds of one graph search.
     fn graph_cost(&self, p: &SearchParams) -> f64 {
         let ef = p.ef.unwrap_or(self.cfg.ef_search).max(p.k) as f64;
-        ef * (GRAPH_S_PER_EF + GRAPH_S_PER_EF_DIM * self.dim as f64)
+        let storage = match self.cfg.storage {
+            VectorStorage::F32 => 1.0,
+            VectorStorage::Int8 => GRAPH_INT8_FACTOR,
+        };
+        ef * (GRAPH_S_PER_EF + GRAPH_S_PER_EF_DIM * self.dim as f64) * storage
     }
 
     /// Exact top-k for `nq` prepared queries (padded, back to back).
