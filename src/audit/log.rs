@@ -814,6 +814,8 @@ struct Writer {
 struct HeadState {
     want: Option<(u32, u64, String)>,
     written: u64,
+    /// Someone waits in `ensure`: skip the interval.
+    urgent: bool,
     error: Option<String>,
     closing: bool,
 }
@@ -834,6 +836,7 @@ impl HeadWriter {
             Mutex::new(HeadState {
                 want: None,
                 written,
+                urgent: false,
                 error: None,
                 closing: false,
             }),
@@ -844,12 +847,25 @@ impl HeadWriter {
             .name("facematch-audit-head".into())
             .spawn(move || {
                 let (m, cv) = &*st;
+                let interval = Duration::from_millis(shared.cfg.head_interval_ms);
+                let mut last_write: Option<Instant> = None;
                 loop {
                     let next = {
                         let mut g = m.lock();
-                        while g.want.is_none() && !g.closing {
-                            cv.wait(&mut g);
+                        loop {
+                            while g.want.is_none() && !g.closing {
+                                cv.wait(&mut g);
+                            }
+                            // Pace routine replacements; flush/close (urgent) do not wait.
+                            let due = last_write.map(|t| t + interval);
+                            match due {
+                                Some(due) if !g.urgent && !g.closing && Instant::now() < due => {
+                                    let _ = cv.wait_until(&mut g, due);
+                                }
+                                _ => break,
+                            }
                         }
+                        g.urgent = false;
                         match g.want.take() {
                             // Already covered by the write that just finished.
                             Some(w) if w.1 <= g.written => continue,
@@ -857,6 +873,7 @@ impl HeadWriter {
                             None => return,
                         }
                     };
+                    last_write = Some(Instant::now());
                     let r = write_head(&shared.dir, &shared.key, next.0, next.1, &next.2, true);
                     let mut g = m.lock();
                     match r {
@@ -893,8 +910,11 @@ impl HeadWriter {
     fn ensure(&self, segment: u32, records: u64, hash: &str) -> Result<()> {
         let (m, cv) = &*self.state;
         let mut g = m.lock();
-        if g.written < records && g.want.is_none() {
-            g.want = Some((segment, records, hash.to_string()));
+        if g.written < records {
+            if g.want.as_ref().is_none_or(|w| w.1 < records) {
+                g.want = Some((segment, records, hash.to_string()));
+            }
+            g.urgent = true;
             cv.notify_all();
         }
         while g.written < records {
@@ -1252,7 +1272,7 @@ mod tests {
         let (log, _) = AuditLog::open(
             &dir,
             AuditKey::from_bytes([1; 32]),
-            AuditConfig::default(),
+            AuditConfig { head_interval_ms: 0, ..AuditConfig::default() },
             clock(),
         )
         .unwrap();

@@ -32,9 +32,11 @@
 //!   and as a link of the chain.
 //!
 //! `HEAD` holds the last committed seq and hash under an HMAC and is replaced
-//! (write temp, fsync, rename, fsync directory) after every commit: cutting
-//! records off the end, even at a line boundary, is detected by comparing
-//! with it. A companion thread replaces it while the next commit is written,
+//! (write temp, fsync, rename, fsync directory) after commits, at most every
+//! [`AuditConfig::head_interval_ms`] (default 50 ms) and at once on flush and
+//! close: cutting records off the end, even at a line boundary, is detected
+//! by comparing with it (records of the last interval are not yet covered).
+//! A companion thread replaces it while the next commit is written,
 //! so its fsyncs do not lengthen every commit; it is only given records that
 //! are already durable, so it never runs ahead of the log, and a `HEAD` that
 //! trails checkpointed records (crash between the two) verifies. Under
@@ -159,6 +161,14 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
     /// How records are made durable.
     pub durability: Durability,
+    /// Shortest time between two replacements of `HEAD` while records are
+    /// being committed (`flush` and close always bring it up to date at once). Replacing `HEAD` costs a file write, two fsyncs and a
+    /// rename; doing it for every group commit cut query throughput by about
+    /// 20% at 64 threads. The price: records committed in the last
+    /// `head_interval_ms` (plus the commit in flight) are not yet covered by
+    /// `HEAD`, so cutting exactly those off the end of the log would go
+    /// unnoticed. 0 replaces `HEAD` after every commit.
+    pub head_interval_ms: u64,
 }
 
 impl Default for AuditConfig {
@@ -170,6 +180,7 @@ impl Default for AuditConfig {
             segment_max_records: 16_384,
             checkpoint_every: 1024,
             durability: Durability::default(),
+            head_interval_ms: 50,
         }
     }
 }
@@ -215,6 +226,9 @@ impl AuditConfig {
                     "more than one second would stall every query",
                 ));
             }
+        }
+        if self.head_interval_ms > 60_000 {
+            return Err(Error::config("audit.head_interval_ms", "must be at most 60000 (one minute)"));
         }
         for (field, v) in [("audit.site", &self.site), ("audit.device", &self.device)] {
             if v.is_empty() || v.len() > 256 {
