@@ -40,7 +40,7 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{AuditConfig, AuditEvent, AuditKey, AuditLog, DecisionKind, QueryAudit, QueryMode};
+use crate::audit::{AuditConfig, AuditEvent, AuditKey, AuditLog, AuditTicket, DecisionKind, QueryAudit, QueryMode};
 use crate::clock::{Clock, SystemClock};
 use crate::compliance::{ConsentRecord, Decision, Mode, Operator, Purpose, SubjectId, Threshold};
 use crate::config::GalleryConfig;
@@ -125,6 +125,60 @@ pub struct Identification {
     pub threshold: Threshold,
     /// Audit record sequence number.
     pub audit_seq: u64,
+}
+
+/// An answer held back until its audit record is durable.
+///
+/// [`Engine::identify_deferred`] and [`Engine::verify_deferred`] compute the
+/// decision and queue its audit record, but the answer is released only by
+/// [`Pending::wait`], once that record is durable: a server thread can keep
+/// many queries in flight (e.g. one per connection of an async runtime) and
+/// let them share one fsync, and still never answers before the record is on
+/// disk. Dropping a `Pending` discards the answer; its record is still written.
+///
+/// ```
+/// # use facematch::compliance::*;
+/// # use facematch::config::GalleryConfig;
+/// # use facematch::engine::{EngineBuilder, Enrolment, QueryContext};
+/// # use facematch::store::MasterKey;
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let door = Purpose::new("door-access").unwrap();
+/// # let mut cfg = GalleryConfig::default();
+/// # cfg.dim = 4;
+/// # cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
+/// # let engine = EngineBuilder::new(dir.path().join("g")).key(MasterKey::generate()).create(cfg).unwrap();
+/// # let op = Operator::new("clerk-1").unwrap();
+/// # let consent = ConsentRecord::new("form-1", "alice", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk-1", AgeBracket::Adult);
+/// # engine.record_consent(&op, consent).unwrap();
+/// # let alice = SubjectId::new("alice").unwrap();
+/// # engine.enrol(&op, Enrolment::new(alice, "form-1", vec![door.clone()], vec![1.0, 0.0, 0.0, 0.0])).unwrap();
+/// let ctx = QueryContext::new(op, door);
+/// let probes = [[0.9, 0.1, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]];
+/// // Both queries in flight at once: their records share one commit.
+/// let in_flight: Vec<_> = probes.iter().map(|p| engine.identify_deferred(&ctx, p, 5).unwrap()).collect();
+/// let answers: Vec<_> = in_flight.into_iter().map(|p| p.wait().unwrap()).collect(); // durable now
+/// assert!(answers[0].decision.is_match());
+/// assert_eq!(answers[1].decision.kind(), "no_match");
+/// ```
+#[must_use = "the answer is released only by wait()"]
+#[derive(Debug)]
+pub struct Pending<T> {
+    value: T,
+    ticket: AuditTicket,
+}
+
+impl<T> Pending<T> {
+    /// Sequence number of the audit record (known before it is durable).
+    pub fn audit_seq(&self) -> u64 {
+        self.ticket.seqs().start
+    }
+
+    /// Wait until the audit record is durable and release the answer.
+    /// An error means the record could not be written: do not answer.
+    pub fn wait(self) -> Result<T> {
+        self.ticket.wait()?;
+        Ok(self.value)
+    }
 }
 
 /// Search knobs for callers that need them (benchmarks, evaluation).
@@ -543,6 +597,14 @@ impl Engine {
         }
     }
 
+    /// Queue an event; the ticket says when it is durable.
+    fn audit_submit(&self, event: AuditEvent) -> Result<AuditTicket> {
+        match self.audit.read().as_ref() {
+            Some(a) => a.submit(event),
+            None => Err(Error::Audit("the audit log is closed (key rotation failed?)".into())),
+        }
+    }
+
     /// Record an administrative act (open, configuration, maintenance) in the audit log.
     pub fn record_admin(&self, operator: &Operator, action: &str, detail: &str) -> Result<u64> {
         self.audit_append(AuditEvent::Admin { operator: operator.as_str().into(), action: action.into(), detail: detail.into() })
@@ -589,9 +651,9 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn audit_query(&self, ctx: &QueryContext, mode: Mode, t: Threshold, k: usize, decision: &Decision, top: Option<f32>, faces: (u32, u32), started: Instant) -> Result<u64> {
+    fn audit_query(&self, ctx: &QueryContext, mode: Mode, t: Threshold, k: usize, decision: &Decision, top: Option<f32>, faces: (u32, u32), started: Instant) -> Result<AuditTicket> {
         let ev = self.query_event(ctx, mode, t, k, decision, top, faces, started);
-        self.audit_append(ev)
+        self.audit_submit(ev)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -630,6 +692,16 @@ impl Engine {
 
     /// [`Engine::verify`] recording how many faces the image held and how many were discarded as unrelated.
     pub fn verify_with_faces(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId, faces: (u32, u32)) -> Result<Verification> {
+        self.verify_deferred_with_faces(ctx, probe, subject, faces)?.wait()
+    }
+
+    /// [`Engine::verify`] without waiting for the audit record: see [`Pending`].
+    pub fn verify_deferred(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId) -> Result<Pending<Verification>> {
+        self.verify_deferred_with_faces(ctx, probe, subject, (1, 0))
+    }
+
+    /// [`Engine::verify_with_faces`] without waiting for the audit record: see [`Pending`].
+    pub fn verify_deferred_with_faces(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId, faces: (u32, u32)) -> Result<Pending<Verification>> {
         let started = Instant::now();
         let policy = self.policy(&ctx.purpose)?;
         let dim = self.manifest.read().config.dim;
@@ -661,8 +733,9 @@ impl Engine {
         };
         let score = best.as_ref().map(|c| c.score);
         let (decision, threshold) = Self::decide(&policy, Mode::Verify, best);
-        let audit_seq = self.audit_query(ctx, Mode::Verify, threshold, 1, &decision, score, faces, started)?;
-        Ok(Verification { decision, score, threshold, audit_seq })
+        let ticket = self.audit_query(ctx, Mode::Verify, threshold, 1, &decision, score, faces, started)?;
+        let audit_seq = ticket.seqs().start;
+        Ok(Pending { value: Verification { decision, score, threshold, audit_seq }, ticket })
     }
 
     /// 1:N identification: the `k` best templates enrolled for the context's purpose, and a decision on the best.
@@ -672,13 +745,24 @@ impl Engine {
 
     /// [`Engine::identify`] with search options and face counts for the audit record.
     pub fn identify_with(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions, faces: (u32, u32)) -> Result<Identification> {
+        self.identify_deferred_with(ctx, probe, k, opts, faces)?.wait()
+    }
+
+    /// [`Engine::identify`] without waiting for the audit record: see [`Pending`].
+    pub fn identify_deferred(&self, ctx: &QueryContext, probe: &[f32], k: usize) -> Result<Pending<Identification>> {
+        self.identify_deferred_with(ctx, probe, k, SearchOptions::default(), (1, 0))
+    }
+
+    /// [`Engine::identify_with`] without waiting for the audit record: see [`Pending`].
+    pub fn identify_deferred_with(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions, faces: (u32, u32)) -> Result<Pending<Identification>> {
         let started = Instant::now();
         let candidates = self.search_candidates(ctx, probe, k, opts)?;
         let policy = self.policy(&ctx.purpose)?;
         let top = candidates.first().map(|c| c.score);
         let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
-        let audit_seq = self.audit_query(ctx, Mode::Identify, threshold, k, &decision, top, faces, started)?;
-        Ok(Identification { candidates, decision, threshold, audit_seq })
+        let ticket = self.audit_query(ctx, Mode::Identify, threshold, k, &decision, top, faces, started)?;
+        let audit_seq = ticket.seqs().start;
+        Ok(Pending { value: Identification { candidates, decision, threshold, audit_seq }, ticket })
     }
 
     /// 1:N for every face of one image: one audit record per face (written with one fsync), each

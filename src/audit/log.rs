@@ -55,6 +55,47 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+/// Records queued by [`AuditLog::submit`]: [`AuditTicket::wait`] returns
+/// their seqs once they are durable (per the configured [`Durability`]), or
+/// the error that kept them from being written. Dropping a ticket does not
+/// cancel the records; they are committed with the next batch.
+#[must_use = "records are only known durable once the ticket is waited on"]
+pub struct AuditTicket {
+    range: std::ops::Range<u64>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AuditTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTicket").field("seqs", &self.range).finish()
+    }
+}
+
+impl AuditTicket {
+    /// The seqs the records will have (known before they are durable).
+    pub fn seqs(&self) -> std::ops::Range<u64> {
+        self.range.clone()
+    }
+
+    /// Block until the records are durable; returns their seqs.
+    pub fn wait(self) -> Result<std::ops::Range<u64>> {
+        let range = self.range;
+        if range.is_empty() {
+            return Ok(range);
+        }
+        let mut d = self.shared.done.lock();
+        while d.next < range.end {
+            if let Some(e) = &d.error {
+                return Err(Error::Audit(format!(
+                    "audit records {range:?} not written: {e}"
+                )));
+            }
+            self.shared.done_cv.wait(&mut d);
+        }
+        Ok(range)
+    }
+}
+
 struct Pending {
     seq: u64,
     time_ms: i64,
@@ -440,7 +481,30 @@ impl AuditLog {
         self.enqueue(encoded)
     }
 
+    /// Queue one event without waiting for it to become durable; the
+    /// returned [`AuditTicket`] waits. Lets one thread keep several queries
+    /// in flight (answering each only once its ticket is redeemed) so that
+    /// they share one fsync instead of each waiting for its own.
+    pub fn submit(&self, event: AuditEvent) -> Result<AuditTicket> {
+        let json = encode_event(&event)?;
+        self.queue(vec![(event, json)])
+    }
+
+    /// [`AuditLog::submit`] for several events (consecutive seqs, one commit).
+    pub fn submit_batch(&self, events: Vec<AuditEvent>) -> Result<AuditTicket> {
+        let mut encoded = Vec::with_capacity(events.len());
+        for e in events {
+            let j = encode_event(&e)?;
+            encoded.push((e, j));
+        }
+        self.queue(encoded)
+    }
+
     fn enqueue(&self, events: Vec<(AuditEvent, String)>) -> Result<std::ops::Range<u64>> {
+        self.queue(events)?.wait()
+    }
+
+    fn queue(&self, events: Vec<(AuditEvent, String)>) -> Result<AuditTicket> {
         let range = {
             let mut q = self.shared.queue.lock();
             if q.closing {
@@ -463,20 +527,13 @@ impl AuditLog {
             }
             start..q.next_seq
         };
-        if range.is_empty() {
-            return Ok(range);
+        if !range.is_empty() {
+            self.shared.queue_cv.notify_one();
         }
-        self.shared.queue_cv.notify_one();
-        let mut d = self.shared.done.lock();
-        while d.next < range.end {
-            if let Some(e) = &d.error {
-                return Err(Error::Audit(format!(
-                    "audit records {range:?} not written: {e}"
-                )));
-            }
-            self.shared.done_cv.wait(&mut d);
-        }
-        Ok(range)
+        Ok(AuditTicket {
+            range,
+            shared: Arc::clone(&self.shared),
+        })
     }
 
     /// Make everything appended so far durable (fsync log and `HEAD`), also

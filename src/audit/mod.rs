@@ -91,7 +91,7 @@ pub use event::{
     AuditEvent, AuditFilter, AuditRecord, DecisionKind, EventKind, QueryAudit, QueryMode,
 };
 pub use format::genesis_hash;
-pub use log::{AuditLog, SUBSCRIBER_BACKLOG};
+pub use log::{AuditLog, AuditTicket, SUBSCRIBER_BACKLOG};
 pub use scan::{BadRecord, OpenReport, TornTail, VerifyReport};
 
 use serde::{Deserialize, Serialize};
