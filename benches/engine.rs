@@ -10,6 +10,8 @@
 //!   threads. Templates are decrypted into memory on open, so search itself pays
 //!   nothing for encryption: `index_only` vs `audit_off` shows the engine's own overhead.
 //!   Group commit shares one fsync among concurrent queries, so its cost falls with concurrency (64 threads).
+//! - `engine_query/*_pipelined/{1,2}`: 1 or 2 threads, each keeping 32 queries in
+//!   flight with `identify_deferred` (answers released once their record is durable).
 
 use std::sync::Arc;
 
@@ -96,6 +98,36 @@ fn bench_query(c: &mut Criterion) {
                         (0..nq).into_par_iter().for_each(|i| {
                             e.identify(&ctx, &queries[i * 128..(i + 1) * 128], 10).unwrap();
                         })
+                    })
+                })
+            });
+        }
+        // Pipelined: each thread keeps up to WINDOW queries in flight
+        // (identify_deferred) and releases the oldest answer when the window
+        // is full, as a server with many connections per thread would.
+        const WINDOW: usize = 32;
+        for threads in [1usize, 2] {
+            let nq = queries.len() / 128;
+            g.throughput(Throughput::Elements(nq as u64));
+            g.bench_with_input(BenchmarkId::new(format!("{name}_pipelined"), threads), &threads, |b, &threads| {
+                b.iter(|| {
+                    std::thread::scope(|s| {
+                        for t in 0..threads {
+                            let (e, ctx, queries) = (&e, &ctx, &queries);
+                            s.spawn(move || {
+                                let mut window = std::collections::VecDeque::with_capacity(WINDOW);
+                                for i in (t..nq).step_by(threads) {
+                                    if window.len() == WINDOW {
+                                        let p: facematch::engine::Pending<_> = window.pop_front().unwrap();
+                                        p.wait().unwrap();
+                                    }
+                                    window.push_back(e.identify_deferred(ctx, &queries[i * 128..(i + 1) * 128], 10).unwrap());
+                                }
+                                for p in window {
+                                    p.wait().unwrap();
+                                }
+                            });
+                        }
                     })
                 })
             });
