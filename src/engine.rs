@@ -475,6 +475,7 @@ impl EngineBuilder {
         for slot in deletes {
             st.index.remove(slot as u32)?;
         }
+        calibrate_index(&mut st.index);
         let stale = log.frames().saturating_sub(snapshot::read_header(&snapp)?.map(|h| h.frames).unwrap_or(0));
         let engine = Engine::assemble(dir, lock, key, self.clock, manifest, log, report, Some(st))?;
         if !engine.open_report.snapshot_used || stale > 10_000 {
@@ -484,6 +485,16 @@ impl EngineBuilder {
         let mut engine = engine;
         engine.open_report.purged_on_open = purged.templates.len();
         Ok(engine)
+    }
+}
+
+/// Let the index measure how wide a graph search must be to find what the
+/// exact scan finds (top-1 on 99% of 200 probes); with no affordable width,
+/// `Auto` scans. Skipped where `Auto` scans anyway.
+fn calibrate_index(index: &mut VectorIndex) {
+    if index.len() >= index.config().exact_below && index.config().graph {
+        let c = index.calibrate(0.99, 200, 0xCA11_B2A7);
+        tracing::debug!(ef = ?c.ef, agreement = c.agreement, live = c.live, "index calibrated");
     }
 }
 
@@ -1152,6 +1163,7 @@ impl Engine {
         let bytes_before = w.log.len();
         let removed = (st.index.slots() - st.index.len()) as u64;
         let map = st.index.compact();
+        calibrate_index(&mut st.index);
         // Renumber slots.
         let mut new_slots = vec![None; st.index.slots()];
         for (old, new) in map.iter().enumerate() {

@@ -247,6 +247,23 @@ pub struct VectorIndex {
     slots: usize,
     /// Blocked int8 copy of every slot for the exact scan.
     flat: flat::FlatCodes,
+    /// What the last [`VectorIndex::calibrate`] found (not serialised).
+    calibration: Option<Calibration>,
+}
+
+/// What [`VectorIndex::calibrate`] measured: how wide a graph search must be
+/// to find the exact scan's best match.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Smallest `ef` tried (32, 64, ... while the graph is cheaper than the
+    /// exact scan) whose top-1 agreed with the exact scan on at least the
+    /// target share of probes; `None` if none did: `Auto` then scans.
+    pub ef: Option<usize>,
+    /// Top-1 agreement at that `ef` (at the widest one tried if none reached the target).
+    pub agreement: f32,
+    /// Live vectors when measured; the result is ignored once the index has
+    /// halved or doubled since.
+    pub live: usize,
 }
 
 /// Ordered key of an f32: `a < b` iff `ord(a) < ord(b)` (finite values).
@@ -348,6 +365,7 @@ impl VectorIndex {
             n_deleted: 0,
             slots: 0,
             flat: flat::FlatCodes::new(dim),
+            calibration: None,
         })
     }
 
@@ -641,6 +659,7 @@ impl VectorIndex {
                 if self.len() < self.cfg.exact_below
                     || self.entry.is_none()
                     || frac < FILTER_EXACT_FRACTION
+                    || self.calibration_in_force().is_some_and(|c| c.ef.is_none())
                     || self.exact_single_cost() <= self.graph_cost(p)
                 {
                     SearchStrategy::Exact
@@ -726,6 +745,90 @@ impl VectorIndex {
         nq >= 16 && self.slots as f64 * self.dim as f64 * EXACT_BATCH_S_PER_DIM <= self.graph_cost(p)
     }
 
+    /// The calibration, if it was measured at about the current size.
+    fn calibration_in_force(&self) -> Option<Calibration> {
+        self.calibration.filter(|c| self.len() <= 2 * c.live && 2 * self.len() >= c.live)
+    }
+
+    /// `ef` of a search that does not set one: the configured `ef_search`,
+    /// raised to the calibrated one.
+    fn default_ef(&self) -> usize {
+        let cal = self.calibration_in_force().and_then(|c| c.ef).unwrap_or(0);
+        self.cfg.ef_search.max(cal)
+    }
+
+    /// The calibration in force, if any.
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.calibration_in_force()
+    }
+
+    /// Measure how wide the graph search must be to agree with the exact
+    /// scan, and let `Auto` act on it: searches without an explicit `ef` use
+    /// at least the calibrated one, and when no `ef` the graph can afford
+    /// (cheaper than the exact scan) reaches `target`, `Auto` takes the
+    /// exact scan. Probes are `probes` stored vectors (seeded choice) moved
+    /// to cosine 0.7 by random noise, like another photo of the same person.
+    /// Costs `probes` exact scans plus the graph searches (about a second at
+    /// 1M x 128 for 200 probes).
+    ///
+    /// ```
+    /// use facematch::index::{IndexConfig, VectorIndex};
+    /// use facematch::synth::{generate, SynthConfig};
+    /// let set = generate(&SynthConfig { identities: 3_000, queries: 10, ..Default::default() }).unwrap();
+    /// let mut ix = VectorIndex::new(128, IndexConfig { exact_below: 0, ..Default::default() }).unwrap();
+    /// ix.add_batch(&set.gallery).unwrap();
+    /// let c = ix.calibrate(0.99, 100, 7);
+    /// assert!(c.agreement > 0.0);
+    /// assert_eq!(ix.calibration(), Some(c));
+    /// ```
+    pub fn calibrate(&mut self, target: f32, probes: usize, seed: u64) -> Calibration {
+        use rand::{Rng, SeedableRng};
+        let live: Vec<u32> = (0..self.slots as u32).filter(|&s| !self.is_deleted(s)).collect();
+        let mut c = Calibration { ef: None, agreement: 0.0, live: live.len() };
+        if self.entry.is_none() || live.is_empty() || probes == 0 {
+            self.calibration = Some(c);
+            return c;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = probes.min(live.len());
+        let mut qp = vec![0.0f32; n * self.dpad];
+        for q in qp.chunks_exact_mut(self.dpad) {
+            let v = self.exact_vec(live[rng.gen_range(0..live.len())]);
+            let noise: Vec<f32> = (0..self.dim).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+            let nn = noise.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+            for d in 0..self.dim {
+                q[d] = 0.7 * v[d] + 0.714 * noise[d] / nn;
+            }
+            let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+            q.iter_mut().for_each(|x| *x /= norm);
+        }
+        let p1 = SearchParams { k: 1, ef: None, strategy: SearchStrategy::Exact, filter: None };
+        let truth: Vec<Option<u32>> = self.exact_many(&qp, n, &p1).into_iter().map(|h| h.first().map(|h| h.slot)).collect();
+        let mut ef = 32usize;
+        loop {
+            let pe = SearchParams { k: 1, ef: Some(ef), strategy: SearchStrategy::Graph, filter: None };
+            if self.graph_cost(&pe) >= self.exact_single_cost() && ef > 32 {
+                break;
+            }
+            let agree = qp
+                .par_chunks_exact(self.dpad)
+                .zip(&truth)
+                .filter(|(q, t)| self.graph_search(q, &pe, 1.0).first().map(|h| h.slot) == **t)
+                .count();
+            c.agreement = agree as f32 / n as f32;
+            if c.agreement >= target {
+                c.ef = Some(ef);
+                break;
+            }
+            if ef >= self.slots {
+                break;
+            }
+            ef *= 2;
+        }
+        self.calibration = Some(c);
+        c
+    }
+
     /// Modelled seconds of one exact scan of a single query.
     fn exact_single_cost(&self) -> f64 {
         self.slots as f64 * self.dim as f64 * EXACT_SINGLE_S_PER_DIM
@@ -733,7 +836,7 @@ impl VectorIndex {
 
     /// Modelled seconds of one graph search.
     fn graph_cost(&self, p: &SearchParams) -> f64 {
-        let ef = p.ef.unwrap_or(self.cfg.ef_search).max(p.k) as f64;
+        let ef = p.ef.unwrap_or_else(|| self.default_ef()).max(p.k) as f64;
         let storage = match self.cfg.storage {
             VectorStorage::F32 => 1.0,
             VectorStorage::Int8 => GRAPH_INT8_FACTOR,
@@ -851,7 +954,7 @@ impl VectorIndex {
     /// Graph search for one prepared query.
     fn graph_search(&self, qp: &[f32], p: &SearchParams, frac: f32) -> Vec<Hit> {
         let k = p.k.min(self.len());
-        let mut ef = p.ef.unwrap_or(self.cfg.ef_search).max(k);
+        let mut ef = p.ef.unwrap_or_else(|| self.default_ef()).max(k);
         if p.filter.is_some() {
             ef = ((ef as f32 / frac.max(0.05)) as usize).max(ef);
         }
