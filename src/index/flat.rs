@@ -18,11 +18,10 @@
 //! With `e_v = v - s_v c` and `e_q = q - s_q q8`, for unit `v` and `q`:
 //! `|v·q - s_v s_q (q8·c)| <= |e_q| + |e_v| + |e_q||e_v|` (Cauchy-Schwarz).
 //! `|e_v|` is measured for every vector when it is added and the maximum kept;
-//! `|e_q|` is measured per query. The caller keeps more approximate
-//! candidates than it needs, re-scores them in f32 and checks that no
-//! discarded vector could have beaten the k-th exact score: see
-//! [`FlatCodes::bound`]. When it could (rare: a crowd of near-ties), the caller
-//! falls back to the f32 scan, so the result is always the exact top k.
+//! `|e_q|` is measured per query ([`FlatCodes::bound`]). The caller keeps
+//! every vector whose approximate score is within twice the bound of the
+//! k-th best approximate score and re-scores those in f32: anything left out
+//! provably scores below each of the k best, so the result is the exact top k.
 //!
 //! Speed: 1 byte per dimension streamed instead of 4, and on AVX-512 VNNI
 //! 64 multiply-adds per instruction with no horizontal reduction.

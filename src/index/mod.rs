@@ -846,69 +846,68 @@ impl VectorIndex {
 
     /// Exact top-k for `nq` prepared queries (padded, back to back).
     ///
-    /// The int8 scan ([`flat`]) keeps `2k + 32` approximate candidates per
-    /// query, which are re-scored in f32; its error bound then proves that no
-    /// discarded vector could have entered the top k. A query whose proof
-    /// fails (a crowd of near-ties) is answered by the f32 scan instead, so
-    /// the result is the exact top k either way.
+    /// The int8 scan ([`flat`]) has a proven error bound `e` per query. Every
+    /// vector whose approximate score is within `2e` of the k-th best
+    /// approximate score so far is kept as a candidate and re-scored in f32.
+    /// A vector left out scored below `kth - 2e`, so its exact score is below
+    /// `kth - e`, which each of the k best approximate vectors exceeds: it
+    /// cannot be in the top k. The result is the exact top k, no fallback.
     fn exact_many(&self, qp: &[f32], nq: usize, p: &SearchParams) -> Vec<Vec<Hit>> {
         let k = p.k.min(self.len());
         if k == 0 {
             return vec![Vec::new(); nq];
         }
-        let keep = (2 * k + 32).min(self.slots);
         let qc = self.flat.quantize_queries(qp, self.dpad, nq);
-        let mut heaps: Vec<BinaryHeap<Reverse<u64>>> = (0..nq).map(|_| BinaryHeap::with_capacity(keep + 1)).collect();
+        let slack: Vec<f32> = (0..nq).map(|i| 2.0 * self.flat.bound(&qc, i)).collect();
+        let mut top: Vec<BinaryHeap<Reverse<u64>>> = (0..nq).map(|_| BinaryHeap::with_capacity(k + 1)).collect();
+        let mut cands: Vec<Vec<(f32, u32)>> = vec![Vec::new(); nq];
         let mut thr = vec![f32::NEG_INFINITY; nq];
         let filter = p.filter;
+        let prune_at = 4 * k + 256;
         self.flat.scan(&qc, kernels::simd_level(), &mut thr, |i, j, s| {
-            let h = &mut heaps[i];
-            let key = hit_key(s, j);
-            let full = h.len() >= keep;
-            if full && h.peek().is_some_and(|Reverse(min)| key <= *min) {
-                return score_of_key(h.peek().map_or(0, |r| r.0));
-            }
-            if !self.is_deleted(j) && filter.is_none_or(|f| f(j)) {
-                h.push(Reverse(key));
-                if h.len() > keep {
-                    h.pop();
-                }
-            }
-            match h.peek() {
-                Some(Reverse(min)) if h.len() >= keep => score_of_key(*min),
+            let (h, c) = (&mut top[i], &mut cands[i]);
+            let floor = |h: &BinaryHeap<Reverse<u64>>| match h.peek() {
+                Some(Reverse(min)) if h.len() >= k => score_of_key(*min) - slack[i],
                 _ => f32::NEG_INFINITY,
+            };
+            if self.is_deleted(j) || filter.is_some_and(|f| !f(j)) {
+                return floor(h);
             }
+            c.push((s, j));
+            h.push(Reverse(hit_key(s, j)));
+            if h.len() > k {
+                h.pop();
+            }
+            let t = floor(h);
+            if c.len() >= prune_at {
+                c.retain(|&(a, _)| a >= t);
+            }
+            t
         });
-        heaps
+        cands
             .into_iter()
+            .zip(top)
             .enumerate()
-            .map(|(i, h)| {
+            .map(|(i, (c, h))| {
                 let q = &qp[i * self.dpad..(i + 1) * self.dpad];
-                let floor = match h.peek() {
-                    Some(Reverse(min)) if h.len() >= keep => score_of_key(*min),
-                    _ => f32::NEG_INFINITY, // every passing slot is in the heap
+                let t = match h.peek() {
+                    Some(Reverse(min)) if h.len() >= k => score_of_key(*min) - slack[i],
+                    _ => f32::NEG_INFINITY,
                 };
-                let mut hits: Vec<Hit> = h
+                let mut hits: Vec<Hit> = c
                     .into_iter()
-                    .map(|Reverse(key)| {
-                        let slot = !(key as u32);
-                        Hit { slot, score: kernels::dot_f32(q, self.exact_vec(slot)) }
-                    })
+                    .filter(|&(a, _)| a >= t)
+                    .map(|(_, slot)| Hit { slot, score: kernels::dot_f32(q, self.exact_vec(slot)) })
                     .collect();
                 sort_hits(&mut hits);
                 hits.truncate(k);
-                let proven = floor == f32::NEG_INFINITY
-                    || hits.len() == k && floor + self.flat.bound(&qc, i) < hits[k - 1].score;
-                if proven {
-                    hits
-                } else {
-                    self.exact_f32(q, 1, p).pop().unwrap_or_default()
-                }
+                hits
             })
             .collect()
     }
 
-    /// The f32 exact scan (the int8 scan's fallback and reference).
+    /// The f32 exact scan (the reference the int8 scan is tested against).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn exact_f32(&self, qp: &[f32], nq: usize, p: &SearchParams) -> Vec<Vec<Hit>> {
         let k = p.k.min(self.len());
         let mut heaps: Vec<BinaryHeap<Reverse<u64>>> = (0..nq).map(|_| BinaryHeap::with_capacity(k + 1)).collect();
@@ -1226,7 +1225,7 @@ mod tests {
         assert_eq!(ix.len(), 1_999);
     }
 
-    /// The int8 scan with its proof, the f32 fallback and the f32 reference agree
+    /// The int8 scan with its proven candidate window and the f32 reference agree
     /// exactly (slots and scores), with tombstones, filters and crowds of ties.
     #[test]
     fn int8_exact_scan_equals_the_f32_scan() {
