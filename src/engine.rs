@@ -602,10 +602,7 @@ impl Engine {
     }
     /// Append an event to the audit log; returns once it is durable.
     fn audit_append(&self, event: AuditEvent) -> Result<u64> {
-        match self.audit.read().as_ref() {
-            Some(a) => a.append(event),
-            None => Err(Error::Audit("the audit log is closed (key rotation failed?)".into())),
-        }
+        Ok(self.audit_submit(event)?.wait()?.start)
     }
 
     /// Queue an event; the ticket says when it is durable.

@@ -464,21 +464,14 @@ impl AuditLog {
     /// configured [`Durability`] says. On error the caller must not act as
     /// if the event was recorded (e.g. must not answer the query).
     pub fn append(&self, event: AuditEvent) -> Result<u64> {
-        let json = encode_event(&event)?;
-        let seqs = self.enqueue(vec![(event, json)])?;
-        Ok(seqs.start)
+        Ok(self.submit(event)?.wait()?.start)
     }
 
     /// Append several events with consecutive seqs, normally in one commit
     /// (e.g. an enrolment and the filing notice it triggers); returns their
     /// seqs once all are durable. Nothing is queued if any event is invalid.
     pub fn append_batch(&self, events: Vec<AuditEvent>) -> Result<std::ops::Range<u64>> {
-        let mut encoded = Vec::with_capacity(events.len());
-        for e in events {
-            let j = encode_event(&e)?;
-            encoded.push((e, j));
-        }
-        self.enqueue(encoded)
+        self.submit_batch(events)?.wait()
     }
 
     /// Queue one event without waiting for it to become durable; the
@@ -498,10 +491,6 @@ impl AuditLog {
             encoded.push((e, j));
         }
         self.queue(encoded)
-    }
-
-    fn enqueue(&self, events: Vec<(AuditEvent, String)>) -> Result<std::ops::Range<u64>> {
-        self.queue(events)?.wait()
     }
 
     fn queue(&self, events: Vec<(AuditEvent, String)>) -> Result<AuditTicket> {

@@ -864,21 +864,22 @@ impl VectorIndex {
         let mut thr = vec![f32::NEG_INFINITY; nq];
         let filter = p.filter;
         let prune_at = 4 * k + 256;
+        // Lowest approximate score that may still be in the top k.
+        let floor = |h: &BinaryHeap<Reverse<u64>>, slack: f32| match h.peek() {
+            Some(Reverse(min)) if h.len() >= k => score_of_key(*min) - slack,
+            _ => f32::NEG_INFINITY,
+        };
         self.flat.scan(&qc, kernels::simd_level(), &mut thr, |i, j, s| {
             let (h, c) = (&mut top[i], &mut cands[i]);
-            let floor = |h: &BinaryHeap<Reverse<u64>>| match h.peek() {
-                Some(Reverse(min)) if h.len() >= k => score_of_key(*min) - slack[i],
-                _ => f32::NEG_INFINITY,
-            };
             if self.is_deleted(j) || filter.is_some_and(|f| !f(j)) {
-                return floor(h);
+                return floor(h, slack[i]);
             }
             c.push((s, j));
             h.push(Reverse(hit_key(s, j)));
             if h.len() > k {
                 h.pop();
             }
-            let t = floor(h);
+            let t = floor(h, slack[i]);
             if c.len() >= prune_at {
                 c.retain(|&(a, _)| a >= t);
             }
@@ -890,10 +891,7 @@ impl VectorIndex {
             .enumerate()
             .map(|(i, (c, h))| {
                 let q = &qp[i * self.dpad..(i + 1) * self.dpad];
-                let t = match h.peek() {
-                    Some(Reverse(min)) if h.len() >= k => score_of_key(*min) - slack[i],
-                    _ => f32::NEG_INFINITY,
-                };
+                let t = floor(&h, slack[i]);
                 let mut hits: Vec<Hit> = c
                     .into_iter()
                     .filter(|&(a, _)| a >= t)
