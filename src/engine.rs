@@ -626,6 +626,14 @@ impl Engine {
         }
     }
 
+    /// The audit writer's counters since open (commits, records, fsync time, linger): for metrics.
+    pub fn audit_stats(&self) -> Result<crate::audit::AuditStats> {
+        match self.audit.read().as_ref() {
+            Some(a) => Ok(a.stats()),
+            None => Err(Error::Audit("the audit log is closed".into())),
+        }
+    }
+
     /// The audit directory of this gallery (for [`AuditLog::verify`], [`AuditLog::read`]).
     pub fn audit_dir(&self) -> PathBuf {
         self.dir.join(store::AUDIT_DIR)

@@ -856,6 +856,7 @@ fn concurrent_group_commit_appends_are_gap_free() {
         Durability::GroupCommit {
             max_delay_us: 200,
             max_batch: 64,
+            linger_us: 2000,
         },
     );
     let (log, _) = AuditLog::open(&dir, key(), c, clock()).unwrap();

@@ -30,6 +30,7 @@ fn cfg() -> AuditConfig {
         durability: Durability::GroupCommit {
             max_delay_us: 0,
             max_batch: 256,
+            linger_us: 2000,
         },
         ..Default::default()
     }

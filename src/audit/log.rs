@@ -77,22 +77,43 @@ impl AuditTicket {
         self.range.clone()
     }
 
-    /// Block until the records are durable; returns their seqs.
+    /// Block until the records are durable; returns their seqs. If they are
+    /// still queued and no commit is running, the caller commits them itself
+    /// (with everything queued before them) rather than wake the writer.
     pub fn wait(self) -> Result<std::ops::Range<u64>> {
         let range = self.range;
-        if range.is_empty() {
+        let sh = &*self.shared;
+        if range.is_empty() || sh.done.lock().next >= range.end {
             return Ok(range);
         }
-        let mut d = self.shared.done.lock();
-        while d.next < range.end {
-            if let Some(e) = &d.error {
-                return Err(Error::Audit(format!(
-                    "audit records {range:?} not written: {e}"
-                )));
+        {
+            let mut q = sh.queue.lock();
+            if q.wanted < range.end {
+                q.wanted = range.end;
+                q.wanted_at = Instant::now();
             }
-            self.shared.done_cv.wait(&mut d);
         }
-        Ok(range)
+        loop {
+            {
+                let d = sh.done.lock();
+                if d.next >= range.end {
+                    return Ok(range);
+                }
+                if let Some(e) = &d.error {
+                    return Err(Error::Audit(format!("audit records {range:?} not written: {e}")));
+                }
+            }
+            if lead_commit(sh, range.end)? {
+                continue;
+            }
+            // Another commit is running (its end wakes us), or ours is in it.
+            let mut d = sh.done.lock();
+            if d.next < range.end && d.error.is_none() {
+                // The timeout only guards against a missed wake-up; the
+                // writer thread also commits records someone waits for.
+                let _ = sh.done_cv.wait_for(&mut d, Duration::from_millis(5));
+            }
+        }
     }
 }
 
@@ -105,6 +126,15 @@ struct Pending {
 
 struct Queue {
     items: Vec<Pending>,
+    /// One past the highest seq somebody waits for (monotonic): queued
+    /// records below it are committed without lingering.
+    wanted: u64,
+    /// When `wanted` last grew.
+    wanted_at: Instant,
+    /// When the oldest queued record arrived.
+    first_at: Instant,
+    /// How long queued records linger.
+    pace: Pace,
     next_seq: u64,
     sync_ticket: u64,
     closing: bool,
@@ -153,6 +183,22 @@ struct Closed {
     segs: Vec<SegMeta>,
 }
 
+/// What the writer has done since the log was opened: for a server's
+/// metrics and for tuning [`Durability::GroupCommit`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AuditStats {
+    /// Commits (one write, and one fsync unless durability is off).
+    pub commits: u64,
+    /// Records committed.
+    pub records: u64,
+    /// Commits made at once because someone waited for a queued record.
+    pub awaited: u64,
+    /// Total time spent in the commits' fsyncs, in microseconds.
+    pub sync_micros: u64,
+    /// The current linger (see [`Durability::GroupCommit`]), in microseconds.
+    pub linger_micros: u64,
+}
+
 struct Shared {
     dir: PathBuf,
     key: AuditKey,
@@ -163,6 +209,11 @@ struct Shared {
     done: Mutex<Done>,
     done_cv: Condvar,
     subscribers: Mutex<Vec<SyncSender<AuditRecord>>>,
+    stats: Mutex<AuditStats>,
+    /// The chain's end and the open segment; whoever holds it commits (the
+    /// writer thread, or a caller waiting for its own records). `None` once
+    /// the writer has stopped.
+    committer: Mutex<Option<Writer>>,
     closed_segments: Mutex<Closed>,
     retention: Mutex<()>,
     /// Holds the advisory lock on `LOCK` for the log's lifetime.
@@ -406,6 +457,7 @@ impl AuditLog {
             torn_tail_repaired: torn,
         };
 
+        let linger = Limits::of(cfg.durability).linger;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             key,
@@ -413,6 +465,10 @@ impl AuditLog {
             clock,
             queue: Mutex::new(Queue {
                 items: Vec::new(),
+                wanted: 0,
+                wanted_at: Instant::now(),
+                first_at: Instant::now(),
+                pace: Pace::new(linger),
                 next_seq: records,
                 sync_ticket: 0,
                 closing: false,
@@ -425,6 +481,8 @@ impl AuditLog {
             }),
             done_cv: Condvar::new(),
             subscribers: Mutex::new(Vec::new()),
+            stats: Mutex::new(AuditStats::default()),
+            committer: Mutex::new(None),
             closed_segments: Mutex::new(closed),
             retention: Mutex::new(()),
             _lock: lock,
@@ -447,10 +505,21 @@ impl AuditLog {
             sync,
             head: HeadWriter::start(Arc::clone(&shared), records)?,
         };
-        let handle = std::thread::Builder::new()
+        *shared.committer.lock() = Some(writer);
+        let sh = Arc::clone(&shared);
+        let handle = match std::thread::Builder::new()
             .name("facematch-audit".into())
-            .spawn(move || writer.run())
-            .map_err(|e| Error::Audit(format!("starting the audit writer thread: {e}")))?;
+            .spawn(move || run_writer(sh))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                // Break the Shared -> Writer -> Shared cycle so the lock is released.
+                if let Some(mut w) = shared.committer.lock().take() {
+                    w.head.stop();
+                }
+                return Err(Error::Audit(format!("starting the audit writer thread: {e}")));
+            }
+        };
         Ok((
             AuditLog {
                 shared,
@@ -494,6 +563,7 @@ impl AuditLog {
     }
 
     fn queue(&self, events: Vec<(AuditEvent, String)>) -> Result<AuditTicket> {
+        let wake;
         let range = {
             let mut q = self.shared.queue.lock();
             if q.closing {
@@ -503,6 +573,10 @@ impl AuditLog {
                 return Err(Error::Audit(format!("the audit log failed earlier: {e}")));
             }
             let start = q.next_seq;
+            let was_empty = q.items.is_empty();
+            if was_empty {
+                q.first_at = Instant::now();
+            }
             let time_ms = self.shared.clock.now_unix_ms();
             for (event, event_json) in events {
                 let seq = q.next_seq;
@@ -514,9 +588,12 @@ impl AuditLog {
                     event,
                 });
             }
+            // The writer only needs waking when work appears or a batch is
+            // full; while it lingers, each submit need not wake it.
+            wake = was_empty || q.items.len() >= self.shared.cfg.durability.max_batch();
             start..q.next_seq
         };
-        if !range.is_empty() {
+        if wake && !range.is_empty() {
             self.shared.queue_cv.notify_one();
         }
         Ok(AuditTicket {
@@ -553,6 +630,11 @@ impl AuditLog {
             Some(e) => Err(Error::Audit(e)),
             None => Ok(()),
         }
+    }
+
+    /// The writer's counters since open (commits, records, fsync time, linger).
+    pub fn stats(&self) -> AuditStats {
+        *self.shared.stats.lock()
     }
 
     /// Records durable so far (the next seq to be confirmed).
@@ -984,100 +1066,250 @@ impl HeadWriter {
     }
 }
 
-impl Writer {
-    fn run(mut self) {
-        let sh = Arc::clone(&self.shared);
-        let (max_batch, max_delay) = match sh.cfg.durability {
+/// How long queued records linger: half the time callers have recently let
+/// pass between a record's arrival and waiting for it (a caller keeping a
+/// window of queries in flight waits once per window), capped by the
+/// configured linger. Blocking callers wait at once, so nothing lingers;
+/// records nobody waits for linger the full time.
+struct Pace {
+    /// Estimated arrival-to-wait time, in seconds (moving average).
+    est: f64,
+}
+
+impl Pace {
+    fn new(linger: Duration) -> Pace {
+        Pace {
+            est: 2.0 * linger.as_secs_f64(),
+        }
+    }
+
+    fn linger(&self, max: Duration) -> Duration {
+        max.min(Duration::from_secs_f64(self.est / 2.0))
+    }
+
+    /// Someone waited for the oldest record `after` its arrival.
+    fn waited(&mut self, after: Duration) {
+        self.est = 0.8 * self.est + 0.2 * after.as_secs_f64();
+    }
+
+    /// Nobody waited within the linger: callers are more patient than estimated.
+    fn timed_out(&mut self, max: Duration) {
+        self.est = (self.est * 1.25).clamp(1e-6, 2.0 * max.as_secs_f64());
+    }
+}
+
+/// The limits the writer works to, from the configured [`Durability`].
+#[derive(Clone, Copy)]
+struct Limits {
+    max_batch: usize,
+    max_delay: Duration,
+    linger: Duration,
+}
+
+impl Limits {
+    fn of(d: Durability) -> Limits {
+        match d {
             Durability::GroupCommit {
                 max_delay_us,
                 max_batch,
-            } => (max_batch, Duration::from_micros(max_delay_us)),
-            Durability::EveryRecord => (usize::MAX, Duration::ZERO),
-            Durability::Off => (usize::MAX, Duration::ZERO),
-        };
-        let mut synced_ticket = 0u64;
-        let mut spare: Vec<Pending> = Vec::new();
-        loop {
-            let (mut items, ticket, closing) = {
-                let mut q = sh.queue.lock();
-                while q.items.is_empty() && !q.closing && q.sync_ticket <= synced_ticket {
-                    sh.queue_cv.wait(&mut q);
-                }
-                if !max_delay.is_zero()
-                    && !q.items.is_empty()
-                    && q.items.len() < max_batch
-                    && !q.closing
-                {
-                    let deadline = Instant::now() + max_delay;
-                    while q.items.len() < max_batch && !q.closing {
-                        if sh.queue_cv.wait_until(&mut q, deadline).timed_out() {
-                            break;
-                        }
-                    }
-                }
-                let items = if q.items.len() <= max_batch {
-                    std::mem::replace(&mut q.items, std::mem::take(&mut spare))
-                } else {
-                    q.items.drain(..max_batch).collect()
-                };
-                (items, q.sync_ticket, q.closing && q.items.is_empty())
-            };
+                linger_us,
+            } => Limits {
+                max_batch,
+                max_delay: Duration::from_micros(max_delay_us),
+                linger: Duration::from_micros(linger_us),
+            },
+            Durability::EveryRecord | Durability::Off => Limits {
+                max_batch: usize::MAX,
+                max_delay: Duration::ZERO,
+                linger: Duration::ZERO,
+            },
+        }
+    }
+}
 
-            let mut result = match self.head.error() {
-                Some(e) => Err(Error::Audit(format!("replacing audit HEAD: {e}"))),
-                None => Ok(()),
-            };
-            if result.is_ok() && !items.is_empty() {
-                result = if sh.cfg.durability == Durability::EveryRecord {
-                    let mut r = Ok(());
-                    for i in 0..items.len() {
-                        r = self.commit(&items[i..i + 1]);
-                        if r.is_err() {
-                            break;
-                        }
-                        self.ack(&items[i..i + 1]);
-                    }
-                    r
-                } else {
-                    let r = self.commit(&items);
-                    if r.is_ok() {
-                        self.ack(&items);
-                    }
-                    r
-                };
+/// Take the next batch off the queue (at most `max_batch` records).
+fn take_batch(q: &mut Queue, max_batch: usize, spare: &mut Vec<Pending>) -> Vec<Pending> {
+    if q.items.len() <= max_batch {
+        std::mem::replace(&mut q.items, std::mem::take(spare))
+    } else {
+        q.first_at = Instant::now();
+        q.items.drain(..max_batch).collect()
+    }
+}
+
+/// A write failed: refuse everything from now on and stop the writer's helpers.
+fn fail(sh: &Shared, w: &mut Writer, e: &Error) {
+    let mut d = sh.done.lock();
+    if d.error.is_none() {
+        d.error = Some(e.to_string());
+    }
+    drop(d);
+    sh.done_cv.notify_all();
+    sh.subscribers.lock().clear();
+    w.head.stop();
+}
+
+/// After a committer lets go: callers waiting for records still queued
+/// may now commit them themselves.
+fn wake_leaders(sh: &Shared) {
+    let waiting = {
+        let q = sh.queue.lock();
+        q.items.first().is_some_and(|p| q.wanted > p.seq)
+    };
+    if waiting {
+        sh.done_cv.notify_all();
+    }
+}
+
+/// Commit the queued records up to `end` on the caller's thread (it would
+/// only block waiting for the writer thread otherwise). Returns false if
+/// another commit is in progress (or the writer is gone).
+fn lead_commit(sh: &Shared, end: u64) -> Result<bool> {
+    let Some(mut guard) = sh.committer.try_lock() else {
+        return Ok(false);
+    };
+    let Some(w) = guard.as_mut() else {
+        return Ok(false);
+    };
+    let limits = Limits::of(sh.cfg.durability);
+    let items = {
+        let mut q = sh.queue.lock();
+        if !q.items.first().is_some_and(|p| p.seq < end) {
+            return Ok(false);
+        }
+        let waited = q.wanted_at.saturating_duration_since(q.first_at);
+        q.pace.waited(waited);
+        let mut spare = Vec::new();
+        take_batch(&mut q, limits.max_batch, &mut spare)
+    };
+    sh.stats.lock().awaited += 1;
+    if let Err(e) = w.commit_items(&items) {
+        fail(sh, w, &e);
+        *guard = None;
+        return Err(e);
+    }
+    drop(guard);
+    wake_leaders(sh);
+    Ok(true)
+}
+
+/// The writer thread: commits what nobody waits for (after the linger),
+/// serves flushes and closes the log. Callers waiting for their own records
+/// commit them themselves ([`lead_commit`]) whenever no commit is running.
+fn run_writer(sh: Arc<Shared>) {
+    let limits = Limits::of(sh.cfg.durability);
+    let mut synced_ticket = 0u64;
+    let mut spare: Vec<Pending> = Vec::new();
+    loop {
+        {
+            let mut q = sh.queue.lock();
+            while q.items.is_empty() && !q.closing && q.sync_ticket <= synced_ticket {
+                sh.queue_cv.wait(&mut q);
             }
-            if result.is_ok() && (ticket > synced_ticket || closing) {
-                result = self.sync_all();
-                if result.is_ok() {
-                    synced_ticket = ticket;
-                    sh.done.lock().synced = ticket;
-                    sh.done_cv.notify_all();
+            // Linger while nobody waits for a queued record: later
+            // submissions share the commit (fewer fsyncs, less CPU).
+            if !limits.linger.is_zero() {
+                loop {
+                    let Some(first) = q.items.first().map(|p| p.seq) else {
+                        break;
+                    };
+                    if q.wanted > first {
+                        let waited = q.wanted_at.saturating_duration_since(q.first_at);
+                        q.pace.waited(waited);
+                        sh.stats.lock().awaited += 1;
+                        break;
+                    }
+                    if q.items.len() >= limits.max_batch || q.closing || q.sync_ticket > synced_ticket {
+                        break;
+                    }
+                    let deadline = q.first_at + q.pace.linger(limits.linger);
+                    if Instant::now() >= deadline {
+                        q.pace.timed_out(limits.linger);
+                        break;
+                    }
+                    let _ = sh.queue_cv.wait_until(&mut q, deadline);
                 }
             }
-            if let Err(e) = result {
-                let mut d = sh.done.lock();
-                d.error = Some(e.to_string());
-                drop(d);
-                sh.done_cv.notify_all();
-                sh.subscribers.lock().clear();
-                self.head.stop();
-                return;
+            if !limits.max_delay.is_zero()
+                && !q.items.is_empty()
+                && q.items.len() < limits.max_batch
+                && !q.closing
+            {
+                let deadline = Instant::now() + limits.max_delay;
+                while q.items.len() < limits.max_batch && !q.closing {
+                    if sh.queue_cv.wait_until(&mut q, deadline).timed_out() {
+                        break;
+                    }
+                }
             }
-            items.clear();
-            spare = items;
-            if closing {
-                sh.subscribers.lock().clear();
-                self.head.stop();
-                return;
+            sh.stats.lock().linger_micros = q.pace.linger(limits.linger).as_micros() as u64;
+        }
+
+        let mut guard = sh.committer.lock();
+        let Some(w) = guard.as_mut() else {
+            return; // a caller's commit failed and shut the writer down
+        };
+        let (items, ticket, drained, closing) = {
+            let mut q = sh.queue.lock();
+            let items = take_batch(&mut q, limits.max_batch, &mut spare);
+            (items, q.sync_ticket, q.items.is_empty(), q.closing)
+        };
+        let mut result = w.commit_items(&items);
+        // A flush is served once everything queued before it is committed.
+        if result.is_ok() && drained && (ticket > synced_ticket || closing) {
+            result = w.sync_all();
+            if result.is_ok() {
+                synced_ticket = ticket;
+                sh.done.lock().synced = ticket;
+                sh.done_cv.notify_all();
             }
         }
+        if let Err(e) = result {
+            fail(&sh, w, &e);
+            *guard = None;
+            return;
+        }
+        if closing && drained {
+            sh.subscribers.lock().clear();
+            w.head.stop();
+            *guard = None;
+            return;
+        }
+        drop(guard);
+        wake_leaders(&sh);
+        spare = items;
+        spare.clear();
+    }
+}
+
+impl Writer {
+    /// Commit `items` as the durability says and acknowledge them.
+    fn commit_items(&mut self, items: &[Pending]) -> Result<()> {
+        if let Some(e) = self.head.error() {
+            return Err(Error::Audit(format!("replacing audit HEAD: {e}")));
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        if self.shared.cfg.durability == Durability::EveryRecord {
+            for i in 0..items.len() {
+                self.commit(&items[i..i + 1])?;
+                self.ack(&items[i..i + 1]);
+            }
+        } else {
+            self.commit(items)?;
+            self.ack(items);
+        }
+        Ok(())
     }
 
     /// Mark `items` durable, wake their appenders, and have `HEAD` follow.
     fn ack(&mut self, items: &[Pending]) {
         let sh = &self.shared;
         if let Some(last) = items.last() {
-            sh.done.lock().next = last.seq + 1;
+            let mut d = sh.done.lock();
+            d.next = d.next.max(last.seq + 1);
+            drop(d);
             sh.done_cv.notify_all();
         }
         if self.sync {
@@ -1193,9 +1425,18 @@ impl Writer {
             self.push_checkpoint()?;
         }
         self.write_buf()?;
+        let started = Instant::now();
         if self.sync {
             let path = self.shared.dir.join(segment_name(self.seg_index));
             self.file.sync_data().map_err(|e| Error::io(&path, e))?;
+        }
+        {
+            let mut st = self.shared.stats.lock();
+            st.commits += 1;
+            st.records += items.len() as u64;
+            if self.sync {
+                st.sync_micros += started.elapsed().as_micros() as u64;
+            }
         }
         if want_records {
             let sh = &self.shared;
@@ -1250,6 +1491,51 @@ mod tests {
     fn log_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<AuditLog>();
+    }
+
+    fn lingering(linger_us: u64) -> AuditConfig {
+        AuditConfig {
+            durability: Durability::GroupCommit {
+                max_delay_us: 0,
+                max_batch: 4096,
+                linger_us,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn queued_records_linger_until_someone_waits() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        // A one-second linger: the writer only commits early because of the wait.
+        let (log, _) = AuditLog::open(d.path(), key, lingering(1_000_000), clock()).unwrap();
+        let tickets: Vec<AuditTicket> = (0..10).map(|i| log.submit(admin(i)).unwrap()).collect();
+        let before = log.stats();
+        assert_eq!(before.commits, 0, "nothing waited, nothing committed yet");
+        let last = tickets.into_iter().last().unwrap();
+        assert_eq!(last.wait().unwrap(), 9..10);
+        let st = log.stats();
+        assert_eq!((st.commits, st.records, st.awaited), (1, 10, 1), "{st:?}");
+        assert!(log.records() >= 10);
+    }
+
+    #[test]
+    fn records_nobody_waits_for_still_reach_disk_and_subscribers() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let (log, _) = AuditLog::open(d.path(), key.clone(), lingering(500), clock()).unwrap();
+        let rx = log.subscribe();
+        for i in 0..3 {
+            drop(log.submit(admin(i)).unwrap());
+        }
+        for i in 0..3 {
+            let r = rx.recv_timeout(Duration::from_secs(30)).expect("record delivered after the linger");
+            assert_eq!(r.seq, i);
+        }
+        assert_eq!(log.stats().awaited, 0);
+        drop(log);
+        assert_eq!(AuditLog::verify(d.path(), &key).unwrap().records, 3);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub use event::{
     AuditEvent, AuditFilter, AuditRecord, DecisionKind, EventKind, QueryAudit, QueryMode,
 };
 pub use format::genesis_hash;
-pub use log::{AuditLog, AuditTicket, SUBSCRIBER_BACKLOG};
+pub use log::{AuditLog, AuditStats, AuditTicket, SUBSCRIBER_BACKLOG};
 pub use scan::{BadRecord, OpenReport, TornTail, VerifyReport};
 
 use serde::{Deserialize, Serialize};
@@ -112,14 +112,24 @@ pub enum Durability {
     /// fsync after every record (slowest, no batching).
     EveryRecord,
     /// Concurrent appenders share one fsync; `append` returns once the batch
-    /// holding its record is on disk. The writer waits up to `max_delay_us`
-    /// for more records (0: no waiting, batches form while the previous
-    /// fsync runs) and commits at most `max_batch` records at once.
+    /// holding its record is on disk.
+    ///
+    /// Records nobody is waiting for yet (submitted with
+    /// [`AuditLog::submit`], ticket not yet redeemed) linger up to
+    /// `linger_us` so that they share a commit with later ones; as soon as
+    /// someone waits for a record that is not durable, the writer waits at
+    /// most `max_delay_us` more for company (0: none, batches still form
+    /// while the previous fsync runs) and commits, at most `max_batch`
+    /// records at once. Lingering never delays an answer that is being
+    /// waited for; it bounds how stale a subscriber's view can be.
     GroupCommit {
-        /// Longest extra wait for a batch to fill, in microseconds.
+        /// Longest extra wait for a batch to fill once someone waits, in microseconds.
         max_delay_us: u64,
         /// Most records in one commit.
         max_batch: usize,
+        /// Longest time a record nobody waits for stays queued, in microseconds (default 2000).
+        #[serde(default = "default_linger_us")]
+        linger_us: u64,
     },
     /// No fsync at all: records reach the OS but not necessarily the disk.
     /// For benchmarks only.
@@ -131,8 +141,23 @@ impl Default for Durability {
         Durability::GroupCommit {
             max_delay_us: 0,
             max_batch: 4096,
+            linger_us: default_linger_us(),
         }
     }
+}
+
+impl Durability {
+    /// Most records the writer commits at once.
+    pub(crate) fn max_batch(&self) -> usize {
+        match *self {
+            Durability::GroupCommit { max_batch, .. } => max_batch,
+            Durability::EveryRecord | Durability::Off => usize::MAX,
+        }
+    }
+}
+
+fn default_linger_us() -> u64 {
+    2000
 }
 
 /// Configuration of the audit log.
@@ -212,8 +237,15 @@ impl AuditConfig {
         if let Durability::GroupCommit {
             max_batch,
             max_delay_us,
+            linger_us,
         } = self.durability
         {
+            if linger_us > 1_000_000 {
+                return Err(Error::config(
+                    "audit.durability.linger_us",
+                    "more than one second would leave subscribers far behind",
+                ));
+            }
             if max_batch == 0 {
                 return Err(Error::config(
                     "audit.durability.max_batch",
@@ -315,6 +347,7 @@ mod tests {
             durability: Durability::GroupCommit {
                 max_delay_us: 0,
                 max_batch: 0,
+                linger_us: 0,
             },
             ..Default::default()
         };
