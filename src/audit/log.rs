@@ -93,28 +93,40 @@ impl AuditTicket {
                 q.wanted_at = Instant::now();
             }
         }
+        let mut registered = false;
         loop {
             {
-                let d = sh.done.lock();
+                let mut d = sh.done.lock();
                 if d.next >= range.end {
                     return Ok(range);
                 }
                 if let Some(e) = &d.error {
                     return Err(Error::Audit(format!("audit records {range:?} not written: {e}")));
                 }
+                if !registered {
+                    // Woken (unparked) once these records are durable, or
+                    // when it is this caller's turn to commit them.
+                    d.waiters.push(Waiter {
+                        end: range.end,
+                        thread: std::thread::current(),
+                    });
+                    registered = true;
+                }
             }
             if lead_commit(sh, range.end)? {
                 continue;
             }
-            // Another commit is running (its end wakes us), or ours is in it.
-            let mut d = sh.done.lock();
-            if d.next < range.end && d.error.is_none() {
-                // The timeout only guards against a missed wake-up; the
-                // writer thread also commits records someone waits for.
-                let _ = sh.done_cv.wait_for(&mut d, Duration::from_millis(5));
-            }
+            // Another commit is running (its end wakes us), or ours is in
+            // it. The timeout only guards against a missed wake-up.
+            std::thread::park_timeout(Duration::from_millis(5));
         }
     }
+}
+
+/// A caller blocked in [`AuditTicket::wait`].
+struct Waiter {
+    end: u64,
+    thread: std::thread::Thread,
 }
 
 struct Pending {
@@ -147,6 +159,8 @@ struct Done {
     synced: u64,
     /// Set once a write failed; the log accepts nothing more.
     error: Option<String>,
+    /// Callers waiting for records that are not durable yet.
+    waiters: Vec<Waiter>,
 }
 
 /// A closed segment, as retention needs it.
@@ -478,6 +492,7 @@ impl AuditLog {
                 next: records,
                 synced: 0,
                 error: None,
+                waiters: Vec::new(),
             }),
             done_cv: Condvar::new(),
             subscribers: Mutex::new(Vec::new()),
@@ -1143,6 +1158,9 @@ fn fail(sh: &Shared, w: &mut Writer, e: &Error) {
     if d.error.is_none() {
         d.error = Some(e.to_string());
     }
+    for w in d.waiters.drain(..) {
+        w.thread.unpark();
+    }
     drop(d);
     sh.done_cv.notify_all();
     sh.subscribers.lock().clear();
@@ -1152,12 +1170,17 @@ fn fail(sh: &Shared, w: &mut Writer, e: &Error) {
 /// After a committer lets go: callers waiting for records still queued
 /// may now commit them themselves.
 fn wake_leaders(sh: &Shared) {
-    let waiting = {
+    let first_queued = {
         let q = sh.queue.lock();
-        q.items.first().is_some_and(|p| q.wanted > p.seq)
+        match q.items.first() {
+            Some(p) if q.wanted > p.seq => p.seq,
+            _ => return,
+        }
     };
-    if waiting {
-        sh.done_cv.notify_all();
+    // Wake one: the waiter for the oldest queued record leads the next commit.
+    let d = sh.done.lock();
+    if let Some(w) = d.waiters.iter().filter(|w| w.end > first_queued).min_by_key(|w| w.end) {
+        w.thread.unpark();
     }
 }
 
@@ -1309,8 +1332,15 @@ impl Writer {
         if let Some(last) = items.last() {
             let mut d = sh.done.lock();
             d.next = d.next.max(last.seq + 1);
-            drop(d);
-            sh.done_cv.notify_all();
+            let next = d.next;
+            // Wake exactly the callers whose records are now durable.
+            d.waiters.retain(|w| {
+                let done = w.end <= next;
+                if done {
+                    w.thread.unpark();
+                }
+                !done
+            });
         }
         if self.sync {
             self.head
