@@ -114,20 +114,24 @@ pub enum Durability {
     /// Concurrent appenders share one fsync; `append` returns once the batch
     /// holding its record is on disk.
     ///
-    /// Records nobody is waiting for yet (submitted with
-    /// [`AuditLog::submit`], ticket not yet redeemed) linger up to
-    /// `linger_us` so that they share a commit with later ones; as soon as
-    /// someone waits for a record that is not durable, the writer waits at
-    /// most `max_delay_us` more for company (0: none, batches still form
-    /// while the previous fsync runs) and commits, at most `max_batch`
-    /// records at once. Lingering never delays an answer that is being
-    /// waited for; it bounds how stale a subscriber's view can be.
+    /// Who commits: a caller waiting for its own record ([`AuditTicket::wait`],
+    /// hence `append`) commits everything queued so far itself when no
+    /// commit is running, so an awaited answer never waits for a thread
+    /// hand-off; otherwise it is woken when the running commit ends (having
+    /// covered its record, or to lead the next one). Records nobody waits for
+    /// yet ([`AuditLog::submit`], ticket not redeemed) are committed by the
+    /// writer thread after lingering: half the time callers have recently
+    /// let pass before waiting for a record, at most `linger_us`, so that a
+    /// caller keeping a window of queries in flight finds them durable when
+    /// it gets to them. The writer thread then waits at most `max_delay_us`
+    /// more for company (0: none) and commits at most `max_batch` records
+    /// at once. [`AuditLog::stats`] shows what happened.
     GroupCommit {
-        /// Longest extra wait for a batch to fill once someone waits, in microseconds.
+        /// The writer thread's extra wait for a batch to fill, in microseconds.
         max_delay_us: u64,
         /// Most records in one commit.
         max_batch: usize,
-        /// Longest time a record nobody waits for stays queued, in microseconds (default 2000).
+        /// Longest time a record nobody waits for stays queued, in microseconds (default 2000, at most 1 s).
         #[serde(default = "default_linger_us")]
         linger_us: u64,
     },
