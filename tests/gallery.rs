@@ -255,25 +255,40 @@ fn acknowledged_enrolments_survive_kill_9() {
     assert!(a.first_bad.is_none(), "{a:?}");
 }
 
-/// Child side of the query crash test: answer queries from 4 threads, print each audit seq once answered.
+/// Child side of the query crash test: answer queries from 4 threads (3 one at a time, 1 keeping
+/// 16 in flight with `identify_deferred`), print each audit seq once answered.
 #[test]
 fn crash_child_queries_until_killed() {
     let Ok(dir) = std::env::var("FACEMATCH_QCRASH_DIR") else { return };
     let key = MasterKey::from_hex(&std::env::var("FACEMATCH_QCRASH_KEY").unwrap()).unwrap();
     let e = open(std::path::Path::new(&dir), &key, clock()).unwrap();
     let out = std::sync::Mutex::new(std::io::stdout());
+    let answered = |seq: u64| {
+        let mut o = out.lock().unwrap();
+        writeln!(o, "ANSWERED {seq}").unwrap();
+        o.flush().unwrap();
+    };
     std::thread::scope(|s| {
-        for t in 0..4u64 {
-            let (e, out) = (&e, &out);
+        for t in 0..3u64 {
+            let (e, answered) = (&e, &answered);
             s.spawn(move || {
                 for i in 0.. {
                     let r = e.identify(&ctx("door-access"), &vector((i * 4 + t) % 60), 3).unwrap();
-                    let mut o = out.lock().unwrap();
-                    writeln!(o, "ANSWERED {}", r.audit_seq).unwrap();
-                    o.flush().unwrap();
+                    answered(r.audit_seq);
                 }
             });
         }
+        let (e, answered) = (&e, &answered);
+        s.spawn(move || {
+            let mut window = std::collections::VecDeque::new();
+            for i in 0u64.. {
+                if window.len() == 16 {
+                    let p: facematch::engine::Pending<facematch::engine::Identification> = window.pop_front().unwrap();
+                    answered(p.wait().unwrap().audit_seq);
+                }
+                window.push_back(e.identify_deferred(&ctx("door-access"), &vector((i * 4 + 3) % 60), 3).unwrap());
+            }
+        });
     });
 }
 
