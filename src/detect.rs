@@ -135,7 +135,7 @@ impl DetectorConfig {
             return Err(Error::config("detector.strides", "at least one stride"));
         }
         for &s in &self.strides {
-            if s == 0 || self.input.width % s != 0 || self.input.height % s != 0 {
+            if s == 0 || !self.input.width.is_multiple_of(s) || !self.input.height.is_multiple_of(s) {
                 return Err(Error::config("detector.strides", format!("stride {s} must divide the input size")));
             }
         }

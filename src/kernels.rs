@@ -525,8 +525,8 @@ mod x86 {
                 }
                 while j < v1 {
                     let vv = std::slice::from_raw_parts(vp.add(j * stride), dim);
-                    for a in 0..4 {
-                        sink(i + a, j, dot_f32_avx512(std::slice::from_raw_parts(q[a], dim), vv));
+                    for (a, &qa) in q.iter().enumerate() {
+                        sink(i + a, j, dot_f32_avx512(std::slice::from_raw_parts(qa, dim), vv));
                     }
                     j += 1;
                 }

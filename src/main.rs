@@ -33,6 +33,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// Detect faces in images and print them as JSON lines.
     Faces(FacesArgs),

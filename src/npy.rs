@@ -738,7 +738,7 @@ mod tests {
 
     fn v1(dict: &str, data: &[u8]) -> Vec<u8> {
         let mut h = dict.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');
@@ -787,7 +787,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2), }";
         let mut h = dict.to_string();
-        while (12 + h.len() + 1) % 64 != 0 {
+        while !(12 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');

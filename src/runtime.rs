@@ -433,12 +433,11 @@ impl SessionPool {
         let n = settings.effective_pool_size().max(1);
         let mut sessions = Vec::with_capacity(n);
         for _ in 0..n {
+            let opts = |e: ort::Error| err(format!("session options: {e}"));
             let builder = ort::session::Session::builder(rt.env()).map_err(|e| err(e.to_string()))?;
-            let mut builder = builder
-                .with_intra_threads(settings.intra_threads)
-                .and_then(|b| b.with_inter_threads(1))
-                .and_then(|b| b.with_optimization_level(settings.optimization.into()))
-                .map_err(|e| err(format!("session options: {e}")))?;
+            let builder = builder.with_intra_threads(settings.intra_threads).map_err(|e| opts(e.into()))?;
+            let builder = builder.with_inter_threads(1).map_err(|e| opts(e.into()))?;
+            let mut builder = builder.with_optimization_level(settings.optimization.into()).map_err(|e| opts(e.into()))?;
             let session = builder.commit_from_file(path).map_err(|e| err(format!("cannot load model: {e}")))?;
             sessions.push(parking_lot::Mutex::new(session));
         }

@@ -161,7 +161,7 @@ impl SynthConfig {
         let rows = self.identities.checked_mul(self.templates_per_identity);
         let too_big = match rows.and_then(|r| r.checked_mul(self.dim)) {
             None => true,
-            Some(_) => rows.map_or(true, |r| r > MAX_ROWS),
+            Some(_) => rows.is_none_or(|r| r > MAX_ROWS),
         };
         if too_big || self.identities.saturating_add(self.queries) > MAX_ROWS {
             return Err(Error::config(

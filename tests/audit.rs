@@ -40,7 +40,7 @@ fn query(i: u64, operator: &str, purpose: &str, subject: Option<&str>) -> AuditE
     AuditEvent::Query(QueryAudit {
         operator: operator.into(),
         purpose: purpose.into(),
-        mode: if i % 2 == 0 {
+        mode: if i.is_multiple_of(2) {
             QueryMode::Verify
         } else {
             QueryMode::Identify

@@ -250,7 +250,7 @@ impl AnnBackend for Exact {
         "exact".into()
     }
     fn build(&mut self, data: &[f32], dim: usize) -> anyhow::Result<()> {
-        if dim == 0 || data.len() % dim != 0 {
+        if dim == 0 || !data.len().is_multiple_of(dim) {
             bail!("data length {} is not a multiple of dim {dim}", data.len());
         }
         self.data = data.to_vec();

@@ -1197,7 +1197,7 @@ fn lead_commit(sh: &Shared, end: u64) -> Result<bool> {
     let limits = Limits::of(sh.cfg.durability);
     let items = {
         let mut q = sh.queue.lock();
-        if !q.items.first().is_some_and(|p| p.seq < end) {
+        if q.items.first().is_none_or(|p| p.seq >= end) {
             return Ok(false);
         }
         let waited = q.wanted_at.saturating_duration_since(q.first_at);
@@ -1232,10 +1232,7 @@ fn run_writer(sh: Arc<Shared>) {
             // Linger while nobody waits for a queued record: later
             // submissions share the commit (fewer fsyncs, less CPU).
             if !limits.linger.is_zero() {
-                loop {
-                    let Some(first) = q.items.first().map(|p| p.seq) else {
-                        break;
-                    };
+                while let Some(first) = q.items.first().map(|p| p.seq) {
                     if q.wanted > first {
                         let waited = q.wanted_at.saturating_duration_since(q.first_at);
                         q.pace.waited(waited);

@@ -377,7 +377,7 @@ fn purposes(v: &[String]) -> anyhow::Result<Vec<Purpose>> {
 }
 
 fn pipeline(cfg: &PipelineConfig) -> anyhow::Result<FacePipeline> {
-    Ok(FacePipeline::new(cfg.clone()).context("loading the face pipeline")?)
+    FacePipeline::new(cfg.clone()).context("loading the face pipeline")
 }
 
 fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {

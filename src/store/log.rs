@@ -109,7 +109,7 @@ impl LogWriter {
             }
             let blen = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or_default()) as usize;
             let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or_default());
-            if blen < NONCE_LEN + TAG_LEN || blen > MAX_FRAME {
+            if !(NONCE_LEN + TAG_LEN..=MAX_FRAME).contains(&blen) {
                 if pos + FRAME_HEAD + blen.min(MAX_FRAME) >= data.len() || blen == 0 {
                     torn = Some(rest);
                     break;

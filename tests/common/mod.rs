@@ -28,9 +28,7 @@ pub fn subject(s: &str) -> SubjectId {
 }
 
 pub fn config() -> GalleryConfig {
-    let mut cfg = GalleryConfig::default();
-    cfg.dim = DIM;
-    cfg.model_id = "test-model".into();
+    let mut cfg = GalleryConfig { dim: DIM, model_id: "test-model".into(), ..Default::default() };
     cfg.purposes.push(PurposePolicy::new(purpose("door-access"), 30));
     cfg.purposes.push(PurposePolicy::new(purpose("payment"), 365));
     let mut assist = PurposePolicy::new(purpose("social-assistance"), 365);
