@@ -519,6 +519,7 @@ impl AuditLog {
             body: Vec::with_capacity(1024),
             sync,
             head: HeadWriter::start(Arc::clone(&shared), records)?,
+            last_sync: Duration::ZERO,
         };
         *shared.committer.lock() = Some(writer);
         let sh = Arc::clone(&shared);
@@ -951,6 +952,8 @@ struct Writer {
     device_json: String,
     sync: bool,
     head: HeadWriter,
+    /// How long the last commit's fsync took.
+    last_sync: Duration,
 }
 
 /// Latest state for `HEAD` and how far the durable `HEAD` has got.
@@ -1195,26 +1198,44 @@ fn lead_commit(sh: &Shared, end: u64) -> Result<bool> {
         return Ok(false);
     };
     let limits = Limits::of(sh.cfg.durability);
-    let items = {
-        let mut q = sh.queue.lock();
-        if q.items.first().is_none_or(|p| p.seq >= end) {
-            return Ok(false);
+    let mut spare = Vec::new();
+    // The first round commits the caller's own records; up to LEAD_ROUNDS - 1
+    // more serve callers who queued records meanwhile and wait for them:
+    // handing the lead to one of them costs a scheduling delay per commit
+    // when the cores are busy.
+    for round in 0..LEAD_ROUNDS {
+        let items = {
+            let mut q = sh.queue.lock();
+            let Some(first) = q.items.first().map(|p| p.seq) else { break };
+            if round == 0 && first >= end {
+                return Ok(false);
+            }
+            // Later rounds take records someone waits for, or records that
+            // would not linger longer than an fsync takes anyway (callers
+            // that wait at once, e.g. one query per thread).
+            if round > 0 && q.wanted <= first && q.pace.linger(limits.linger) > w.last_sync {
+                break;
+            }
+            let waited = q.wanted_at.saturating_duration_since(q.first_at);
+            q.pace.waited(waited);
+            take_batch(&mut q, limits.max_batch, &mut spare)
+        };
+        sh.stats.lock().awaited += 1;
+        if let Err(e) = w.commit_items(&items) {
+            fail(sh, w, &e);
+            *guard = None;
+            return Err(e);
         }
-        let waited = q.wanted_at.saturating_duration_since(q.first_at);
-        q.pace.waited(waited);
-        let mut spare = Vec::new();
-        take_batch(&mut q, limits.max_batch, &mut spare)
-    };
-    sh.stats.lock().awaited += 1;
-    if let Err(e) = w.commit_items(&items) {
-        fail(sh, w, &e);
-        *guard = None;
-        return Err(e);
+        spare = items;
+        spare.clear();
     }
     drop(guard);
     wake_leaders(sh);
     Ok(true)
 }
+
+/// Most consecutive commits one waiting caller makes (see [`lead_commit`]).
+const LEAD_ROUNDS: usize = 4;
 
 /// The writer thread: commits what nobody waits for (after the linger),
 /// serves flushes and closes the log. Callers waiting for their own records
@@ -1462,7 +1483,8 @@ impl Writer {
             st.commits += 1;
             st.records += items.len() as u64;
             if self.sync {
-                st.sync_micros += started.elapsed().as_micros() as u64;
+                self.last_sync = started.elapsed();
+                st.sync_micros += self.last_sync.as_micros() as u64;
             }
         }
         if want_records {
