@@ -149,6 +149,7 @@ fn bench_query(c: &mut Criterion) {
             for threads in [1usize, 8] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let nq = queries.len() / 128;
+                g.throughput(Throughput::Elements(nq as u64));
                 g.bench_with_input(BenchmarkId::new("index_only", threads), &threads, |b, _| {
                     b.iter(|| {
                         pool.install(|| {

@@ -68,7 +68,7 @@ fn detect_inner() -> SimdLevel {
         return SimdLevel::Scalar;
     }
     let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
-    if avx512 && is_x86_feature_detected!("avx512vnni") {
+    let found = if avx512 && is_x86_feature_detected!("avx512vnni") {
         SimdLevel::Avx512Vnni
     } else if avx512 {
         SimdLevel::Avx512
@@ -76,7 +76,15 @@ fn detect_inner() -> SimdLevel {
         SimdLevel::Avx2
     } else {
         SimdLevel::Scalar
-    }
+    };
+    // FACEMATCH_SIMD caps the level (to measure the fallback paths on a newer CPU).
+    let cap = match std::env::var("FACEMATCH_SIMD").as_deref() {
+        Ok("scalar") => SimdLevel::Scalar,
+        Ok("avx2") => SimdLevel::Avx2,
+        Ok("avx512") => SimdLevel::Avx512,
+        _ => SimdLevel::Avx512Vnni,
+    };
+    found.min(cap)
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -174,9 +174,15 @@ impl FlatCodes {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if level == SimdLevel::Avx512Vnni && kernels::simd_level() == SimdLevel::Avx512Vnni {
+            let cpu = kernels::simd_level();
+            if level == SimdLevel::Avx512Vnni && cpu == SimdLevel::Avx512Vnni {
                 // SAFETY: the CPU supports avx512f/bw/vnni (checked just above).
                 unsafe { x86::scan_vnni(self, q, nq, thr, &mut sink) };
+                return;
+            }
+            if level != SimdLevel::Scalar && cpu != SimdLevel::Scalar {
+                // SAFETY: every level above Scalar implies AVX2 (kernels::detect).
+                unsafe { x86::scan_avx2(self, q, nq, thr, &mut sink) };
                 return;
             }
         }
@@ -293,6 +299,102 @@ mod x86 {
         }
     }
 
+    /// AVX2 (no VNNI): per 4-dimension group, `maddubs(|q8|, sign(c, q8))`
+    /// gives pairs of products without saturation (each at most 2 * 127 *
+    /// 127), `madd` with ones sums them to `q8 · c` in 32 bits: the same
+    /// integers as the VNNI path (which subtracts the bias instead), so the
+    /// same scores bit for bit. 16 lanes as two 8-lane halves.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scan_avx2(
+        f: &FlatCodes,
+        q: &QueryCodes,
+        nq: usize,
+        thr: &mut [f32],
+        sink: &mut impl FnMut(usize, u32, f32) -> f32,
+    ) {
+        let g = f.groups;
+        let blocks = f.len.div_ceil(LANES);
+        let words = q.words.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..blocks {
+            let base = f.codes.as_ptr().add(b * g * 64);
+            let lanes = (f.len - b * LANES).min(LANES);
+            let mut i = 0;
+            while i + 2 <= nq {
+                let (w0, w1) = (words.add(i * g), words.add((i + 1) * g));
+                let (mut lo0, mut hi0, mut lo1, mut hi1) =
+                    (_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
+                for gi in 0..g {
+                    let c_lo = _mm256_loadu_si256(base.add(gi * 64) as *const __m256i);
+                    let c_hi = _mm256_loadu_si256(base.add(gi * 64 + 32) as *const __m256i);
+                    let q0 = _mm256_set1_epi32((*w0.add(gi) ^ 0x8080_8080) as i32);
+                    let q1 = _mm256_set1_epi32((*w1.add(gi) ^ 0x8080_8080) as i32);
+                    let (a0, a1) = (_mm256_abs_epi8(q0), _mm256_abs_epi8(q1));
+                    lo0 = _mm256_add_epi32(lo0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(c_lo, q0)), ones));
+                    hi0 = _mm256_add_epi32(hi0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(c_hi, q0)), ones));
+                    lo1 = _mm256_add_epi32(lo1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(c_lo, q1)), ones));
+                    hi1 = _mm256_add_epi32(hi1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(c_hi, q1)), ones));
+                }
+                emit8(f, q, b, 0, i, lo0, lanes, thr, sink);
+                emit8(f, q, b, 8, i, hi0, lanes, thr, sink);
+                emit8(f, q, b, 0, i + 1, lo1, lanes, thr, sink);
+                emit8(f, q, b, 8, i + 1, hi1, lanes, thr, sink);
+                i += 2;
+            }
+            if i < nq {
+                let w = words.add(i * g);
+                let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for gi in 0..g {
+                    let c_lo = _mm256_loadu_si256(base.add(gi * 64) as *const __m256i);
+                    let c_hi = _mm256_loadu_si256(base.add(gi * 64 + 32) as *const __m256i);
+                    let qb = _mm256_set1_epi32((*w.add(gi) ^ 0x8080_8080) as i32);
+                    let a = _mm256_abs_epi8(qb);
+                    lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(c_lo, qb)), ones));
+                    hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(c_hi, qb)), ones));
+                }
+                emit8(f, q, b, 0, i, lo, lanes, thr, sink);
+                emit8(f, q, b, 8, i, hi, lanes, thr, sink);
+            }
+        }
+    }
+
+    /// [`emit`] for 8 lanes starting at lane `off` of block `b`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn emit8(
+        f: &FlatCodes,
+        q: &QueryCodes,
+        b: usize,
+        off: usize,
+        i: usize,
+        acc: __m256i,
+        lanes: usize,
+        thr: &mut [f32],
+        sink: &mut impl FnMut(usize, u32, f32) -> f32,
+    ) {
+        if lanes <= off {
+            return;
+        }
+        let scale = _mm256_loadu_ps(f.scale.as_ptr().add(b * LANES + off));
+        let s = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale), _mm256_set1_ps(*q.scale.get_unchecked(i)));
+        let t = thr.get_unchecked_mut(i);
+        let valid = if lanes - off >= 8 { 0xFF } else { (1u32 << (lanes - off)) - 1 };
+        let mut mask = (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(s, _mm256_set1_ps(*t))) as u32) & valid;
+        if mask == 0 {
+            return;
+        }
+        let mut out = [0.0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), s);
+        while mask != 0 {
+            let lane = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            if out[lane] >= *t {
+                *t = sink(i, (b * LANES + off + lane) as u32, out[lane]);
+            }
+        }
+    }
+
     /// Turn one query's 16 integer dots into scores and hand those at or
     /// above the threshold to the sink.
     #[allow(clippy::too_many_arguments)]
@@ -338,6 +440,16 @@ mod tests {
         v.into_iter().map(|x| x / n).collect()
     }
 
+    /// Every SIMD path this CPU can run: the AVX2 one and the best one.
+    fn simd_levels() -> Vec<SimdLevel> {
+        let best = kernels::simd_level();
+        let mut v = vec![best];
+        if best != SimdLevel::Scalar && best != SimdLevel::Avx2 {
+            v.push(SimdLevel::Avx2);
+        }
+        v
+    }
+
     fn all_scores(f: &FlatCodes, q: &QueryCodes, level: SimdLevel) -> Vec<Vec<f32>> {
         let mut out = vec![vec![f32::NAN; f.len()]; q.len()];
         let mut thr = vec![f32::NEG_INFINITY; q.len()];
@@ -359,14 +471,16 @@ mod tests {
                 let qs: Vec<f32> = (0..7).flat_map(|_| unit(&mut rng, dim)).collect();
                 let qc = f.quantize_queries(&qs, dim, 7);
                 let scalar = all_scores(&f, &qc, SimdLevel::Scalar);
-                let simd = all_scores(&f, &qc, kernels::simd_level());
+                let paths: Vec<Vec<Vec<f32>>> = simd_levels().into_iter().map(|l| all_scores(&f, &qc, l)).collect();
                 for i in 0..7 {
                     let q = &qs[i * dim..(i + 1) * dim];
                     for (s, v) in vs.iter().enumerate() {
                         let exact = kernels::dot_f32(q, v);
                         let a = scalar[i][s];
                         assert!((exact - a).abs() <= f.bound(&qc, i), "dim {dim} n {n}: {exact} vs {a}");
-                        assert_eq!(a.to_bits(), simd[i][s].to_bits(), "simd and scalar paths agree bit for bit");
+                        for simd in &paths {
+                            assert_eq!(a.to_bits(), simd[i][s].to_bits(), "simd and scalar paths agree bit for bit");
+                        }
                     }
                 }
             }
@@ -384,7 +498,7 @@ mod tests {
         let q = unit(&mut rng, dim);
         let qc = f.quantize_queries(&q, dim, 1);
         let all = all_scores(&f, &qc, SimdLevel::Scalar);
-        for level in [SimdLevel::Scalar, kernels::simd_level()] {
+        for level in std::iter::once(SimdLevel::Scalar).chain(simd_levels()) {
             let mut thr = vec![0.1f32];
             let mut seen = Vec::new();
             f.scan(&qc, level, &mut thr, |_, s, a| {

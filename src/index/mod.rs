@@ -341,12 +341,17 @@ impl VectorIndex {
             VectorStorage::F32 => 0,
             VectorStorage::Int8 => dim.div_ceil(64) * 64,
         };
-        let vec_words = match cfg.storage {
-            VectorStorage::F32 => dpad,
-            VectorStorage::Int8 => cpad / 4 + 1,
+        // Records hold what the graph walks (and, for F32, the exact vector).
+        // A graph-less index has no links, and with int8 storage no records
+        // at all: the exact scan reads the blocked codes and the f32 copy.
+        let vec_words = match (cfg.storage, cfg.graph) {
+            (VectorStorage::F32, _) => dpad,
+            (VectorStorage::Int8, true) => cpad / 4 + 1,
+            (VectorStorage::Int8, false) => 0,
         };
         let m0 = 2 * cfg.m;
-        let rec_words = (vec_words + 1 + m0).div_ceil(LINE_WORDS) * LINE_WORDS;
+        let link_words = if cfg.graph { 1 + m0 } else { 0 };
+        let rec_words = (vec_words + link_words).div_ceil(LINE_WORDS) * LINE_WORDS;
         Ok(VectorIndex {
             dim,
             dpad,
@@ -453,6 +458,9 @@ impl VectorIndex {
     #[inline(always)]
     pub(crate) fn links0(&self, slot: u32) -> &[u32] {
         assert!((slot as usize) < self.slots);
+        if !self.cfg.graph {
+            return &[]; // graph-less records have no link words
+        }
         // SAFETY: in range; count <= m0 is an invariant of every writer.
         unsafe {
             let p = self.rec_ptr(slot).add(self.vec_words);
@@ -477,6 +485,9 @@ impl VectorIndex {
 
     fn set_links(&mut self, slot: u32, level: usize, ids: &[u32]) {
         if level == 0 {
+            if !self.cfg.graph {
+                return;
+            }
             let n = ids.len().min(self.m0);
             let base = slot as usize * self.rec_words + self.vec_words;
             let words = self.words_mut();
@@ -541,13 +552,15 @@ impl VectorIndex {
                 }
             }
             VectorStorage::Int8 => {
-                let mut codes = vec![0i8; cpad];
-                let scale = kernels::quantize_i8(&padded, &mut codes);
-                let words = self.words_mut();
-                for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
-                    *w = u32::from_le_bytes([codes[4 * i] as u8, codes[4 * i + 1] as u8, codes[4 * i + 2] as u8, codes[4 * i + 3] as u8]);
+                if vec_words > 0 {
+                    let mut codes = vec![0i8; cpad];
+                    let scale = kernels::quantize_i8(&padded, &mut codes);
+                    let words = self.words_mut();
+                    for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
+                        *w = u32::from_le_bytes([codes[4 * i] as u8, codes[4 * i + 1] as u8, codes[4 * i + 2] as u8, codes[4 * i + 3] as u8]);
+                    }
+                    words[base + cpad / 4] = scale.to_bits();
                 }
-                words[base + cpad / 4] = scale.to_bits();
                 self.f32s.extend_from_slice(&padded);
             }
         }
@@ -1075,12 +1088,14 @@ impl VectorIndex {
                     }
                 }
                 VectorStorage::Int8 => {
-                    let scale = kernels::quantize_i8(&padded, &mut codes);
-                    let words = ix.words_mut();
-                    for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
-                        *w = u32::from_le_bytes([codes[4 * i] as u8, codes[4 * i + 1] as u8, codes[4 * i + 2] as u8, codes[4 * i + 3] as u8]);
+                    if vec_words > 0 {
+                        let scale = kernels::quantize_i8(&padded, &mut codes);
+                        let words = ix.words_mut();
+                        for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
+                            *w = u32::from_le_bytes([codes[4 * i] as u8, codes[4 * i + 1] as u8, codes[4 * i + 2] as u8, codes[4 * i + 3] as u8]);
+                        }
+                        words[base + cpad / 4] = scale.to_bits();
                     }
-                    words[base + cpad / 4] = scale.to_bits();
                     ix.f32s.extend_from_slice(&padded);
                 }
             }
@@ -1097,7 +1112,7 @@ impl VectorIndex {
         ix.n_deleted = ix.deleted.iter().map(|w| w.count_ones() as usize).sum();
         // links
         for (s, l) in p.l0.iter().enumerate() {
-            if l.len() > ix.m0 || l.iter().any(|&x| x as usize >= n) {
+            if l.len() > ix.m0 || l.iter().any(|&x| x as usize >= n) || (!ix.cfg.graph && !l.is_empty()) {
                 return Err(bad(format!("level-0 list of slot {s} is invalid")));
             }
             ix.set_links(s as u32, 0, l);
@@ -1206,21 +1221,34 @@ mod tests {
     fn graphless_index_is_exact_and_round_trips() {
         use crate::synth::{generate, SynthConfig};
         let set = generate(&SynthConfig { identities: 2_000, queries: 20, dim: 64, ..Default::default() }).unwrap();
-        let mut ix = VectorIndex::new(64, IndexConfig { graph: false, exact_below: 0, ..Default::default() }).unwrap();
-        ix.add_batch(&set.gallery).unwrap();
-        ix.remove(5).unwrap();
-        let mut bytes = Vec::new();
-        ix.write_to(&mut bytes).unwrap();
-        let back = VectorIndex::read_from(&mut bytes.as_slice()).unwrap();
-        for strategy in [SearchStrategy::Auto, SearchStrategy::Graph, SearchStrategy::Exact] {
-            let p = SearchParams::top(5).with_strategy(strategy);
-            let want = ix.search_batch(&set.queries, &SearchParams::top(5).with_strategy(SearchStrategy::Exact)).unwrap();
-            assert_eq!(ix.search_batch(&set.queries, &p).unwrap(), want);
-            assert_eq!(back.search_batch(&set.queries, &p).unwrap(), want);
+        for storage in [VectorStorage::Int8, VectorStorage::F32] {
+            let mut ix = VectorIndex::new(64, IndexConfig { graph: false, exact_below: 0, storage, ..Default::default() }).unwrap();
+            ix.add_batch(&set.gallery).unwrap();
+            ix.remove(5).unwrap();
+            // No link space: the graph-less index holds the vectors (f32 + the scan's int8 codes) and little else.
+            let mut with_graph = VectorIndex::new(64, IndexConfig { storage, ..Default::default() }).unwrap();
+            with_graph.add_batch(&set.gallery).unwrap();
+            assert!(ix.memory_bytes() < with_graph.memory_bytes(), "{storage:?}: {} vs {}", ix.memory_bytes(), with_graph.memory_bytes());
+            assert!(ix.memory_bytes() <= 2 * 2_000 * (64 * 4 + 64 + 32), "{storage:?}: {} bytes", ix.memory_bytes());
+            let mut bytes = Vec::new();
+            ix.write_to(&mut bytes).unwrap();
+            let back = VectorIndex::read_from(&mut bytes.as_slice()).unwrap();
+            for strategy in [SearchStrategy::Auto, SearchStrategy::Graph, SearchStrategy::Exact] {
+                let p = SearchParams::top(5).with_strategy(strategy);
+                let want = ix.search_batch(&set.queries, &SearchParams::top(5).with_strategy(SearchStrategy::Exact)).unwrap();
+                assert_eq!(ix.search_batch(&set.queries, &p).unwrap(), want);
+                assert_eq!(back.search_batch(&set.queries, &p).unwrap(), want);
+                assert_eq!(ix.search(&set.queries[..64], &p).unwrap(), want[0]);
+            }
+            assert_eq!(ix.vector(7).unwrap(), back.vector(7).unwrap());
+            let map = ix.compact();
+            assert_eq!(map[5], None);
+            assert_eq!(ix.len(), 1_999);
+            let v = set.gallery[..64].to_vec();
+            let slot = ix.add(&v).unwrap();
+            let hits = ix.search(&v, &SearchParams::top(2)).unwrap();
+            assert!(hits.iter().any(|h| h.slot == slot), "{hits:?}");
         }
-        let map = ix.compact();
-        assert_eq!(map[5], None);
-        assert_eq!(ix.len(), 1_999);
     }
 
     /// The int8 scan with its proven candidate window and the f32 reference agree
