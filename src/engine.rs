@@ -493,10 +493,14 @@ impl EngineBuilder {
 /// `Auto` scans. Skipped where `Auto` scans anyway.
 fn calibrate_index(index: &mut VectorIndex) {
     if index.len() >= index.config().exact_below && index.config().graph {
-        let c = index.calibrate(0.99, 200, 0xCA11_B2A7);
+        let c = index.calibrate(CALIBRATION_TARGET, CALIBRATION_PROBES, CALIBRATION_SEED);
         tracing::debug!(ef = ?c.ef, agreement = c.agreement, live = c.live, "index calibrated");
     }
 }
+
+const CALIBRATION_TARGET: f32 = 0.99;
+const CALIBRATION_PROBES: usize = 200;
+const CALIBRATION_SEED: u64 = 0xCA11_B2A7;
 
 struct Writer {
     log: LogWriter,
@@ -1021,7 +1025,23 @@ impl Engine {
             .collect();
         self.audit_batch(events)?;
         self.check_filing(people_after)?;
+        self.recalibrate_if_stale();
         Ok(ids)
+    }
+
+    /// After the gallery grew past twice the size the index was calibrated
+    /// at: measure again under the read lock (searches go on), then install
+    /// the result under a brief write lock.
+    fn recalibrate_if_stale(&self) {
+        let c = {
+            let st = self.state.read();
+            if !st.index.needs_calibration() {
+                return;
+            }
+            st.index.measure_calibration(CALIBRATION_TARGET, CALIBRATION_PROBES, CALIBRATION_SEED)
+        };
+        tracing::debug!(ef = ?c.ef, agreement = c.agreement, live = c.live, "index recalibrated after growth");
+        self.state.write().index.set_calibration(c);
     }
 
     fn check_filing(&self, people: u64) -> Result<()> {

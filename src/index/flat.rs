@@ -24,7 +24,9 @@
 //! provably scores below each of the k best, so the result is the exact top k.
 //!
 //! Speed: 1 byte per dimension streamed instead of 4, and on AVX-512 VNNI
-//! 64 multiply-adds per instruction with no horizontal reduction.
+//! 64 multiply-adds per instruction with no horizontal reduction. AVX2-only
+//! CPUs get the same integers from `maddubs(|q8|, sign(c, q8))` + `madd`
+//! (about 2.6x slower batched than VNNI, 15x faster than scalar).
 
 use crate::kernels::{self, SimdLevel};
 

@@ -795,11 +795,18 @@ impl VectorIndex {
     /// assert_eq!(ix.calibration(), Some(c));
     /// ```
     pub fn calibrate(&mut self, target: f32, probes: usize, seed: u64) -> Calibration {
+        let c = self.measure_calibration(target, probes, seed);
+        self.calibration = Some(c);
+        c
+    }
+
+    /// [`VectorIndex::calibrate`] without acting on it (`&self`: can run
+    /// beside searches); hand the result to [`VectorIndex::set_calibration`].
+    pub fn measure_calibration(&self, target: f32, probes: usize, seed: u64) -> Calibration {
         use rand::{Rng, SeedableRng};
         let live: Vec<u32> = (0..self.slots as u32).filter(|&s| !self.is_deleted(s)).collect();
         let mut c = Calibration { ef: None, agreement: 0.0, live: live.len() };
         if self.entry.is_none() || live.is_empty() || probes == 0 {
-            self.calibration = Some(c);
             return c;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -838,8 +845,20 @@ impl VectorIndex {
             }
             ef *= 2;
         }
-        self.calibration = Some(c);
         c
+    }
+
+    /// Act on a calibration measured by [`VectorIndex::measure_calibration`]
+    /// (it stays in force while the index is within 2x of its size then).
+    pub fn set_calibration(&mut self, c: Calibration) {
+        self.calibration = Some(c);
+    }
+
+    /// True when the graph would serve `Auto` searches but no calibration
+    /// measured at about the current size is in force (never measured, or
+    /// the index has since grown or shrunk more than 2x).
+    pub fn needs_calibration(&self) -> bool {
+        self.cfg.graph && self.len() >= self.cfg.exact_below && self.calibration_in_force().is_none()
     }
 
     /// Modelled seconds of one exact scan of a single query.
@@ -1249,6 +1268,27 @@ mod tests {
             let hits = ix.search(&v, &SearchParams::top(2)).unwrap();
             assert!(hits.iter().any(|h| h.slot == slot), "{hits:?}");
         }
+    }
+
+    #[test]
+    fn calibration_goes_stale_when_the_index_doubles() {
+        use crate::synth::{generate, SynthConfig};
+        let set = generate(&SynthConfig { identities: 1_500, queries: 1, dim: 32, ..Default::default() }).unwrap();
+        let mut ix = VectorIndex::new(32, IndexConfig { exact_below: 0, ..Default::default() }).unwrap();
+        ix.add_batch(&set.gallery[..500 * 32]).unwrap();
+        assert!(ix.needs_calibration(), "never calibrated");
+        let c = ix.measure_calibration(0.99, 50, 1);
+        assert!(ix.needs_calibration(), "measuring alone does not install");
+        ix.set_calibration(c);
+        assert!(!ix.needs_calibration());
+        ix.add_batch(&set.gallery[500 * 32..]).unwrap();
+        assert!(ix.needs_calibration(), "3x the calibrated size");
+        assert_eq!(ix.calibration(), None);
+        let c2 = ix.calibrate(0.99, 50, 1);
+        assert_eq!(c2.live, 1_500);
+        assert!(!ix.needs_calibration());
+        let graphless = VectorIndex::new(32, IndexConfig { exact_below: 0, graph: false, ..Default::default() }).unwrap();
+        assert!(!graphless.needs_calibration(), "nothing to calibrate without a graph");
     }
 
     /// The int8 scan with its proven candidate window and the f32 reference agree
