@@ -258,9 +258,22 @@ pub struct Stats {
     pub model_id: String,
 }
 
+/// Where [`Engine::rotate_key_until`] stops, as a crash would (crash tests).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationStep {
+    /// Everything staged, not committed.
+    Staged,
+    /// Committed, no file moved yet.
+    Committed,
+}
+
 /// What happened while opening.
 #[derive(Clone, Debug, Default)]
 pub struct OpenReport {
+    /// A key rotation a crash interrupted was finished (`Some(true)`: the
+    /// new key opened the gallery) or rolled back (`Some(false)`).
+    pub key_rotation_recovered: Option<bool>,
     /// A torn write cut off the template log.
     pub torn_log_tail: Option<TornTail>,
     /// The index snapshot was used (false: rebuilt from the log).
@@ -404,10 +417,19 @@ impl EngineBuilder {
     pub fn open(self) -> Result<Engine> {
         let key = self.key.ok_or_else(|| Error::Key("no key given".into()))?;
         let dir = self.dir;
+        store::read_manifest(&dir)?; // a gallery is here (before creating LOCK)
+        let lock = store::DirLock::acquire(&dir)?;
+        // The key must open the gallery as it will be once a key rotation a
+        // crash interrupted is finished or undone; then that is done, first.
+        let effective = store::effective_manifest(&dir)?;
+        store::check_key(&dir, &effective, &key)?;
+        let rotation = store::recover_rotation(&dir)?;
+        if let Some(r) = rotation {
+            tracing::warn!(?r, "an interrupted key rotation was completed on open");
+        }
         let manifest = store::read_manifest(&dir)?;
         manifest.config.validate()?;
         store::check_key(&dir, &manifest, &key)?;
-        let lock = store::DirLock::acquire(&dir)?;
         let cfg = &manifest.config;
         let cipher = key.store_cipher();
 
@@ -418,7 +440,11 @@ impl EngineBuilder {
             ops.push(op);
             Ok(())
         })?;
-        let mut report = OpenReport { torn_log_tail: torn, ..Default::default() };
+        let mut report = OpenReport {
+            torn_log_tail: torn,
+            key_rotation_recovered: rotation.map(|r| r == store::RotationRecovery::Finished),
+            ..Default::default()
+        };
 
         // Load the snapshot when it belongs to this log.
         let snapp = dir.join(store::SNAPSHOT);
@@ -480,6 +506,13 @@ impl EngineBuilder {
         let engine = Engine::assemble(dir, lock, key, self.clock, manifest, log, report, Some(st))?;
         if !engine.open_report.snapshot_used || stale > 10_000 {
             engine.checkpoint()?;
+        }
+        if let Some(r) = rotation {
+            let detail = match r {
+                store::RotationRecovery::Finished => "finished on open: the rotation had committed before the crash; the gallery is under the new key",
+                store::RotationRecovery::RolledBack => "rolled back on open: the crash came before the commit; the gallery stays under the previous key",
+            };
+            engine.record_admin(&Operator::system(), "key-rotation-recovery", detail)?;
         }
         let purged = engine.purge_expired(&Operator::system())?;
         let mut engine = engine;
@@ -1186,6 +1219,24 @@ impl Engine {
         let mut w = self.writer.lock();
         let mut st = self.state.write();
         let bytes_before = w.log.len();
+        let tmp = self.dir.join("templates.log.new");
+        let (nl, removed) = self.write_compacted(&mut st, key, &tmp, &self.dir.join(store::SNAPSHOT))?;
+        let logp = self.dir.join(store::LOG);
+        std::fs::rename(&tmp, &logp).map_err(|e| Error::io(&logp, e))?;
+        store::sync_dir(&self.dir)?;
+        let mut nl = nl;
+        nl.renamed(logp);
+        let bytes_after = nl.len();
+        let old = std::mem::replace(&mut w.log, nl);
+        old.shred()?;
+        Ok(CompactionReport { templates_removed: removed, bytes_before, bytes_after })
+    }
+
+    /// Compact the index in memory and write a log holding only live
+    /// templates (and the consents) to `log_path`, and a snapshot bound to it
+    /// to `snap_path`, under `key`. Returns the new log (at `log_path`) and
+    /// how many deleted slots were dropped. The caller holds the writer lock.
+    fn write_compacted(&self, st: &mut State, key: &MasterKey, log_path: &Path, snap_path: &Path) -> Result<(LogWriter, u64)> {
         let removed = (st.index.slots() - st.index.len()) as u64;
         let map = st.index.compact();
         calibrate_index(&mut st.index);
@@ -1206,9 +1257,11 @@ impl Engine {
         st.min_expiry_ms = slots.iter().map(|s| s.expires_at_ms).min().unwrap_or(i64::MAX);
         st.slots = slots;
 
-        let tmp = self.dir.join("templates.log.new");
-        let _ = std::fs::remove_file(&tmp);
-        let mut nl = LogWriter::create(&tmp, key.store_cipher())?;
+        if log_path.exists() {
+            store::shred_file(log_path)?;
+            std::fs::remove_file(log_path).map_err(|e| Error::io(log_path, e))?;
+        }
+        let mut nl = LogWriter::create(log_path, key.store_cipher())?;
         let mut frames: Vec<Vec<u8>> = st.consents.values().map(|c| Op::Consent(c.clone()).encode()).collect();
         frames.sort();
         for (i, s) in st.slots.iter().enumerate() {
@@ -1223,14 +1276,8 @@ impl Engine {
         nl.append_durable(&frames)?;
         let header = snapshot::SnapshotHeader { log_id: nl.file_id(), frames: nl.frames(), slots: st.index.slots() as u64 };
         let idx = &st.index;
-        snapshot::write(&self.dir.join(store::SNAPSHOT), &key.store_cipher(), header, |out| idx.write_to(out))?;
-        let logp = self.dir.join(store::LOG);
-        std::fs::rename(&tmp, &logp).map_err(|e| Error::io(&logp, e))?;
-        store::sync_dir(&self.dir)?;
-        let bytes_after = nl.len();
-        let old = std::mem::replace(&mut w.log, nl);
-        old.shred()?;
-        Ok(CompactionReport { templates_removed: removed, bytes_before, bytes_after })
+        snapshot::write(snap_path, &key.store_cipher(), header, |out| idx.write_to(out))?;
+        Ok((nl, removed))
     }
 
     /// Write an index snapshot so the next open loads instead of rebuilding.
@@ -1243,27 +1290,70 @@ impl Engine {
     }
 
     /// Re-encrypt the whole store (and re-sign the audit log) under a new key.
+    ///
+    /// Crash-safe: the re-encrypted log and snapshot, the manifest with the
+    /// new key check and the re-signed audit log are built in a staging
+    /// directory (`rotate.new`); one durable commit marker then decides. A
+    /// crash before it leaves the gallery under the old key (the next open
+    /// shreds the staging); after it, the next open finishes moving the files
+    /// and the gallery is under the new key. Either way the next open records
+    /// what it did in the audit log. The replaced log and snapshot are shredded.
     pub fn rotate_key(&self, operator: &Operator, new_key: MasterKey) -> Result<()> {
+        self.rotate_key_until(operator, new_key, None)
+    }
+
+    /// [`Engine::rotate_key`] that stops (as a crash would) after `stop`:
+    /// for crash tests only.
+    #[doc(hidden)]
+    pub fn rotate_key_until(&self, operator: &Operator, new_key: MasterKey, stop: Option<RotationStep>) -> Result<()> {
         let old = self.key.read().clone();
-        self.rewrite(&new_key)?;
-        {
-            let mut m = self.manifest.write();
-            let fresh = store::new_manifest(m.config.clone(), &new_key, m.created_ms);
-            m.key_check = fresh.key_check;
-            store::write_manifest(&self.dir, &m)?;
-        }
+        let (old_ak, new_ak) = (AuditKey::from_bytes(old.audit_key_bytes()), AuditKey::from_bytes(new_key.audit_key_bytes()));
         self.audit_append(AuditEvent::KeyRotation { operator: operator.as_str().into() })?;
-        // Re-sign the audit log: close it, rekey, reopen under the new key.
+        // Lock order: writer, manifest, state, audit (as everywhere).
+        let mut w = self.writer.lock();
+        let mut man = self.manifest.write();
+        let mut st = self.state.write();
         let mut slot = self.audit.write();
-        if let Some(a) = slot.take() {
-            a.close()?;
+        let staging = store::begin_rotation(&self.dir)?;
+        let audit_cfg = man.config.audit.clone();
+        let audit_dir = self.dir.join(store::AUDIT_DIR);
+        // Everything up to the commit can fail without harm: undo it and keep the old key.
+        let staged = (|| -> Result<(LogWriter, store::Manifest)> {
+            let (nl, _) = self.write_compacted(&mut st, &new_key, &staging.join(store::LOG), &staging.join(store::SNAPSHOT))?;
+            let mut nm = man.clone();
+            nm.key_check = store::new_manifest(nm.config.clone(), &new_key, nm.created_ms).key_check;
+            store::write_manifest(&staging, &nm)?;
+            if let Some(a) = slot.take() {
+                a.close()?;
+            }
+            AuditLog::rekey_into(&audit_dir, &old_ak, &new_ak, &staging.join(store::AUDIT_DIR))?;
+            Ok((nl, nm))
+        })();
+        let (mut nl, nm) = match staged {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = store::discard_rotation(&self.dir);
+                if slot.is_none() {
+                    *slot = AuditLog::open(&audit_dir, old_ak, audit_cfg, self.clock.clone()).ok().map(|(a, _)| a);
+                }
+                return Err(e);
+            }
+        };
+        if stop == Some(RotationStep::Staged) {
+            return Ok(());
         }
-        let dir = self.dir.join(store::AUDIT_DIR);
-        AuditLog::rekey(&dir, &AuditKey::from_bytes(old.audit_key_bytes()), &AuditKey::from_bytes(new_key.audit_key_bytes()))?;
-        let cfg = self.manifest.read().config.audit.clone();
-        let (a, _) = AuditLog::open(&dir, AuditKey::from_bytes(new_key.audit_key_bytes()), cfg, self.clock.clone())?;
+        store::commit_rotation(&self.dir)?;
+        if stop == Some(RotationStep::Committed) {
+            return Ok(());
+        }
+        store::finish_rotation(&self.dir)?;
+        nl.renamed(self.dir.join(store::LOG));
+        // The old log's file was shredded and replaced by finish_rotation.
+        drop(std::mem::replace(&mut w.log, nl));
+        *man = nm;
+        let (a, _) = AuditLog::open(&audit_dir, new_ak, audit_cfg, self.clock.clone())?;
         *slot = Some(a);
-        drop(slot);
+        drop((slot, st, man, w));
         *self.key.write() = new_key;
         Ok(())
     }
@@ -1331,9 +1421,10 @@ impl Engine {
 
     /// Gallery statistics (people count against the filing threshold among them).
     pub fn stats(&self) -> Stats {
+        // Same lock order as the writers (writer, manifest, state).
+        let w = self.writer.lock();
         let m = self.manifest.read();
         let st = self.state.read();
-        let w = self.writer.lock();
         let per_purpose = m.config.purposes.iter().enumerate().map(|(i, p)| (p.name.to_string(), st.per_purpose[i])).collect();
         Stats {
             templates: st.index.len() as u64,

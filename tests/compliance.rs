@@ -217,6 +217,57 @@ fn encryption_key_rotation_re_encrypts_the_store() {
     assert!(report.ok(), "{report:?}");
 }
 
+/// A crash during key rotation: before the commit point the old key still opens everything (the
+/// staging is shredded), after it the new key does (the next open finishes moving the files, even
+/// when some had moved already). Either way the audit log verifies and records the recovery.
+#[test]
+fn encryption_key_rotation_interrupted_by_a_crash_completes_or_rolls_back() {
+    use facematch::audit::{AuditEvent, AuditKey, AuditLog};
+    use facematch::engine::RotationStep;
+    for (stop, partial_move) in [(RotationStep::Staged, false), (RotationStep::Committed, false), (RotationStep::Committed, true)] {
+        let d = tempfile::tempdir().unwrap();
+        let old = MasterKey::generate();
+        let e = create(d.path(), &old, clock());
+        let v = vector(21);
+        enrol(&e, "kim", &["door-access"], v.clone());
+        enrol(&e, "lee", &["door-access"], vector(22));
+        e.withdraw(&op(), &subject("lee")).unwrap();
+        let new = MasterKey::generate();
+        e.rotate_key_until(&op(), new.clone(), Some(stop)).unwrap();
+        drop(e); // the crash
+        let staging = d.path().join("rotate.new");
+        assert!(staging.exists());
+        if partial_move {
+            // The crash came after the template log had been moved into place.
+            std::fs::rename(staging.join("templates.log"), d.path().join("templates.log")).unwrap();
+        }
+        let (good, bad, finished) = match stop {
+            RotationStep::Staged => (&old, &new, false),
+            RotationStep::Committed => (&new, &old, true),
+        };
+        let before = all_bytes(d.path());
+        assert!(matches!(open(d.path(), bad, clock()), Err(Error::Key(_))), "{stop:?}: the other key must be refused");
+        assert_eq!(before, all_bytes(d.path()), "{stop:?}: a refused key changed the store");
+        let e = facematch::engine::EngineBuilder::new(d.path()).key(good.clone()).clock(clock()).open().unwrap();
+        assert_eq!(e.open_report().key_rotation_recovered, Some(finished), "{stop:?}");
+        assert!(!staging.exists(), "{stop:?}: staging left behind");
+        assert!(e.verify(&ctx("door-access"), &v, &subject("kim")).unwrap().decision.is_match(), "{stop:?}");
+        assert!(e.verify(&ctx("door-access"), &vector(22), &subject("lee")).is_err(), "{stop:?}: withdrawn consent came back");
+        e.close().unwrap();
+        let adir = d.path().join("audit");
+        let report = AuditLog::verify(&adir, &AuditKey::from_bytes(good.audit_key_bytes())).unwrap();
+        assert!(report.ok(), "{stop:?}: {report:?}");
+        let recs = AuditLog::read(&adir, &Default::default()).unwrap();
+        assert!(
+            recs.iter().any(|r| matches!(&r.event, AuditEvent::Admin { action, .. } if action == "key-rotation-recovery")),
+            "{stop:?}: the recovery is not in the audit log"
+        );
+        // And the gallery keeps working under that key.
+        let e = open(d.path(), good, clock()).unwrap();
+        assert!(e.identify(&ctx("door-access"), &v, 1).unwrap().decision.is_match());
+    }
+}
+
 #[test]
 fn human_review_assist_only_purpose_never_returns_a_plain_match() {
     let d = tempfile::tempdir().unwrap();

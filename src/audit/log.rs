@@ -722,10 +722,33 @@ impl AuditLog {
     /// Re-sign the closed log in `dir` from `old` to `new` (key rotation):
     /// verify with `old`, repair a torn tail, re-MAC every header,
     /// checkpoint, tombstone and `HEAD` under `new`, verify with `new`.
-    /// Records and their hashes are unchanged. Each file is replaced
-    /// atomically, but not all at once: a crash midway leaves a log that
-    /// verifies under neither key (the `*.rekey` files show where it stopped).
+    /// Records and their hashes are unchanged. The re-signed files are built
+    /// in `dir/rekey.new` and then moved into place one by one: a crash
+    /// during the moves leaves a log that verifies under neither key
+    /// (`rekey.new` shows where it stopped). `Engine::rotate_key` instead
+    /// stages them with the rest of the store behind one commit point.
     pub fn rekey(dir: &Path, old: &AuditKey, new: &AuditKey) -> Result<()> {
+        let staging = dir.join("rekey.new");
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        }
+        fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+        Self::rekey_into(dir, old, new, &staging)?;
+        let _lock = lock_dir(dir)?;
+        for e in fs::read_dir(&staging).map_err(|e| Error::io(&staging, e))? {
+            let e = e.map_err(|e| Error::io(&staging, e))?;
+            let to = dir.join(e.file_name());
+            fs::rename(e.path(), &to).map_err(|err| Error::io(&to, err))?;
+        }
+        sync_dir(dir)?;
+        fs::remove_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+        sync_dir(dir)
+    }
+
+    /// [`AuditLog::rekey`] without touching `dir` (beyond repairing a torn
+    /// tail): every re-signed file (segments, `RETIRED`, `HEAD`) is written
+    /// into the empty directory `out`, which then verifies under `new`.
+    pub(crate) fn rekey_into(dir: &Path, old: &AuditKey, new: &AuditKey, out_dir: &Path) -> Result<()> {
         let _lock = lock_dir(dir)?;
         let mut scan = scan(dir, Some(old), None)?.into_ok()?;
         repair(&mut scan)?;
@@ -745,9 +768,9 @@ impl AuditLog {
             prev_mac = r.closing_mac.clone();
         }
 
-        let mut renames = Vec::new();
         for s in &scan.segments {
-            let tmp = s.path.with_extension("log.rekey");
+            let name = s.path.file_name().ok_or_else(|| Error::Audit(format!("segment path {} has no name", s.path.display())))?;
+            let tmp = out_dir.join(name);
             let mut raw = Vec::new();
             File::open(&s.path)
                 .and_then(|mut f| f.read_to_end(&mut raw))
@@ -785,15 +808,11 @@ impl AuditLog {
             f.write_all(&out)
                 .and_then(|_| f.sync_all())
                 .map_err(|e| Error::io(&tmp, e))?;
-            renames.push((tmp, s.path.clone()));
         }
         if !scan.retired.is_empty() {
-            format::atomic_write(dir, RETIRED_FILE, &retired_bytes, true)?;
+            format::atomic_write(out_dir, RETIRED_FILE, &retired_bytes, true)?;
         }
-        for (tmp, path) in &renames {
-            fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
-        }
-        sync_dir(dir)?;
+        sync_dir(out_dir)?;
         let (seg, records, last_hash) = match scan.segments.last() {
             Some(s) => (s.index, s.first_seq + s.records, s.last_hash.clone()),
             None => {
@@ -801,8 +820,8 @@ impl AuditLog {
                 (e.segment, e.first_seq, e.prev_hash)
             }
         };
-        write_head(dir, new, seg, records, &last_hash, true)?;
-        let check = AuditLog::verify(dir, new)?;
+        write_head(out_dir, new, seg, records, &last_hash, true)?;
+        let check = AuditLog::verify(out_dir, new)?;
         if let Some(b) = check.first_bad {
             return Err(Error::AuditTampered {
                 seq: b.seq,

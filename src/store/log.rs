@@ -204,6 +204,10 @@ impl LogWriter {
     pub(crate) fn frames(&self) -> u64 {
         self.frames
     }
+    /// The file was renamed (same inode): report the new path from now on.
+    pub(crate) fn renamed(&mut self, path: PathBuf) {
+        self.path = path;
+    }
     /// The log's random file id (binds snapshots to it).
     pub(crate) fn file_id(&self) -> [u8; 16] {
         self.file_id

@@ -8,6 +8,7 @@
 //!   templates.log     encrypted append-only log of enrolments, deletions, consents (log.rs)
 //!   index.snap        encrypted snapshot of the index, bound to the log (snapshot.rs)
 //!   audit/            hash-chained audit log (crate::audit)
+//!   rotate.new/       only during a key rotation: the re-keyed store, then COMMIT
 //! ```
 //! Every write is crash-safe: log appends are fsynced before they are
 //! acknowledged, whole-file replacements go through tmp + fsync + rename +
@@ -159,6 +160,135 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Staging directory of a key rotation: the whole store re-encrypted (and the
+/// audit log re-signed) under the new key is built here, then [`ROTATION_COMMIT`]
+/// is made durable and the files are moved into place. A crash before the
+/// commit leaves the old store untouched (the staging is discarded on open);
+/// after it, open finishes the moves. See `Engine::rotate_key`.
+pub(crate) const ROTATION_DIR: &str = "rotate.new";
+const ROTATION_COMMIT: &str = "COMMIT";
+
+/// What [`recover_rotation`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RotationRecovery {
+    /// The rotation had committed: its moves were finished (the new key opens the gallery).
+    Finished,
+    /// It had not: the staging was shredded and removed (the old key still opens the gallery).
+    RolledBack,
+}
+
+/// Overwrite a file with zeros and sync it (before it is replaced or
+/// unlinked), so template ciphertext does not linger in freed blocks.
+pub(crate) fn shred_file(path: &Path) -> Result<()> {
+    let mut f = match OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n]).map_err(|e| Error::io(path, e))?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Start a rotation: a fresh, empty staging directory (a stale one is discarded).
+pub(crate) fn begin_rotation(dir: &Path) -> Result<PathBuf> {
+    discard_rotation(dir)?;
+    let st = dir.join(ROTATION_DIR);
+    std::fs::create_dir(&st).map_err(|e| Error::io(&st, e))?;
+    std::fs::create_dir(st.join(AUDIT_DIR)).map_err(|e| Error::io(&st, e))?;
+    Ok(st)
+}
+
+/// Shred the staged template files and remove the staging directory.
+pub(crate) fn discard_rotation(dir: &Path) -> Result<()> {
+    let st = dir.join(ROTATION_DIR);
+    if !st.exists() {
+        return Ok(());
+    }
+    for name in [LOG, SNAPSHOT, "templates.log.new", "index.snap.tmp"] {
+        shred_file(&st.join(name))?;
+    }
+    std::fs::remove_dir_all(&st).map_err(|e| Error::io(&st, e))?;
+    sync_dir(dir)
+}
+
+/// The commit point: from here on the rotation completes, even after a crash.
+pub(crate) fn commit_rotation(dir: &Path) -> Result<()> {
+    let st = dir.join(ROTATION_DIR);
+    sync_dir(&st.join(AUDIT_DIR))?;
+    sync_dir(&st)?;
+    write_atomic(&st.join(ROTATION_COMMIT), b"facematch key rotation committed\n")
+}
+
+/// Move the staged files into place (idempotent: a crash part-way is
+/// finished by the next call). The replaced template log and snapshot are
+/// shredded first.
+pub(crate) fn finish_rotation(dir: &Path) -> Result<()> {
+    let st = dir.join(ROTATION_DIR);
+    for name in [LOG, SNAPSHOT] {
+        let from = st.join(name);
+        if from.exists() {
+            shred_file(&dir.join(name))?;
+            std::fs::rename(&from, dir.join(name)).map_err(|e| Error::io(&from, e))?;
+        }
+    }
+    let staged_audit = st.join(AUDIT_DIR);
+    if staged_audit.exists() {
+        let audit = dir.join(AUDIT_DIR);
+        let entries = std::fs::read_dir(&staged_audit).map_err(|e| Error::io(&staged_audit, e))?;
+        for e in entries {
+            let e = e.map_err(|e| Error::io(&staged_audit, e))?;
+            let to = audit.join(e.file_name());
+            std::fs::rename(e.path(), &to).map_err(|err| Error::io(&to, err))?;
+        }
+        sync_dir(&audit)?;
+        std::fs::remove_dir(&staged_audit).map_err(|e| Error::io(&staged_audit, e))?;
+    }
+    // The manifest (the new key check) last: until it moves, the old key is
+    // still checked, and open keeps finishing the rotation before checking.
+    let from = st.join(MANIFEST);
+    if from.exists() {
+        std::fs::rename(&from, dir.join(MANIFEST)).map_err(|e| Error::io(&from, e))?;
+    }
+    sync_dir(dir)?;
+    std::fs::remove_dir_all(&st).map_err(|e| Error::io(&st, e))?;
+    sync_dir(dir)
+}
+
+/// The manifest that will be in force once an interrupted rotation is
+/// recovered: the staged one after the commit, else the one in place. The
+/// key is checked against it before [`recover_rotation`] touches anything.
+pub(crate) fn effective_manifest(dir: &Path) -> Result<Manifest> {
+    let st = dir.join(ROTATION_DIR);
+    if st.join(ROTATION_COMMIT).exists() && st.join(MANIFEST).exists() {
+        read_manifest(&st)
+    } else {
+        read_manifest(dir)
+    }
+}
+
+/// Finish (after the commit) or roll back (before it) a rotation a crash
+/// interrupted. Call with the directory locked, before reading anything else.
+pub(crate) fn recover_rotation(dir: &Path) -> Result<Option<RotationRecovery>> {
+    let st = dir.join(ROTATION_DIR);
+    if !st.exists() {
+        return Ok(None);
+    }
+    if st.join(ROTATION_COMMIT).exists() {
+        finish_rotation(dir)?;
+        Ok(Some(RotationRecovery::Finished))
+    } else {
+        discard_rotation(dir)?;
+        Ok(Some(RotationRecovery::RolledBack))
+    }
 }
 
 /// The exclusive lock on a gallery directory (released on drop).
