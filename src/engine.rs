@@ -427,6 +427,15 @@ impl EngineBuilder {
         if let Some(r) = rotation {
             tracing::warn!(?r, "an interrupted key rotation was completed on open");
         }
+        // Leftovers of a compaction or snapshot a crash cut short hold template ciphertext.
+        for leftover in ["templates.log.new", "index.snap.tmp"] {
+            let p = dir.join(leftover);
+            if p.exists() {
+                store::shred_file(&p)?;
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+                tracing::info!(file = leftover, "shredded a leftover of an interrupted write");
+            }
+        }
         let manifest = store::read_manifest(&dir)?;
         manifest.config.validate()?;
         store::check_key(&dir, &manifest, &key)?;

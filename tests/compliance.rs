@@ -269,6 +269,23 @@ fn encryption_key_rotation_interrupted_by_a_crash_completes_or_rolls_back() {
 }
 
 #[test]
+fn erasure_leftovers_of_an_interrupted_compaction_are_shredded_on_open() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create(d.path(), &key, clock());
+    enrol(&e, "max", &["door-access"], vector(31));
+    e.close().unwrap();
+    for name in ["templates.log.new", "index.snap.tmp"] {
+        std::fs::write(d.path().join(name), b"ciphertext a crash left behind").unwrap();
+    }
+    let e = open(d.path(), &key, clock()).unwrap();
+    for name in ["templates.log.new", "index.snap.tmp"] {
+        assert!(!d.path().join(name).exists(), "{name} survived the open");
+    }
+    assert!(e.verify(&ctx("door-access"), &vector(31), &subject("max")).unwrap().decision.is_match());
+}
+
+#[test]
 fn human_review_assist_only_purpose_never_returns_a_plain_match() {
     let d = tempfile::tempdir().unwrap();
     let e = create(d.path(), &MasterKey::generate(), clock());
