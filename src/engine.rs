@@ -378,12 +378,22 @@ pub struct EngineBuilder {
     dir: PathBuf,
     key: Option<MasterKey>,
     clock: Arc<dyn Clock>,
+    allow_core_dumps: bool,
 }
 
 impl EngineBuilder {
     /// A builder for the gallery at `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        EngineBuilder { dir: dir.into(), key: None, clock: Arc::new(SystemClock) }
+        EngineBuilder { dir: dir.into(), key: None, clock: Arc::new(SystemClock), allow_core_dumps: false }
+    }
+    /// Let this process write core dumps. By default opening or creating an
+    /// engine makes the process non-dumpable (Linux `PR_SET_DUMPABLE` 0;
+    /// elsewhere on Unix a core size limit of 0), because a dump would hold
+    /// the decrypted templates and any probe in flight. Non-dumpable also
+    /// stops debuggers of the same user from attaching.
+    pub fn allow_core_dumps(mut self, allow: bool) -> Self {
+        self.allow_core_dumps = allow;
+        self
     }
     /// The master key (required).
     pub fn key(mut self, key: MasterKey) -> Self {
@@ -400,6 +410,9 @@ impl EngineBuilder {
     pub fn create(self, config: GalleryConfig) -> Result<Engine> {
         config.validate()?;
         let key = self.key.ok_or_else(|| Error::Key("no key given".into()))?;
+        if !self.allow_core_dumps {
+            forbid_core_dumps()?;
+        }
         let dir = self.dir;
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let lock = store::DirLock::acquire(&dir)?;
@@ -416,6 +429,9 @@ impl EngineBuilder {
     /// Open an existing gallery: check the key, replay the log, load or rebuild the index, purge expired templates.
     pub fn open(self) -> Result<Engine> {
         let key = self.key.ok_or_else(|| Error::Key("no key given".into()))?;
+        if !self.allow_core_dumps {
+            forbid_core_dumps()?;
+        }
         let dir = self.dir;
         store::read_manifest(&dir)?; // a gallery is here (before creating LOCK)
         let lock = store::DirLock::acquire(&dir)?;
@@ -527,6 +543,40 @@ impl EngineBuilder {
         let mut engine = engine;
         engine.open_report.purged_on_open = purged.templates.len();
         Ok(engine)
+    }
+}
+
+/// Keep decrypted templates and probes out of core dumps (see
+/// [`EngineBuilder::allow_core_dumps`]). Idempotent.
+pub fn forbid_core_dumps() -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with PR_SET_DUMPABLE takes one integer argument.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(Error::Io { path: PathBuf::from("prctl(PR_SET_DUMPABLE)"), source: std::io::Error::last_os_error() });
+        }
+    }
+    #[cfg(all(unix, not(target_os = "linux")))]
+    {
+        let lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: a valid rlimit for RLIMIT_CORE.
+        if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &lim) } != 0 {
+            return Err(Error::Io { path: PathBuf::from("setrlimit(RLIMIT_CORE)"), source: std::io::Error::last_os_error() });
+        }
+    }
+    Ok(())
+}
+
+/// True when this process may write core dumps (Linux; `None` elsewhere).
+pub fn core_dumps_allowed() -> Option<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_GET_DUMPABLE takes no argument and returns the flag.
+        Some(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } == 1)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
     }
 }
 

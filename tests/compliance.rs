@@ -383,12 +383,26 @@ fn no_network_the_engine_opens_no_socket() {
     e.compact(&op()).unwrap();
     drop(e);
     let _e = open(d.path(), &key, clock()).unwrap();
-    let sockets: Vec<_> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
-        .filter(|t| t.to_string_lossy().starts_with("socket:"))
+    // fstat every descriptor (not /proc/self/fd: the engine makes the process non-dumpable,
+    // which hides /proc/self/fd from a non-root user).
+    let sockets: Vec<i32> = (0..4096)
+        .filter(|&fd| {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat on any integer is safe; EBADF for closed descriptors.
+            unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK }
+        })
         .collect();
-    assert!(sockets.is_empty(), "engine holds sockets: {sockets:?}");
+    assert!(sockets.is_empty(), "engine holds sockets: fds {sockets:?}");
+}
+
+#[test]
+fn privacy_an_open_engine_keeps_templates_out_of_core_dumps() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create(d.path(), &key, clock());
+    enrol(&e, "ned", &["door-access"], vector(16));
+    // Tests share one process: other tests' engines also made it non-dumpable, which is the point.
+    assert_eq!(facematch::engine::core_dumps_allowed(), Some(false));
 }
 
 #[test]
