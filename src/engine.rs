@@ -287,6 +287,10 @@ struct Slot {
     template: u64,
     subject: u32,
     mask: u64,
+    /// Enrolment time: the template serves purpose `p` while
+    /// `enrolled_at_ms > now - retention(p)`.
+    enrolled_at_ms: i64,
+    /// When its last purpose expires (then it is purged).
     expires_at_ms: i64,
 }
 
@@ -303,6 +307,8 @@ struct State {
     next_template: u64,
     /// Earliest expiry among slots (a lower bound: deleted slots may keep it low until compaction).
     min_expiry_ms: i64,
+    /// Oldest enrolment among the slots (a purpose's retention filter is needed once it expires).
+    min_enrolled_ms: i64,
 }
 
 impl State {
@@ -319,6 +325,7 @@ impl State {
             per_purpose: [0; 64],
             next_template: 1,
             min_expiry_ms: i64::MAX,
+            min_enrolled_ms: i64::MAX,
         }
     }
 
@@ -347,8 +354,18 @@ impl State {
             }
         }
         debug_assert_eq!(slot as usize, self.slots.len());
-        self.min_expiry_ms = self.min_expiry_ms.min(meta.expires_at_ms);
-        self.slots.push(Slot { template: meta.template, subject, mask, expires_at_ms: meta.expires_at_ms });
+        // Each purpose expires on its own retention (from the current config);
+        // the template is kept until its last purpose expires.
+        let expires_at_ms = meta
+            .purposes
+            .iter()
+            .filter_map(|p| cfg.purpose(p))
+            .map(|pol| meta.enrolled_at_ms.saturating_add(pol.retention_days as i64 * DAY_MS))
+            .max()
+            .unwrap_or(meta.expires_at_ms);
+        self.min_expiry_ms = self.min_expiry_ms.min(expires_at_ms);
+        self.min_enrolled_ms = self.min_enrolled_ms.min(meta.enrolled_at_ms);
+        self.slots.push(Slot { template: meta.template, subject, mask, enrolled_at_ms: meta.enrolled_at_ms, expires_at_ms });
         self.by_template.insert(meta.template, slot);
         self.live_by_subject.entry(subject).or_default().push(meta.template);
         self.next_template = self.next_template.max(meta.template + 1);
@@ -820,6 +837,7 @@ impl Engine {
         let q = normalise(dim, probe)?;
         let now = self.clock.now_unix_ms();
         let bit = self.manifest.read().config.purpose_bit(&ctx.purpose).unwrap_or(0);
+        let cutoff = now.saturating_sub(policy.retention_days as i64 * DAY_MS);
         let best = {
             let st = self.state.read();
             let si = *st.subject_idx.get(subject).ok_or_else(|| Error::UnknownSubject(subject.to_string()))?;
@@ -831,7 +849,7 @@ impl Engine {
             for t in templates {
                 let Some(&slot) = st.by_template.get(&t) else { continue };
                 let s = &st.slots[slot as usize];
-                if s.mask & (1 << bit) == 0 || s.expires_at_ms <= now {
+                if s.mask & (1 << bit) == 0 || s.enrolled_at_ms <= cutoff {
                     continue;
                 }
                 if let Some(v) = st.index.vector(slot) {
@@ -905,13 +923,14 @@ impl Engine {
     }
 
     fn search_candidates(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions) -> Result<Vec<Candidate>> {
-        let (dim, bit, max_k) = {
+        let (dim, bit, max_k, retention_ms) = {
             let m = self.manifest.read();
             let bit = m.config.purpose_bit(&ctx.purpose).ok_or_else(|| Error::PolicyViolation {
                 rule: "specific-purpose",
                 reason: format!("purpose {} is not declared by this gallery", ctx.purpose),
             })?;
-            (m.config.dim, bit, m.config.max_k)
+            let retention_ms = m.config.purpose(&ctx.purpose).map_or(0, |p| p.retention_days as i64 * DAY_MS);
+            (m.config.dim, bit, m.config.max_k, retention_ms)
         };
         if k == 0 || k > max_k {
             return Err(Error::config("k", format!("must be in 1..={max_k}, got {k}")));
@@ -926,8 +945,10 @@ impl Engine {
         let for_purpose = st.per_purpose[bit as usize];
         let slots = &st.slots;
         let mask = 1u64 << bit;
-        let filter = move |slot: u32| slots.get(slot as usize).is_some_and(|s| s.mask & mask != 0 && s.expires_at_ms > now);
-        let needs_filter = for_purpose < live || st.min_expiry_ms <= now;
+        // This purpose's retention: templates enrolled at or before the cutoff no longer serve it.
+        let cutoff = now.saturating_sub(retention_ms);
+        let filter = move |slot: u32| slots.get(slot as usize).is_some_and(|s| s.mask & mask != 0 && s.enrolled_at_ms > cutoff);
+        let needs_filter = for_purpose < live || st.min_enrolled_ms <= cutoff;
         let mut strategy = opts.strategy;
         if needs_filter && strategy == SearchStrategy::Auto && (for_purpose as f64) < 0.3 * live as f64 {
             // A narrow filter starves the graph walk: scan the few that pass.
@@ -1023,7 +1044,8 @@ impl Engine {
             return Err(Error::PolicyViolation { rule: "consent-required", reason: format!("consent {} is not {}'s", e.consent_id, e.subject) });
         }
         consent.check_guardian()?;
-        let mut retention = i64::MAX;
+        // Kept until its last purpose's retention ends (each purpose stops matching at its own).
+        let mut retention = 0i64;
         for p in &e.purposes {
             let pol = cfg.purpose(p).ok_or_else(|| Error::PolicyViolation { rule: "specific-purpose", reason: format!("purpose {p} is not declared by this gallery") })?;
             if !consent.covers(p) {
@@ -1032,7 +1054,7 @@ impl Engine {
                     reason: format!("consent {} does not cover purpose {p} (or was withdrawn)", e.consent_id),
                 });
             }
-            retention = retention.min(pol.retention_days as i64 * DAY_MS);
+            retention = retention.max(pol.retention_days as i64 * DAY_MS);
         }
         let vector = normalise(cfg.dim, &e.embedding)?;
         let template = match e.template {
@@ -1248,6 +1270,9 @@ impl Engine {
         let now = self.clock.now_unix_ms();
         let expired: Vec<u64> = {
             let st = self.state.read();
+            if st.min_expiry_ms > now {
+                return Ok(ErasureReport::default());
+            }
             st.by_template.iter().filter(|(_, &s)| st.slots[s as usize].expires_at_ms <= now).map(|(&t, _)| t).collect()
         };
         if expired.is_empty() {
@@ -1314,6 +1339,7 @@ impl Engine {
         })?;
         st.by_template = slots.iter().enumerate().map(|(i, s)| (s.template, i as u32)).collect();
         st.min_expiry_ms = slots.iter().map(|s| s.expires_at_ms).min().unwrap_or(i64::MAX);
+        st.min_enrolled_ms = slots.iter().map(|s| s.enrolled_at_ms).min().unwrap_or(i64::MAX);
         st.slots = slots;
 
         if log_path.exists() {

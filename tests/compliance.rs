@@ -146,18 +146,25 @@ fn retention_expired_templates_are_purged_and_never_matched() {
     let v = vector(8);
     enrol(&e, "fay", &["door-access"], v.clone()); // 30 days
     enrol(&e, "gus", &["payment"], vector(9)); // 365 days
+    let both = vector(10);
+    enrol(&e, "hoa", &["door-access", "payment"], both.clone()); // each purpose on its own retention
     c.advance(Duration::from_secs(31 * 86_400));
     // Expired but not yet purged: never matched.
     let id = e.identify(&ctx("door-access"), &v, 5).unwrap();
     assert!(id.candidates.is_empty(), "{:?}", id.candidates);
+    // Door access has expired for hoa too, payment has not: kept, matched for payment only.
+    assert!(e.identify(&ctx("door-access"), &both, 5).unwrap().candidates.is_empty());
+    assert!(!e.verify(&ctx("door-access"), &both, &subject("hoa")).unwrap().decision.is_match());
+    assert!(e.identify(&ctx("payment"), &both, 1).unwrap().decision.is_match());
+    assert!(e.verify(&ctx("payment"), &both, &subject("hoa")).unwrap().decision.is_match());
     let r = e.purge_expired(&op()).unwrap();
-    assert_eq!(r.templates.len(), 1);
-    assert_eq!(e.stats().templates, 1);
+    assert_eq!(r.templates.len(), 1, "only fay's template has no purpose left");
+    assert_eq!(e.stats().templates, 2);
     // The engine also purges on open.
     c.advance(Duration::from_secs(400 * 86_400));
     drop(e);
     let e = open(d.path(), &key, c.clone()).unwrap();
-    assert_eq!(e.open_report().purged_on_open, 1);
+    assert_eq!(e.open_report().purged_on_open, 2);
     assert_eq!(e.stats().templates, 0);
 }
 

@@ -71,7 +71,9 @@ pub struct TemplateMeta {
     pub purposes: Vec<Purpose>,
     /// Enrolment time (unix ms).
     pub enrolled_at_ms: i64,
-    /// Expiry (unix ms): the shortest retention among its purposes.
+    /// Expiry (unix ms) when it was enrolled: the end of its longest purpose
+    /// retention (each purpose stops matching at its own; open recomputes
+    /// both from the current configuration).
     pub expires_at_ms: i64,
     /// The consent it rests on.
     pub consent_id: String,
