@@ -94,10 +94,57 @@ impl DecodedImage {
     pub fn as_raw(&self) -> &[u8] {
         &self.data
     }
+    /// The RGB8 bytes, mutable (e.g. for [`crate::anonymise::redact`]).
+    pub fn as_raw_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
     /// Give the buffer back.
     pub fn into_raw(self) -> Vec<u8> {
         self.data
     }
+}
+
+/// How [`encode`] writes an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// Lossless PNG.
+    Png,
+    /// JPEG at a quality of 1 to 100.
+    Jpeg {
+        /// Quality (1-100).
+        quality: u8,
+    },
+}
+
+/// Encode an image (e.g. after [`crate::anonymise::redact`]) to bytes.
+/// Nothing is written anywhere: the caller decides where the bytes go.
+///
+/// ```
+/// use facematch::image_io::{decode_bytes, encode, DecodedImage, ImageLimits, OutputFormat};
+/// let img = DecodedImage::from_rgb8(4, 3, vec![90; 36]).unwrap();
+/// let png = encode(&img, OutputFormat::Png).unwrap();
+/// assert_eq!(decode_bytes(&png, &ImageLimits::default()).unwrap(), img);
+/// assert!(encode(&img, OutputFormat::Jpeg { quality: 0 }).is_err());
+/// ```
+pub fn encode(img: &DecodedImage, format: OutputFormat) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    let bad = |e: image::ImageError| Error::BadImage { path: None, reason: format!("encoding: {e}") };
+    match format {
+        OutputFormat::Png => image::codecs::png::PngEncoder::new(&mut out)
+            .write_image(&img.data, img.width, img.height, image::ExtendedColorType::Rgb8)
+            .map_err(bad)?,
+        OutputFormat::Jpeg { quality } => {
+            if !(1..=100).contains(&quality) {
+                return Err(Error::config("output.quality", format!("must be in 1..=100, got {quality}")));
+            }
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+                .write_image(&img.data, img.width, img.height, image::ExtendedColorType::Rgb8)
+                .map_err(bad)?
+        }
+    }
+    Ok(out)
 }
 
 /// Decode an image file (format from content, extension as a fallback).

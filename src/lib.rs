@@ -21,6 +21,7 @@ pub use error::{Error, Result};
 
 // --- the spine: image -> faces -> embeddings ---
 pub mod align;
+pub mod anonymise;
 pub mod detect;
 pub mod embed;
 pub mod image_io;

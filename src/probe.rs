@@ -10,12 +10,17 @@
 //!   without comparing), and every face that does not match is dropped from
 //!   the result and its embedding zeroed; only counts reach the audit record.
 //!
-//! Nothing here writes the image, a crop or an embedding anywhere.
+//! Nothing here writes the image, a crop or an embedding anywhere. The
+//! `*_redacted` variants also hand back the decoded image with the faces
+//! that must not be shown anonymised ([`crate::anonymise`]), for callers
+//! that return or keep an image: that copy is the only one that may leave.
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
+use crate::anonymise::{redact, AnonymiseConfig};
 use crate::compliance::SubjectId;
+use crate::image_io::DecodedImage;
 use crate::engine::{Engine, Enrolment, Identification, QueryContext, Verification};
 use crate::pipeline::{Face, FacePipeline};
 use crate::{Error, Result};
@@ -66,8 +71,8 @@ fn area(f: &Face) -> f32 {
     f.bbox[2].max(0.0) * f.bbox[3].max(0.0)
 }
 
-/// The largest face, or an error when there is none.
-fn main_face(mut faces: Vec<Face>) -> Result<(Face, u32, u32)> {
+/// The largest face and the boxes of the others (never embedded), or an error when there is none.
+fn main_face(mut faces: Vec<Face>) -> Result<(Face, Vec<FaceBox>, u32, u32)> {
     let found = faces.len() as u32;
     if faces.is_empty() {
         return Err(Error::BadImage { path: None, reason: "no face found".into() });
@@ -78,7 +83,8 @@ fn main_face(mut faces: Vec<Face>) -> Result<(Face, u32, u32)> {
         .max_by(|a, b| area(a.1).total_cmp(&area(b.1)))
         .ok_or_else(|| Error::BadImage { path: None, reason: "no face found".into() })?;
     let f = faces.swap_remove(i);
-    Ok((f, found, found - 1))
+    let others = faces.iter().map(|o| FaceBox { bbox: o.bbox, score: o.score }).collect();
+    Ok((f, others, found, found - 1))
 }
 
 fn embed_one(pipeline: &FacePipeline, img: &crate::image_io::DecodedImage, face: Face) -> Result<(FaceBox, Vec<f32>)> {
@@ -92,23 +98,60 @@ fn embed_one(pipeline: &FacePipeline, img: &crate::image_io::DecodedImage, face:
 
 /// 1:1: verify the largest face of `image` (encoded bytes) against `subject`.
 pub fn verify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], subject: &SubjectId) -> Result<ImageVerification> {
+    Ok(verify_decoded(engine, pipeline, ctx, image, subject)?.0)
+}
+
+/// [`verify_image`], also returning the image with every face but the
+/// compared one anonymised ([`crate::anonymise`]): the only copy of the
+/// image that may leave the engine. Encode it with [`crate::image_io::encode`].
+pub fn verify_image_redacted(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], subject: &SubjectId, cfg: &AnonymiseConfig) -> Result<(ImageVerification, DecodedImage)> {
+    cfg.validate()?;
+    let (v, mut img, others) = verify_decoded(engine, pipeline, ctx, image, subject)?;
+    redact(&mut img, &others, cfg)?;
+    Ok((v, img))
+}
+
+fn verify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], subject: &SubjectId) -> Result<(ImageVerification, DecodedImage, Vec<FaceBox>)> {
     check_model(engine, pipeline)?;
     let img = pipeline.decode_bytes(image)?;
-    let (face, found, discarded) = main_face(pipeline.detect(&img)?)?;
+    let (face, others, found, discarded) = main_face(pipeline.detect(&img)?)?;
     let (fb, mut e) = embed_one(pipeline, &img, face)?;
     let r = engine.verify_with_faces(ctx, &e, subject, (found, discarded));
     e.zeroize();
-    Ok(ImageVerification { face: fb, verification: r?, faces_found: found, faces_discarded: discarded })
+    Ok((ImageVerification { face: fb, verification: r?, faces_found: found, faces_discarded: discarded }, img, others))
 }
 
 /// 1:N: identify every face of `image`; faces that match nobody are discarded.
 pub fn identify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], k: usize) -> Result<ImageIdentification> {
+    Ok(identify_decoded(engine, pipeline, ctx, image, k)?.0)
+}
+
+/// [`identify_image`], also returning the image with every face that matched
+/// nobody anonymised ([`crate::anonymise`]); matched faces are left as they are.
+pub fn identify_image_redacted(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], k: usize, cfg: &AnonymiseConfig) -> Result<(ImageIdentification, DecodedImage)> {
+    cfg.validate()?;
+    let (r, mut img, unmatched) = identify_decoded(engine, pipeline, ctx, image, k)?;
+    redact(&mut img, &unmatched, cfg)?;
+    Ok((r, img))
+}
+
+/// Anonymise every face of `image` (no gallery involved): for images that
+/// leave a deployment without any face in them being needed.
+pub fn anonymise_image(pipeline: &FacePipeline, image: &[u8], cfg: &AnonymiseConfig) -> Result<(DecodedImage, Vec<FaceBox>)> {
+    cfg.validate()?;
+    let mut img = pipeline.decode_bytes(image)?;
+    let boxes: Vec<FaceBox> = pipeline.detect(&img)?.iter().map(|f| FaceBox { bbox: f.bbox, score: f.score }).collect();
+    redact(&mut img, &boxes, cfg)?;
+    Ok((img, boxes))
+}
+
+fn identify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], k: usize) -> Result<(ImageIdentification, DecodedImage, Vec<FaceBox>)> {
     check_model(engine, pipeline)?;
     let img = pipeline.decode_bytes(image)?;
     let mut faces = pipeline.detect(&img)?;
     let found = faces.len() as u32;
     if faces.is_empty() {
-        return Ok(ImageIdentification { matches: Vec::new(), faces_found: 0, faces_discarded: 0 });
+        return Ok((ImageIdentification { matches: Vec::new(), faces_found: 0, faces_discarded: 0 }, img, Vec::new()));
     }
     pipeline.embed_faces(&img, &mut faces)?;
     let boxes: Vec<FaceBox> = faces.iter().map(|f| FaceBox { bbox: f.bbox, score: f.score }).collect();
@@ -117,21 +160,19 @@ pub fn identify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryConte
     for p in &mut probes {
         p.zeroize();
     }
-    let results: Vec<(FaceBox, Identification)> = boxes.into_iter().zip(r?).collect();
-    let matches: Vec<FaceIdentification> = results
-        .into_iter()
-        .filter(|(_, id)| !matches!(id.decision, crate::compliance::Decision::NoMatch { .. }))
-        .map(|(face, identification)| FaceIdentification { face, identification })
-        .collect();
+    let (matched, unmatched): (Vec<(FaceBox, Identification)>, Vec<(FaceBox, Identification)>) =
+        boxes.into_iter().zip(r?).partition(|(_, id)| !matches!(id.decision, crate::compliance::Decision::NoMatch { .. }));
+    let matches: Vec<FaceIdentification> = matched.into_iter().map(|(face, identification)| FaceIdentification { face, identification }).collect();
     let discarded = found - matches.len() as u32;
-    Ok(ImageIdentification { matches, faces_found: found, faces_discarded: discarded })
+    let unmatched = unmatched.into_iter().map(|(b, _)| b).collect();
+    Ok((ImageIdentification { matches, faces_found: found, faces_discarded: discarded }, img, unmatched))
 }
 
 /// Enrol the largest face of `image`; other faces are never embedded. The image itself is not stored.
 pub fn enrol_image(engine: &Engine, pipeline: &FacePipeline, operator: &crate::compliance::Operator, image: &[u8], mut request: Enrolment) -> Result<(u64, FaceBox, u32)> {
     check_model(engine, pipeline)?;
     let img = pipeline.decode_bytes(image)?;
-    let (face, _found, discarded) = main_face(pipeline.detect(&img)?)?;
+    let (face, _others, _found, discarded) = main_face(pipeline.detect(&img)?)?;
     let (fb, e) = embed_one(pipeline, &img, face)?;
     request.embedding = e;
     request.model_id = Some(pipeline.model_id().to_string());
