@@ -79,3 +79,23 @@ fn import_search_withdraw_and_audit_from_the_command_line() {
     let (ok, _, err) = fm(&["stats", "-g", g], &other);
     assert!(!ok && err.contains("does not open the gallery"), "{err}");
 }
+
+/// `facematch anonymise` writes a copy in which the detector finds no face; bad input is a clear error.
+#[test]
+fn anonymise_writes_a_copy_with_no_detectable_face() {
+    let d = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples/t1.jpg");
+    let out = d.path().join("anon.png");
+    let run = |args: &[&std::ffi::OsStr]| Command::new(env!("CARGO_BIN_EXE_facematch")).args(args).output().unwrap();
+    let r = run(&["anonymise".as_ref(), sample.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["faces_anonymised"], 6);
+    let r = run(&["faces".as_ref(), out.as_os_str()]);
+    assert!(r.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["faces"].as_array().unwrap().len(), 0, "{v}");
+    let r = run(&["anonymise".as_ref(), sample.as_os_str(), "--out".as_ref(), out.as_os_str(), "--mosaic".as_ref(), "40".as_ref()]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("cells"), "{}", String::from_utf8_lossy(&r.stderr));
+}
