@@ -160,7 +160,8 @@ fn identify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext
     for p in &mut probes {
         p.zeroize();
     }
-    let (matched, unmatched): (Vec<(FaceBox, Identification)>, Vec<(FaceBox, Identification)>) =
+    type Scored = Vec<(FaceBox, Identification)>;
+    let (matched, unmatched): (Scored, Scored) =
         boxes.into_iter().zip(r?).partition(|(_, id)| !matches!(id.decision, crate::compliance::Decision::NoMatch { .. }));
     let matches: Vec<FaceIdentification> = matched.into_iter().map(|(face, identification)| FaceIdentification { face, identification }).collect();
     let discarded = found - matches.len() as u32;
