@@ -1443,6 +1443,124 @@ impl Engine {
         Ok(())
     }
 
+    /// Measure, on a labelled calibration set, the lowest threshold for
+    /// `purpose` and `mode` whose false-match rate is at most `target` (see
+    /// [`crate::calibration`]), and the false-non-match rate it costs.
+    /// `probes` is `labels.len()` rows of the gallery's dimension; a label is
+    /// the probe's subject if enrolled, `None` for a person who is not.
+    /// Nothing changes: apply the result with [`Engine::set_threshold`]. One
+    /// audit record says who calibrated what and the result (no scores); the
+    /// probes are compared with the templates serving the purpose by exact
+    /// scan (probes x templates dot products: seconds for 1,000 x 100k).
+    pub fn calibrate_threshold(&self, operator: &Operator, purpose: &Purpose, mode: Mode, probes: &[f32], labels: &[Option<SubjectId>], target: f64) -> Result<crate::calibration::ThresholdCalibration> {
+        use crate::calibration::{rate_at, threshold_above, ThresholdCalibration};
+        use rayon::prelude::*;
+        let policy = self.policy(purpose)?;
+        let (dim, bit) = {
+            let m = self.manifest.read();
+            (m.config.dim, m.config.purpose_bit(purpose).unwrap_or(0))
+        };
+        if probes.len() != labels.len() * dim {
+            return Err(Error::WrongDimension { expected: labels.len() * dim, got: probes.len() });
+        }
+        let qs: Vec<Vec<f32>> = probes.chunks_exact(dim).map(|p| normalise(dim, p)).collect::<Result<_>>()?;
+        let cutoff = self.clock.now_unix_ms().saturating_sub(policy.retention_days as i64 * DAY_MS);
+        let st = self.state.read();
+        // Templates serving the purpose, grouped by subject.
+        let mut subjects: Vec<(u32, Vec<u32>)> = Vec::new();
+        for (&si, ts) in &st.live_by_subject {
+            let slots: Vec<u32> = ts
+                .iter()
+                .filter_map(|t| st.by_template.get(t).copied())
+                .filter(|&s| {
+                    let sl = &st.slots[s as usize];
+                    sl.mask & (1 << bit) != 0 && sl.enrolled_at_ms > cutoff
+                })
+                .collect();
+            if !slots.is_empty() {
+                subjects.push((si, slots));
+            }
+        }
+        if subjects.is_empty() {
+            return Err(Error::config("calibration", format!("no template serves purpose {purpose}")));
+        }
+        let own: Vec<Option<u32>> = labels.iter().map(|l| l.as_ref().and_then(|s| st.subject_idx.get(s).copied()).filter(|si| subjects.iter().any(|(x, _)| x == si))).collect();
+        // Upper tail of non-mated scores kept per probe (enough to place any threshold at the target).
+        let trials: u64 = match mode {
+            Mode::Identify => own.iter().filter(|o| o.is_none()).count() as u64,
+            Mode::Verify => own.iter().map(|o| (subjects.len() - o.is_some() as usize) as u64).sum(),
+        };
+        let keep = ((target.clamp(0.0, 1.0) * trials as f64).floor() as usize + 1).min(1 << 20);
+        struct ProbeResult {
+            non_mated: Vec<f32>,
+            /// Identify: (best subject, best score); verify: own subject's best score.
+            best: Option<(u32, f32)>,
+            own_score: Option<f32>,
+        }
+        let results: Vec<ProbeResult> = qs
+            .par_iter()
+            .zip(&own)
+            .map(|(q, o)| {
+                let mut per_subject: Vec<(u32, f32)> = subjects
+                    .iter()
+                    .map(|(si, slots)| (*si, slots.iter().filter_map(|&s| st.index.vector(s)).map(|v| dot(q, v)).fold(f32::NEG_INFINITY, f32::max)))
+                    .collect();
+                let own_score = o.and_then(|o| per_subject.iter().find(|(si, _)| *si == o).map(|x| x.1));
+                let best = per_subject.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1));
+                let non_mated = match mode {
+                    Mode::Identify if o.is_none() => best.map(|b| vec![b.1]).unwrap_or_default(),
+                    Mode::Identify => Vec::new(),
+                    Mode::Verify => {
+                        per_subject.retain(|(si, _)| Some(*si) != *o);
+                        let k = keep.min(per_subject.len());
+                        if k > 0 && k < per_subject.len() {
+                            per_subject.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+                            per_subject.truncate(k);
+                        }
+                        per_subject.into_iter().map(|x| x.1).collect()
+                    }
+                };
+                ProbeResult { non_mated, best, own_score }
+            })
+            .collect();
+        drop(st);
+        let mut top: Vec<f32> = results.iter().flat_map(|r| r.non_mated.iter().copied()).collect();
+        if top.len() > keep {
+            top.select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
+            top.truncate(keep);
+        }
+        let all_non_mated = top.clone();
+        let threshold = threshold_above(&mut top, trials, target)?;
+        let mated: Vec<&ProbeResult> = results.iter().zip(&own).filter(|(_, o)| o.is_some()).map(|(r, _)| r).collect();
+        let fnr = (!mated.is_empty()).then(|| {
+            let missed = mated
+                .iter()
+                .zip(own.iter().filter_map(|o| *o))
+                .filter(|(r, o)| match mode {
+                    Mode::Identify => !r.best.is_some_and(|(si, s)| si == *o && s >= threshold),
+                    Mode::Verify => !r.own_score.is_some_and(|s| s >= threshold),
+                })
+                .count();
+            missed as f64 / mated.len() as f64
+        });
+        let cal = ThresholdCalibration {
+            mode,
+            target,
+            threshold,
+            false_match_rate: rate_at(&all_non_mated, trials, threshold),
+            false_non_match_rate: fnr,
+            mated: mated.len(),
+            non_mated_trials: trials,
+        };
+        let detail = serde_json::json!({
+            "purpose": purpose.as_str(), "mode": mode.as_str(), "probes": labels.len(), "mated": cal.mated,
+            "non_mated_trials": trials, "target": target, "threshold": threshold,
+            "false_match_rate": cal.false_match_rate, "false_non_match_rate": cal.false_non_match_rate,
+        });
+        self.record_admin(operator, "threshold-calibration", &detail.to_string())?;
+        Ok(cal)
+    }
+
     /// Change a purpose's threshold for a mode; versioned and audited.
     pub fn set_threshold(&self, operator: &Operator, purpose: &Purpose, mode: Mode, value: f32) -> Result<Threshold> {
         let mut m = self.manifest.write();

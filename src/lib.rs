@@ -37,6 +37,7 @@ pub mod synth;
 
 // --- gallery, compliance, audit ---
 pub mod audit;
+pub mod calibration;
 pub mod clock;
 pub mod compliance;
 pub mod config;

@@ -57,6 +57,18 @@ fn import_search_withdraw_and_audit_from_the_command_line() {
     let (ok, _, err) = fm(&["search", "-g", g, "--purpose", "marketing", "--embeddings", q.to_str().unwrap()], &key);
     assert!(!ok && err.contains("specific-purpose"), "{err}");
 
+    // calibrate a threshold on the probes (labels: subject or empty line) and apply it
+    let labels = d.path().join("labels.txt");
+    std::fs::write(&labels, set.query_identity.iter().map(|q| q.map(|i| format!("person-{i}")).unwrap_or_default() + "\n").collect::<String>()).unwrap();
+    let cal = ["calibrate", "-g", g, "--purpose", "door-access", "--mode", "verify", "--embeddings", q.to_str().unwrap(), "--labels", labels.to_str().unwrap()];
+    let (ok, out, err) = fm(&[&cal[..], &["--target", "0.01", "--apply"]].concat(), &key);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["calibration"]["false_match_rate"].as_f64().unwrap() <= 0.01, "{v}");
+    assert_eq!(v["applied_version"], 2, "{v}"); // the threshold version was bumped from 1
+    let (ok, _, err) = fm(&[&cal[..], &["--target", "0.00001"]].concat(), &key);
+    assert!(!ok && err.contains("cannot resolve"), "{err}");
+
     let (ok, out, _) = fm(&["withdraw", "-g", g, "--subject", "person-7", "--compact"], &key);
     assert!(ok);
     let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();

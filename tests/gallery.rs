@@ -333,3 +333,63 @@ fn every_answered_query_has_its_audit_record_after_kill_9() {
         assert!(seqs.contains(s), "answered query with audit seq {s} has no record after kill -9");
     }
 }
+
+/// Thresholds chosen from data: on a labelled calibration set the chosen threshold meets the
+/// target false-match rate, and on held-out probes of the same population it stays near it
+/// once applied (the engine's own decisions are counted); bad requests are clear errors.
+#[test]
+fn calibrated_thresholds_meet_their_false_match_target_on_held_out_probes() {
+    use facematch::compliance::{ConsentBasis, ConsentRecord, Mode, PurposePolicy};
+    use facematch::engine::Enrolment;
+    use facematch::synth::{generate, SynthConfig};
+    let dim = 64;
+    let set = generate(&SynthConfig { dim, identities: 1_000, queries: 4_000, unenrolled_fraction: 0.5, ..Default::default() }).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let door = purpose("door-access");
+    let mut cfg = facematch::config::GalleryConfig { dim, model_id: "synthetic".into(), ..Default::default() };
+    cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
+    let e = facematch::engine::EngineBuilder::new(d.path()).key(MasterKey::generate()).clock(clock()).create(cfg).unwrap();
+    let name = |i: u32| subject(&format!("p{i}"));
+    let consents = (0..1_000u32).map(|i| ConsentRecord::new(format!("c{i}"), &format!("p{i}"), ConsentBasis::SeparateConsent, vec![door.clone()], "t", facematch::compliance::AgeBracket::Adult)).collect();
+    e.record_consents(&op(), consents).unwrap();
+    let enrol = (0..set.gallery_rows()).map(|r| {
+        let id = set.gallery_identity[r];
+        Enrolment::new(name(id), format!("c{id}"), vec![door.clone()], set.gallery_row(r).to_vec())
+    });
+    e.enrol_batch(&op(), enrol.collect()).unwrap();
+    let labels: Vec<Option<facematch::compliance::SubjectId>> = set.query_identity.iter().map(|q| q.map(name)).collect();
+    let (cal_q, held_q) = set.queries.split_at(2_000 * dim);
+    let (cal_l, held_l) = labels.split_at(2_000);
+
+    let target = 0.02;
+    let c = e.calibrate_threshold(&op(), &door, Mode::Identify, cal_q, cal_l, target).unwrap();
+    assert!(c.false_match_rate <= target, "{c:?}");
+    assert!(c.non_mated_trials > 900 && c.mated > 900, "{c:?}");
+    assert!(c.false_non_match_rate.unwrap() < 0.5, "{c:?}");
+    e.set_threshold(&op(), &door, Mode::Identify, c.threshold).unwrap();
+    let (mut fp, mut nonmated) = (0, 0);
+    for (q, l) in held_q.chunks_exact(dim).zip(held_l) {
+        if l.is_none() {
+            nonmated += 1;
+            fp += e.identify(&ctx("door-access"), q, 1).unwrap().decision.is_match() as usize;
+        }
+    }
+    let held_fpir = fp as f64 / nonmated as f64;
+    eprintln!("identify {c:?} held-out FPIR {held_fpir}");
+    assert!(held_fpir <= 2.5 * target, "held-out FPIR {held_fpir} at threshold {} (calibrated {c:?})", c.threshold);
+
+    let v = e.calibrate_threshold(&op(), &door, Mode::Verify, cal_q, cal_l, 0.001).unwrap();
+    eprintln!("verify {v:?}");
+    assert!(v.false_match_rate <= 0.001 && v.non_mated_trials > 1_000_000, "{v:?}");
+    assert!(v.threshold < c.threshold + 0.2, "{v:?} vs {c:?}");
+
+    // Clear errors: a target the set cannot resolve, rows that do not match the labels, an undeclared purpose.
+    assert!(matches!(e.calibrate_threshold(&op(), &door, Mode::Identify, cal_q, cal_l, 1e-6), Err(facematch::Error::InvalidConfig { .. })));
+    assert!(matches!(e.calibrate_threshold(&op(), &door, Mode::Identify, &cal_q[..10], cal_l, 0.1), Err(facematch::Error::WrongDimension { .. })));
+    assert!(e.calibrate_threshold(&op(), &purpose("payment"), Mode::Identify, cal_q, cal_l, 0.1).is_err());
+
+    // The audit log says who calibrated what, without scores.
+    let recs = facematch::audit::AuditLog::read(&e.audit_dir(), &Default::default()).unwrap();
+    let cal: Vec<_> = recs.iter().filter(|r| matches!(&r.event, facematch::audit::AuditEvent::Admin { action, .. } if action == "threshold-calibration")).collect();
+    assert_eq!(cal.len(), 2);
+}

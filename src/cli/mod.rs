@@ -108,6 +108,8 @@ pub enum GalleryCommand {
     Export(ExportArgs),
     /// Change a purpose's threshold (versioned, audited).
     Threshold(ThresholdArgs),
+    /// Choose a purpose's threshold from labelled probes for a target false-match rate.
+    Calibrate(CalibrateArgs),
     /// Re-encrypt the gallery under a new key.
     RotateKey(RotateArgs),
     /// Audit log: verify, show, export.
@@ -311,6 +313,30 @@ pub struct ThresholdArgs {
     value: f32,
 }
 
+/// `calibrate`.
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    #[arg(long)]
+    purpose: String,
+    /// verify | identify
+    #[arg(long)]
+    mode: String,
+    /// float32 Q x D .npy of calibration probes.
+    #[arg(long)]
+    embeddings: PathBuf,
+    /// Text file, one line per probe: its subject id, or empty for a person not enrolled.
+    #[arg(long)]
+    labels: PathBuf,
+    /// The false-match rate to meet (FPIR for identify, FMR for verify), e.g. 0.001.
+    #[arg(long)]
+    target: f64,
+    /// Also set the threshold (versioned and audited like `threshold`).
+    #[arg(long)]
+    apply: bool,
+}
+
 /// `rotate-key`.
 #[derive(Args, Debug)]
 pub struct RotateArgs {
@@ -385,6 +411,14 @@ fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Run a gallery command; `Ok(false)` means some inputs failed.
+fn parse_mode(m: &str) -> anyhow::Result<Mode> {
+    match m {
+        "verify" => Ok(Mode::Verify),
+        "identify" => Ok(Mode::Identify),
+        m => bail!("--mode must be verify or identify, got {m}"),
+    }
+}
+
 pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> {
     match cmd {
         GalleryCommand::Keygen { out } => {
@@ -536,13 +570,31 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             json_line(&serde_json::json!({"exported": n, "to": a.out}))?;
             Ok(true)
         }
+        GalleryCommand::Calibrate(a) => {
+            let e = a.g.open()?;
+            let mode = parse_mode(&a.mode)?;
+            let purpose = Purpose::new(a.purpose.as_str())?;
+            let q = facematch::npy::read_f32_matrix(&a.embeddings)?;
+            let labels: Vec<Option<SubjectId>> = std::fs::read_to_string(&a.labels)
+                .with_context(|| format!("reading {}", a.labels.display()))?
+                .lines()
+                .map(|l| match l.trim() {
+                    "" => Ok(None),
+                    s => SubjectId::new(s).map(Some),
+                })
+                .collect::<facematch::Result<_>>()?;
+            if labels.len() != q.rows {
+                bail!("{} has {} labels, {} has {} rows", a.labels.display(), labels.len(), a.embeddings.display(), q.rows);
+            }
+            let op = a.g.operator()?;
+            let c = e.calibrate_threshold(&op, &purpose, mode, &q.data, &labels, a.target)?;
+            let applied = if a.apply { Some(e.set_threshold(&op, &purpose, mode, c.threshold)?.version()) } else { None };
+            json_line(&serde_json::json!({"purpose": a.purpose, "calibration": c, "applied_version": applied}))?;
+            Ok(true)
+        }
         GalleryCommand::Threshold(a) => {
             let e = a.g.open()?;
-            let mode = match a.mode.as_str() {
-                "verify" => Mode::Verify,
-                "identify" => Mode::Identify,
-                m => bail!("--mode must be verify or identify, got {m}"),
-            };
+            let mode = parse_mode(&a.mode)?;
             let t = e.set_threshold(&a.g.operator()?, &Purpose::new(a.purpose.as_str())?, mode, a.value)?;
             json_line(&serde_json::json!({"purpose": a.purpose, "mode": a.mode, "threshold": t.value(), "version": t.version()}))?;
             Ok(true)
