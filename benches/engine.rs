@@ -11,8 +11,10 @@
 //!   nothing for encryption: `index_only` vs `audit_off` shows the engine's own overhead.
 //!   Group commit shares one fsync among concurrent queries, so its cost falls with concurrency (64 threads).
 //! - `engine_query/*_pipelined/{1,2}`: 1 or 2 threads, each keeping 32 queries in
-//!   flight with `identify_deferred` (answers released once their record is durable),
-//!   2,000 queries per iteration so that the final drain is amortised as in a server.
+//!   flight with `identify_deferred` (answers released once their record is durable);
+//!   `*_pipelined_deep/2`: 128 in flight each. 4,000 queries per iteration so that
+//!   the final drain is amortised as in a server. `audit_off` batches records
+//!   exactly like group commit but never fsyncs: the difference is durability.
 
 use std::sync::Arc;
 
@@ -103,33 +105,32 @@ fn bench_query(c: &mut Criterion) {
                 })
             });
         }
-        // Pipelined: each thread keeps up to WINDOW queries in flight
+        // Pipelined: each thread keeps up to `window` queries in flight
         // (identify_deferred) and releases the oldest answer when the window
         // is full, as a server with many connections per thread would.
-        // 2,000 queries per iteration (10 passes over the probes): a window
+        // 4,000 queries per iteration (20 passes over the probes): a window
         // is drained only at the end of an iteration, as a server drains
         // only when it stops, so the drain's last fsync is amortised.
-        const WINDOW: usize = 32;
-        const PIPELINED: usize = 2000;
-        for threads in [1usize, 2] {
+        const PIPELINED: usize = 4000;
+        for (label, window, threads) in [("pipelined", 32usize, 1usize), ("pipelined", 32, 2), ("pipelined_deep", 128, 2)] {
             let nq = queries.len() / 128;
             g.throughput(Throughput::Elements(PIPELINED as u64));
-            g.bench_with_input(BenchmarkId::new(format!("{name}_pipelined"), threads), &threads, |b, &threads| {
+            g.bench_with_input(BenchmarkId::new(format!("{name}_{label}"), threads), &threads, |b, &threads| {
                 b.iter(|| {
                     std::thread::scope(|s| {
                         for t in 0..threads {
                             let (e, ctx, queries) = (&e, &ctx, &queries);
                             s.spawn(move || {
-                                let mut window = std::collections::VecDeque::with_capacity(WINDOW);
+                                let mut inflight = std::collections::VecDeque::with_capacity(window);
                                 for i in (t..PIPELINED).step_by(threads) {
-                                    if window.len() == WINDOW {
-                                        let p: facematch::engine::Pending<_> = window.pop_front().unwrap();
+                                    if inflight.len() == window {
+                                        let p: facematch::engine::Pending<_> = inflight.pop_front().unwrap();
                                         p.wait().unwrap();
                                     }
                                     let j = i % nq;
-                                    window.push_back(e.identify_deferred(ctx, &queries[j * 128..(j + 1) * 128], 10).unwrap());
+                                    inflight.push_back(e.identify_deferred(ctx, &queries[j * 128..(j + 1) * 128], 10).unwrap());
                                 }
-                                for p in window {
+                                for p in inflight {
                                     p.wait().unwrap();
                                 }
                             });

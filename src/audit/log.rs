@@ -9,6 +9,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -63,6 +64,7 @@ impl std::fmt::Debug for AuditLog {
 pub struct AuditTicket {
     range: std::ops::Range<u64>,
     shared: Arc<Shared>,
+    submitted: Instant,
 }
 
 impl std::fmt::Debug for AuditTicket {
@@ -83,7 +85,11 @@ impl AuditTicket {
     pub fn wait(self) -> Result<std::ops::Range<u64>> {
         let range = self.range;
         let sh = &*self.shared;
-        if range.is_empty() || sh.done.lock().next >= range.end {
+        if range.is_empty() {
+            return Ok(range);
+        }
+        sh.pace.observe_wait(self.submitted.elapsed());
+        if sh.done.lock().next >= range.end {
             return Ok(range);
         }
         {
@@ -145,8 +151,6 @@ struct Queue {
     wanted_at: Instant,
     /// When the oldest queued record arrived.
     first_at: Instant,
-    /// How long queued records linger.
-    pace: Pace,
     next_seq: u64,
     sync_ticket: u64,
     closing: bool,
@@ -228,6 +232,8 @@ struct Shared {
     /// writer thread, or a caller waiting for its own records). `None` once
     /// the writer has stopped.
     committer: Mutex<Option<Writer>>,
+    /// How long queued records linger.
+    pace: Pace,
     closed_segments: Mutex<Closed>,
     retention: Mutex<()>,
     /// Holds the advisory lock on `LOCK` for the log's lifetime.
@@ -482,7 +488,6 @@ impl AuditLog {
                 wanted: 0,
                 wanted_at: Instant::now(),
                 first_at: Instant::now(),
-                pace: Pace::new(linger),
                 next_seq: records,
                 sync_ticket: 0,
                 closing: false,
@@ -498,6 +503,7 @@ impl AuditLog {
             subscribers: Mutex::new(Vec::new()),
             stats: Mutex::new(AuditStats::default()),
             committer: Mutex::new(None),
+            pace: Pace::new(linger),
             closed_segments: Mutex::new(closed),
             retention: Mutex::new(()),
             _lock: lock,
@@ -615,6 +621,7 @@ impl AuditLog {
         Ok(AuditTicket {
             range,
             shared: Arc::clone(&self.shared),
+            submitted: Instant::now(),
         })
     }
 
@@ -1103,35 +1110,48 @@ impl HeadWriter {
     }
 }
 
-/// How long queued records linger: half the time callers have recently let
-/// pass between a record's arrival and waiting for it (a caller keeping a
-/// window of queries in flight waits once per window), capped by the
-/// configured linger. Blocking callers wait at once, so nothing lingers;
-/// records nobody waits for linger the full time.
+/// How long queued records linger. Callers report, each time they wait
+/// for a ticket, how long after submitting it they did (a caller keeping a
+/// window of queries in flight waits about one window later; a blocking
+/// caller at once); the estimate follows drops at once and rises slowly, so
+/// it tracks the impatient end. Records linger so long that a commit started
+/// then (and its fsync, twice for safety) ends before the impatient caller
+/// waits, at most half the estimate, capped by the configured linger.
 struct Pace {
-    /// Estimated arrival-to-wait time, in seconds (moving average).
-    est: f64,
+    /// Estimated submit-to-wait time, nanoseconds.
+    wait_ns: AtomicU64,
+    /// Moving average of a commit's fsync, nanoseconds.
+    sync_ns: AtomicU64,
 }
 
 impl Pace {
     fn new(linger: Duration) -> Pace {
         Pace {
-            est: 2.0 * linger.as_secs_f64(),
+            wait_ns: AtomicU64::new(4 * linger.as_nanos() as u64),
+            sync_ns: AtomicU64::new(0),
         }
     }
 
     fn linger(&self, max: Duration) -> Duration {
-        max.min(Duration::from_secs_f64(self.est / 2.0))
+        let wait = self.wait_ns.load(Ordering::Relaxed);
+        let sync = self.sync_ns.load(Ordering::Relaxed);
+        let margin = 2 * sync + 200_000;
+        let ns = (wait / 2).min(wait.saturating_sub(margin));
+        max.min(Duration::from_nanos(ns))
     }
 
-    /// Someone waited for the oldest record `after` its arrival.
-    fn waited(&mut self, after: Duration) {
-        self.est = 0.8 * self.est + 0.2 * after.as_secs_f64();
+    /// A caller waited for a ticket `after` submitting it (racy updates are fine: an estimate).
+    fn observe_wait(&self, after: Duration) {
+        let obs = after.as_nanos().min(u64::MAX as u128) as f64;
+        let est = self.wait_ns.load(Ordering::Relaxed) as f64;
+        let next = if obs < est { 0.7 * est + 0.3 * obs } else { 0.98 * est + 0.02 * obs };
+        self.wait_ns.store(next as u64, Ordering::Relaxed);
     }
 
-    /// Nobody waited within the linger: callers are more patient than estimated.
-    fn timed_out(&mut self, max: Duration) {
-        self.est = (self.est * 1.25).clamp(1e-6, 2.0 * max.as_secs_f64());
+    fn observe_sync(&self, took: Duration) {
+        let obs = took.as_nanos().min(u64::MAX as u128) as f64;
+        let est = self.sync_ns.load(Ordering::Relaxed) as f64;
+        self.sync_ns.store((0.9 * est + 0.1 * obs) as u64, Ordering::Relaxed);
     }
 }
 
@@ -1155,7 +1175,10 @@ impl Limits {
                 max_delay: Duration::from_micros(max_delay_us),
                 linger: Duration::from_micros(linger_us),
             },
-            Durability::EveryRecord | Durability::Off => Limits {
+            // Batched exactly like the default group commit, minus the fsync:
+            // the baseline that isolates what durability costs.
+            Durability::Off => Limits::of(Durability::default()),
+            Durability::EveryRecord => Limits {
                 max_batch: usize::MAX,
                 max_delay: Duration::ZERO,
                 linger: Duration::ZERO,
@@ -1232,11 +1255,9 @@ fn lead_commit(sh: &Shared, end: u64) -> Result<bool> {
             // Later rounds take records someone waits for, or records that
             // would not linger longer than an fsync takes anyway (callers
             // that wait at once, e.g. one query per thread).
-            if round > 0 && q.wanted <= first && q.pace.linger(limits.linger) > w.last_sync {
+            if round > 0 && q.wanted <= first && sh.pace.linger(limits.linger) > w.last_sync {
                 break;
             }
-            let waited = q.wanted_at.saturating_duration_since(q.first_at);
-            q.pace.waited(waited);
             take_batch(&mut q, limits.max_batch, &mut spare)
         };
         sh.stats.lock().awaited += 1;
@@ -1274,17 +1295,14 @@ fn run_writer(sh: Arc<Shared>) {
             if !limits.linger.is_zero() {
                 while let Some(first) = q.items.first().map(|p| p.seq) {
                     if q.wanted > first {
-                        let waited = q.wanted_at.saturating_duration_since(q.first_at);
-                        q.pace.waited(waited);
                         sh.stats.lock().awaited += 1;
                         break;
                     }
                     if q.items.len() >= limits.max_batch || q.closing || q.sync_ticket > synced_ticket {
                         break;
                     }
-                    let deadline = q.first_at + q.pace.linger(limits.linger);
+                    let deadline = q.first_at + sh.pace.linger(limits.linger);
                     if Instant::now() >= deadline {
-                        q.pace.timed_out(limits.linger);
                         break;
                     }
                     let _ = sh.queue_cv.wait_until(&mut q, deadline);
@@ -1302,7 +1320,7 @@ fn run_writer(sh: Arc<Shared>) {
                     }
                 }
             }
-            sh.stats.lock().linger_micros = q.pace.linger(limits.linger).as_micros() as u64;
+            sh.stats.lock().linger_micros = sh.pace.linger(limits.linger).as_micros() as u64;
         }
 
         let mut guard = sh.committer.lock();
@@ -1504,6 +1522,7 @@ impl Writer {
             if self.sync {
                 self.last_sync = started.elapsed();
                 st.sync_micros += self.last_sync.as_micros() as u64;
+                self.shared.pace.observe_sync(self.last_sync);
             }
         }
         if want_records {

@@ -120,23 +120,24 @@ pub enum Durability {
     /// hand-off; otherwise it is woken when the running commit ends (having
     /// covered its record, or to lead the next one). Records nobody waits for
     /// yet ([`AuditLog::submit`], ticket not redeemed) are committed by the
-    /// writer thread after lingering: half the time callers have recently
-    /// let pass before waiting for a record, at most `linger_us`, so that a
-    /// caller keeping a window of queries in flight finds them durable when
-    /// it gets to them. The writer thread then waits at most `max_delay_us`
-    /// more for company (0: none) and commits at most `max_batch` records
-    /// at once. [`AuditLog::stats`] shows what happened.
+    /// writer thread after lingering: callers report how long after
+    /// submitting they wait, and records linger as long as a commit can
+    /// still finish before the most impatient of them waits (at most
+    /// `linger_us`), so a caller keeping a window of queries in flight finds
+    /// them durable when it gets to them. The writer thread then waits at
+    /// most `max_delay_us` more for company (0: none) and commits at most
+    /// `max_batch` records at once. [`AuditLog::stats`] shows what happened.
     GroupCommit {
         /// The writer thread's extra wait for a batch to fill, in microseconds.
         max_delay_us: u64,
         /// Most records in one commit.
         max_batch: usize,
-        /// Longest time a record nobody waits for stays queued, in microseconds (default 2000, at most 1 s).
+        /// Longest time a record nobody waits for stays queued, in microseconds (default 5000, at most 1 s).
         #[serde(default = "default_linger_us")]
         linger_us: u64,
     },
-    /// No fsync at all: records reach the OS but not necessarily the disk.
-    /// For benchmarks only.
+    /// No fsync at all: records reach the OS but not necessarily the disk
+    /// (batched like group commit, default linger). For benchmarks only.
     Off,
 }
 
@@ -161,7 +162,7 @@ impl Durability {
 }
 
 fn default_linger_us() -> u64 {
-    2000
+    5000
 }
 
 /// Configuration of the audit log.
