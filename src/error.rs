@@ -2,7 +2,7 @@
 //!
 //! Every fallible public function returns [`Result<T>`]. Variants carry the
 //! context a caller needs to act (which file, which id, what was expected).
-//! "No match" is never an error: it is a [`crate::Decision`].
+//! "No match" is never an error: it is a [`crate::compliance::Decision`].
 
 use std::path::PathBuf;
 
