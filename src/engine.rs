@@ -498,6 +498,19 @@ impl EngineBuilder {
                     Ok(_) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
                     Err(e) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
                 }
+            } else if h.log_id == log.file_id() && snapshot::read(&snapp, &cipher, &h, |r| VectorIndex::read_from(r)).is_ok() {
+                // An authentic snapshot of this very log covers frames the log no longer has:
+                // acknowledged writes (a deletion, a withdrawal) were lost. A crash only ever
+                // tears an unacknowledged last frame, so this is truncation or damage: serving
+                // the shorter log would bring erased templates back.
+                return Err(Error::DataCorruption {
+                    path: logp.clone(),
+                    reason: format!(
+                        "the template log ends at frame {} but the index snapshot proves {} frames were written: acknowledged writes were lost (truncation or damage); restore the gallery from a backup",
+                        log.frames(),
+                        h.frames
+                    ),
+                });
             }
         }
         report.snapshot_used = index.is_some();

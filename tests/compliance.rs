@@ -449,3 +449,26 @@ fn unrelated_faces_that_match_nobody_are_counted_discarded_and_never_logged() {
     let raw = all_bytes(d.path());
     assert!(!contains(&raw, &f32_bytes(&bystander)[..12]));
 }
+
+/// A template log cut short after a checkpoint (truncation, not a crash: a crash only tears an
+/// unacknowledged last frame) is refused, not replayed: replaying it would bring a withdrawn
+/// subject back. Found by tests/fuzz.rs.
+#[test]
+fn consent_withdrawal_survives_no_truncated_log_replay() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create(d.path(), &key, clock());
+    for i in 0..12u64 {
+        enrol(&e, &format!("t{i}"), &["door-access"], vector(40 + i));
+    }
+    e.withdraw(&op(), &subject("t3")).unwrap();
+    e.close().unwrap();
+    let logp = d.path().join("templates.log");
+    let len = std::fs::metadata(&logp).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&logp).unwrap().set_len(len / 3).unwrap();
+    match open(d.path(), &key, clock()) {
+        Err(Error::DataCorruption { reason, .. }) => assert!(reason.contains("acknowledged writes were lost"), "{reason}"),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(e) => panic!("opened a truncated log; t3 withdrawn: {:?}", e.verify(&ctx("door-access"), &vector(43), &subject("t3")).is_err()),
+    }
+}

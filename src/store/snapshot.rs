@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! header (64 B): b"FMSNAP\0\0" | u32 version | u32 reserved | log file id (16) | u64 frames covered | u64 slots | 16 B reserved
-//! chunks:        u32 sealed_len | sealed(AAD = "snap" | log id | chunk index | last flag)
+//! chunks:        u32 sealed_len | sealed(AAD = "snap" | log id | frames | slots | chunk index | last flag)
 //! ```
 //! A snapshot names the log (file id) and the number of its frames it
 //! reflects; a snapshot that does not match the log, fails authentication or
@@ -19,7 +19,8 @@ use super::crypto::{Cipher, NONCE_LEN, TAG_LEN};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"FMSNAP\0\0";
-const VERSION: u32 = 1;
+/// 2: the chunks' AAD binds the frame and slot counts too (1 bound the log id only).
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 const CHUNK: usize = 1 << 20;
 
@@ -31,26 +32,30 @@ pub(crate) struct SnapshotHeader {
     pub slots: u64,
 }
 
-fn chunk_aad(log_id: &[u8; 16], idx: u64, last: bool) -> [u8; 29] {
-    let mut a = [0u8; 29];
+/// Binds every chunk to the whole header (log id, frames, slots), its place
+/// and whether it is the last: a header edited to claim other counts fails.
+fn chunk_aad(h: &SnapshotHeader, idx: u64, last: bool) -> [u8; 45] {
+    let mut a = [0u8; 45];
     a[..4].copy_from_slice(b"snap");
-    a[4..20].copy_from_slice(log_id);
-    a[20..28].copy_from_slice(&idx.to_le_bytes());
-    a[28] = last as u8;
+    a[4..20].copy_from_slice(&h.log_id);
+    a[20..28].copy_from_slice(&h.frames.to_le_bytes());
+    a[28..36].copy_from_slice(&h.slots.to_le_bytes());
+    a[36..44].copy_from_slice(&idx.to_le_bytes());
+    a[44] = last as u8;
     a
 }
 
 struct SealingWriter<'a, W: Write> {
     out: W,
     cipher: &'a Cipher,
-    log_id: [u8; 16],
+    header: SnapshotHeader,
     buf: Zeroizing<Vec<u8>>,
     idx: u64,
 }
 
 impl<W: Write> SealingWriter<'_, W> {
     fn emit(&mut self, last: bool) -> std::io::Result<()> {
-        let sealed = self.cipher.seal(&chunk_aad(&self.log_id, self.idx, last), &self.buf);
+        let sealed = self.cipher.seal(&chunk_aad(&self.header, self.idx, last), &self.buf);
         self.out.write_all(&(sealed.len() as u32).to_le_bytes())?;
         self.out.write_all(&sealed)?;
         self.idx += 1;
@@ -95,7 +100,7 @@ pub(crate) fn write(
     h[32..40].copy_from_slice(&header.frames.to_le_bytes());
     h[40..48].copy_from_slice(&header.slots.to_le_bytes());
     out.write_all(&h).map_err(|e| Error::io(&tmp, e))?;
-    let mut w = SealingWriter { out, cipher, log_id: header.log_id, buf: Zeroizing::new(Vec::with_capacity(CHUNK)), idx: 0 };
+    let mut w = SealingWriter { out, cipher, header, buf: Zeroizing::new(Vec::with_capacity(CHUNK)), idx: 0 };
     body(&mut w)?;
     w.emit(true).map_err(|e| Error::io(&tmp, e))?;
     let file = w.out.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
@@ -109,7 +114,7 @@ pub(crate) fn write(
 struct OpeningReader<'a, R: Read> {
     inp: R,
     cipher: &'a Cipher,
-    log_id: [u8; 16],
+    header: SnapshotHeader,
     buf: Zeroizing<Vec<u8>>,
     pos: usize,
     idx: u64,
@@ -131,9 +136,9 @@ impl<R: Read> Read for OpeningReader<'_, R> {
             let mut sealed = vec![0u8; len];
             self.inp.read_exact(&mut sealed)?;
             // A chunk opens either as a middle chunk or as the last one.
-            let (plain, last) = match self.cipher.open(&chunk_aad(&self.log_id, self.idx, false), &sealed) {
+            let (plain, last) = match self.cipher.open(&chunk_aad(&self.header, self.idx, false), &sealed) {
                 Some(p) => (p, false),
-                None => match self.cipher.open(&chunk_aad(&self.log_id, self.idx, true), &sealed) {
+                None => match self.cipher.open(&chunk_aad(&self.header, self.idx, true), &sealed) {
                     Some(p) => (p, true),
                     None => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot chunk fails authentication")),
                 },
@@ -176,7 +181,7 @@ pub(crate) fn read<T>(path: &Path, cipher: &Cipher, header: &SnapshotHeader, bod
     let mut inp = BufReader::with_capacity(CHUNK + 64, f);
     let mut h = [0u8; HEADER_LEN];
     inp.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
-    let mut r = OpeningReader { inp, cipher, log_id: header.log_id, buf: Zeroizing::new(Vec::new()), pos: 0, idx: 0, done: false };
+    let mut r = OpeningReader { inp, cipher, header: *header, buf: Zeroizing::new(Vec::new()), pos: 0, idx: 0, done: false };
     let v = body(&mut r)?;
     // The body must have consumed the whole stream up to the last chunk.
     let mut probe = [0u8; 1];
