@@ -94,10 +94,7 @@ impl AuditTicket {
         }
         {
             let mut q = sh.queue.lock();
-            if q.wanted < range.end {
-                q.wanted = range.end;
-                q.wanted_at = Instant::now();
-            }
+            q.wanted = q.wanted.max(range.end);
         }
         let mut registered = false;
         loop {
@@ -147,8 +144,6 @@ struct Queue {
     /// One past the highest seq somebody waits for (monotonic): queued
     /// records below it are committed without lingering.
     wanted: u64,
-    /// When `wanted` last grew.
-    wanted_at: Instant,
     /// When the oldest queued record arrived.
     first_at: Instant,
     next_seq: u64,
@@ -486,7 +481,6 @@ impl AuditLog {
             queue: Mutex::new(Queue {
                 items: Vec::new(),
                 wanted: 0,
-                wanted_at: Instant::now(),
                 first_at: Instant::now(),
                 next_seq: records,
                 sync_ticket: 0,
