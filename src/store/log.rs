@@ -219,17 +219,7 @@ impl LogWriter {
     /// Overwrite the whole file with zeros and sync (before it is unlinked),
     /// so erased templates' ciphertext does not linger in freed blocks.
     pub(crate) fn shred(mut self) -> Result<()> {
-        let len = self.file.metadata().map_err(|e| Error::io(&self.path, e))?.len();
-        self.file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(&self.path, e))?;
-        let zeros = vec![0u8; 1 << 20];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            self.file.write_all(&zeros[..n]).map_err(|e| Error::io(&self.path, e))?;
-            left -= n as u64;
-        }
-        self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
-        Ok(())
+        super::shred_open(&mut self.file, &self.path)
     }
 }
 

@@ -184,12 +184,19 @@ pub(crate) enum RotationRecovery {
 /// Overwrite a file with zeros and sync it (before it is replaced or
 /// unlinked), so template ciphertext does not linger in freed blocks.
 pub(crate) fn shred_file(path: &Path) -> Result<()> {
-    let mut f = match OpenOptions::new().write(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(path, e)),
-    };
+    match OpenOptions::new().write(true).open(path) {
+        Ok(mut f) => shred_open(&mut f, path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// [`shred_file`] through an open handle (`path` only names it in errors):
+/// for a file whose path may already name its replacement.
+pub(crate) fn shred_open(f: &mut File, path: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    f.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
     let zeros = vec![0u8; 1 << 20];
     let mut left = len;
     while left > 0 {
