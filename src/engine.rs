@@ -454,8 +454,10 @@ impl EngineBuilder {
         let lock = store::DirLock::acquire(&dir)?;
         // The key must open the gallery as it will be once a key rotation a
         // crash interrupted is finished or undone; then that is done, first.
-        let effective = store::effective_manifest(&dir)?;
-        store::check_key(&dir, &effective, &key)?;
+        // Recovery leaves exactly this manifest in place (moves the staged one, or keeps the old).
+        let manifest = store::effective_manifest(&dir)?;
+        manifest.config.validate()?;
+        store::check_key(&dir, &manifest, &key)?;
         let rotation = store::recover_rotation(&dir)?;
         if let Some(r) = rotation {
             tracing::warn!(?r, "an interrupted key rotation was completed on open");
@@ -469,9 +471,6 @@ impl EngineBuilder {
                 tracing::info!(file = leftover, "shredded a leftover of an interrupted write");
             }
         }
-        let manifest = store::read_manifest(&dir)?;
-        manifest.config.validate()?;
-        store::check_key(&dir, &manifest, &key)?;
         let cfg = &manifest.config;
         let cipher = key.store_cipher();
 
@@ -1506,8 +1505,9 @@ impl Engine {
         let keep = ((target.clamp(0.0, 1.0) * trials as f64).floor() as usize + 1).min(1 << 20);
         struct ProbeResult {
             non_mated: Vec<f32>,
-            /// Identify: (best subject, best score); verify: own subject's best score.
+            /// The best-scoring subject and its score (identify's rank 1).
             best: Option<(u32, f32)>,
+            /// The probe's own subject's best score (verify), if mated.
             own_score: Option<f32>,
         }
         let results: Vec<ProbeResult> = qs
@@ -1542,7 +1542,6 @@ impl Engine {
             top.select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
             top.truncate(keep);
         }
-        let all_non_mated = top.clone();
         let threshold = threshold_above(&mut top, trials, target)?;
         let mated: Vec<&ProbeResult> = results.iter().zip(&own).filter(|(_, o)| o.is_some()).map(|(r, _)| r).collect();
         let fnr = (!mated.is_empty()).then(|| {
@@ -1560,7 +1559,7 @@ impl Engine {
             mode,
             target,
             threshold,
-            false_match_rate: rate_at(&all_non_mated, trials, threshold),
+            false_match_rate: rate_at(&top, trials, threshold),
             false_non_match_rate: fnr,
             mated: mated.len(),
             non_mated_trials: trials,
