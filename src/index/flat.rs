@@ -331,11 +331,10 @@ mod x86 {
                     let c_hi = _mm256_loadu_si256(base.add(gi * 64 + 32) as *const __m256i);
                     let q0 = _mm256_set1_epi32((*w0.add(gi) ^ 0x8080_8080) as i32);
                     let q1 = _mm256_set1_epi32((*w1.add(gi) ^ 0x8080_8080) as i32);
-                    let (a0, a1) = (_mm256_abs_epi8(q0), _mm256_abs_epi8(q1));
-                    lo0 = _mm256_add_epi32(lo0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(c_lo, q0)), ones));
-                    hi0 = _mm256_add_epi32(hi0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(c_hi, q0)), ones));
-                    lo1 = _mm256_add_epi32(lo1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(c_lo, q1)), ones));
-                    hi1 = _mm256_add_epi32(hi1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(c_hi, q1)), ones));
+                    lo0 = dot_step(lo0, q0, c_lo, ones);
+                    hi0 = dot_step(hi0, q0, c_hi, ones);
+                    lo1 = dot_step(lo1, q1, c_lo, ones);
+                    hi1 = dot_step(hi1, q1, c_hi, ones);
                 }
                 emit8(f, q, b, 0, i, lo0, lanes, thr, sink);
                 emit8(f, q, b, 8, i, hi0, lanes, thr, sink);
@@ -350,14 +349,21 @@ mod x86 {
                     let c_lo = _mm256_loadu_si256(base.add(gi * 64) as *const __m256i);
                     let c_hi = _mm256_loadu_si256(base.add(gi * 64 + 32) as *const __m256i);
                     let qb = _mm256_set1_epi32((*w.add(gi) ^ 0x8080_8080) as i32);
-                    let a = _mm256_abs_epi8(qb);
-                    lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(c_lo, qb)), ones));
-                    hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(c_hi, qb)), ones));
+                    lo = dot_step(lo, qb, c_lo, ones);
+                    hi = dot_step(hi, qb, c_hi, ones);
                 }
                 emit8(f, q, b, 0, i, lo, lanes, thr, sink);
                 emit8(f, q, b, 8, i, hi, lanes, thr, sink);
             }
         }
+    }
+
+    /// `acc + q8 · c` for 8 lanes of 4 signed bytes each (`q` broadcast):
+    /// `maddubs(|q|, sign(c, q))` then `madd` with ones (no saturation).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot_step(acc: __m256i, q: __m256i, c: __m256i, ones: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(c, q)), ones))
     }
 
     /// [`emit`] for 8 lanes starting at lane `off` of block `b`.
