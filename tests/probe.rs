@@ -24,21 +24,34 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-#[test]
-fn image_queries_discard_unrelated_faces_and_store_no_image() {
-    let d = tempfile::tempdir().unwrap();
+struct Barack {
+    e: facematch::engine::Engine,
+    barack: SubjectId,
+    ctx: QueryContext,
+    template: u64,
+}
+
+/// A door-access gallery in `dir` with Barack enrolled from `obama.jpg` (one face, none discarded).
+fn barack_enrolled(dir: &Path) -> Barack {
     let door = Purpose::new("door-access").unwrap();
     let mut cfg = GalleryConfig::default();
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
-    let e = EngineBuilder::new(d.path()).key(MasterKey::generate()).create(cfg).unwrap();
+    let e = EngineBuilder::new(dir).key(MasterKey::generate()).create(cfg).unwrap();
     let op = Operator::new("gate").unwrap();
     e.record_consent(&op, ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk", AgeBracket::Adult)).unwrap();
     let barack = SubjectId::new("barack").unwrap();
     let req = Enrolment::new(barack.clone(), "f1", vec![door.clone()], Vec::new());
-    let obama = sample("obama.jpg");
-    let (t, _, discarded) = facematch::probe::enrol_image(&e, pipeline(), &op, &obama, req).unwrap();
+    let (template, _, discarded) = facematch::probe::enrol_image(&e, pipeline(), &op, &sample("obama.jpg"), req).unwrap();
     assert_eq!(discarded, 0);
-    let ctx = QueryContext::new(op.clone(), door.clone());
+    let ctx = QueryContext::new(op, door);
+    Barack { e, barack, ctx, template }
+}
+
+#[test]
+fn image_queries_discard_unrelated_faces_and_store_no_image() {
+    let d = tempfile::tempdir().unwrap();
+    let obama = sample("obama.jpg");
+    let Barack { e, barack, ctx, template: t } = barack_enrolled(d.path());
 
     // Same person, another photo: a match; different person: no match.
     let v = facematch::probe::verify_image(&e, pipeline(), &ctx, &sample("obama2.jpg"), &barack).unwrap();
@@ -119,15 +132,7 @@ fn anonymised_faces_are_neither_detected_nor_recognisable() {
 fn redacted_image_queries_hide_only_the_unrelated_faces() {
     use facematch::anonymise::AnonymiseConfig;
     let d = tempfile::tempdir().unwrap();
-    let door = Purpose::new("door-access").unwrap();
-    let mut cfg = GalleryConfig::default();
-    cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
-    let e = EngineBuilder::new(d.path()).key(MasterKey::generate()).create(cfg).unwrap();
-    let op = Operator::new("gate").unwrap();
-    e.record_consent(&op, ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk", AgeBracket::Adult)).unwrap();
-    let barack = SubjectId::new("barack").unwrap();
-    facematch::probe::enrol_image(&e, pipeline(), &op, &sample("obama.jpg"), Enrolment::new(barack.clone(), "f1", vec![door.clone()], Vec::new())).unwrap();
-    let ctx = QueryContext::new(op, door);
+    let Barack { e, barack, ctx, .. } = barack_enrolled(d.path());
     let anon = AnonymiseConfig::default();
 
     // A matched face is left alone.
