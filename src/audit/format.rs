@@ -7,7 +7,7 @@
 //! re-serialisation) means any byte change is caught, whatever JSON allows.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -256,6 +256,28 @@ pub(crate) fn checkpoint_line(
         mac: None,
     };
     seal_control(key, CKPT_DOMAIN, &c)
+}
+
+/// Length of a segment's data: the file without its trailing NUL bytes,
+/// which are preallocated free space (see `space`). No line of the log
+/// holds a NUL (JSON escapes control characters), so a segment is its lines
+/// followed by nothing but zeros; a NUL before the last non-zero byte is
+/// the remains of a commit that never finished (readers treat it as a torn
+/// tail).
+pub(crate) fn data_len(file: &mut File) -> std::io::Result<u64> {
+    let mut end = file.metadata()?.len();
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let part = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        match part.iter().rposition(|&b| b != 0) {
+            Some(i) => return Ok(start + i as u64 + 1),
+            None => end = start,
+        }
+    }
+    Ok(0)
 }
 
 /// fsync a directory so renames and new files in it are durable.

@@ -7,7 +7,7 @@
 //! a query is never answered before its record is durable.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -20,9 +20,10 @@ use parking_lot::{Condvar, Mutex};
 use super::event::{AuditEvent, AuditFilter, AuditRecord};
 use super::format::{
     self, checkpoint_line, genesis_hash, parse_control, record_hash, seal_control, seal_into,
-    segment_name, sync_dir, write_head, Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN,
+    data_len, segment_name, sync_dir, write_head, Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN,
     RETIRED_FILE,
 };
+use super::space::Space;
 use super::scan::{
     scan, scan_for_open, verify_closed_segment, Expect, OpenReport, Scan, SegState, TornTail,
     VerifyReport,
@@ -316,15 +317,16 @@ fn after_retired(scan: &Scan) -> Expect {
     Expect::genesis()
 }
 
-/// Create a segment file holding only its header; returns it and the
-/// header's MAC (the first checkpoint chains to it).
+/// Create a segment file holding only its header; returns it (positioned
+/// after the header), the header's MAC (the first checkpoint chains to it)
+/// and the header's length.
 fn create_segment(
     dir: &Path,
     key: &AuditKey,
     e: &Expect,
     now_ms: i64,
     sync: bool,
-) -> Result<(File, String)> {
+) -> Result<(File, String, u64)> {
     let h = Header {
         kind: "header".into(),
         format: format::FORMAT,
@@ -338,9 +340,11 @@ fn create_segment(
     };
     let (line, m) = seal_control(key, HEADER_DOMAIN, &h)?;
     let path = dir.join(segment_name(e.segment));
+    // Not append mode: the writer writes at its own position, into the
+    // zeroed space ahead of it (see `space`).
     let mut f = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(&path)
         .map_err(|err| Error::io(&path, err))?;
     f.write_all(&line).map_err(|err| Error::io(&path, err))?;
@@ -348,7 +352,7 @@ fn create_segment(
         f.sync_all().map_err(|err| Error::io(&path, err))?;
         sync_dir(dir)?;
     }
-    Ok((f, hex::encode(m)))
+    Ok((f, hex::encode(m), line.len() as u64))
 }
 
 /// Check and serialize an event on the appender's thread.
@@ -419,7 +423,7 @@ impl AuditLog {
             Some(s) => s.clone(),
             None => {
                 let e = next_expect(&scan);
-                let (_, header_mac) = create_segment(dir, &key, &e, now, true)?;
+                let (_, header_mac, _) = create_segment(dir, &key, &e, now, true)?;
                 let st = SegState {
                     index: e.segment,
                     path: dir.join(segment_name(e.segment)),
@@ -439,9 +443,14 @@ impl AuditLog {
                 st
             }
         };
-        let file = OpenOptions::new()
-            .append(true)
+        // Append at the end of the data, before any zeroed free space.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
             .open(&current.path)
+            .map_err(|e| Error::io(&current.path, e))?;
+        let pos = data_len(&mut file)
+            .and_then(|n| file.seek(SeekFrom::Start(n)))
             .map_err(|e| Error::io(&current.path, e))?;
         let records = current.first_seq + current.records;
         // HEAD may lag after a crash between the log fsync and its rename.
@@ -507,6 +516,13 @@ impl AuditLog {
             device_json: json_string(&shared.cfg.device)?,
             shared: Arc::clone(&shared),
             file,
+            pos,
+            space: Space::start(
+                if sync { shared.cfg.preallocate_bytes } else { 0 },
+                current.index,
+                current.path.clone(),
+                pos,
+            )?,
             seg_index: current.index,
             seg_first_seq: current.first_seq,
             seg_records: current.records,
@@ -520,6 +536,7 @@ impl AuditLog {
             sync,
             head: HeadWriter::start(Arc::clone(&shared), records)?,
             last_sync: Duration::ZERO,
+            wake: Vec::new(),
         };
         *shared.committer.lock() = Some(writer);
         let sh = Arc::clone(&shared);
@@ -776,6 +793,8 @@ impl AuditLog {
             File::open(&s.path)
                 .and_then(|mut f| f.read_to_end(&mut raw))
                 .map_err(|e| Error::io(&s.path, e))?;
+            // Zeroed free space a crash left behind is not copied.
+            raw.truncate(raw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1));
             let mut out = Vec::with_capacity(raw.len());
             for line in raw.split_inclusive(|&b| b == b'\n') {
                 let l = line.strip_suffix(b"\n").unwrap_or(line);
@@ -958,6 +977,9 @@ impl Drop for AuditLog {
 struct Writer {
     shared: Arc<Shared>,
     file: File,
+    /// End of the data in `file` (the file may go on with zeroed space).
+    pos: u64,
+    space: Space,
     seg_index: u32,
     seg_first_seq: u64,
     seg_records: u64,
@@ -974,6 +996,8 @@ struct Writer {
     head: HeadWriter,
     /// How long the last commit's fsync took.
     last_sync: Duration,
+    /// Threads to wake after a commit (kept to reuse its allocation).
+    wake: Vec<std::thread::Thread>,
 }
 
 /// Latest state for `HEAD` and how far the durable `HEAD` has got.
@@ -1344,6 +1368,11 @@ fn run_writer(sh: Arc<Shared>) {
         if closing && drained {
             sh.subscribers.lock().clear();
             w.head.stop();
+            // A closed log keeps no slack (best effort: readers ignore it).
+            w.space.stop();
+            if w.trim().is_ok() {
+                let _ = w.file.sync_all();
+            }
             *guard = None;
             return;
         }
@@ -1382,14 +1411,22 @@ impl Writer {
             let mut d = sh.done.lock();
             d.next = d.next.max(last.seq + 1);
             let next = d.next;
-            // Wake exactly the callers whose records are now durable.
+            // Wake exactly the callers whose records are now durable, after
+            // releasing the lock (a wake-up is a syscall; new waiters
+            // register under this lock meanwhile).
+            let mut wake = std::mem::take(&mut self.wake);
             d.waiters.retain(|w| {
                 let done = w.end <= next;
                 if done {
-                    w.thread.unpark();
+                    wake.push(w.thread.clone());
                 }
                 !done
             });
+            drop(d);
+            for t in wake.drain(..) {
+                t.unpark();
+            }
+            self.wake = wake;
         }
         if self.sync {
             self.head
@@ -1413,11 +1450,23 @@ impl Writer {
 
     fn write_buf(&mut self) -> Result<()> {
         let path = || self.shared.dir.join(segment_name(self.seg_index));
+        let end = self.pos + self.buf.len() as u64;
+        self.space.reserve(self.seg_index, end);
         self.file
             .write_all(&self.buf)
             .map_err(|e| Error::io(path(), e))?;
+        self.pos = end;
         self.buf.clear();
         Ok(())
+    }
+
+    /// Stop filling the current segment and cut its zeroed slack off.
+    fn trim(&mut self) -> Result<()> {
+        self.space.switch(None);
+        let path = self.shared.dir.join(segment_name(self.seg_index));
+        self.file
+            .set_len(self.pos)
+            .map_err(|e| Error::io(&path, e))
     }
 
     /// Close the current segment (already checkpointed) and start the next.
@@ -1427,6 +1476,9 @@ impl Writer {
         if self.sync {
             self.file.sync_data().map_err(|e| Error::io(&path, e))?;
         }
+        // Not fsynced on its own: the new segment's directory fsync (or a
+        // later one) carries it, and readers ignore zeros a crash leaves.
+        self.trim()?;
         self.shared.closed_segments.lock().segs.push(SegMeta {
             index: self.seg_index,
             first_seq: self.seg_first_seq,
@@ -1442,7 +1494,7 @@ impl Writer {
             prev_hash: self.last_hash.clone(),
             prev_mac: self.last_mac.clone(),
         };
-        let (file, header_mac) = create_segment(
+        let (file, header_mac, pos) = create_segment(
             &self.shared.dir,
             &self.shared.key,
             &e,
@@ -1450,6 +1502,9 @@ impl Writer {
             self.sync,
         )?;
         self.file = file;
+        self.pos = pos;
+        self.space
+            .switch(Some((e.segment, self.shared.dir.join(segment_name(e.segment)), pos)));
         self.last_mac = header_mac;
         self.seg_index = e.segment;
         self.seg_first_seq = e.first_seq;
@@ -1706,6 +1761,161 @@ mod tests {
         );
         assert!(matches!(log.append(admin(99)), Err(Error::Audit(_))));
         assert!(log.flush().is_err());
+    }
+
+    fn append_bytes(path: &Path, bytes: &[u8]) {
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    /// Segment files of a log (sorted) and their lengths.
+    fn segment_lens(dir: &Path) -> Vec<(PathBuf, u64)> {
+        let mut v: Vec<(PathBuf, u64)> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).and_then(format::parse_segment_name).is_some())
+            .map(|p| {
+                let n = fs::metadata(&p).unwrap().len();
+                (p, n)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn zeroed_space_runs_ahead_of_the_writer_and_is_trimmed_on_close() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let cfg = AuditConfig {
+            preallocate_bytes: 64 * 1024,
+            segment_max_records: 200,
+            ..Default::default()
+        };
+        let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
+        for i in 0..150 {
+            log.append(admin(i)).unwrap();
+        }
+        // The filler is asynchronous: wait for it to get ahead.
+        let seg0 = seg_path(d.path(), 0);
+        let t0 = Instant::now();
+        let (len, data) = loop {
+            let mut f = File::open(&seg0).unwrap();
+            let data = data_len(&mut f).unwrap();
+            let len = f.metadata().unwrap().len();
+            if len > data || t0.elapsed() > Duration::from_secs(20) {
+                break (len, data);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(len >= data + 32 * 1024, "no zeroed space ahead: {len} bytes, {data} of data");
+        let bytes = fs::read(&seg0).unwrap();
+        assert!(bytes[data as usize..].iter().all(|&b| b == 0));
+        assert_eq!(bytes[data as usize - 1], b'\n');
+        // Rotation (at 200) trims the closed segment; close trims the last.
+        for i in 150..450 {
+            log.append(admin(i)).unwrap();
+        }
+        log.close().unwrap();
+        let segs = segment_lens(d.path());
+        assert_eq!(segs.len(), 3);
+        for (p, n) in &segs {
+            let b = fs::read(p).unwrap();
+            assert_eq!(b.len() as u64, *n);
+            assert_eq!(b.last(), Some(&b'\n'), "{} keeps slack", p.display());
+            assert!(!b.contains(&0), "{} holds a NUL", p.display());
+        }
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok() && !v.torn_tail && v.records == 450, "{v:?}");
+    }
+
+    #[test]
+    fn zeros_a_crash_leaves_after_the_data_are_free_space() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let cfg = AuditConfig {
+            segment_max_records: 5,
+            ..Default::default()
+        };
+        {
+            let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
+            for i in 0..12 {
+                log.append(admin(i)).unwrap();
+            }
+        }
+        // A crash before the trims: zeros after a closed segment and the last.
+        append_bytes(&seg_path(d.path(), 0), &[0; 10_000]);
+        append_bytes(&seg_path(d.path(), 2), &[0; 70_000]);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok() && !v.torn_tail && v.records == 12, "{v:?}");
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
+        assert!(rep.torn_tail_repaired.is_none(), "{rep:?}");
+        assert_eq!(rep.records, 12);
+        // Appending continues at the end of the data, not after the zeros.
+        assert_eq!(log.append(admin(12)).unwrap(), 12);
+        drop(log);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok() && !v.torn_tail && v.records == 13, "{v:?}");
+        let last = fs::read(seg_path(d.path(), 2)).unwrap();
+        assert!(!last.contains(&0));
+        let all = AuditLog::read(d.path(), &AuditFilter::default()).unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..13).collect::<Vec<_>>());
+        // Rekeying copies the data, not the zeros.
+        append_bytes(&seg_path(d.path(), 1), &[0; 5_000]);
+        let new = AuditKey::from_bytes([2; 32]);
+        AuditLog::rekey(d.path(), &key, &new).unwrap();
+        let v = AuditLog::verify(d.path(), &new).unwrap();
+        assert!(v.ok() && v.records == 13, "{v:?}");
+        assert!(!fs::read(seg_path(d.path(), 1)).unwrap().contains(&0));
+    }
+
+    #[test]
+    fn bytes_behind_a_hole_are_an_unfinished_commit() {
+        let d = tempfile::tempdir().unwrap();
+        let key = AuditKey::from_bytes([1; 32]);
+        let cfg = AuditConfig {
+            head_interval_ms: 0,
+            ..Default::default()
+        };
+        let line = {
+            let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
+            for i in 0..5 {
+                log.append(admin(i)).unwrap();
+            }
+            drop(log);
+            // A whole record line to replay as the part of a commit that
+            // reached the disk while a page before it did not.
+            let b = fs::read(seg_path(d.path(), 0)).unwrap();
+            let lines: Vec<&[u8]> = b.split_inclusive(|&c| c == b'\n').collect();
+            lines[lines.len() - 2].to_vec()
+        };
+        let mut torn = vec![0u8; 4096];
+        torn.extend_from_slice(&line);
+        torn.extend_from_slice(&[0; 4096]);
+        append_bytes(&seg_path(d.path(), 0), &torn);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok() && v.torn_tail && v.records == 5, "{v:?}");
+        let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
+        let t = rep.torn_tail_repaired.expect("torn tail reported");
+        assert_eq!(t.bytes_dropped, 4096 + line.len() as u64);
+        assert_eq!(log.append(admin(5)).unwrap(), 5);
+        drop(log);
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(v.ok() && !v.torn_tail && v.records == 6, "{v:?}");
+
+        // A NUL put inside durable records is not a torn tail: the records
+        // after it are missing from what HEAD vouches for.
+        let p = seg_path(d.path(), 0);
+        let mut b = fs::read(&p).unwrap();
+        let at = b.len() / 2;
+        b[at] = 0;
+        fs::write(&p, &b).unwrap();
+        let v = AuditLog::verify(d.path(), &key).unwrap();
+        assert!(!v.ok(), "{v:?}");
+        assert!(matches!(
+            AuditLog::open(d.path(), key, cfg, clock()),
+            Err(Error::AuditTampered { .. })
+        ));
     }
 
     /// A closed log of `n` records in segments of `seg` records, the first

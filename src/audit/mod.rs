@@ -52,6 +52,14 @@
 //! and reports a [`TornTail`]; anything else that does not verify makes `open`
 //! refuse with [`crate::Error::AuditTampered`].
 //!
+//! The open segment may end with zero bytes: free space that a companion
+//! thread fills and fsyncs ahead of the writer
+//! ([`AuditConfig::preallocate_bytes`]), so that a commit's fsync overwrites
+//! existing blocks instead of growing the file. No line holds a NUL, so
+//! every reader takes a segment to end at its last non-zero byte; bytes
+//! after a NUL inside the data are what a crash left of an unfinished commit
+//! (a torn tail). Closing a segment or the log trims the zeros.
+//!
 //! `open` costs O(last segment), not O(log): it reads `HEAD`, `RETIRED`, the
 //! header line and closing checkpoint of each closed segment (so a missing,
 //! swapped, truncated or replaced segment file is refused) and the last
@@ -86,6 +94,7 @@ mod event;
 mod format;
 mod log;
 mod scan;
+mod space;
 
 pub use event::{
     AuditEvent, AuditFilter, AuditRecord, DecisionKind, EventKind, QueryAudit, QueryMode,
@@ -199,6 +208,14 @@ pub struct AuditConfig {
     /// `HEAD`, so cutting exactly those off the end of the log would go
     /// unnoticed. 0 replaces `HEAD` after every commit.
     pub head_interval_ms: u64,
+    /// Zero-filled, fsynced space kept ahead of the writer in the open
+    /// segment, in bytes (0: none). A commit's fsync then overwrites blocks
+    /// that already exist instead of growing the file, which on ext4 skips
+    /// the journal commit: measured fdatasync 85-95 us instead of 143-182 us.
+    /// The slack is trimmed when a segment is closed; readers ignore
+    /// trailing zeros. Set 0 on copy-on-write filesystems (btrfs, ZFS),
+    /// where overwriting gains nothing.
+    pub preallocate_bytes: u64,
 }
 
 impl Default for AuditConfig {
@@ -211,6 +228,7 @@ impl Default for AuditConfig {
             checkpoint_every: 1024,
             durability: Durability::default(),
             head_interval_ms: 50,
+            preallocate_bytes: 4 << 20,
         }
     }
 }
@@ -231,6 +249,12 @@ impl AuditConfig {
             return Err(Error::config(
                 "audit.segment_max_records",
                 "must be at least 1",
+            ));
+        }
+        if self.preallocate_bytes > 1 << 30 {
+            return Err(Error::config(
+                "audit.preallocate_bytes",
+                "more than 1 GiB of free space per log is never needed",
             ));
         }
         if self.checkpoint_every == 0 {

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::event::AuditRecord;
 use super::format::{
-    self, genesis_hash, mac_matches, mac_of_prefix, parse_control, parse_segment_name,
+    self, data_len, genesis_hash, mac_matches, mac_of_prefix, parse_control, parse_segment_name,
     record_hash_of_prefix, unseal, zero_mac, Checkpoint, Head, Header, Retired, CKPT_DOMAIN,
     HEADER_DOMAIN, HEAD_DOMAIN, HEAD_FILE, RETIRED_DOMAIN, RETIRED_FILE,
 };
@@ -603,12 +603,11 @@ fn closed_skeleton(
 ) -> Result<Option<SegState>> {
     let io = |e| Error::io(path, e);
     let mut file = File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
-
     let mut line = Vec::with_capacity(512);
     BufReader::with_capacity(4096, &mut file)
         .read_until(b'\n', &mut line)
         .map_err(io)?;
+    let file_len = data_len(&mut file).map_err(io)?;
     let Some(l) = line.strip_suffix(b"\n") else {
         return Ok(None);
     };
@@ -799,9 +798,10 @@ fn scan_segment(
     visit: &mut Option<Visitor<'_>>,
 ) -> Result<(SegState, Option<BadRecord>, Option<String>)> {
     let io = |e| Error::io(path, e);
-    let file = File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
-    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let mut file = File::open(path).map_err(io)?;
+    let file_len = data_len(&mut file).map_err(io)?;
+    file.rewind().map_err(io)?;
+    let mut reader = BufReader::with_capacity(1 << 16, file.take(file_len));
     let mut st = SegState {
         index,
         path: path.to_path_buf(),
@@ -821,7 +821,7 @@ fn scan_segment(
 
     // Header.
     let n = reader.read_until(b'\n', &mut line).map_err(io)?;
-    if n == 0 || !line.ends_with(b"\n") {
+    if n == 0 || !line.ends_with(b"\n") || line.contains(&0) {
         st.tail_partial = n > 0;
         return Ok((st, None, None));
     }
@@ -898,7 +898,9 @@ fn scan_segment(
         if n == 0 {
             break;
         }
-        if !line.ends_with(b"\n") {
+        // A NUL inside the data: the remains of a commit whose bytes did
+        // not all reach the disk before a crash (see `data_len`).
+        if !line.ends_with(b"\n") || line.contains(&0) {
             st.tail_partial = true;
             break;
         }

@@ -1,0 +1,201 @@
+//! Zero-filled free space ahead of the writer in the open segment.
+//!
+//! An fsync after an append must also make the file's new size durable (on
+//! ext4 a journal commit); an fsync after overwriting blocks that already
+//! hold durable zeros flushes only the data. Measured on the 2-core VM of
+//! the README (ext4 on virtio): fdatasync of a 1 KiB append 143-182 us
+//! (59-70 us CPU), of a 1 KiB overwrite of zeroed space 85-95 us (33-37 us
+//! CPU). So a companion thread keeps [`AuditConfig::preallocate_bytes`] of
+//! durable zeros ahead of the writer, and a commit's fsync is the cheap kind.
+//!
+//! The zeros are free space, not data: every reader takes a segment to end
+//! at its last non-zero byte ([`super::format::data_len`]), a NUL inside
+//! the data ends the records (the remains of an unfinished commit: a torn
+//! tail), closing a segment or the log trims the slack, and `open` appends
+//! at the end of the data. If the filler falls behind, the writer simply
+//! appends past it; if it fails, appending goes on without it.
+//!
+//! [`AuditConfig::preallocate_bytes`]: super::AuditConfig::preallocate_bytes
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::{Error, Result};
+
+/// Zeros written per `write` call.
+const ZERO_PIECE: usize = 64 * 1024;
+
+struct State {
+    /// The open segment: index and path. `None` stops filling.
+    seg: Option<(u32, PathBuf)>,
+    /// End of the writer's data, including a write about to start.
+    written: u64,
+    /// Durable zeros reach this offset (from `written` on).
+    zeroed: u64,
+    /// The filler is writing zeros to this segment from this offset on.
+    busy: Option<(u32, u64)>,
+    closing: bool,
+    error: Option<String>,
+}
+
+/// Keeps zero-filled, fsynced space ahead of the writer (see the module docs).
+pub(crate) struct Space {
+    state: Arc<(Mutex<State>, Condvar)>,
+    ahead: u64,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Space {
+    /// Start filling segment `seg` at `path`, whose data ends at `written`.
+    /// `ahead == 0` gives a `Space` that does nothing.
+    pub(crate) fn start(ahead: u64, seg: u32, path: PathBuf, written: u64) -> Result<Space> {
+        let state = Arc::new((
+            Mutex::new(State {
+                seg: Some((seg, path)),
+                written,
+                zeroed: written,
+                busy: None,
+                closing: false,
+                error: None,
+            }),
+            Condvar::new(),
+        ));
+        if ahead == 0 {
+            return Ok(Space {
+                state,
+                ahead,
+                handle: None,
+            });
+        }
+        let st = Arc::clone(&state);
+        let handle = std::thread::Builder::new()
+            .name("facematch-audit-space".into())
+            .spawn(move || fill(&st, ahead))
+            .map_err(|e| Error::Audit(format!("starting the audit space thread: {e}")))?;
+        Ok(Space {
+            state,
+            ahead,
+            handle: Some(handle),
+        })
+    }
+
+    /// The writer is about to write up to `end` in segment `seg`: wait if
+    /// the filler is zeroing that range, then let it know.
+    pub(crate) fn reserve(&self, seg: u32, end: u64) {
+        if self.handle.is_none() {
+            return;
+        }
+        let (m, cv) = &*self.state;
+        let mut g = m.lock();
+        while g.busy.is_some_and(|(s, from)| s == seg && from < end) {
+            cv.wait(&mut g);
+        }
+        g.written = end;
+        let wake = g.busy.is_none() && g.zeroed < end + self.ahead / 2;
+        drop(g);
+        if wake {
+            cv.notify_all();
+        }
+    }
+
+    /// Stop filling the current segment (waiting out a fill in progress), so
+    /// the writer may trim it; then fill `next` (index, path, data end).
+    pub(crate) fn switch(&self, next: Option<(u32, PathBuf, u64)>) {
+        let (m, cv) = &*self.state;
+        let mut g = m.lock();
+        while g.busy.is_some() {
+            cv.wait(&mut g);
+        }
+        match next {
+            Some((seg, path, written)) => {
+                g.seg = Some((seg, path));
+                g.written = written;
+                g.zeroed = written;
+            }
+            None => g.seg = None,
+        }
+        drop(g);
+        cv.notify_all();
+    }
+
+    /// Stop the filler thread (after a fill in progress).
+    pub(crate) fn stop(&mut self) {
+        {
+            let (m, cv) = &*self.state;
+            m.lock().closing = true;
+            cv.notify_all();
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Space {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The filler thread: whenever fewer than `ahead / 2` zeroed bytes are left
+/// ahead of the writer, append `ahead` more and fsync them.
+fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
+    let (m, cv) = state;
+    let zeros = vec![0u8; ZERO_PIECE];
+    let mut open: Option<(u32, File)> = None;
+    let mut g = m.lock();
+    loop {
+        if g.closing || g.error.is_some() {
+            return;
+        }
+        let Some((seg, path)) = g.seg.clone() else {
+            open = None;
+            cv.wait(&mut g);
+            continue;
+        };
+        if g.zeroed >= g.written + ahead / 2 {
+            cv.wait(&mut g);
+            continue;
+        }
+        let from = g.zeroed.max(g.written);
+        let to = from + ahead;
+        g.busy = Some((seg, from));
+        drop(g);
+        let r = (|| -> std::io::Result<()> {
+            if open.as_ref().is_none_or(|(s, _)| *s != seg) {
+                open = Some((seg, OpenOptions::new().write(true).open(&path)?));
+            }
+            let Some((_, f)) = open.as_mut() else {
+                return Ok(());
+            };
+            f.seek(SeekFrom::Start(from))?;
+            let mut left = to - from;
+            while left > 0 {
+                let n = left.min(ZERO_PIECE as u64) as usize;
+                f.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            f.sync_data()
+        })();
+        g = m.lock();
+        g.busy = None;
+        match r {
+            Ok(()) => {
+                if g.seg.as_ref().is_some_and(|(s, _)| *s == seg) {
+                    g.zeroed = to;
+                }
+            }
+            Err(e) => {
+                // Appending goes on without zeroed space (slower fsyncs).
+                tracing::warn!(path = %path.display(), error = %e, "audit log: zero-filling free space failed; continuing without it");
+                g.error = Some(e.to_string());
+            }
+        }
+        cv.notify_all();
+    }
+}
