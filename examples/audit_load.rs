@@ -2,46 +2,38 @@
 //! threads each keeping `window` identifications in flight for `secs` seconds,
 //! with the audit log's group commit or `Durability::Off`. Prints one JSON line.
 //!
+//! `--paired SLICES` opens both (group commit and off) in one process and
+//! alternates one-second slices of the same load between them, swapping the
+//! order every pair; it prints the median throughput of each and the median
+//! of the per-pair costs (1 - group commit / off). Drift in a shared machine
+//! hits both sides of a pair alike, which separate runs do not give.
+//!
 //! ```text
-//! cargo run --release --example audit_load -- [--off] [--threads N] [--window W] [--secs S] [--blocking] [--linger US] [--n GALLERY]
+//! cargo run --release --example audit_load -- [--off] [--threads N] [--window W] [--secs S] [--blocking] [--linger US] [--n GALLERY] [--paired SLICES] [--prealloc BYTES]
 //! ```
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use facematch::audit::Durability;
+use facematch::audit::{AuditStats, Durability};
 use facematch::compliance::*;
 use facematch::config::GalleryConfig;
-use facematch::engine::{EngineBuilder, Enrolment, QueryContext};
+use facematch::engine::{Engine, EngineBuilder, Enrolment, QueryContext};
 use facematch::store::MasterKey;
 use facematch::synth::{generate, SynthConfig};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (mut off, mut threads, mut window, mut secs, mut n) = (false, 2usize, 32usize, 10u64, 20_000usize);
-    let mut linger: Option<u64> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut num = |name: &str| -> Result<u64, Box<dyn std::error::Error>> { Ok(args.next().ok_or(format!("{name} needs a value"))?.parse()?) };
-        match a.as_str() {
-            "--off" => off = true,
-            "--blocking" => window = 1,
-            "--threads" => threads = num("--threads")? as usize,
-            "--window" => window = num("--window")? as usize,
-            "--secs" => secs = num("--secs")?,
-            "--n" => n = num("--n")? as usize,
-            "--linger" => linger = Some(num("--linger")?),
-            other => return Err(format!("unknown argument {other}").into()),
-        }
-    }
+/// One engine with the synthetic gallery enrolled, audited as `durability` says.
+fn engine(set: &facematch::synth::SynthSet, n: usize, durability: Durability, linger: Option<u64>, prealloc: Option<u64>) -> Result<(tempfile::TempDir, Engine), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let set = generate(&SynthConfig { identities: n, queries: 1000, ..Default::default() })?;
     let door = Purpose::new("door-access")?;
     let mut cfg = GalleryConfig::default();
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
-    if off {
-        cfg.audit.durability = Durability::Off;
-    } else if let (Some(l), Durability::GroupCommit { linger_us, .. }) = (linger, &mut cfg.audit.durability) {
+    cfg.audit.durability = durability;
+    if let Some(p) = prealloc {
+        cfg.audit.preallocate_bytes = p;
+    }
+    if let (Some(l), Durability::GroupCommit { linger_us, .. }) = (linger, &mut cfg.audit.durability) {
         *linger_us = l;
     }
     let e = EngineBuilder::new(dir.path()).key(MasterKey::generate()).create(cfg)?;
@@ -55,15 +47,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     e.enrol_batch(&op, enrol)?;
     e.checkpoint()?;
-    let ctx = QueryContext::new(op, door);
-    let nq = set.queries.len() / 128;
+    Ok((dir, e))
+}
+
+/// What one stretch of load did.
+struct Run {
+    qps: f64,
+    stats: AuditStats,
+}
+
+/// `threads` threads each keep `window` identifications in flight for `dur`.
+fn run(e: &Engine, queries: &[f32], threads: usize, window: usize, dur: Duration) -> Result<Run, Box<dyn std::error::Error>> {
+    let ctx = QueryContext::new(Operator::new("load")?, Purpose::new("door-access")?);
+    let nq = queries.len() / 128;
     let done = AtomicU64::new(0);
-    let stop = Instant::now() + Duration::from_secs(secs);
-    let stats_before = e.audit_stats()?;
+    let before = e.audit_stats()?;
     let t0 = Instant::now();
+    let stop = t0 + dur;
     std::thread::scope(|s| {
         for t in 0..threads {
-            let (e, ctx, q, done) = (&e, &ctx, &set.queries, &done);
+            let (ctx, done) = (&ctx, &done);
             s.spawn(move || {
                 let mut inflight = VecDeque::with_capacity(window);
                 let mut i = t;
@@ -76,7 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             local += 1;
                         }
                         let j = i % nq;
-                        inflight.push_back(e.identify_deferred(ctx, &q[j * 128..(j + 1) * 128], 10).unwrap());
+                        inflight.push_back(e.identify_deferred(ctx, &queries[j * 128..(j + 1) * 128], 10).unwrap());
                         i += threads;
                     }
                 }
@@ -88,17 +91,89 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             });
         }
     });
-    let el = t0.elapsed().as_secs_f64();
-    let q = done.load(Ordering::Relaxed);
-    let before = stats_before;
+    let q = done.load(Ordering::Relaxed) as f64;
     let st = e.audit_stats()?;
+    Ok(Run {
+        qps: q / t0.elapsed().as_secs_f64(),
+        stats: AuditStats {
+            commits: st.commits - before.commits,
+            records: st.records - before.records,
+            awaited: st.awaited - before.awaited,
+            sync_micros: st.sync_micros - before.sync_micros,
+            linger_micros: st.linger_micros,
+        },
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (mut off, mut threads, mut window, mut secs, mut n) = (false, 2usize, 32usize, 10u64, 20_000usize);
+    let (mut linger, mut paired, mut prealloc): (Option<u64>, Option<usize>, Option<u64>) = (None, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> Result<u64, Box<dyn std::error::Error>> { Ok(args.next().ok_or(format!("{name} needs a value"))?.parse()?) };
+        match a.as_str() {
+            "--off" => off = true,
+            "--blocking" => window = 1,
+            "--threads" => threads = num("--threads")? as usize,
+            "--window" => window = num("--window")? as usize,
+            "--secs" => secs = num("--secs")?,
+            "--n" => n = num("--n")? as usize,
+            "--linger" => linger = Some(num("--linger")?),
+            "--paired" => paired = Some(num("--paired")? as usize),
+            "--prealloc" => prealloc = Some(num("--prealloc")?),
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    let set = generate(&SynthConfig { identities: n, queries: 1000, ..Default::default() })?;
+    let Some(slices) = paired else {
+        let durability = if off { Durability::Off } else { Durability::default() };
+        let (_dir, e) = engine(&set, n, durability, linger, prealloc)?;
+        let r = run(&e, &set.queries, threads, window, Duration::from_secs(secs))?;
+        let st = r.stats;
+        println!(
+            "{{\"off\":{off},\"threads\":{threads},\"window\":{window},\"n\":{n},\"qps\":{:.0},\"commits\":{},\"awaited\":{},\"sync_us_per_commit\":{:.0},\"linger_us\":{}}}",
+            r.qps, st.commits, st.awaited, st.sync_micros as f64 / st.commits.max(1) as f64, st.linger_micros
+        );
+        return Ok(());
+    };
+    // Paired: both engines in one process, alternating one-second slices
+    // (order swapped every pair), so drift in the machine hits both alike.
+    let (_d1, gc) = engine(&set, n, Durability::default(), linger, prealloc)?;
+    let (_d2, nosync) = engine(&set, n, Durability::Off, None, prealloc)?;
+    let slice = Duration::from_secs(1);
+    run(&gc, &set.queries, threads, window, slice)?; // warm-up
+    run(&nosync, &set.queries, threads, window, slice)?;
+    let (mut a, mut b, mut cost) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut commits, mut records, mut sync) = (0u64, 0u64, 0u64);
+    for i in 0..slices {
+        let (x, y) = if i % 2 == 0 {
+            let x = run(&gc, &set.queries, threads, window, slice)?;
+            (x, run(&nosync, &set.queries, threads, window, slice)?)
+        } else {
+            let y = run(&nosync, &set.queries, threads, window, slice)?;
+            (run(&gc, &set.queries, threads, window, slice)?, y)
+        };
+        commits += x.stats.commits;
+        records += x.stats.records;
+        sync += x.stats.sync_micros;
+        cost.push(1.0 - x.qps / y.qps);
+        a.push(x.qps);
+        b.push(y.qps);
+    }
+    let (ma, mb, mc) = (median(&mut a), median(&mut b), median(&mut cost));
     println!(
-        "{{\"off\":{off},\"threads\":{threads},\"window\":{window},\"queries\":{q},\"secs\":{el:.2},\"qps\":{:.0},\"commits\":{},\"awaited\":{},\"sync_us_per_commit\":{:.0},\"linger_us\":{}}}",
-        q as f64 / el,
-        st.commits - before.commits,
-        st.awaited - before.awaited,
-        (st.sync_micros - before.sync_micros) as f64 / (st.commits - before.commits).max(1) as f64,
-        st.linger_micros
+        "{{\"paired\":{slices},\"threads\":{threads},\"window\":{window},\"n\":{n},\"group_commit_qps\":{ma:.0},\"off_qps\":{mb:.0},\"median_cost_pct\":{:.1},\"cost_pct_min\":{:.1},\"cost_pct_max\":{:.1},\"records_per_commit\":{:.1},\"sync_us_per_commit\":{:.0}}}",
+        mc * 100.0,
+        cost.iter().copied().fold(f64::INFINITY, f64::min) * 100.0,
+        cost.iter().copied().fold(f64::NEG_INFINITY, f64::max) * 100.0,
+        records as f64 / commits.max(1) as f64,
+        sync as f64 / commits.max(1) as f64,
     );
     Ok(())
 }
