@@ -44,10 +44,10 @@ struct State {
     /// The writer has written since the segment was handed over (a log
     /// opened for a couple of records never gets zeros it would not use).
     active: bool,
-    /// Refill when fewer zeroed bytes than this are left (half a chunk).
-    low: u64,
+    /// Bytes the next fill appends; a refill starts when fewer than half
+    /// of them are left ahead of the writer.
+    chunk: u64,
     closing: bool,
-    error: Option<String>,
 }
 
 /// Keeps zero-filled, fsynced space ahead of the writer (see the module docs).
@@ -68,9 +68,8 @@ impl Space {
                 zeroed: written,
                 busy: None,
                 active: false,
-                low: FIRST_CHUNK.min(ahead) / 2,
+                chunk: FIRST_CHUNK.min(ahead),
                 closing: false,
-                error: None,
             }),
             Condvar::new(),
         ));
@@ -105,7 +104,7 @@ impl Space {
             cv.wait(&mut g);
         }
         g.written = end;
-        let wake = g.busy.is_none() && (!g.active || g.zeroed < end + g.low);
+        let wake = g.busy.is_none() && (!g.active || g.zeroed < end + g.chunk / 2);
         g.active = true;
         drop(g);
         if wake {
@@ -127,7 +126,7 @@ impl Space {
                 g.written = written;
                 g.zeroed = written;
                 g.active = false;
-                g.low = FIRST_CHUNK.min(self.ahead) / 2;
+                g.chunk = FIRST_CHUNK.min(self.ahead);
             }
             None => g.seg = None,
         }
@@ -157,15 +156,14 @@ impl Drop for Space {
 /// The filler thread: whenever fewer than half a chunk of zeroed bytes is
 /// left ahead of the writer, append a chunk more and fsync it. Chunks start
 /// at [`FIRST_CHUNK`] in each segment and double up to `ahead`, so a log
-/// that writes little costs little.
+/// that writes little costs little. Stops at the first failure.
 fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
     let (m, cv) = state;
     let zeros = vec![0u8; ZERO_PIECE];
     let mut open: Option<(u32, File)> = None;
-    let mut chunk = (0u32, FIRST_CHUNK.min(ahead));
     let mut g = m.lock();
     loop {
-        if g.closing || g.error.is_some() {
+        if g.closing {
             return;
         }
         let Some((seg, path)) = g.seg.clone() else {
@@ -173,17 +171,13 @@ fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
             cv.wait(&mut g);
             continue;
         };
-        if chunk.0 != seg {
-            chunk = (seg, FIRST_CHUNK.min(ahead));
-        }
-        g.low = chunk.1 / 2;
-        if !g.active || g.zeroed >= g.written + g.low {
+        if !g.active || g.zeroed >= g.written + g.chunk / 2 {
             cv.wait(&mut g);
             continue;
         }
         let from = g.zeroed.max(g.written);
-        let to = from + chunk.1;
-        chunk.1 = (chunk.1 * 2).min(ahead);
+        let to = from + g.chunk;
+        g.chunk = (g.chunk * 2).min(ahead);
         g.busy = Some((seg, from));
         drop(g);
         let r = (|| -> std::io::Result<()> {
@@ -204,18 +198,14 @@ fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
         })();
         g = m.lock();
         g.busy = None;
-        match r {
-            Ok(()) => {
-                if g.seg.as_ref().is_some_and(|(s, _)| *s == seg) {
-                    g.zeroed = to;
-                }
-            }
-            Err(e) => {
-                // Appending goes on without zeroed space (slower fsyncs).
-                tracing::warn!(path = %path.display(), error = %e, "audit log: zero-filling free space failed; continuing without it");
-                g.error = Some(e.to_string());
-            }
-        }
         cv.notify_all();
+        if let Err(e) = r {
+            // Appending goes on without zeroed space (slower fsyncs).
+            tracing::warn!(path = %path.display(), error = %e, "audit log: zero-filling free space failed; continuing without it");
+            return;
+        }
+        if g.seg.as_ref().is_some_and(|(s, _)| *s == seg) {
+            g.zeroed = to;
+        }
     }
 }
