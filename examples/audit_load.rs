@@ -34,6 +34,9 @@ fn engine(set: &facematch::synth::SynthSet, n: usize, durability: Durability, li
     let mut cfg = GalleryConfig::default();
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
     cfg.audit.durability = durability;
+    if std::env::var_os("AUDIT_LOAD_BUFFERED").is_some() {
+        cfg.audit.direct_io = false;
+    }
     if let Some(p) = prealloc {
         cfg.audit.preallocate_bytes = p;
     }

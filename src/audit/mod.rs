@@ -58,7 +58,11 @@
 //! existing blocks instead of growing the file. No line holds a NUL, so
 //! every reader takes a segment to end at its last non-zero byte; bytes
 //! after a NUL inside the data are what a crash left of an unfinished commit
-//! (a torn tail). Closing a segment or the log trims the zeros.
+//! (a torn tail). Closing a segment or the log trims the zeros. On Linux
+//! the open segment is written with `O_DIRECT` in whole 4 KiB blocks
+//! ([`AuditConfig::direct_io`]): the block holding the end of the data is
+//! rewritten by the next commit, padded with zeros, which the same rule reads
+//! as free space.
 //!
 //! `open` costs O(last segment), not O(log): it reads `HEAD`, `RETIRED`, the
 //! header line and closing checkpoint of each closed segment (so a missing,
@@ -92,6 +96,7 @@
 
 mod event;
 mod format;
+mod direct;
 mod log;
 mod scan;
 mod space;
@@ -217,6 +222,12 @@ pub struct AuditConfig {
     /// trailing zeros. Set 0 on copy-on-write filesystems (btrfs, ZFS),
     /// where overwriting gains nothing.
     pub preallocate_bytes: u64,
+    /// Write the open segment with `O_DIRECT` (Linux) in whole 4 KiB
+    /// blocks, so a commit's fsync flushes only the device cache instead of
+    /// writing back page-cache pages (and waiting for the zero filler's). Where
+    /// the filesystem refuses it, the log writes through the page cache as
+    /// with `false`. Only used with a durable [`Durability`].
+    pub direct_io: bool,
 }
 
 impl Default for AuditConfig {
@@ -230,6 +241,7 @@ impl Default for AuditConfig {
             durability: Durability::default(),
             head_interval_ms: 50,
             preallocate_bytes: 4 << 20,
+            direct_io: true,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Zero-filled free space ahead of the writer in the open segment.
 //!
 //! An fsync after an append must also make the file's new size durable (on
-//! ext4 a journal commit); an fsync after overwriting blocks that already
+//! ext4 a journal commit; on the README machine, whose ext4 runs without a
+//! journal, a synchronous write of the inode block); an fsync after overwriting blocks that already
 //! hold durable zeros flushes only the data. Measured on the 2-core VM of
 //! the README (ext4 on virtio): fdatasync of a 1 KiB append 143-182 us
 //! (59-70 us CPU), of a 1 KiB overwrite of zeroed space 85-95 us (33-37 us
@@ -18,13 +19,14 @@
 //! [`AuditConfig::preallocate_bytes`]: super::AuditConfig::preallocate_bytes
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::direct::{self, AlignedBuf};
 use crate::{Error, Result};
 
 /// Zeros written per `write` call.
@@ -59,8 +61,10 @@ pub(crate) struct Space {
 
 impl Space {
     /// Start filling segment `seg` at `path`, whose data ends at `written`.
-    /// `ahead == 0` gives a `Space` that does nothing.
-    pub(crate) fn start(ahead: u64, seg: u32, path: PathBuf, written: u64) -> Result<Space> {
+    /// `ahead == 0` gives a `Space` that does nothing. With `direct` the
+    /// writer writes whole blocks with `O_DIRECT` (see [`super::direct`]):
+    /// the zeros are written the same way, from block boundaries on.
+    pub(crate) fn start(ahead: u64, seg: u32, path: PathBuf, written: u64, direct: bool) -> Result<Space> {
         let state = Arc::new((
             Mutex::new(State {
                 seg: Some((seg, path)),
@@ -83,7 +87,7 @@ impl Space {
         let st = Arc::clone(&state);
         let handle = std::thread::Builder::new()
             .name("facematch-audit-space".into())
-            .spawn(move || fill(&st, ahead))
+            .spawn(move || fill(&st, ahead, direct))
             .map_err(|e| Error::Audit(format!("starting the audit space thread: {e}")))?;
         Ok(Space {
             state,
@@ -157,9 +161,10 @@ impl Drop for Space {
 /// left ahead of the writer, append a chunk more and fsync it. Chunks start
 /// at [`FIRST_CHUNK`] in each segment and double up to `ahead`, so a log
 /// that writes little costs little. Stops at the first failure.
-fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
+fn fill(state: &(Mutex<State>, Condvar), ahead: u64, direct: bool) {
     let (m, cv) = state;
-    let zeros = vec![0u8; ZERO_PIECE];
+    let zeros = AlignedBuf::zeroed(ZERO_PIECE);
+    let zeros = &zeros.as_slice()[..ZERO_PIECE];
     let mut open: Option<(u32, File)> = None;
     let mut g = m.lock();
     loop {
@@ -176,23 +181,29 @@ fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
             continue;
         }
         let from = g.zeroed.max(g.written);
+        // Direct writes cover the writer's last block: start after it.
+        let from = if direct { direct::align_up(from) } else { from };
         let to = from + g.chunk;
         g.chunk = (g.chunk * 2).min(ahead);
         g.busy = Some((seg, from));
         drop(g);
         let r = (|| -> std::io::Result<()> {
             if open.as_ref().is_none_or(|(s, _)| *s != seg) {
-                open = Some((seg, OpenOptions::new().write(true).open(&path)?));
+                let f = if direct {
+                    direct::open_write(&path).ok_or_else(|| std::io::Error::other("O_DIRECT refused"))?
+                } else {
+                    OpenOptions::new().write(true).open(&path)?
+                };
+                open = Some((seg, f));
             }
-            let Some((_, f)) = open.as_mut() else {
+            let Some((_, f)) = open.as_ref() else {
                 return Ok(());
             };
-            f.seek(SeekFrom::Start(from))?;
-            let mut left = to - from;
-            while left > 0 {
-                let n = left.min(ZERO_PIECE as u64) as usize;
-                f.write_all(&zeros[..n])?;
-                left -= n as u64;
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(ZERO_PIECE as u64) as usize;
+                f.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
             }
             f.sync_data()
         })();
