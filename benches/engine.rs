@@ -15,6 +15,10 @@
 //!   `*_pipelined_deep/2`: 128 in flight each. 4,000 queries per iteration so that
 //!   the final drain is amortised as in a server. `audit_off` batches records
 //!   exactly like group commit but never fsyncs: the difference is durability.
+//! - Each side has [`ENGINES`] identical engines and iterations take them in
+//!   turn: two identical engines in one process were measured up to 8% apart
+//!   for good (memory placement, `examples/audit_load --paired 8 --engines 1
+//!   --control`), a bias one engine per side would book as audit cost.
 
 use std::sync::Arc;
 
@@ -28,6 +32,8 @@ use facematch::store::MasterKey;
 use facematch::synth::{generate, SynthConfig};
 
 const N: usize = 20_000;
+/// Engines per side of the audit comparison (see the module docs).
+const ENGINES: usize = 3;
 
 fn gallery(dir: &std::path::Path, key: &MasterKey, durability: Durability) -> (Engine, Vec<f32>) {
     let set = generate(&SynthConfig { identities: N, queries: 200, ..Default::default() }).unwrap();
@@ -85,17 +91,26 @@ fn bench_query(c: &mut Criterion) {
     g.sample_size(20);
     let door = Purpose::new("door-access").unwrap();
     for (name, durability) in [("audit_group_commit", Durability::default()), ("audit_off", Durability::Off)] {
-        let dir = tempfile::tempdir().unwrap();
-        let key = MasterKey::generate();
-        let (e, queries) = gallery(dir.path(), &key, durability);
-        let e = Arc::new(e);
+        let mut dirs = Vec::new();
+        let mut engines = Vec::new();
+        let mut queries = Vec::new();
+        for _ in 0..ENGINES {
+            let dir = tempfile::tempdir().unwrap();
+            let (e, q) = gallery(dir.path(), &MasterKey::generate(), durability);
+            engines.push(Arc::new(e));
+            dirs.push(dir);
+            queries = q;
+        }
         let ctx = QueryContext::new(Operator::new("bench").unwrap(), door.clone());
         for threads in [1usize, 8, 64] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let nq = queries.len() / 128;
             g.throughput(Throughput::Elements(nq as u64));
             g.bench_with_input(BenchmarkId::new(name, threads), &threads, |b, _| {
+                let mut turn = 0usize;
                 b.iter(|| {
+                    let e = &engines[turn % ENGINES];
+                    turn += 1;
                     pool.install(|| {
                         use rayon::prelude::*;
                         (0..nq).into_par_iter().for_each(|i| {
@@ -116,10 +131,13 @@ fn bench_query(c: &mut Criterion) {
             let nq = queries.len() / 128;
             g.throughput(Throughput::Elements(PIPELINED as u64));
             g.bench_with_input(BenchmarkId::new(format!("{name}_{label}"), threads), &threads, |b, &threads| {
+                let mut turn = 0usize;
                 b.iter(|| {
+                    let e = &engines[turn % ENGINES];
+                    turn += 1;
                     std::thread::scope(|s| {
                         for t in 0..threads {
-                            let (e, ctx, queries) = (&e, &ctx, &queries);
+                            let (ctx, queries) = (&ctx, &queries);
                             s.spawn(move || {
                                 let mut inflight = std::collections::VecDeque::with_capacity(window);
                                 for i in (t..PIPELINED).step_by(threads) {
@@ -141,6 +159,7 @@ fn bench_query(c: &mut Criterion) {
         }
         if durability == Durability::Off {
             // The bare index the engine wraps, same queries.
+            let (e, dir) = (&engines[0], &dirs[0]);
             let cfg = e.config();
             let exp = dir.path().join("export");
             e.export(&Operator::new("bench").unwrap(), None, &exp).unwrap();
