@@ -86,30 +86,42 @@ fn bench_open(c: &mut Criterion) {
     g.finish();
 }
 
+/// One side of the audit comparison: its engines (kept with their directories).
+struct Side {
+    name: &'static str,
+    engines: Vec<Arc<Engine>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
 fn bench_query(c: &mut Criterion) {
     let mut g = c.benchmark_group("engine_query");
     g.sample_size(20);
     let door = Purpose::new("door-access").unwrap();
+    let mut queries = Vec::new();
+    let mut sides = Vec::new();
     for (name, durability) in [("audit_group_commit", Durability::default()), ("audit_off", Durability::Off)] {
-        let mut dirs = Vec::new();
-        let mut engines = Vec::new();
-        let mut queries = Vec::new();
+        let mut side = Side { name, engines: Vec::new(), _dirs: Vec::new() };
         for _ in 0..ENGINES {
             let dir = tempfile::tempdir().unwrap();
             let (e, q) = gallery(dir.path(), &MasterKey::generate(), durability);
-            engines.push(Arc::new(e));
-            dirs.push(dir);
+            side.engines.push(Arc::new(e));
+            side._dirs.push(dir);
             queries = q;
         }
-        let ctx = QueryContext::new(Operator::new("bench").unwrap(), door.clone());
-        for threads in [1usize, 8, 64] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let nq = queries.len() / 128;
-            g.throughput(Throughput::Elements(nq as u64));
-            g.bench_with_input(BenchmarkId::new(name, threads), &threads, |b, _| {
+        sides.push(side);
+    }
+    let ctx = QueryContext::new(Operator::new("bench").unwrap(), door.clone());
+    let nq = queries.len() / 128;
+    // Each configuration runs its two sides back to back, so that drift of
+    // the machine over the minutes of the whole group stays out of the pair.
+    for threads in [1usize, 8, 64] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        g.throughput(Throughput::Elements(nq as u64));
+        for side in &sides {
+            g.bench_with_input(BenchmarkId::new(side.name, threads), &threads, |b, _| {
                 let mut turn = 0usize;
                 b.iter(|| {
-                    let e = &engines[turn % ENGINES];
+                    let e = &side.engines[turn % ENGINES];
                     turn += 1;
                     pool.install(|| {
                         use rayon::prelude::*;
@@ -120,20 +132,21 @@ fn bench_query(c: &mut Criterion) {
                 })
             });
         }
-        // Pipelined: each thread keeps up to `window` queries in flight
-        // (identify_deferred) and releases the oldest answer when the window
-        // is full, as a server with many connections per thread would.
-        // 4,000 queries per iteration (20 passes over the probes): a window
-        // is drained only at the end of an iteration, as a server drains
-        // only when it stops, so the drain's last fsync is amortised.
-        const PIPELINED: usize = 4000;
-        for (label, window, threads) in [("pipelined", 32usize, 1usize), ("pipelined", 32, 2), ("pipelined_deep", 128, 2)] {
-            let nq = queries.len() / 128;
-            g.throughput(Throughput::Elements(PIPELINED as u64));
-            g.bench_with_input(BenchmarkId::new(format!("{name}_{label}"), threads), &threads, |b, &threads| {
+    }
+    // Pipelined: each thread keeps up to `window` queries in flight
+    // (identify_deferred) and releases the oldest answer when the window
+    // is full, as a server with many connections per thread would.
+    // 4,000 queries per iteration (20 passes over the probes): a window
+    // is drained only at the end of an iteration, as a server drains
+    // only when it stops, so the drain's last fsync is amortised.
+    const PIPELINED: usize = 4000;
+    for (label, window, threads) in [("pipelined", 32usize, 1usize), ("pipelined", 32, 2), ("pipelined_deep", 128, 2)] {
+        g.throughput(Throughput::Elements(PIPELINED as u64));
+        for side in &sides {
+            g.bench_with_input(BenchmarkId::new(format!("{}_{label}", side.name), threads), &threads, |b, &threads| {
                 let mut turn = 0usize;
                 b.iter(|| {
-                    let e = &engines[turn % ENGINES];
+                    let e = &side.engines[turn % ENGINES];
                     turn += 1;
                     std::thread::scope(|s| {
                         for t in 0..threads {
@@ -157,32 +170,30 @@ fn bench_query(c: &mut Criterion) {
                 })
             });
         }
-        if durability == Durability::Off {
-            // The bare index the engine wraps, same queries.
-            let (e, dir) = (&engines[0], &dirs[0]);
-            let cfg = e.config();
-            let exp = dir.path().join("export");
-            e.export(&Operator::new("bench").unwrap(), None, &exp).unwrap();
-            let m = facematch::npy::read_f32_matrix(exp.join("templates.npy")).unwrap();
-            let mut ix = VectorIndex::new(cfg.dim, cfg.index.clone()).unwrap();
-            ix.add_batch(&m.data).unwrap();
-            for threads in [1usize, 8] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let nq = queries.len() / 128;
-                g.throughput(Throughput::Elements(nq as u64));
-                g.bench_with_input(BenchmarkId::new("index_only", threads), &threads, |b, _| {
-                    b.iter(|| {
-                        pool.install(|| {
-                            use rayon::prelude::*;
-                            (0..nq).into_par_iter().for_each(|i| {
-                                let p = SearchParams { k: 10, ef: None, strategy: SearchStrategy::Auto, filter: None };
-                                ix.search(&queries[i * 128..(i + 1) * 128], &p).unwrap();
-                            })
-                        })
+    }
+    // The bare index the engine wraps, same queries.
+    let e = &sides[1].engines[0];
+    let cfg = e.config();
+    let exp_dir = tempfile::tempdir().unwrap();
+    let exp = exp_dir.path().join("export");
+    e.export(&Operator::new("bench").unwrap(), None, &exp).unwrap();
+    let m = facematch::npy::read_f32_matrix(exp.join("templates.npy")).unwrap();
+    let mut ix = VectorIndex::new(cfg.dim, cfg.index.clone()).unwrap();
+    ix.add_batch(&m.data).unwrap();
+    for threads in [1usize, 8] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        g.throughput(Throughput::Elements(nq as u64));
+        g.bench_with_input(BenchmarkId::new("index_only", threads), &threads, |b, _| {
+            b.iter(|| {
+                pool.install(|| {
+                    use rayon::prelude::*;
+                    (0..nq).into_par_iter().for_each(|i| {
+                        let p = SearchParams { k: 10, ef: None, strategy: SearchStrategy::Auto, filter: None };
+                        ix.search(&queries[i * 128..(i + 1) * 128], &p).unwrap();
                     })
-                });
-            }
-        }
+                })
+            })
+        });
     }
     g.finish();
 }
