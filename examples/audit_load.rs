@@ -11,6 +11,8 @@
 //! them in turn: an A/A run (`--control`: both sides durability off) with one
 //! engine per side showed a steady "cost" of up to 8% between two identical
 //! engines in one process (memory placement), which more engines average out.
+//! With `AUDIT_LOAD_BUFFERED=1` in the environment the audited engines write
+//! through the page cache (`AuditConfig::direct_io = false`).
 //!
 //! ```text
 //! cargo run --release --example audit_load -- [--off] [--threads N] [--window W] [--secs S] [--blocking] [--linger US] [--n GALLERY] [--paired SLICES [--engines K] [--control]] [--prealloc BYTES]
