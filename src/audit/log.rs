@@ -1484,6 +1484,7 @@ impl Writer {
                     tracing::warn!(path = %path().display(), error = %e, "audit log: direct write refused; writing through the page cache from now on");
                     direct::disable(&self.file);
                     self.direct = None;
+                    self.space.buffered();
                     self.file
                         .write_all_at(&self.buf, self.pos)
                         .map_err(|e| Error::io(path(), e))?;

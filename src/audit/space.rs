@@ -49,6 +49,8 @@ struct State {
     /// Bytes the next fill appends; a refill starts when fewer than half
     /// of them are left ahead of the writer.
     chunk: u64,
+    /// The writer writes whole blocks with `O_DIRECT`: so does the filler.
+    direct: bool,
     closing: bool,
 }
 
@@ -73,6 +75,7 @@ impl Space {
                 busy: None,
                 active: false,
                 chunk: FIRST_CHUNK.min(ahead),
+                direct,
                 closing: false,
             }),
             Condvar::new(),
@@ -87,7 +90,7 @@ impl Space {
         let st = Arc::clone(&state);
         let handle = std::thread::Builder::new()
             .name("facematch-audit-space".into())
-            .spawn(move || fill(&st, ahead, direct))
+            .spawn(move || fill(&st, ahead))
             .map_err(|e| Error::Audit(format!("starting the audit space thread: {e}")))?;
         Ok(Space {
             state,
@@ -138,6 +141,13 @@ impl Space {
         cv.notify_all();
     }
 
+    /// The writer fell back to buffered writes: zero-fill through the page
+    /// cache too from the next fill on (the writer would otherwise read each
+    /// fresh page back from disk before writing into it).
+    pub(crate) fn buffered(&self) {
+        self.state.0.lock().direct = false;
+    }
+
     /// Stop the filler thread (after a fill in progress).
     pub(crate) fn stop(&mut self) {
         {
@@ -161,11 +171,12 @@ impl Drop for Space {
 /// left ahead of the writer, append a chunk more and fsync it. Chunks start
 /// at [`FIRST_CHUNK`] in each segment and double up to `ahead`, so a log
 /// that writes little costs little. Stops at the first failure.
-fn fill(state: &(Mutex<State>, Condvar), ahead: u64, direct: bool) {
+fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
     let (m, cv) = state;
     let zeros = AlignedBuf::zeroed(ZERO_PIECE);
     let zeros = &zeros.as_slice()[..ZERO_PIECE];
-    let mut open: Option<(u32, File)> = None;
+    // The file open for the segment, and whether it was opened for direct writes.
+    let mut open: Option<(u32, bool, File)> = None;
     let mut g = m.lock();
     loop {
         if g.closing {
@@ -180,6 +191,7 @@ fn fill(state: &(Mutex<State>, Condvar), ahead: u64, direct: bool) {
             cv.wait(&mut g);
             continue;
         }
+        let direct = g.direct;
         let from = g.zeroed.max(g.written);
         // Direct writes cover the writer's last block: start after it.
         let from = if direct { direct::align_up(from) } else { from };
@@ -188,15 +200,15 @@ fn fill(state: &(Mutex<State>, Condvar), ahead: u64, direct: bool) {
         g.busy = Some((seg, from));
         drop(g);
         let r = (|| -> std::io::Result<()> {
-            if open.as_ref().is_none_or(|(s, _)| *s != seg) {
+            if open.as_ref().is_none_or(|(s, d, _)| (*s, *d) != (seg, direct)) {
                 let f = if direct {
                     direct::open_write(&path).ok_or_else(|| std::io::Error::other("O_DIRECT refused"))?
                 } else {
                     OpenOptions::new().write(true).open(&path)?
                 };
-                open = Some((seg, f));
+                open = Some((seg, direct, f));
             }
-            let Some((_, f)) = open.as_ref() else {
+            let Some((_, _, f)) = open.as_ref() else {
                 return Ok(());
             };
             let mut at = from;
@@ -218,5 +230,42 @@ fn fill(state: &(Mutex<State>, Condvar), ahead: u64, direct: bool) {
         if g.seg.as_ref().is_some_and(|(s, _)| *s == seg) {
             g.zeroed = to;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Zeros are filled ahead of the writer in direct mode and, after the
+    /// writer falls back to buffered writes, through the page cache.
+    #[test]
+    fn fills_ahead_direct_and_after_falling_back_to_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        std::fs::write(&path, b"header\n").unwrap();
+        let wait_for = |len: u64| {
+            for _ in 0..2000 {
+                if std::fs::metadata(&path).unwrap().len() >= len {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            panic!("no zeros up to {len}");
+        };
+        // Where the test filesystem refuses O_DIRECT, both halves run buffered.
+        let direct = direct::open_write(&path).is_some();
+        let mut s = Space::start(1 << 20, 0, path.clone(), 7, direct).unwrap();
+        s.reserve(0, direct::BLOCK);
+        // The first chunk (64 KiB) starts at the block after the writer's.
+        wait_for(direct::BLOCK + FIRST_CHUNK);
+        s.buffered();
+        // Run the writer up to the zeroed end: the next fill is buffered.
+        s.reserve(0, direct::BLOCK + FIRST_CHUNK);
+        wait_for(direct::BLOCK + 2 * FIRST_CHUNK);
+        s.stop();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..7], b"header\n");
+        assert!(bytes[7..].iter().all(|&b| b == 0));
     }
 }
