@@ -1,0 +1,138 @@
+//! A minimal blocking HTTP/1.1 client over one keep-alive connection: for
+//! the server's tests, the crash test and the load generator (no client
+//! library needed). Not a general client: it reads `Content-Length` bodies only.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// One response.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body parsed as JSON (`Value::Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A keep-alive connection to one server.
+#[derive(Debug)]
+pub struct Client {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+    /// Headers sent with every request (e.g. operator, purpose).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Client {
+    /// A client for `addr` (connects on first use).
+    pub fn new(addr: SocketAddr) -> Self {
+        Client { addr, conn: None, headers: Vec::new() }
+    }
+
+    /// Add a header sent with every request.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn connect(&mut self) -> std::io::Result<&mut BufReader<TcpStream>> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            self.conn = Some(BufReader::new(s));
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Send one request and read its response. The connection is dropped on
+    /// any error (the next request reconnects).
+    pub fn request(&mut self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> std::io::Result<Reply> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n", self.addr, body.len());
+        if let Some(ct) = content_type {
+            head.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        for (n, v) in &self.headers {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let r = self.exchange(head.as_bytes(), body);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    /// Send raw bytes and read one response (for malformed-request tests).
+    pub fn raw(&mut self, bytes: &[u8]) -> std::io::Result<Reply> {
+        let r = self.exchange(bytes, &[]);
+        self.conn = None;
+        r
+    }
+
+    fn exchange(&mut self, head: &[u8], body: &[u8]) -> std::io::Result<Reply> {
+        let conn = self.connect()?;
+        conn.get_mut().write_all(head)?;
+        conn.get_mut().write_all(body)?;
+        let mut line = String::new();
+        conn.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
+        let mut headers = Vec::new();
+        let mut len = 0usize;
+        let mut close = false;
+        loop {
+            line.clear();
+            if conn.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = l.split_once(':') {
+                let (n, v) = (n.trim().to_ascii_lowercase(), v.trim().to_string());
+                if n == "content-length" {
+                    len = v.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad content-length"))?;
+                }
+                if n == "connection" && v.eq_ignore_ascii_case("close") {
+                    close = true;
+                }
+                headers.push((n, v));
+            }
+        }
+        let mut body = vec![0; len];
+        conn.read_exact(&mut body)?;
+        if close {
+            self.conn = None;
+        }
+        Ok(Reply { status, headers, body })
+    }
+
+    /// POST a JSON value.
+    pub fn post_json(&mut self, path: &str, v: &serde_json::Value) -> std::io::Result<Reply> {
+        self.request("POST", path, Some("application/json"), &serde_json::to_vec(v).map_err(std::io::Error::other)?)
+    }
+
+    /// GET a path.
+    pub fn get(&mut self, path: &str) -> std::io::Result<Reply> {
+        self.request("GET", path, None, &[])
+    }
+}
