@@ -77,9 +77,15 @@ impl Client {
         r
     }
 
-    /// Send raw bytes and read one response (for malformed-request tests).
+    /// Send raw bytes, close the sending side and read one response (for
+    /// malformed-request tests; gives up after two seconds).
     pub fn raw(&mut self, bytes: &[u8]) -> std::io::Result<Reply> {
-        let r = self.exchange(bytes, &[]);
+        self.conn = None;
+        let conn = self.connect()?.get_mut();
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.write_all(bytes)?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let r = self.exchange(&[], &[]);
         self.conn = None;
         r
     }

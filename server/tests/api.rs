@@ -221,3 +221,39 @@ fn concurrent_clients_share_commits_and_every_answer_is_durable() {
         assert_eq!(q.subject.as_deref(), Some(subject.as_str()));
     }
 }
+
+#[test]
+fn image_requests_enrol_identify_verify_and_anonymise_with_the_face_models() {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord, Operator, Purpose, PurposePolicy};
+    use facematch::pipeline::{FacePipeline, PipelineConfig};
+    let sample = |name: &str| std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/samples").join(name)).expect("samples missing: run scripts/setup.sh");
+    let tmp = tempfile::tempdir().unwrap();
+    let door = Purpose::new(PURPOSE).unwrap();
+    let mut cfg = facematch::config::GalleryConfig::default(); // the pipeline's model and dimension
+    cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
+    let engine = Arc::new(facematch::engine::EngineBuilder::new(tmp.path().join("g")).key(MasterKey::generate()).allow_core_dumps(true).create(cfg).unwrap());
+    engine.record_consent(&Operator::new("clerk").unwrap(), ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door], "clerk", AgeBracket::Adult)).unwrap();
+    let pipeline = Arc::new(FacePipeline::new(PipelineConfig::default()).expect("models missing: run scripts/setup.sh"));
+    let server = serve(Arc::clone(&engine), Some(pipeline), ServerConfig::default());
+    let mut c = client(&server);
+
+    let r = c.request("POST", &format!("/v1/enrol?subject=barack&consent_id=f1&purposes={PURPOSE}"), Some("image/jpeg"), &sample("obama.jpg")).unwrap();
+    assert_eq!(r.status, 201, "{}", r.json());
+    let r = c.request("POST", "/v1/identify?k=3", Some("image/jpeg"), &sample("obama3.jpg")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.json());
+    let body = r.json();
+    assert_eq!(body["matches"][0]["identification"]["decision"]["subject"], "barack", "{body}");
+    let r = c.request("POST", "/v1/verify?subject=barack", Some("image/jpeg"), &sample("obama2.jpg")).unwrap();
+    assert_eq!(r.json()["verification"]["decision"]["decision"], "match", "{}", r.json());
+    let r = c.request("POST", "/v1/verify?subject=barack", Some("image/jpeg"), &sample("biden.jpg")).unwrap();
+    assert_ne!(r.json()["verification"]["decision"]["decision"], "match", "{}", r.json());
+    let r = c.request("POST", "/v1/identify", Some("image/jpeg"), b"\xff\xd8\xffnot a jpeg").unwrap();
+    assert_eq!((r.status, r.json()["error"].as_str()), (422, Some("bad_image")));
+
+    let r = c.request("POST", "/v1/anonymise", Some("image/jpeg"), &sample("obama.jpg")).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("image/png"));
+    assert_eq!(r.header("x-facematch-faces"), Some("1"));
+    assert!(r.body.starts_with(b"\x89PNG"));
+    server.shutdown().unwrap();
+}
