@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -156,6 +156,18 @@ fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// Parse a body that holds a probe (an embedding), then wipe it.
+fn parse_probe<T: for<'de> Deserialize<'de>>(bytes: Bytes) -> Result<T, ApiError> {
+    let r = parse(&bytes);
+    wipe(bytes);
+    r
+}
+
+/// The query string, or a 400 saying what is wrong with it.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v).map_err(|r| ApiError::bad_request(r.body_text()))
+}
+
 /// Wipe a request body that held a probe (best effort: `Bytes` may be shared).
 fn wipe(bytes: Bytes) {
     if let Ok(mut m) = bytes.try_into_mut() {
@@ -212,14 +224,12 @@ struct KParam {
     k: Option<usize>,
 }
 
-async fn identify(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<KParam>, axum::extract::rejection::QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn identify(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<KParam>, QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let ctx = st.context(&headers)?;
-    let Query(q) = q.map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let q = query(q)?;
     match body(&headers, raw)? {
         Body::Json(bytes) => {
-            let req: Result<IdentifyJson, _> = parse(&bytes);
-            wipe(bytes);
-            let mut req = req?;
+            let mut req: IdentifyJson = parse_probe(bytes)?;
             let k = st.k(req.k.or(q.k))?;
             let pending = st
                 .compute(move |st| {
@@ -251,14 +261,12 @@ struct SubjectParam {
     subject: Option<String>,
 }
 
-async fn verify(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<SubjectParam>, axum::extract::rejection::QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn verify(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<SubjectParam>, QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let ctx = st.context(&headers)?;
-    let Query(q) = q.map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let q = query(q)?;
     match body(&headers, raw)? {
         Body::Json(bytes) => {
-            let req: Result<VerifyJson, _> = parse(&bytes);
-            wipe(bytes);
-            let mut req = req?;
+            let mut req: VerifyJson = parse_probe(bytes)?;
             let subject = SubjectId::new(std::mem::take(&mut req.subject))?;
             let pending = st
                 .compute(move |st| {
@@ -330,14 +338,12 @@ fn purposes<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<Vec<Pur
     Ok(v)
 }
 
-async fn enrol(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<EnrolParams>, axum::extract::rejection::QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn enrol(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<EnrolParams>, QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let op = st.operator(&headers)?;
-    let Query(q) = q.map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let q = query(q)?;
     match body(&headers, raw)? {
         Body::Json(bytes) => {
-            let req: Result<EnrolJson, _> = parse(&bytes);
-            wipe(bytes);
-            let mut req = req?;
+            let mut req: EnrolJson = parse_probe(bytes)?;
             let mut e = Enrolment::new(SubjectId::new(std::mem::take(&mut req.subject))?, std::mem::take(&mut req.consent_id), purposes(&req.purposes)?, std::mem::take(&mut req.embedding));
             e.template = req.template;
             let template = st

@@ -23,9 +23,9 @@ pub enum ServerError {
     /// The engine failed (opening, closing).
     #[error(transparent)]
     Engine(#[from] Error),
-    /// A thread could not be started.
-    #[error("starting a thread: {0}")]
-    Thread(#[from] std::io::Error),
+    /// A socket, runtime or thread operation failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// One request's failure, as the client sees it: `{"error": kind, "message": ...}`.

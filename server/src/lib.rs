@@ -123,8 +123,8 @@ impl Server {
         if let Some(serving) = self.serving.take() {
             match runtime.block_on(async { tokio::time::timeout(SHUTDOWN_GRACE, serving).await }) {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => result = Err(ServerError::Thread(e)),
-                Ok(Err(e)) => result = Err(ServerError::Thread(std::io::Error::other(e.to_string()))),
+                Ok(Ok(Err(e))) => result = Err(ServerError::Io(e)),
+                Ok(Err(e)) => result = Err(ServerError::Io(std::io::Error::other(e.to_string()))),
                 Err(_) => tracing::warn!("requests still open after the shutdown grace period were cut"),
             }
         }
@@ -133,7 +133,7 @@ impl Server {
         runtime.shutdown_timeout(SHUTDOWN_GRACE);
         if let Some(d) = self.durability.take() {
             if d.join().is_err() {
-                result = Err(ServerError::Thread(std::io::Error::other("the durability thread panicked")));
+                result = Err(ServerError::Io(std::io::Error::other("the durability thread panicked")));
             }
         }
         result

@@ -22,10 +22,8 @@ fn audit(dir: &std::path::Path, key: &MasterKey) -> Vec<facematch::audit::AuditR
 
 #[test]
 fn consent_enrol_identify_verify_withdraw_over_http_each_answer_audited() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, key) = (tmp.path().join("g"), MasterKey::generate());
-    let engine = Arc::new(create(&dir, &key));
-    let server = serve(Arc::clone(&engine), None, ServerConfig::default());
+    let g = gallery(0);
+    let server = serve(Arc::clone(&g.engine), None, ServerConfig::default());
     let mut c = client(&server);
 
     assert_eq!(c.get("/v1/health").unwrap().json()["status"], "ok");
@@ -68,11 +66,10 @@ fn consent_enrol_identify_verify_withdraw_over_http_each_answer_audited() {
     let r = c.post_json("/v1/identify", &json!({"embedding": alice})).unwrap();
     assert_eq!(r.json()["decision"]["decision"], "no_match", "withdrawn consent still matches: {}", r.json());
 
-    server.shutdown().unwrap();
-    Arc::try_unwrap(engine).unwrap().close().unwrap();
+    stop(server, g.engine);
 
     // Every answer has its record, with the operator from the header and the decision sent.
-    let records = audit(&dir, &key);
+    let records = audit(&g.dir, &g.key);
     for (seq, decision) in answered {
         let rec = records.iter().find(|r| r.seq == seq).unwrap_or_else(|| panic!("no record {seq}"));
         let AuditEvent::Query(q) = &rec.event else { panic!("record {seq} is not a query: {rec:?}") };
@@ -86,11 +83,8 @@ fn consent_enrol_identify_verify_withdraw_over_http_each_answer_audited() {
 
 #[test]
 fn bad_requests_get_clear_errors_and_nothing_of_the_probe_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, key) = (tmp.path().join("g"), MasterKey::generate());
-    let engine = Arc::new(create(&dir, &key));
-    enrol_people(&engine, 3);
-    let server = serve(Arc::clone(&engine), None, ServerConfig { max_body_bytes: 64 << 10, ..Default::default() });
+    let g = gallery(3);
+    let server = serve(Arc::clone(&g.engine), None, ServerConfig { max_body_bytes: 64 << 10, ..Default::default() });
     let mut c = client(&server);
     let status = |r: std::io::Result<facematch_server::client::Reply>| {
         let r = r.unwrap();
@@ -154,12 +148,9 @@ fn bad_requests_get_clear_errors_and_nothing_of_the_probe_back() {
 
 #[test]
 fn bearer_tokens_name_the_operator_in_the_audit_log() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, key) = (tmp.path().join("g"), MasterKey::generate());
-    let engine = Arc::new(create(&dir, &key));
-    enrol_people(&engine, 2);
+    let g = gallery(2);
     let tokens = BTreeMap::from([("t0k3n-for-gate-3-abcdef".to_string(), "gate-3".to_string())]);
-    let server = serve(Arc::clone(&engine), None, ServerConfig { tokens, ..Default::default() });
+    let server = serve(Arc::clone(&g.engine), None, ServerConfig { tokens, ..Default::default() });
     let probe = json!({"embedding": near(&vector(1), 8)});
 
     // The operator header is ignored when tokens are configured.
@@ -173,10 +164,9 @@ fn bearer_tokens_name_the_operator_in_the_audit_log() {
     let r = gate.post_json("/v1/identify", &probe).unwrap();
     assert_eq!(r.status, 200, "{}", r.json());
     let seq = r.json()["audit_seq"].as_u64().unwrap();
-    server.shutdown().unwrap();
-    Arc::try_unwrap(engine).unwrap().close().unwrap();
+    stop(server, g.engine);
 
-    let records = audit(&dir, &key);
+    let records = audit(&g.dir, &g.key);
     let rec = records.iter().find(|r| r.seq == seq).unwrap();
     let AuditEvent::Query(q) = &rec.event else { panic!("{rec:?}") };
     assert_eq!(q.operator, "gate-3");
@@ -185,12 +175,9 @@ fn bearer_tokens_name_the_operator_in_the_audit_log() {
 
 #[test]
 fn concurrent_clients_share_commits_and_every_answer_is_durable() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, key) = (tmp.path().join("g"), MasterKey::generate());
-    let engine = Arc::new(create(&dir, &key));
-    enrol_people(&engine, 200);
-    let server = serve(Arc::clone(&engine), None, ServerConfig::default());
-    let before = engine.audit_stats().unwrap();
+    let g = gallery(200);
+    let server = serve(Arc::clone(&g.engine), None, ServerConfig::default());
+    let before = g.engine.audit_stats().unwrap();
     let seqs: Vec<(u64, String)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..16u64)
             .map(|t| {
@@ -210,12 +197,11 @@ fn concurrent_clients_share_commits_and_every_answer_is_durable() {
             .collect();
         hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    let after = engine.audit_stats().unwrap();
+    let after = g.engine.audit_stats().unwrap();
     assert_eq!(after.records - before.records, 400);
     assert!(after.commits - before.commits <= 400, "{before:?} -> {after:?}");
-    server.shutdown().unwrap();
-    Arc::try_unwrap(engine).unwrap().close().unwrap();
-    let records = audit(&dir, &key);
+    stop(server, g.engine);
+    let records = audit(&g.dir, &g.key);
     for (seq, subject) in seqs {
         let AuditEvent::Query(q) = &records.iter().find(|r| r.seq == seq).unwrap().event else { panic!() };
         assert_eq!(q.subject.as_deref(), Some(subject.as_str()));

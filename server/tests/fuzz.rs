@@ -9,7 +9,6 @@ use std::sync::{Arc, OnceLock};
 
 use common::*;
 use facematch::pipeline::{FacePipeline, PipelineConfig};
-use facematch::store::MasterKey;
 use facematch_server::client::Client;
 use facematch_server::ServerConfig;
 use proptest::prelude::*;
@@ -21,11 +20,9 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 fn server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
     *ADDR.get_or_init(|| {
-        let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
-        let engine = Arc::new(create(&dir.path().join("g"), &MasterKey::generate()));
-        enrol_people(&engine, 50);
+        let g = Box::leak(Box::new(gallery(50)));
         let pipeline = Arc::new(FacePipeline::new(PipelineConfig::default()).expect("models missing: run scripts/setup.sh"));
-        let server = serve(engine, Some(pipeline), ServerConfig { max_body_bytes: 256 << 10, ..Default::default() });
+        let server = serve(Arc::clone(&g.engine), Some(pipeline), ServerConfig { max_body_bytes: 256 << 10, ..Default::default() });
         let addr = server.addr();
         std::mem::forget(server); // lives as long as the test process
         addr

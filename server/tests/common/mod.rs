@@ -1,7 +1,7 @@
 //! Shared helpers for the server's tests: a small gallery, seeded vectors, a server in-process.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use facematch::compliance::*;
@@ -58,6 +58,30 @@ pub fn enrol_people(e: &Engine, n: u64) {
     e.record_consents(&op, consents).unwrap();
     let batch = (0..n).map(|i| facematch::engine::Enrolment::new(SubjectId::new(format!("p{i}")).unwrap(), format!("c{i}"), vec![door.clone()], vector(i))).collect();
     e.enrol_batch(&op, batch).unwrap();
+}
+
+/// A gallery in a temporary directory with `people` enrolled (`p0`, `p1`, ...).
+pub struct Gallery {
+    _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub key: MasterKey,
+    pub engine: Arc<Engine>,
+}
+
+pub fn gallery(people: u64) -> Gallery {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, key) = (tmp.path().join("g"), MasterKey::generate());
+    let engine = create(&dir, &key);
+    if people > 0 {
+        enrol_people(&engine, people);
+    }
+    Gallery { _tmp: tmp, dir, key, engine: Arc::new(engine) }
+}
+
+/// Stop the server, then close the engine it served (every record durable).
+pub fn stop(server: Server, engine: Arc<Engine>) {
+    server.shutdown().unwrap();
+    Arc::try_unwrap(engine).unwrap().close().unwrap();
 }
 
 /// A server on a free port over `engine`.
