@@ -45,6 +45,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::compliance::{ConsentRecord, Decision, Mode, Operator, Purpose, SubjectId, Threshold};
 use crate::config::GalleryConfig;
 use crate::index::{Hit, SearchParams, SearchStrategy, VectorIndex};
+use crate::fs::Dir;
 use crate::store::{self, snapshot, LogWriter, Manifest, MasterKey, Op, TemplateMeta, TornTail};
 use crate::{Error, Result};
 
@@ -274,8 +275,14 @@ pub struct OpenReport {
     /// A key rotation a crash interrupted was finished (`Some(true)`: the
     /// new key opened the gallery) or rolled back (`Some(false)`).
     pub key_rotation_recovered: Option<bool>,
-    /// A torn write cut off the template log.
+    /// A torn write found at the end of the template log: ignored, and cut
+    /// by the next append (opening changes no file).
     pub torn_log_tail: Option<TornTail>,
+    /// Entries at the store's temporary names that facematch could not prove
+    /// its own (links, hard-linked or foreign files): left exactly as they were.
+    pub left_alone: Vec<String>,
+    /// Entries whose permissions were looser than 0700 / 0600 and were taken down.
+    pub modes_tightened: Vec<PathBuf>,
     /// The index snapshot was used (false: rebuilt from the log).
     pub snapshot_used: bool,
     /// Templates purged on open because their retention expired.
@@ -431,16 +438,18 @@ impl EngineBuilder {
             forbid_core_dumps()?;
         }
         let dir = self.dir;
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let lock = store::DirLock::acquire(&dir)?;
-        if dir.join(store::MANIFEST).exists() || dir.join(store::LOG).exists() {
+        let gdir = Dir::create_or_open(&dir)?;
+        let lock = store::DirLock::acquire(&gdir)?;
+        if gdir.exists(store::MANIFEST)? || gdir.exists(store::LOG)? {
             return Err(Error::config("gallery", format!("{} already holds a gallery", dir.display())));
         }
+        let mut report = OpenReport::default();
+        report.modes_tightened = gdir.tighten(&[store::AUDIT_DIR])?;
         let manifest = store::new_manifest(config, &key, self.clock.now_unix_ms());
-        let log = LogWriter::create(&dir.join(store::LOG), key.store_cipher())?;
-        store::sync_dir(&dir)?;
-        store::write_manifest(&dir, &manifest)?;
-        Engine::assemble(dir, lock, key, self.clock, manifest, log, OpenReport::default(), None)
+        let log = LogWriter::create(&gdir, store::LOG, key.store_cipher())?;
+        gdir.sync()?;
+        store::write_manifest(&gdir, &manifest)?;
+        Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, None)
     }
 
     /// Open an existing gallery: check the key, replay the log, load or rebuild the index, purge expired templates.
@@ -450,33 +459,29 @@ impl EngineBuilder {
             forbid_core_dumps()?;
         }
         let dir = self.dir;
-        store::read_manifest(&dir)?; // a gallery is here (before creating LOCK)
-        let lock = store::DirLock::acquire(&dir)?;
+        let gdir = Dir::open(&dir)?;
+        store::read_manifest_in(&gdir)?; // a gallery is here (before creating LOCK)
+        let lock = store::DirLock::acquire(&gdir)?;
         // The key must open the gallery as it will be once a key rotation a
         // crash interrupted is finished or undone; then that is done, first.
         // Recovery leaves exactly this manifest in place (moves the staged one, or keeps the old).
-        let manifest = store::effective_manifest(&dir)?;
+        let manifest = store::recover::effective_manifest(&gdir)?;
         manifest.config.validate()?;
-        store::check_key(&dir, &manifest, &key)?;
-        let rotation = store::recover_rotation(&dir)?;
+        store::check_key(&gdir, &manifest, &key)?;
+        let mut left_alone = Vec::new();
+        let rotation = store::recover::recover_rotation(&gdir, &mut left_alone)?;
         if let Some(r) = rotation {
             tracing::warn!(?r, "an interrupted key rotation was completed on open");
         }
         // Leftovers of a compaction or snapshot a crash cut short hold template ciphertext.
-        for leftover in ["templates.log.new", "index.snap.tmp"] {
-            let p = dir.join(leftover);
-            if p.exists() {
-                store::shred_file(&p)?;
-                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-                tracing::info!(file = leftover, "shredded a leftover of an interrupted write");
-            }
-        }
+        left_alone.extend(store::recover::clear_leftovers(&gdir)?);
+        let modes_tightened = gdir.tighten(&[store::AUDIT_DIR])?;
         let cfg = &manifest.config;
         let cipher = key.store_cipher();
 
         let mut ops: Vec<Op> = Vec::new();
         let logp = dir.join(store::LOG);
-        let (log, torn) = LogWriter::open(&logp, cipher.clone(), |i, b| {
+        let (log, torn) = LogWriter::open(&gdir, store::LOG, cipher.clone(), |i, b| {
             let op = Op::decode(b).map_err(|e| Error::DataCorruption { path: logp.clone(), reason: format!("frame {i}: {e}") })?;
             ops.push(op);
             Ok(())
@@ -484,20 +489,22 @@ impl EngineBuilder {
         let mut report = OpenReport {
             torn_log_tail: torn,
             key_rotation_recovered: rotation.map(|r| r == store::RotationRecovery::Finished),
+            left_alone,
+            modes_tightened,
             ..Default::default()
         };
 
         // Load the snapshot when it belongs to this log.
         let snapp = dir.join(store::SNAPSHOT);
         let mut index = None;
-        if let Some(h) = snapshot::read_header(&snapp)? {
+        if let Some(h) = snapshot::read_header(&gdir, store::SNAPSHOT)? {
             if h.log_id == log.file_id() && h.frames <= log.frames() {
-                match snapshot::read(&snapp, &cipher, &h, |r| VectorIndex::read_from(r)) {
+                match snapshot::read(&gdir, store::SNAPSHOT, &cipher, &h, |r| VectorIndex::read_from(r)) {
                     Ok(ix) if ix.dim() == cfg.dim && ix.slots() as u64 == h.slots => index = Some(ix),
                     Ok(_) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
                     Err(e) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
                 }
-            } else if h.log_id == log.file_id() && snapshot::read(&snapp, &cipher, &h, |r| VectorIndex::read_from(r)).is_ok() {
+            } else if h.log_id == log.file_id() && snapshot::read(&gdir, store::SNAPSHOT, &cipher, &h, |r| VectorIndex::read_from(r)).is_ok() {
                 // An authentic snapshot of this very log covers frames the log no longer has:
                 // acknowledged writes (a deletion, a withdrawal) were lost. A crash only ever
                 // tears an unacknowledged last frame, so this is truncation or damage: serving
@@ -556,8 +563,8 @@ impl EngineBuilder {
             st.index.remove(slot as u32)?;
         }
         calibrate_index(&mut st.index);
-        let stale = log.frames().saturating_sub(snapshot::read_header(&snapp)?.map(|h| h.frames).unwrap_or(0));
-        let engine = Engine::assemble(dir, lock, key, self.clock, manifest, log, report, Some(st))?;
+        let stale = log.frames().saturating_sub(snapshot::read_header(&gdir, store::SNAPSHOT)?.map(|h| h.frames).unwrap_or(0));
+        let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, Some(st))?;
         if !engine.open_report.snapshot_used || stale > 10_000 {
             engine.checkpoint()?;
         }
@@ -630,6 +637,8 @@ struct Writer {
 /// The engine. `Send + Sync`: share it in an `Arc`.
 pub struct Engine {
     dir: PathBuf,
+    /// The gallery directory's descriptor: every file operation goes through it.
+    gdir: Dir,
     _lock: store::DirLock,
     key: RwLock<MasterKey>,
     clock: Arc<dyn Clock>,
@@ -676,6 +685,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         dir: PathBuf,
+        gdir: Dir,
         lock: store::DirLock,
         key: MasterKey,
         clock: Arc<dyn Clock>,
@@ -689,6 +699,8 @@ impl Engine {
             Some(s) => s,
             None => State::new(VectorIndex::new(cfg.dim, cfg.index.clone())?),
         };
+        // A real directory, never a link planted in its place.
+        gdir.create_subdir(store::AUDIT_DIR)?;
         let (audit, _) = AuditLog::open(
             &dir.join(store::AUDIT_DIR),
             AuditKey::from_bytes(key.audit_key_bytes()),
@@ -701,6 +713,7 @@ impl Engine {
         }
         Ok(Engine {
             dir,
+            gdir,
             _lock: lock,
             key: RwLock::new(key),
             clock,
@@ -1177,7 +1190,7 @@ impl Engine {
         }
         let at = self.clock.now_unix_ms();
         m.filing_notice_ms = Some(at);
-        store::write_manifest(&self.dir, &m)?;
+        store::write_manifest(&self.gdir, &m)?;
         let threshold = m.config.filing_threshold;
         drop(m);
         tracing::warn!(people, threshold, "stored people reached the filing threshold: file with the provincial cyberspace office within 30 working days");
@@ -1315,11 +1328,10 @@ impl Engine {
         let mut w = self.writer.lock();
         let mut st = self.state.write();
         let bytes_before = w.log.len();
-        let tmp = self.dir.join("templates.log.new");
-        let (nl, removed) = self.write_compacted(&mut st, key, &tmp, &self.dir.join(store::SNAPSHOT))?;
+        let (nl, removed) = self.write_compacted(&mut st, key, &self.gdir, store::LOG_NEW)?;
         let logp = self.dir.join(store::LOG);
-        std::fs::rename(&tmp, &logp).map_err(|e| Error::io(&logp, e))?;
-        store::sync_dir(&self.dir)?;
+        self.gdir.rename(store::LOG_NEW, store::LOG)?;
+        self.gdir.sync()?;
         let mut nl = nl;
         nl.renamed(logp);
         let bytes_after = nl.len();
@@ -1332,7 +1344,7 @@ impl Engine {
     /// templates (and the consents) to `log_path`, and a snapshot bound to it
     /// to `snap_path`, under `key`. Returns the new log (at `log_path`) and
     /// how many deleted slots were dropped. The caller holds the writer lock.
-    fn write_compacted(&self, st: &mut State, key: &MasterKey, log_path: &Path, snap_path: &Path) -> Result<(LogWriter, u64)> {
+    fn write_compacted(&self, st: &mut State, key: &MasterKey, dir: &Dir, log_name: &str) -> Result<(LogWriter, u64)> {
         let removed = (st.index.slots() - st.index.len()) as u64;
         let map = st.index.compact();
         calibrate_index(&mut st.index);
@@ -1354,11 +1366,8 @@ impl Engine {
         st.min_enrolled_ms = slots.iter().map(|s| s.enrolled_at_ms).min().unwrap_or(i64::MAX);
         st.slots = slots;
 
-        if log_path.exists() {
-            store::shred_file(log_path)?;
-            std::fs::remove_file(log_path).map_err(|e| Error::io(log_path, e))?;
-        }
-        let mut nl = LogWriter::create(log_path, key.store_cipher())?;
+        store::recover::clear_leftover(dir, log_name)?;
+        let mut nl = LogWriter::create(dir, log_name, key.store_cipher())?;
         let mut frames: Vec<Vec<u8>> = st.consents.values().map(|c| Op::Consent(c.clone()).encode()).collect();
         frames.sort();
         for (i, s) in st.slots.iter().enumerate() {
@@ -1373,7 +1382,7 @@ impl Engine {
         nl.append_durable(&frames)?;
         let header = snapshot::SnapshotHeader { log_id: nl.file_id(), frames: nl.frames(), slots: st.index.slots() as u64 };
         let idx = &st.index;
-        snapshot::write(snap_path, &key.store_cipher(), header, |out| idx.write_to(out))?;
+        snapshot::write(dir, store::SNAPSHOT, &key.store_cipher(), header, |out| idx.write_to(out))?;
         Ok((nl, removed))
     }
 
@@ -1383,7 +1392,7 @@ impl Engine {
         let st = self.state.read();
         let key = self.key.read();
         let header = snapshot::SnapshotHeader { log_id: w.log.file_id(), frames: w.log.frames(), slots: st.index.slots() as u64 };
-        snapshot::write(&self.dir.join(store::SNAPSHOT), &key.store_cipher(), header, |out| st.index.write_to(out))
+        snapshot::write(&self.gdir, store::SNAPSHOT, &key.store_cipher(), header, |out| st.index.write_to(out))
     }
 
     /// Re-encrypt the whole store (and re-sign the audit log) under a new key.
@@ -1411,12 +1420,12 @@ impl Engine {
         let mut man = self.manifest.write();
         let mut st = self.state.write();
         let mut slot = self.audit.write();
-        let staging = store::begin_rotation(&self.dir)?;
+        let staging = store::recover::begin_rotation(&self.gdir)?;
         let audit_cfg = man.config.audit.clone();
         let audit_dir = self.dir.join(store::AUDIT_DIR);
         // Everything up to the commit can fail without harm: undo it and keep the old key.
         let staged = (|| -> Result<(LogWriter, store::Manifest)> {
-            let (nl, _) = self.write_compacted(&mut st, &new_key, &staging.join(store::LOG), &staging.join(store::SNAPSHOT))?;
+            let (nl, _) = self.write_compacted(&mut st, &new_key, &staging, store::LOG)?;
             let mut nm = man.clone();
             nm.key_check = store::new_manifest(nm.config.clone(), &new_key, nm.created_ms).key_check;
             store::write_manifest(&staging, &nm)?;
@@ -1429,7 +1438,7 @@ impl Engine {
         let (mut nl, nm) = match staged {
             Ok(x) => x,
             Err(e) => {
-                let _ = store::discard_rotation(&self.dir);
+                let _ = store::recover::discard_rotation(&self.gdir, &mut Vec::new());
                 if slot.is_none() {
                     *slot = AuditLog::open(&audit_dir, old_ak, audit_cfg, self.clock.clone()).ok().map(|(a, _)| a);
                 }
@@ -1439,11 +1448,11 @@ impl Engine {
         if stop == Some(RotationStep::Staged) {
             return Ok(());
         }
-        store::commit_rotation(&self.dir)?;
+        store::recover::commit_rotation(&self.gdir, &staging)?;
         if stop == Some(RotationStep::Committed) {
             return Ok(());
         }
-        store::finish_rotation(&self.dir)?;
+        store::recover::finish_rotation(&self.gdir, &staging)?;
         nl.renamed(self.dir.join(store::LOG));
         // The old log's file was shredded and replaced by finish_rotation.
         drop(std::mem::replace(&mut w.log, nl));
@@ -1590,7 +1599,7 @@ impl Engine {
         cfg.validate()?;
         let mut nm = m.clone();
         nm.config = cfg;
-        store::write_manifest(&self.dir, &nm)?;
+        store::write_manifest(&self.gdir, &nm)?;
         *m = nm;
         drop(m);
         self.audit_append(AuditEvent::ThresholdChange {
@@ -1627,10 +1636,11 @@ impl Engine {
         drop(st);
         let n = rows.len() as u64;
         self.audit_append(AuditEvent::Export { operator: operator.as_str().into(), templates: n, destination: dest.display().to_string() })?;
-        std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        // Plaintext templates: a 0700 directory, 0600 files, whatever the umask.
+        let out = Dir::create_or_open(dest)?;
         crate::npy::write_f32_matrix(dest.join("templates.npy"), &data, n as usize, dim)?;
         let j = serde_json::to_vec_pretty(&rows).map_err(|e| Error::config("export", e.to_string()))?;
-        store::write_atomic(&dest.join("templates.json"), &j)?;
+        out.write_atomic("templates.json", &j, true)?;
         Ok(n)
     }
 

@@ -110,6 +110,25 @@ pub enum Error {
     /// The gallery is locked by another process.
     #[error("store {0} is in use by another process")]
     Locked(PathBuf),
+    /// A path inside a gallery (or a file the user named) is not what
+    /// facematch may touch: a symbolic link, a hard-linked file, a FIFO, a
+    /// device, a directory where a file belongs, or a leftover that
+    /// facematch cannot prove its own. Nothing was read or written through it.
+    #[error("refusing {path}: {reason}")]
+    UnsafePath {
+        /// The entry.
+        path: PathBuf,
+        /// What it is and why it is refused.
+        reason: String,
+    },
+    /// An input file is larger than the limit for its kind (read no further).
+    #[error("{path} is larger than the {limit}-byte limit for this kind of file")]
+    InputTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit in bytes.
+        limit: u64,
+    },
 
     // --- compliance ----------------------------------------------------------
     /// A rule of the regulation forbids the operation.

@@ -149,7 +149,8 @@ pub fn encode(img: &DecodedImage, format: OutputFormat) -> Result<Vec<u8>> {
 
 /// Decode an image file (format from content, extension as a fallback).
 pub fn decode_path(path: &Path, limits: &ImageLimits) -> Result<DecodedImage> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Regular files only: a FIFO or device is refused before it can block.
+    let file = crate::fs::open_input(path)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len > limits.max_file_bytes {
         return Err(Error::BadImage {

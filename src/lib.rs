@@ -18,6 +18,7 @@
 
 pub mod error;
 pub use error::{Error, Result};
+pub mod fs;
 
 // --- the spine: image -> faces -> embeddings ---
 pub mod align;

@@ -80,7 +80,8 @@ fn run_anonymise(pipeline: &FacePipeline, args: &AnonymiseArgs) -> anyhow::Resul
         None => Redaction::default(),
     };
     let cfg = AnonymiseConfig { redaction, margin: args.margin };
-    let bytes = std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
+    let max = facematch::image_io::ImageLimits::default().max_file_bytes;
+    let bytes = facematch::fs::read_bounded(&args.image, max)?;
     let (img, faces) = facematch::probe::anonymise_image(pipeline, &bytes, &cfg)?;
     let png = args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
     let format = if png { OutputFormat::Png } else { OutputFormat::Jpeg { quality: args.quality } };
@@ -93,7 +94,7 @@ fn run_anonymise(pipeline: &FacePipeline, args: &AnonymiseArgs) -> anyhow::Resul
 fn load_config(cli: &Cli) -> anyhow::Result<PipelineConfig> {
     let mut cfg = match &cli.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = cli::read_text(path, 1 << 20)?;
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
         }
         None => PipelineConfig::default(),

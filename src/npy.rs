@@ -388,7 +388,7 @@ impl Parser<'_> {
 /// Read and validate the header of the file at `path`.
 pub fn read_header(path: impl AsRef<Path>) -> Result<NpyHeader> {
     let path = path.as_ref();
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::fs::open_input(path)?;
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     read_header_from(&mut f, file_len, path)
 }
@@ -439,7 +439,7 @@ fn read_header_from(f: &mut File, file_len: u64, path: &Path) -> Result<NpyHeade
 /// Read a whole 1-D or 2-D array of `T`; returns its shape and elements.
 pub fn read_array<T: NpyElement>(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<T>)> {
     let path = path.as_ref();
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::fs::open_input(path)?;
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let h = read_header_from(&mut f, file_len, path)?;
     if h.dtype != T::DTYPE {
@@ -592,7 +592,7 @@ pub fn write_array<T: NpyElement>(
     }
     let tmp = tmp_path(path);
     let result = (|| {
-        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let f = crate::fs::create_output(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         w.write_all(&header_bytes(T::DTYPE, shape))
             .map_err(|e| Error::io(&tmp, e))?;
@@ -668,7 +668,7 @@ impl MmapMatrix {
                 "memory-mapping little-endian .npy needs a little-endian CPU",
             ));
         }
-        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut f = crate::fs::open_input(path)?;
         let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
         let h = read_header_from(&mut f, file_len, path)?;
         if h.dtype != NpyDtype::F32 || h.shape.len() != 2 {

@@ -282,13 +282,15 @@ fn erasure_leftovers_of_an_interrupted_compaction_are_shredded_on_open() {
     let e = create(d.path(), &key, clock());
     enrol(&e, "max", &["door-access"], vector(31));
     e.close().unwrap();
-    for name in ["templates.log.new", "index.snap.tmp"] {
-        std::fs::write(d.path().join(name), b"ciphertext a crash left behind").unwrap();
+    // What a crash leaves: a copy of the store's own files under the temporary names.
+    for (from, name) in [("templates.log", "templates.log.new"), ("index.snap", "index.snap.tmp")] {
+        std::fs::copy(d.path().join(from), d.path().join(name)).unwrap();
     }
     let e = open(d.path(), &key, clock()).unwrap();
     for name in ["templates.log.new", "index.snap.tmp"] {
         assert!(!d.path().join(name).exists(), "{name} survived the open");
     }
+    assert!(e.open_report().left_alone.is_empty());
     assert!(e.verify(&ctx("door-access"), &vector(31), &subject("max")).unwrap().decision.is_match());
 }
 

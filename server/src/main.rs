@@ -94,7 +94,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let engine = EngineBuilder::new(&args.gallery).key(key).open().with_context(|| format!("opening gallery {}", args.gallery.display()))?;
     if let Some(t) = &engine.open_report().torn_log_tail {
-        tracing::warn!(bytes = t.bytes_dropped, "cut a torn write off the template log");
+        tracing::warn!(bytes = t.bytes_dropped, at = t.at, "a torn write at the end of the template log is ignored (cut at the next write)");
     }
     for n in engine.notices() {
         tracing::warn!(notice = ?n, "operator notice");

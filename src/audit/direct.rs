@@ -106,7 +106,7 @@ fn set(_file: &File, _on: bool) -> bool {
 
 /// Open `path` for direct writes (Linux `O_DIRECT`), or `None` if refused.
 pub(crate) fn open_write(path: &std::path::Path) -> Option<File> {
-    let f = std::fs::OpenOptions::new().write(true).open(path).ok()?;
+    let f = crate::fs::open_write_nofollow(path).ok()?;
     enable(&f).then_some(f)
 }
 

@@ -6,9 +6,9 @@
 //! is the canonical JSON object without that field. Hashing raw bytes (not a
 //! re-serialisation) means any byte change is caught, whatever JSON allows.
 
-use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -282,27 +282,14 @@ pub(crate) fn data_len(file: &mut File) -> std::io::Result<u64> {
 
 /// fsync a directory so renames and new files in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+    crate::fs::Dir::open(dir)?.sync()
 }
 
 /// Replace `dir/name` atomically with `bytes`: write a temp file, fsync it,
 /// rename it over, fsync the directory (syncs skipped when `sync` is false).
+/// A link or hard-linked file planted at `name.tmp` is unlinked, never followed.
 pub(crate) fn atomic_write(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<()> {
-    let tmp: PathBuf = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    if sync {
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
-    drop(f);
-    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    if sync {
-        sync_dir(dir)?;
-    }
-    Ok(())
+    crate::fs::Dir::open(dir)?.write_atomic(name, bytes, sync)
 }
 
 /// Serialized, sealed `HEAD` contents.

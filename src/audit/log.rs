@@ -6,7 +6,7 @@
 //! once, replaces `HEAD`, and only then wakes the appenders of that batch:
 //! a query is never answered before its record is durable.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -240,22 +240,7 @@ struct Shared {
 
 /// Take the directory's advisory lock (one writer process at a time).
 fn lock_dir(dir: &Path) -> Result<File> {
-    let path = dir.join(LOCK_FILE);
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    // std's file locks need Rust 1.89 (the toolchain here is newer than the
-    // declared MSRV; the lead may raise `rust-version`).
-    #[allow(clippy::incompatible_msrv)]
-    let locked = f.try_lock();
-    match locked {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
-    }
+    crate::fs::Dir::open(dir)?.lock(LOCK_FILE)
 }
 
 /// Cut a torn tail off the last segment (or remove a segment whose header
@@ -272,9 +257,7 @@ fn repair(scan: &mut Scan) -> Result<Option<TornTail>> {
     if torn.is_some() {
         if let Some(last) = scan.segments.last() {
             if last.has_header {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&last.path)
+                let f = crate::fs::open_write_nofollow(&last.path)
                     .map_err(|e| Error::io(&last.path, e))?;
                 f.set_len(last.auth_end)
                     .map_err(|e| Error::io(&last.path, e))?;
@@ -343,13 +326,8 @@ fn create_segment(
     let (line, m) = seal_control(key, HEADER_DOMAIN, &h)?;
     let path = dir.join(segment_name(e.segment));
     // Not append mode: the writer writes at its own position, into the
-    // zeroed space ahead of it (see `space`).
-    let mut f = OpenOptions::new()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|err| Error::io(&path, err))?;
+    // zeroed space ahead of it (see `space`). 0600, never through a link.
+    let mut f = crate::fs::Dir::open(dir)?.create_new(&segment_name(e.segment))?;
     f.write_all(&line).map_err(|err| Error::io(&path, err))?;
     if sync {
         f.sync_all().map_err(|err| Error::io(&path, err))?;
@@ -414,7 +392,7 @@ impl AuditLog {
         clock: Arc<dyn Clock>,
     ) -> Result<(AuditLog, OpenReport)> {
         cfg.validate()?;
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::fs::Dir::create_or_open(dir)?;
         let lock = lock_dir(dir)?;
         let sync = cfg.durability != Durability::Off;
 
@@ -460,10 +438,7 @@ impl AuditLog {
             }
         };
         // Append at the end of the data, before any zeroed free space.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&current.path)
+        let mut file = crate::fs::open_write_nofollow(&current.path)
             .map_err(|e| Error::io(&current.path, e))?;
         let pos = data_len(&mut file)
             .and_then(|n| file.seek(SeekFrom::Start(n)))
@@ -769,7 +744,7 @@ impl AuditLog {
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
         }
-        fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+        crate::fs::Dir::open(dir)?.create_subdir("rekey.new")?;
         Self::rekey_into(dir, old, new, &staging)?;
         let _lock = lock_dir(dir)?;
         for e in fs::read_dir(&staging).map_err(|e| Error::io(&staging, e))? {
@@ -810,7 +785,7 @@ impl AuditLog {
             let tmp = out_dir.join(name);
             let mut raw = Vec::new();
             // Zeroed free space a crash left behind is not copied.
-            File::open(&s.path)
+            crate::fs::open_read_nofollow(&s.path)
                 .and_then(|mut f| {
                     let n = data_len(&mut f)?;
                     f.rewind()?;
@@ -846,7 +821,7 @@ impl AuditLog {
                     out.extend_from_slice(line);
                 }
             }
-            let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let mut f = crate::fs::create_output(&tmp)?;
             f.write_all(&out)
                 .and_then(|_| f.sync_all())
                 .map_err(|e| Error::io(&tmp, e))?;
@@ -1858,7 +1833,7 @@ mod tests {
     }
 
     fn append_bytes(path: &Path, bytes: &[u8]) {
-        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
         f.write_all(bytes).unwrap();
     }
 

@@ -602,7 +602,7 @@ fn closed_skeleton(
     expect: &Expect,
 ) -> Result<Option<SegState>> {
     let io = |e| Error::io(path, e);
-    let mut file = File::open(path).map_err(io)?;
+    let mut file = crate::fs::open_read_nofollow(path).map_err(io)?;
     let mut line = Vec::with_capacity(512);
     BufReader::with_capacity(4096, &mut file)
         .read_until(b'\n', &mut line)
@@ -776,7 +776,7 @@ pub(crate) fn verify_closed_segment(
 
 /// The header of a segment file if its first line parses (no checks).
 pub(crate) fn first_header(path: &Path) -> Result<Option<Header>> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = crate::fs::open_read_nofollow(path).map_err(|e| Error::io(path, e))?;
     let mut r = BufReader::new(f);
     let mut line = Vec::new();
     r.read_until(b'\n', &mut line)
@@ -798,7 +798,7 @@ fn scan_segment(
     visit: &mut Option<Visitor<'_>>,
 ) -> Result<(SegState, Option<BadRecord>, Option<String>)> {
     let io = |e| Error::io(path, e);
-    let mut file = File::open(path).map_err(io)?;
+    let mut file = crate::fs::open_read_nofollow(path).map_err(io)?;
     let file_len = data_len(&mut file).map_err(io)?;
     file.rewind().map_err(io)?;
     let mut reader = BufReader::with_capacity(1 << 16, file.take(file_len));

@@ -18,7 +18,7 @@
 //!
 //! [`AuditConfig::preallocate_bytes`]: super::AuditConfig::preallocate_bytes
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -204,7 +204,7 @@ fn fill(state: &(Mutex<State>, Condvar), ahead: u64) {
                 let f = if direct {
                     direct::open_write(&path).ok_or_else(|| std::io::Error::other("O_DIRECT refused"))?
                 } else {
-                    OpenOptions::new().write(true).open(&path)?
+                    crate::fs::open_write_nofollow(&path)?
                 };
                 open = Some((seg, direct, f));
             }

@@ -46,8 +46,18 @@ impl GalleryOpts {
     }
     fn open(&self) -> anyhow::Result<Engine> {
         let e = EngineBuilder::new(&self.gallery).key(self.key()?).open().with_context(|| format!("opening gallery {}", self.gallery.display()))?;
-        if let Some(t) = &e.open_report().torn_log_tail {
-            eprintln!("warning: cut a torn write ({} bytes) off the template log", t.bytes_dropped);
+        let r = e.open_report();
+        if let Some(t) = &r.torn_log_tail {
+            eprintln!(
+                "warning: {} bytes at the end of the template log (from byte {}) are the remains of a write a crash cut short; ignored, cut at the next write",
+                t.bytes_dropped, t.at
+            );
+        }
+        for l in &r.left_alone {
+            eprintln!("warning: {l}");
+        }
+        for p in &r.modes_tightened {
+            eprintln!("note: permissions of {} were looser than 0700/0600 and were tightened", p.display());
         }
         print_notices(&e);
         Ok(e)
@@ -407,7 +417,20 @@ fn pipeline(cfg: &PipelineConfig) -> anyhow::Result<FacePipeline> {
 }
 
 fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+    // Regular files only (a FIFO would block while the gallery is locked), size-capped.
+    let max = facematch::image_io::ImageLimits::default().max_file_bytes;
+    Ok(facematch::fs::read_bounded(p, max)?)
+}
+
+/// Largest list file (manifests, labels) read: 1 GiB of ids.
+const MAX_LIST_BYTES: u64 = 1 << 30;
+/// Largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Read a UTF-8 text file the user named: regular files only, at most `max` bytes.
+pub(crate) fn read_text(p: &Path, max: u64) -> anyhow::Result<String> {
+    let bytes = facematch::fs::read_bounded(p, max)?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", p.display()))
 }
 
 /// Run a gallery command; `Ok(false)` means some inputs failed.
@@ -431,7 +454,7 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
         }
         GalleryCommand::Init(a) => {
             let mut cfg: GalleryConfig = match &a.config {
-                Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("parsing {}", p.display()))?,
+                Some(p) => serde_json::from_str(&read_text(p, MAX_CONFIG_BYTES)?).with_context(|| format!("parsing {}", p.display()))?,
                 None => GalleryConfig { dim: a.dim, model_id: a.model_id.clone(), ..Default::default() },
             };
             for spec in &a.purposes {
@@ -575,8 +598,7 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             let mode = parse_mode(&a.mode)?;
             let purpose = Purpose::new(a.purpose.as_str())?;
             let q = facematch::npy::read_f32_matrix(&a.embeddings)?;
-            let labels: Vec<Option<SubjectId>> = std::fs::read_to_string(&a.labels)
-                .with_context(|| format!("reading {}", a.labels.display()))?
+            let labels: Vec<Option<SubjectId>> = read_text(&a.labels, MAX_LIST_BYTES)?
                 .lines()
                 .map(|l| match l.trim() {
                     "" => Ok(None),
@@ -626,8 +648,7 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
     let e = a.g.open()?;
     let op = a.g.operator()?;
     let m = facematch::npy::read_f32_matrix(&a.embeddings)?;
-    let subjects: Vec<String> = std::fs::read_to_string(&a.manifest)
-        .with_context(|| format!("reading {}", a.manifest.display()))?
+    let subjects: Vec<String> = read_text(&a.manifest, MAX_LIST_BYTES)?
         .lines()
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())

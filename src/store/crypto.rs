@@ -60,7 +60,12 @@ impl MasterKey {
     }
     /// From a key file: 64 hex digits, or exactly 32 raw bytes.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| Error::Key(format!("cannot read key file {}: {e}", path.display())))?);
+        // A key file is 32 raw bytes or 64 hex digits (and whitespace): refuse
+        // anything larger, and FIFOs or devices, before reading.
+        let bytes = Zeroizing::new(crate::fs::read_bounded(path, 256).map_err(|e| match e {
+            Error::Io { source, .. } => Error::Key(format!("cannot read key file {}: {source}", path.display())),
+            e => Error::Key(format!("key file: {e}")),
+        })?);
         if bytes.len() == 32 {
             let mut k = Zeroizing::new([0u8; 32]);
             k.copy_from_slice(&bytes);

@@ -10,18 +10,19 @@
 //! torn write from a crash: it is cut off and reported. Damage anywhere else,
 //! or a frame that fails authentication, is corruption and the open fails.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rand::RngCore;
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use super::crypto::{Cipher, NONCE_LEN, TAG_LEN};
+use crate::fs::Dir;
 use crate::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"FMTLOG\0\0";
+pub(crate) const MAGIC: &[u8; 8] = b"FMTLOG\0\0";
 /// On-disk version of the template log.
 pub(crate) const LOG_VERSION: u32 = 1;
 pub(crate) const HEADER_LEN: usize = 32;
@@ -39,8 +40,39 @@ fn aad(file_id: &[u8; 16], index: u64) -> [u8; 24] {
 /// What replay found at the end of the log.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TornTail {
-    /// Bytes cut off the end.
+    /// Bytes at the end that are not part of the log (cut by the next append).
     pub bytes_dropped: u64,
+    /// Byte offset where they start.
+    pub at: u64,
+}
+
+/// Why the bytes after the last good frame are not a torn append, if they
+/// are not: a torn append is a strict prefix of the frames it was writing,
+/// so no whole frame can be found in it. `largest` is the largest frame
+/// seen (frames of one gallery are of similar size), bounding the search.
+fn tail_holds_a_frame(tail: &[u8], cipher: &Cipher, file_id: &[u8; 16], index: u64, largest: usize) -> Option<String> {
+    let min = NONCE_LEN + TAG_LEN;
+    if tail.len() >= FRAME_HEAD + min {
+        let stored_crc = u32::from_le_bytes(tail[4..8].try_into().unwrap_or_default());
+        let body = &tail[FRAME_HEAD..];
+        if crc32fast::hash(body) == stored_crc || cipher.open(&aad(file_id, index), body).is_some() {
+            return Some("the bytes after its length field are one whole frame (its length field is damaged)".into());
+        }
+    }
+    // A later frame intact: its length and checksum agree.
+    let cap = if largest == 0 { 1 << 16 } else { largest.saturating_mul(4).min(MAX_FRAME) };
+    let mut q = 1;
+    while q + FRAME_HEAD + min <= tail.len() {
+        let l = u32::from_le_bytes(tail[q..q + 4].try_into().unwrap_or_default()) as usize;
+        if (min..=cap).contains(&l) && q + FRAME_HEAD + l <= tail.len() {
+            let crc = u32::from_le_bytes(tail[q + 4..q + 8].try_into().unwrap_or_default());
+            if crc32fast::hash(&tail[q + FRAME_HEAD..q + FRAME_HEAD + l]) == crc {
+                return Some(format!("an intact frame follows at {q} bytes past it"));
+            }
+        }
+        q += 1;
+    }
+    None
 }
 
 /// An open log, positioned at its end, ready to append.
@@ -50,32 +82,46 @@ pub(crate) struct LogWriter {
     file_id: [u8; 16],
     frames: u64,
     len: u64,
+    /// A torn tail was found on open and is still on disk past `len`.
+    cut_pending: bool,
     cipher: Cipher,
 }
 
 impl LogWriter {
-    /// Create a new empty log at `path` (fails if it exists).
-    pub(crate) fn create(path: &Path, cipher: Cipher) -> Result<Self> {
+    /// Create a new empty log `name` in `dir` (fails if anything has the name).
+    pub(crate) fn create(dir: &Dir, name: &str, cipher: Cipher) -> Result<Self> {
+        let path = dir.join(name);
         let mut file_id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut file_id);
-        let mut file = OpenOptions::new().create_new(true).write(true).read(true).open(path).map_err(|e| Error::io(path, e))?;
+        let mut file = dir.create_new(name)?;
         let mut h = [0u8; HEADER_LEN];
         h[..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&LOG_VERSION.to_le_bytes());
         h[16..32].copy_from_slice(&file_id);
-        file.write_all(&h).map_err(|e| Error::io(path, e))?;
-        file.sync_all().map_err(|e| Error::io(path, e))?;
-        Ok(LogWriter { file, path: path.to_path_buf(), file_id, frames: 0, len: HEADER_LEN as u64, cipher })
+        file.write_all(&h).map_err(|e| Error::io(&path, e))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        Ok(LogWriter { file, path, file_id, frames: 0, len: HEADER_LEN as u64, cut_pending: false, cipher })
     }
 
-    /// Open an existing log, replay every frame through `apply` (in order,
-    /// decrypted in parallel chunks), cut a torn tail, and return the writer.
+    /// Open the log `name` in `dir`, replay every frame through `apply` (in
+    /// order, decrypted in parallel chunks) and return the writer.
+    ///
+    /// Opening never changes the file. A torn tail (the remains of an append
+    /// a crash cut short) is reported and ignored; it is cut only by the next
+    /// append. Bytes at the end count as a torn tail only when every frame
+    /// before them authenticates and they cannot hold a whole frame (no
+    /// checksum-valid frame starts anywhere in them, and they do not
+    /// authenticate as the next frame with a damaged length); anything else
+    /// is [`Error::DataCorruption`] with the byte offset, and the file is left
+    /// exactly as it was (see `facematch repair`).
     pub(crate) fn open(
-        path: &Path,
+        dir: &Dir,
+        name: &str,
         cipher: Cipher,
         mut apply: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<(Self, Option<TornTail>)> {
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, e))?;
+        let path = &dir.join(name);
+        let file = dir.open_write(name)?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if file_len < HEADER_LEN as u64 {
             return Err(Error::DataCorruption { path: path.into(), reason: format!("file is {file_len} bytes, shorter than its header") });
@@ -100,36 +146,47 @@ impl LogWriter {
         // Pass 1: frame boundaries and checksums.
         let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut pos = HEADER_LEN;
-        let mut torn = None;
+        let mut torn = false;
+        let mut largest = 0usize;
         while pos < data.len() {
             let rest = data.len() - pos;
             if rest < FRAME_HEAD {
-                torn = Some(rest);
+                torn = true;
                 break;
             }
             let blen = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or_default()) as usize;
             let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or_default());
-            if !(NONCE_LEN + TAG_LEN..=MAX_FRAME).contains(&blen) {
-                if pos + FRAME_HEAD + blen.min(MAX_FRAME) >= data.len() || blen == 0 {
-                    torn = Some(rest);
-                    break;
-                }
-                return Err(Error::DataCorruption { path: path.into(), reason: format!("frame {} at byte {pos} has impossible length {blen}", spans.len()) });
-            }
-            if rest < FRAME_HEAD + blen {
-                torn = Some(rest);
+            let plausible = (NONCE_LEN + TAG_LEN..=MAX_FRAME).contains(&blen);
+            if !plausible || rest < FRAME_HEAD + blen {
+                // Either the start of an append a crash cut short, or a damaged length.
+                torn = true;
                 break;
             }
             let body = &data[pos + FRAME_HEAD..pos + FRAME_HEAD + blen];
             if crc32fast::hash(body) != crc {
                 if pos + FRAME_HEAD + blen == data.len() {
-                    torn = Some(rest);
+                    torn = true;
                     break;
                 }
-                return Err(Error::DataCorruption { path: path.into(), reason: format!("frame {} at byte {pos} fails its checksum", spans.len()) });
+                return Err(Error::DataCorruption {
+                    path: path.into(),
+                    reason: format!("frame {} at byte {pos} fails its checksum (the file was not changed)", spans.len()),
+                });
             }
+            largest = largest.max(blen);
             spans.push((pos + FRAME_HEAD, blen));
             pos += FRAME_HEAD + blen;
+        }
+        if torn {
+            if let Some(reason) = tail_holds_a_frame(&data[pos..], &cipher, &file_id, spans.len() as u64, largest) {
+                return Err(Error::DataCorruption {
+                    path: path.into(),
+                    reason: format!(
+                        "frame {} at byte {pos} is damaged, not torn: {reason}; the file was not changed (`facematch repair` can cut it, keeping a copy)",
+                        spans.len()
+                    ),
+                });
+            }
         }
 
         // Pass 2: authenticate + decrypt in parallel chunks, apply in order.
@@ -157,17 +214,12 @@ impl LogWriter {
         let frames = spans.len() as u64;
         let good_len = pos as u64;
         drop(map);
-        let mut w = LogWriter { file, path: path.to_path_buf(), file_id, frames, len: good_len, cipher };
-        let torn = match torn {
-            Some(bytes) => {
-                w.file.set_len(good_len).map_err(|e| Error::io(path, e))?;
-                w.file.sync_all().map_err(|e| Error::io(path, e))?;
-                tracing::warn!(path = %path.display(), bytes, "cut a torn write off the end of the template log");
-                Some(TornTail { bytes_dropped: bytes as u64 })
-            }
-            None => None,
-        };
-        w.file.seek(SeekFrom::Start(w.len)).map_err(|e| Error::io(path, e))?;
+        let torn = torn.then(|| {
+            let bytes = file_len - good_len;
+            tracing::warn!(path = %path.display(), bytes, at = good_len, "a torn write at the end of the template log is ignored (cut at the next append)");
+            TornTail { bytes_dropped: bytes, at: good_len }
+        });
+        let w = LogWriter { file, path: path.to_path_buf(), file_id, frames, len: good_len, cut_pending: torn.is_some(), cipher };
         Ok((w, torn))
     }
 
@@ -188,6 +240,12 @@ impl LogWriter {
             buf.extend_from_slice(&crc32fast::hash(s).to_le_bytes());
             buf.extend_from_slice(s);
         }
+        if self.cut_pending {
+            // The torn tail found on open goes now, before anything is written after it.
+            self.file.set_len(self.len).and_then(|_| self.file.sync_all()).map_err(|e| Error::io(&self.path, e))?;
+            self.cut_pending = false;
+        }
+        self.file.seek(SeekFrom::Start(self.len)).map_err(|e| Error::io(&self.path, e))?;
         let res = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
         if let Err(e) = res {
             // Roll the file back to the last good frame so a failed append leaves nothing half-written.
@@ -219,7 +277,7 @@ impl LogWriter {
     /// Overwrite the whole file with zeros and sync (before it is unlinked),
     /// so erased templates' ciphertext does not linger in freed blocks.
     pub(crate) fn shred(mut self) -> Result<()> {
-        super::shred_open(&mut self.file, &self.path)
+        crate::fs::shred_open(&mut self.file, &self.path)
     }
 }
 
@@ -227,35 +285,71 @@ impl LogWriter {
 mod tests {
     use super::*;
     use crate::store::MasterKey;
+    use std::fs::OpenOptions;
+
+    fn three_frames(k: &MasterKey) -> (tempfile::TempDir, Dir) {
+        let t = tempfile::tempdir().unwrap();
+        let d = Dir::open(t.path()).unwrap();
+        let mut w = LogWriter::create(&d, "t.log", k.store_cipher()).unwrap();
+        w.append_durable(&[b"one".to_vec(), b"two".to_vec()]).unwrap();
+        w.append_durable(&[b"three".to_vec()]).unwrap();
+        (t, d)
+    }
 
     #[test]
     fn append_replay_and_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("t.log");
         let k = MasterKey::generate();
-        let mut w = LogWriter::create(&p, k.store_cipher()).unwrap();
-        w.append_durable(&[b"one".to_vec(), b"two".to_vec()]).unwrap();
-        w.append_durable(&[b"three".to_vec()]).unwrap();
-        drop(w);
+        let (t, d) = three_frames(&k);
+        let p = t.path().join("t.log");
+        let good = std::fs::read(&p).unwrap();
         // torn: append half a frame
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
         let mut seen = vec![];
-        let (w, torn) = LogWriter::open(&p, k.store_cipher(), |i, b| {
+        let (mut w, torn) = LogWriter::open(&d, "t.log", k.store_cipher(), |i, b| {
             seen.push((i, b.to_vec()));
             Ok(())
         })
         .unwrap();
-        assert_eq!(torn, Some(TornTail { bytes_dropped: 6 }));
+        assert_eq!(torn, Some(TornTail { bytes_dropped: 6, at: good.len() as u64 }));
         assert_eq!(w.frames(), 3);
         assert_eq!(seen[2].1, b"three");
+        // Opening changed nothing; the next append cuts the tail first.
+        assert_eq!(std::fs::read(&p).unwrap().len(), good.len() + 6);
+        w.append_durable(&[b"four".to_vec()]).unwrap();
+        drop(w);
+        let mut n = 0;
+        let (_, torn) = LogWriter::open(&d, "t.log", k.store_cipher(), |_, _| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((n, torn), (4, None));
         // wrong key: authentication fails
-        assert!(LogWriter::open(&p, MasterKey::generate().store_cipher(), |_, _| Ok(())).is_err());
+        assert!(LogWriter::open(&d, "t.log", MasterKey::generate().store_cipher(), |_, _| Ok(())).is_err());
         // flip a byte in the middle frame: corruption, not a torn tail
         let mut bytes = std::fs::read(&p).unwrap();
         bytes[HEADER_LEN + 12] ^= 0xff;
         std::fs::write(&p, &bytes).unwrap();
-        assert!(matches!(LogWriter::open(&p, k.store_cipher(), |_, _| Ok(())), Err(Error::DataCorruption { .. })));
+        assert!(matches!(LogWriter::open(&d, "t.log", k.store_cipher(), |_, _| Ok(())), Err(Error::DataCorruption { .. })));
+    }
+
+    #[test]
+    fn a_damaged_length_is_corruption_and_the_file_is_left_alone() {
+        let k = MasterKey::generate();
+        let (t, d) = three_frames(&k);
+        let p = t.path().join("t.log");
+        let good = std::fs::read(&p).unwrap();
+        let frame1 = HEADER_LEN + FRAME_HEAD + u32::from_le_bytes(good[HEADER_LEN..HEADER_LEN + 4].try_into().unwrap()) as usize;
+        let frame2 = frame1 + FRAME_HEAD + u32::from_le_bytes(good[frame1..frame1 + 4].try_into().unwrap()) as usize;
+        for (at, flip) in [(HEADER_LEN + 2, 0x01), (HEADER_LEN, 0x80), (frame1 + 3, 0x40), (frame2, 0x10), (frame2 + 2, 0xff)] {
+            let mut bad = good.clone();
+            bad[at] ^= flip;
+            std::fs::write(&p, &bad).unwrap();
+            let r = LogWriter::open(&d, "t.log", k.store_cipher(), |_, _| Ok(()));
+            assert!(matches!(r, Err(Error::DataCorruption { .. })), "flip at {at}: {:?}", r.map(|x| x.1));
+            assert_eq!(std::fs::read(&p).unwrap(), bad, "flip at {at} changed the file");
+        }
     }
 }

@@ -17,19 +17,21 @@
 
 mod crypto;
 mod log;
+pub(crate) mod recover;
 pub(crate) mod snapshot;
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 pub use self::crypto::{MasterKey, KEY_ENV};
 pub(crate) use self::log::LogWriter;
 pub use self::log::TornTail;
+pub use self::recover::RotationRecovery;
 use crate::compliance::{ConsentRecord, Purpose, SubjectId};
 use crate::config::GalleryConfig;
+use crate::fs::Dir;
 use crate::{Error, Result};
 
 /// Version of the gallery format this build writes (and the newest it reads).
@@ -39,6 +41,10 @@ pub(crate) const MANIFEST: &str = "gallery.json";
 pub(crate) const LOG: &str = "templates.log";
 pub(crate) const SNAPSHOT: &str = "index.snap";
 pub(crate) const AUDIT_DIR: &str = "audit";
+/// Where compaction writes the new log before it is renamed over [`LOG`].
+pub(crate) const LOG_NEW: &str = "templates.log.new";
+/// Where a snapshot is written before it is renamed over [`SNAPSHOT`].
+pub(crate) const SNAPSHOT_TMP: &str = "index.snap.tmp";
 const LOCK: &str = "LOCK";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"facematch key check v1";
 
@@ -149,157 +155,6 @@ fn json_frame(op: &JsonOp) -> Vec<u8> {
     out
 }
 
-/// fsync a directory so a rename in it is durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
-}
-
-/// Write `bytes` to `path` atomically (tmp, fsync, rename, fsync dir).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// Staging directory of a key rotation: the whole store re-encrypted (and the
-/// audit log re-signed) under the new key is built here, then [`ROTATION_COMMIT`]
-/// is made durable and the files are moved into place. A crash before the
-/// commit leaves the old store untouched (the staging is discarded on open);
-/// after it, open finishes the moves. See `Engine::rotate_key`.
-pub(crate) const ROTATION_DIR: &str = "rotate.new";
-const ROTATION_COMMIT: &str = "COMMIT";
-
-/// What [`recover_rotation`] found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RotationRecovery {
-    /// The rotation had committed: its moves were finished (the new key opens the gallery).
-    Finished,
-    /// It had not: the staging was shredded and removed (the old key still opens the gallery).
-    RolledBack,
-}
-
-/// Overwrite a file with zeros and sync it (before it is replaced or
-/// unlinked), so template ciphertext does not linger in freed blocks.
-pub(crate) fn shred_file(path: &Path) -> Result<()> {
-    match OpenOptions::new().write(true).open(path) {
-        Ok(mut f) => shred_open(&mut f, path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-/// [`shred_file`] through an open handle (`path` only names it in errors):
-/// for a file whose path may already name its replacement.
-pub(crate) fn shred_open(f: &mut File, path: &Path) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    f.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        f.write_all(&zeros[..n]).map_err(|e| Error::io(path, e))?;
-        left -= n as u64;
-    }
-    f.sync_all().map_err(|e| Error::io(path, e))
-}
-
-/// Start a rotation: a fresh, empty staging directory (a stale one is discarded).
-pub(crate) fn begin_rotation(dir: &Path) -> Result<PathBuf> {
-    discard_rotation(dir)?;
-    let st = dir.join(ROTATION_DIR);
-    std::fs::create_dir(&st).map_err(|e| Error::io(&st, e))?;
-    std::fs::create_dir(st.join(AUDIT_DIR)).map_err(|e| Error::io(&st, e))?;
-    Ok(st)
-}
-
-/// Shred the staged template files and remove the staging directory.
-pub(crate) fn discard_rotation(dir: &Path) -> Result<()> {
-    let st = dir.join(ROTATION_DIR);
-    if !st.exists() {
-        return Ok(());
-    }
-    for name in [LOG, SNAPSHOT, "templates.log.new", "index.snap.tmp"] {
-        shred_file(&st.join(name))?;
-    }
-    std::fs::remove_dir_all(&st).map_err(|e| Error::io(&st, e))?;
-    sync_dir(dir)
-}
-
-/// The commit point: from here on the rotation completes, even after a crash.
-pub(crate) fn commit_rotation(dir: &Path) -> Result<()> {
-    let st = dir.join(ROTATION_DIR);
-    sync_dir(&st.join(AUDIT_DIR))?;
-    sync_dir(&st)?;
-    write_atomic(&st.join(ROTATION_COMMIT), b"facematch key rotation committed\n")
-}
-
-/// Move the staged files into place (idempotent: a crash part-way is
-/// finished by the next call). The replaced template log and snapshot are
-/// shredded first.
-pub(crate) fn finish_rotation(dir: &Path) -> Result<()> {
-    let st = dir.join(ROTATION_DIR);
-    for name in [LOG, SNAPSHOT] {
-        let from = st.join(name);
-        if from.exists() {
-            shred_file(&dir.join(name))?;
-            std::fs::rename(&from, dir.join(name)).map_err(|e| Error::io(&from, e))?;
-        }
-    }
-    let staged_audit = st.join(AUDIT_DIR);
-    if staged_audit.exists() {
-        let audit = dir.join(AUDIT_DIR);
-        let entries = std::fs::read_dir(&staged_audit).map_err(|e| Error::io(&staged_audit, e))?;
-        for e in entries {
-            let e = e.map_err(|e| Error::io(&staged_audit, e))?;
-            let to = audit.join(e.file_name());
-            std::fs::rename(e.path(), &to).map_err(|err| Error::io(&to, err))?;
-        }
-        sync_dir(&audit)?;
-        std::fs::remove_dir(&staged_audit).map_err(|e| Error::io(&staged_audit, e))?;
-    }
-    // The manifest (the new key check) last: until it moves, the old key is
-    // still checked, and open keeps finishing the rotation before checking.
-    let from = st.join(MANIFEST);
-    if from.exists() {
-        std::fs::rename(&from, dir.join(MANIFEST)).map_err(|e| Error::io(&from, e))?;
-    }
-    sync_dir(dir)?;
-    std::fs::remove_dir_all(&st).map_err(|e| Error::io(&st, e))?;
-    sync_dir(dir)
-}
-
-/// The manifest that will be in force once an interrupted rotation is
-/// recovered: the staged one after the commit, else the one in place. The
-/// key is checked against it before [`recover_rotation`] touches anything.
-pub(crate) fn effective_manifest(dir: &Path) -> Result<Manifest> {
-    let st = dir.join(ROTATION_DIR);
-    if st.join(ROTATION_COMMIT).exists() && st.join(MANIFEST).exists() {
-        read_manifest(&st)
-    } else {
-        read_manifest(dir)
-    }
-}
-
-/// Finish (after the commit) or roll back (before it) a rotation a crash
-/// interrupted. Call with the directory locked, before reading anything else.
-pub(crate) fn recover_rotation(dir: &Path) -> Result<Option<RotationRecovery>> {
-    let st = dir.join(ROTATION_DIR);
-    if !st.exists() {
-        return Ok(None);
-    }
-    if st.join(ROTATION_COMMIT).exists() {
-        finish_rotation(dir)?;
-        Ok(Some(RotationRecovery::Finished))
-    } else {
-        discard_rotation(dir)?;
-        Ok(Some(RotationRecovery::RolledBack))
-    }
-}
-
 /// The exclusive lock on a gallery directory (released on drop).
 #[derive(Debug)]
 pub(crate) struct DirLock {
@@ -307,26 +162,24 @@ pub(crate) struct DirLock {
 }
 
 impl DirLock {
-    pub(crate) fn acquire(dir: &Path) -> Result<Self> {
-        let p = dir.join(LOCK);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(|e| Error::io(&p, e))?;
-        match f.try_lock() {
-            Ok(()) => Ok(DirLock { _file: f }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&p, e)),
-        }
+    pub(crate) fn acquire(dir: &Dir) -> Result<Self> {
+        Ok(DirLock { _file: dir.lock(LOCK)? })
     }
 }
 
+/// Largest manifest accepted (it holds configuration, not data).
+const MAX_MANIFEST: u64 = 1 << 20;
+
 /// Read and check a manifest (format, version), without the key.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    read_manifest_in(&Dir::open(dir)?)
+}
+
+/// [`read_manifest`] through an open directory.
+pub(crate) fn read_manifest_in(dir: &Dir) -> Result<Manifest> {
     let p = dir.join(MANIFEST);
-    let bytes = match std::fs::read(&p) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::IncompatibleStore { path: dir.into(), reason: "no gallery here (gallery.json missing)".into() })
-        }
-        Err(e) => return Err(Error::io(&p, e)),
+    let Some(bytes) = dir.read_bounded(MANIFEST, MAX_MANIFEST)? else {
+        return Err(Error::IncompatibleStore { path: dir.path().into(), reason: "no gallery here (gallery.json missing)".into() });
     };
     let v: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::IncompatibleStore { path: p.clone(), reason: format!("not a facematch manifest: {e}") })?;
@@ -344,9 +197,9 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 }
 
 /// Write the manifest atomically.
-pub(crate) fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+pub(crate) fn write_manifest(dir: &Dir, m: &Manifest) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::config("manifest", e.to_string()))?;
-    write_atomic(&dir.join(MANIFEST), &bytes)
+    dir.write_atomic(MANIFEST, &bytes, true)
 }
 
 /// Make a new manifest for `config` sealed with `key`.
@@ -362,11 +215,11 @@ pub(crate) fn new_manifest(config: GalleryConfig, key: &MasterKey, now_ms: i64) 
 }
 
 /// Check that `key` opens this gallery.
-pub(crate) fn check_key(dir: &Path, m: &Manifest, key: &MasterKey) -> Result<()> {
+pub(crate) fn check_key(dir: &Dir, m: &Manifest, key: &MasterKey) -> Result<()> {
     let sealed = hex::decode(&m.key_check).map_err(|_| Error::DataCorruption { path: dir.join(MANIFEST), reason: "bad key_check".into() })?;
     match key.store_cipher().open(b"key-check", &sealed) {
         Some(p) if &p[..] == KEY_CHECK_PLAINTEXT => Ok(()),
-        _ => Err(Error::Key(format!("the key (fingerprint {}) does not open the gallery at {}", key.fingerprint(), dir.display()))),
+        _ => Err(Error::Key(format!("the key (fingerprint {}) does not open the gallery at {}", key.fingerprint(), dir.path().display()))),
     }
 }
 
@@ -382,40 +235,30 @@ pub fn forensic_dump(dir: &Path, key: &MasterKey) -> Result<(Vec<u8>, Vec<u8>)> 
         for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
             let e = e.map_err(|e| Error::io(&d, e))?;
             let p = e.path();
-            if p.is_dir() {
+            let ft = e.file_type().map_err(|err| Error::io(&p, err))?;
+            if ft.is_dir() {
                 stack.push(p);
-            } else {
+            } else if ft.is_file() {
                 raw.extend_from_slice(&std::fs::read(&p).map_err(|e| Error::io(&p, e))?);
             }
         }
     }
-    let logp = dir.join(LOG);
-    if logp.exists() {
-        // Read-only replay of a copy so the original is untouched.
-        let tmp = tempdir_in(dir)?;
-        let copy = tmp.join(LOG);
-        std::fs::copy(&logp, &copy).map_err(|e| Error::io(&copy, e))?;
-        LogWriter::open(&copy, cipher.clone(), |_, b| {
+    let gdir = Dir::open(dir)?;
+    if gdir.exists(LOG)? {
+        // Opening a log never changes it.
+        LogWriter::open(&gdir, LOG, cipher.clone(), |_, b| {
             plain.extend_from_slice(b);
             Ok(())
         })?;
-        let _ = std::fs::remove_dir_all(&tmp);
     }
     let snap = dir.join(SNAPSHOT);
-    if let Some(h) = snapshot::read_header(&snap)? {
-        let _ = snapshot::read(&snap, &cipher, &h, |r| {
+    if let Some(h) = snapshot::read_header(&gdir, SNAPSHOT)? {
+        let _ = snapshot::read(&gdir, SNAPSHOT, &cipher, &h, |r| {
             r.read_to_end(&mut plain).map_err(|e| Error::io(&snap, e))?;
             Ok(())
         });
     }
     Ok((plain, raw))
-}
-
-fn tempdir_in(dir: &Path) -> Result<PathBuf> {
-    let _ = dir;
-    let base = std::env::temp_dir().join(format!("facematch-forensic-{}-{:016x}", std::process::id(), rand::random::<u64>()));
-    std::fs::create_dir_all(&base).map_err(|e| Error::io(&base, e))?;
-    Ok(base)
 }
 
 #[cfg(test)]

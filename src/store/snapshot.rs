@@ -9,16 +9,15 @@
 //! reflects; a snapshot that does not match the log, fails authentication or
 //! is truncated is ignored (the index is rebuilt from the log), never trusted.
 
-use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::Path;
 
 use zeroize::Zeroizing;
 
 use super::crypto::{Cipher, NONCE_LEN, TAG_LEN};
+use crate::fs::Dir;
 use crate::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"FMSNAP\0\0";
+pub(crate) const MAGIC: &[u8; 8] = b"FMSNAP\0\0";
 /// 2: the chunks' AAD binds the frame and slot counts too (1 bound the log id only).
 const VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
@@ -83,15 +82,19 @@ impl<W: Write> Write for SealingWriter<'_, W> {
     }
 }
 
-/// Write a snapshot atomically (tmp file, fsync, rename, fsync dir).
+/// Write the snapshot `name` in `dir` atomically (`name.tmp`, fsync, rename, fsync dir).
 pub(crate) fn write(
-    path: &Path,
+    dir: &Dir,
+    name: &str,
     cipher: &Cipher,
     header: SnapshotHeader,
     body: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    let tmp = path.with_extension("snap.tmp");
-    let file = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let tmp_name = format!("{name}.tmp");
+    super::recover::clear_leftover(dir, &tmp_name)?;
+    let tmp = dir.join(&tmp_name);
+    let path = dir.join(name);
+    let file = dir.create_new(&tmp_name)?;
     let mut out = BufWriter::with_capacity(CHUNK + 64, file);
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
@@ -106,9 +109,11 @@ pub(crate) fn write(
     let file = w.out.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    super::sync_dir(path.parent().unwrap_or(Path::new(".")))?;
-    Ok(())
+    dir.rename(&tmp_name, name).map_err(|e| match e {
+        Error::Io { source, .. } => Error::io(&path, source),
+        e => e,
+    })?;
+    dir.sync()
 }
 
 struct OpeningReader<'a, R: Read> {
@@ -156,12 +161,8 @@ impl<R: Read> Read for OpeningReader<'_, R> {
 }
 
 /// Read a snapshot's header; `Ok(None)` if there is no snapshot file.
-pub(crate) fn read_header(path: &Path) -> Result<Option<SnapshotHeader>> {
-    let mut f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
-    };
+pub(crate) fn read_header(dir: &Dir, name: &str) -> Result<Option<SnapshotHeader>> {
+    let Some(mut f) = dir.open_read(name)? else { return Ok(None) };
     let mut h = [0u8; HEADER_LEN];
     if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().unwrap_or_default()) != VERSION {
         return Ok(None);
@@ -176,8 +177,9 @@ pub(crate) fn read_header(path: &Path) -> Result<Option<SnapshotHeader>> {
 }
 
 /// Stream a snapshot's decrypted body into `body`.
-pub(crate) fn read<T>(path: &Path, cipher: &Cipher, header: &SnapshotHeader, body: impl FnOnce(&mut dyn Read) -> Result<T>) -> Result<T> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+pub(crate) fn read<T>(dir: &Dir, name: &str, cipher: &Cipher, header: &SnapshotHeader, body: impl FnOnce(&mut dyn Read) -> Result<T>) -> Result<T> {
+    let path = &dir.join(name);
+    let f = dir.open_read(name)?.ok_or_else(|| Error::io(path, std::io::ErrorKind::NotFound.into()))?;
     let mut inp = BufReader::with_capacity(CHUNK + 64, f);
     let mut h = [0u8; HEADER_LEN];
     inp.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
