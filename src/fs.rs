@@ -438,7 +438,7 @@ impl Dir {
         }
         for name in self.list()? {
             let Some(e) = self.stat(&name)? else { continue };
-            if e.mode & 0o077 == 0 {
+            if e.mode & 0o077 == 0 && e.kind != Kind::Dir {
                 continue;
             }
             match e.kind {
