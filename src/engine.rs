@@ -269,6 +269,19 @@ pub enum RotationStep {
     Committed,
 }
 
+/// What [`EngineBuilder::repair`] found and did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RepairReport {
+    /// What needed repairing.
+    pub plan: store::repair::RepairPlan,
+    /// Whether the repair was carried out (false: only planned).
+    pub applied: bool,
+    /// Where the removed bytes and entries were kept.
+    pub repair_dir: Option<PathBuf>,
+    /// Templates erased again because the audit log records their erasure.
+    pub erasures_reapplied: Vec<u64>,
+}
+
 /// What happened while opening.
 #[derive(Clone, Debug, Default)]
 pub struct OpenReport {
@@ -450,6 +463,57 @@ impl EngineBuilder {
         gdir.sync()?;
         store::write_manifest(&gdir, &manifest)?;
         Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, None)
+    }
+
+    /// Repair a gallery that open refuses (`facematch repair`), or with
+    /// `apply: false` only say what would be done.
+    ///
+    /// The plan: cut the template log after its last whole, authentic frame;
+    /// set aside a snapshot that covers frames the log no longer has, and
+    /// entries at the store's temporary names that are not provably ours.
+    /// Applying writes an audit record of the plan first (durable before
+    /// anything changes), keeps every removed byte in `repair-<unix ms>/`
+    /// inside the gallery, then opens the gallery and re-applies every
+    /// erasure the audit log records that the store lacks (a template is
+    /// erased again only if it belongs to the recorded subject and was
+    /// enrolled before the erasure), so frames lost with the cut do not
+    /// bring erased people back. Enrolments after the cut are lost: their
+    /// records stay in the audit log.
+    pub fn repair(self, operator: &Operator, apply: bool) -> Result<RepairReport> {
+        let key = self.key.clone().ok_or_else(|| Error::Key("no key given".into()))?;
+        if !self.allow_core_dumps {
+            forbid_core_dumps()?;
+        }
+        let gdir = Dir::open(&self.dir)?;
+        store::read_manifest_in(&gdir)?;
+        let mut report = RepairReport::default();
+        {
+            let _lock = store::DirLock::acquire(&gdir)?;
+            let manifest = store::recover::effective_manifest(&gdir)?;
+            store::check_key(&gdir, &manifest, &key)?;
+            report.plan = store::repair::plan(&gdir, &key.store_cipher())?;
+            if apply && !report.plan.is_empty() {
+                let detail = serde_json::to_string(&report.plan).map_err(|e| Error::Audit(e.to_string()))?;
+                let (audit, _) = AuditLog::open(
+                    &self.dir.join(store::AUDIT_DIR),
+                    AuditKey::from_bytes(key.audit_key_bytes()),
+                    manifest.config.audit.clone(),
+                    self.clock.clone(),
+                )?;
+                audit
+                    .submit(AuditEvent::Admin { operator: operator.as_str().into(), action: "repair".into(), detail })?
+                    .wait()?;
+                audit.close()?;
+                report.repair_dir = Some(store::repair::apply(&gdir, &report.plan, self.clock.now_unix_ms())?);
+            }
+        }
+        if apply {
+            report.applied = true;
+            let engine = self.open()?;
+            report.erasures_reapplied = engine.reapply_recorded_erasures(operator)?;
+            engine.close()?;
+        }
+        Ok(report)
     }
 
     /// Open an existing gallery: check the key, replay the log, load or rebuild the index, purge expired templates.
@@ -1665,6 +1729,45 @@ impl Engine {
             dim: m.config.dim,
             model_id: m.config.model_id.clone(),
         }
+    }
+
+    /// Erase again every live template whose erasure the audit log records
+    /// (withdrawals, deletions, purges): after a repair cut the log, or a
+    /// restored older template log. A template counts as the erased one only
+    /// if it belongs to the subject the audit log names for it and was
+    /// enrolled before the erasure (template ids can be reused after a cut).
+    /// Returns the templates erased (one audited deletion).
+    pub fn reapply_recorded_erasures(&self, operator: &Operator) -> Result<Vec<u64>> {
+        let records = AuditLog::read(&self.audit_dir(), &crate::audit::AuditFilter::default())?;
+        let mut owner: HashMap<u64, String> = HashMap::new();
+        let mut erased: Vec<(u64, Option<String>, i64)> = Vec::new();
+        for r in records {
+            match r.event {
+                AuditEvent::Enrolment { subject, template, .. } => {
+                    owner.insert(template, subject);
+                }
+                AuditEvent::ConsentWithdrawn { subject, templates_erased, .. } => {
+                    erased.extend(templates_erased.into_iter().map(|t| (t, Some(subject.clone()), r.time_ms)));
+                }
+                AuditEvent::Deletion { templates, .. } | AuditEvent::Purge { templates, .. } => {
+                    erased.extend(templates.into_iter().map(|t| (t, owner.get(&t).cloned(), r.time_ms)));
+                }
+                _ => {}
+            }
+        }
+        let mut again: Vec<u64> = erased
+            .into_iter()
+            .filter(|(t, subject, at)| {
+                self.template(*t).is_ok_and(|m| subject.as_deref() == Some(m.subject.as_str()) && m.enrolled_at_ms <= *at)
+            })
+            .map(|(t, _, _)| t)
+            .collect();
+        again.sort_unstable();
+        again.dedup();
+        if !again.is_empty() {
+            self.delete(operator, &again, "erasure recorded in the audit log re-applied (repair)")?;
+        }
+        Ok(again)
     }
 
     /// Metadata of a live template.

@@ -420,3 +420,43 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn repair_cuts_a_damaged_log_keeps_what_it_removes_and_erasures_still_hold() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g = t.path().join("g");
+    gallery(&g, &key, 12); // p3 withdrawn (its erasure is the log's last frame)
+    let logp = g.join("templates.log");
+    let mut log = std::fs::read(&logp).unwrap();
+    let frames = frame_offsets(&log);
+    // Damage frame 20 of 25: open refuses, and so would any later one.
+    let at = frames[20];
+    log[at + 1] ^= 0x40;
+    std::fs::write(&logp, &log).unwrap();
+    assert!(matches!(open(&g, &key, clock()), Err(Error::DataCorruption { .. })));
+
+    // A dry run changes nothing.
+    let before = snapshot(&g);
+    let r = EngineBuilder::new(&g).key(key.clone()).clock(clock()).repair(&op(), false).unwrap();
+    assert!(!r.applied && !r.plan.is_empty(), "{r:?}");
+    assert_eq!(changed(&before, &snapshot(&g)), Vec::<PathBuf>::new());
+
+    let r = EngineBuilder::new(&g).key(key.clone()).clock(clock()).repair(&op(), true).unwrap();
+    assert!(r.applied);
+    assert!(r.plan.actions.iter().any(|a| matches!(a, facematch::store::repair::RepairAction::CutLog { at: cut, .. } if *cut == at as u64)), "{r:?}");
+    // What was cut is kept, byte for byte.
+    let kept = std::fs::read(r.repair_dir.as_ref().unwrap().join(format!("templates.log.from-byte-{at}"))).unwrap();
+    assert!(kept == log[at..], "the copy of the cut bytes differs");
+    // The log keeps its good prefix (then the re-applied erasure is appended).
+    assert!(std::fs::read(&logp).unwrap().starts_with(&log[..at]));
+    // The withdrawal's frame was cut, but the audit log records it: p3 stays erased.
+    let e = open(&g, &key, clock()).unwrap();
+    assert!(e.templates_of(&subject("p3")).is_empty());
+    assert!(!e.verify(&ctx("payment"), &vector(3), &subject("p3")).map(|v| v.decision.is_match()).unwrap_or(false));
+    let recs = facematch::audit::AuditLog::read(&e.audit_dir(), &Default::default()).unwrap();
+    assert!(recs.iter().any(|r| matches!(&r.event, facematch::audit::AuditEvent::Admin { action, .. } if action == "repair")));
+    e.close().unwrap();
+    let v = facematch::audit::AuditLog::verify(&g.join("audit"), &facematch::audit::AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
+    assert!(v.ok(), "{v:?}");
+}

@@ -125,6 +125,9 @@ pub enum GalleryCommand {
     /// Audit log: verify, show, export.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Repair a gallery that open refuses: cut a damaged template log at its last good frame, set aside what
+    /// does not belong; keeps a copy of everything removed, audited, re-applies recorded erasures. Dry run without --yes.
+    Repair(RepairArgs),
 }
 
 /// `init`.
@@ -295,6 +298,16 @@ pub struct WithdrawArgs {
 pub struct GalleryOnly {
     #[command(flatten)]
     g: GalleryOpts,
+}
+
+/// `repair`.
+#[derive(Args, Debug)]
+pub struct RepairArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    /// Carry the repair out (without it, only print what would be done).
+    #[arg(long)]
+    yes: bool,
 }
 
 /// `export`.
@@ -579,6 +592,16 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             let r = e.compact(&a.g.operator()?)?;
             json_line(&r)?;
             e.close()?;
+            Ok(true)
+        }
+        GalleryCommand::Repair(a) => {
+            let op = a.g.operator()?;
+            let r = EngineBuilder::new(&a.g.gallery).key(a.g.key()?).repair(&op, a.yes)?;
+            json_line(&r)?;
+            if !a.yes && !r.plan.is_empty() {
+                eprintln!("nothing was changed: run again with --yes to carry this out (everything removed is kept in the gallery's repair-<time>/ directory)");
+                return Ok(false);
+            }
             Ok(true)
         }
         GalleryCommand::Stats(a) => {

@@ -75,6 +75,40 @@ fn tail_holds_a_frame(tail: &[u8], cipher: &Cipher, file_id: &[u8; 16], index: u
     None
 }
 
+/// The longest prefix of a log that is whole and authentic, for an explicit
+/// repair: `(bytes, frames, file length, file id)`. Reads only.
+pub(crate) fn good_prefix(dir: &Dir, name: &str, cipher: &Cipher) -> Result<(u64, u64, u64, [u8; 16])> {
+    let path = dir.join(name);
+    let f = dir.open_read(name)?.ok_or_else(|| Error::io(&path, std::io::ErrorKind::NotFound.into()))?;
+    let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+    if len < HEADER_LEN as u64 {
+        return Err(Error::DataCorruption { path, reason: format!("file is {len} bytes, shorter than its header") });
+    }
+    // SAFETY: the caller holds the gallery lock; the mapping is only read.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
+    let data: &[u8] = &map;
+    if &data[..8] != MAGIC {
+        return Err(Error::IncompatibleStore { path, reason: "not a facematch template log (bad magic)".into() });
+    }
+    let mut file_id = [0u8; 16];
+    file_id.copy_from_slice(&data[16..32]);
+    let (mut pos, mut frames) = (HEADER_LEN, 0u64);
+    while pos + FRAME_HEAD <= data.len() {
+        let blen = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or_default());
+        if !(NONCE_LEN + TAG_LEN..=MAX_FRAME).contains(&blen) || pos + FRAME_HEAD + blen > data.len() {
+            break;
+        }
+        let body = &data[pos + FRAME_HEAD..pos + FRAME_HEAD + blen];
+        if crc32fast::hash(body) != crc || cipher.open(&aad(&file_id, frames), body).is_none() {
+            break;
+        }
+        pos += FRAME_HEAD + blen;
+        frames += 1;
+    }
+    Ok((pos as u64, frames, len, file_id))
+}
+
 /// An open log, positioned at its end, ready to append.
 pub(crate) struct LogWriter {
     file: File,

@@ -18,6 +18,7 @@
 mod crypto;
 mod log;
 pub(crate) mod recover;
+pub mod repair;
 pub(crate) mod snapshot;
 
 use std::fs::File;
@@ -26,7 +27,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use self::crypto::{MasterKey, KEY_ENV};
-pub(crate) use self::log::LogWriter;
+pub(crate) use self::crypto::Cipher;
+pub(crate) use self::log::{good_prefix, LogWriter};
 pub use self::log::TornTail;
 pub use self::recover::RotationRecovery;
 use crate::compliance::{ConsentRecord, Purpose, SubjectId};

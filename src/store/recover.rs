@@ -33,7 +33,7 @@ pub enum RotationRecovery {
 }
 
 /// The magic a file at `name` must start with to be one of ours.
-fn magic_of(name: &str) -> Option<&'static [u8]> {
+pub(crate) fn magic_of(name: &str) -> Option<&'static [u8]> {
     match name {
         LOG | LOG_NEW => Some(log::MAGIC),
         SNAPSHOT | SNAPSHOT_TMP => Some(snapshot::MAGIC),
@@ -42,7 +42,7 @@ fn magic_of(name: &str) -> Option<&'static [u8]> {
 }
 
 /// Why the entry `name` in `dir` is not provably ours (`None`: it is ours, or missing).
-fn not_ours(dir: &Dir, name: &str, magic: Option<&[u8]>) -> Result<Option<String>> {
+pub(crate) fn not_ours(dir: &Dir, name: &str, magic: Option<&[u8]>) -> Result<Option<String>> {
     let Some(e) = dir.stat(name)? else { return Ok(None) };
     if e.kind != Kind::File {
         return Ok(Some(format!("is {}", describe(e.kind))));
