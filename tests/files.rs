@@ -460,3 +460,32 @@ fn repair_cuts_a_damaged_log_keeps_what_it_removes_and_erasures_still_hold() {
     let v = facematch::audit::AuditLog::verify(&g.join("audit"), &facematch::audit::AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
     assert!(v.ok(), "{v:?}");
 }
+
+#[test]
+fn damage_to_the_last_audit_checkpoint_is_refused_not_cut_as_a_torn_tail() {
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key, 4);
+    let seg = g0.join("audit/seg-000000.log");
+    let good = std::fs::read(&seg).unwrap();
+    let data_end = good.iter().rposition(|&b| b != 0).unwrap() + 1;
+    let last_line = good[..data_end - 1].iter().rposition(|&b| b == b'\n').unwrap() + 1;
+    assert!(good[last_line..].starts_with(b"{\"type\":\"checkpoint\""));
+    for (what, at, to) in [
+        ("final newline", data_end - 1, b'x'),
+        ("NUL inside the checkpoint", last_line + 30, 0u8),
+        ("newline inside the checkpoint", last_line + 30, b'\n'),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let g = t.path().join("g");
+        copy_dir(&g0, &g);
+        let mut bad = good.clone();
+        bad[at] = to;
+        std::fs::write(g.join("audit/seg-000000.log"), &bad).unwrap();
+        let before = snapshot(&g);
+        let r = open(&g, &key, clock());
+        assert!(r.is_err(), "{what}: opened");
+        assert_eq!(changed(&before, &snapshot(&g)), Vec::<PathBuf>::new(), "{what}: files changed");
+    }
+}
