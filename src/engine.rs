@@ -39,6 +39,7 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::audit::{AuditConfig, AuditEvent, AuditKey, AuditLog, AuditTicket, DecisionKind, QueryAudit, QueryMode};
 use crate::clock::{Clock, SystemClock};
@@ -67,8 +68,9 @@ impl QueryContext {
     }
 }
 
-/// A request to enrol one template.
-#[derive(Clone, Debug)]
+/// A request to enrol one template. Its embedding is wiped when the request
+/// is dropped and never printed by `Debug`.
+#[derive(Clone)]
 pub struct Enrolment {
     /// Whose template.
     pub subject: SubjectId,
@@ -76,8 +78,8 @@ pub struct Enrolment {
     pub consent_id: String,
     /// Purposes it is enrolled for (a subset of the gallery's).
     pub purposes: Vec<Purpose>,
-    /// The embedding (normalised on enrolment).
-    pub embedding: Vec<f32>,
+    /// The embedding (normalised on enrolment); zeroed on drop.
+    pub embedding: Zeroizing<Vec<f32>>,
     /// A caller-chosen template id; the engine assigns one when `None`.
     pub template: Option<u64>,
     /// Model that made the embedding; refused if it differs from the gallery's.
@@ -87,7 +89,20 @@ pub struct Enrolment {
 impl Enrolment {
     /// An enrolment with an engine-assigned template id.
     pub fn new(subject: SubjectId, consent_id: impl Into<String>, purposes: Vec<Purpose>, embedding: Vec<f32>) -> Self {
-        Enrolment { subject, consent_id: consent_id.into(), purposes, embedding, template: None, model_id: None }
+        Enrolment { subject, consent_id: consent_id.into(), purposes, embedding: Zeroizing::new(embedding), template: None, model_id: None }
+    }
+}
+
+impl std::fmt::Debug for Enrolment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrolment")
+            .field("subject", &self.subject)
+            .field("consent_id", &self.consent_id)
+            .field("purposes", &self.purposes)
+            .field("embedding", &format_args!("[{} values, not shown]", self.embedding.len()))
+            .field("template", &self.template)
+            .field("model_id", &self.model_id)
+            .finish()
     }
 }
 
@@ -257,16 +272,6 @@ pub struct Stats {
     pub dim: usize,
     /// Model id.
     pub model_id: String,
-}
-
-/// Where [`Engine::rotate_key_until`] stops, as a crash would (crash tests).
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RotationStep {
-    /// Everything staged, not committed.
-    Staged,
-    /// Committed, no file moved yet.
-    Committed,
 }
 
 /// What [`EngineBuilder::repair`] found and did.
@@ -456,8 +461,7 @@ impl EngineBuilder {
         if gdir.exists(store::MANIFEST)? || gdir.exists(store::LOG)? {
             return Err(Error::config("gallery", format!("{} already holds a gallery", dir.display())));
         }
-        let mut report = OpenReport::default();
-        report.modes_tightened = gdir.tighten(&[store::AUDIT_DIR])?;
+        let report = OpenReport { modes_tightened: gdir.tighten(&[store::AUDIT_DIR])?, ..Default::default() };
         let manifest = store::new_manifest(config, &key, self.clock.now_unix_ms());
         let log = LogWriter::create(&gdir, store::LOG, key.store_cipher())?;
         gdir.sync()?;
@@ -1469,13 +1473,6 @@ impl Engine {
     /// and the gallery is under the new key. Either way the next open records
     /// what it did in the audit log. The replaced log and snapshot are shredded.
     pub fn rotate_key(&self, operator: &Operator, new_key: MasterKey) -> Result<()> {
-        self.rotate_key_until(operator, new_key, None)
-    }
-
-    /// [`Engine::rotate_key`] that stops (as a crash would) after `stop`:
-    /// for crash tests only.
-    #[doc(hidden)]
-    pub fn rotate_key_until(&self, operator: &Operator, new_key: MasterKey, stop: Option<RotationStep>) -> Result<()> {
         let old = self.key.read().clone();
         let (old_ak, new_ak) = (AuditKey::from_bytes(old.audit_key_bytes()), AuditKey::from_bytes(new_key.audit_key_bytes()));
         self.audit_append(AuditEvent::KeyRotation { operator: operator.as_str().into() })?;
@@ -1509,11 +1506,11 @@ impl Engine {
                 return Err(e);
             }
         };
-        if stop == Some(RotationStep::Staged) {
+        if crate::failpoints::hit("rotate-key/staged") {
             return Ok(());
         }
         store::recover::commit_rotation(&self.gdir, &staging)?;
-        if stop == Some(RotationStep::Committed) {
+        if crate::failpoints::hit("rotate-key/committed") {
             return Ok(());
         }
         store::recover::finish_rotation(&self.gdir, &staging)?;

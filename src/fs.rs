@@ -96,6 +96,8 @@ fn fstat_fd(fd: RawFd) -> std::io::Result<libc::stat> {
     Ok(st)
 }
 
+// st_nlink is u64 on x86_64 and u32 elsewhere.
+#[allow(clippy::unnecessary_cast)]
 fn entry_of(st: &libc::stat) -> Entry {
     Entry { kind: Kind::of(st.st_mode), nlink: st.st_nlink as u64, mode: st.st_mode & 0o7777 }
 }

@@ -18,6 +18,7 @@
 
 pub mod error;
 pub use error::{Error, Result};
+pub mod failpoints;
 pub mod fs;
 
 // --- the spine: image -> faces -> embeddings ---

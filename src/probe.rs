@@ -175,11 +175,11 @@ pub fn enrol_image(engine: &Engine, pipeline: &FacePipeline, operator: &crate::c
     let img = pipeline.decode_bytes(image)?;
     let (face, _others, _found, discarded) = main_face(pipeline.detect(&img)?)?;
     let (fb, e) = embed_one(pipeline, &img, face)?;
-    request.embedding = e;
+    // The request owns the only copy of the embedding and wipes it when the engine drops it.
+    request.embedding = zeroize::Zeroizing::new(e);
     request.model_id = Some(pipeline.model_id().to_string());
-    let t = engine.enrol(operator, request.clone());
-    request.embedding.zeroize();
-    Ok((t?, fb, discarded))
+    let t = engine.enrol(operator, request)?;
+    Ok((t, fb, discarded))
 }
 
 fn check_model(engine: &Engine, pipeline: &FacePipeline) -> Result<()> {

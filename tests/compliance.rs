@@ -230,7 +230,11 @@ fn encryption_key_rotation_re_encrypts_the_store() {
 #[test]
 fn encryption_key_rotation_interrupted_by_a_crash_completes_or_rolls_back() {
     use facematch::audit::{AuditEvent, AuditKey, AuditLog};
-    use facematch::engine::RotationStep;
+    #[derive(Clone, Copy, Debug)]
+    enum RotationStep {
+        Staged,
+        Committed,
+    }
     for (stop, partial_move) in [(RotationStep::Staged, false), (RotationStep::Committed, false), (RotationStep::Committed, true)] {
         let d = tempfile::tempdir().unwrap();
         let old = MasterKey::generate();
@@ -240,7 +244,12 @@ fn encryption_key_rotation_interrupted_by_a_crash_completes_or_rolls_back() {
         enrol(&e, "lee", &["door-access"], vector(22));
         e.withdraw(&op(), &subject("lee")).unwrap();
         let new = MasterKey::generate();
-        e.rotate_key_until(&op(), new.clone(), Some(stop)).unwrap();
+        facematch::failpoints::enable(match stop {
+            RotationStep::Staged => "rotate-key/staged",
+            RotationStep::Committed => "rotate-key/committed",
+        });
+        e.rotate_key(&op(), new.clone()).unwrap();
+        facematch::failpoints::disable_all();
         drop(e); // the crash
         let staging = d.path().join("rotate.new");
         assert!(staging.exists());

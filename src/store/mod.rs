@@ -225,9 +225,11 @@ pub(crate) fn check_key(dir: &Dir, m: &Manifest, key: &MasterKey) -> Result<()> 
     }
 }
 
+/// Test support (the `failpoints` feature only: it decrypts every template).
 /// Decrypt every frame and snapshot chunk in a gallery directory and return
 /// all the plaintext, concatenated, plus every raw file's bytes. For
 /// forensic checks ("are the erased template's bytes anywhere?") and tests.
+#[cfg(feature = "failpoints")]
 pub fn forensic_dump(dir: &Path, key: &MasterKey) -> Result<(Vec<u8>, Vec<u8>)> {
     let cipher = key.store_cipher();
     let mut plain = Vec::new();

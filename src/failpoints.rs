@@ -1,0 +1,55 @@
+//! Crash points for the crash tests, compiled in only with the `failpoints`
+//! cargo feature (never in a deployment build, where [`hit`] is a constant
+//! `false`).
+//!
+//! A failpoint is a named place in a multi-step write (after staging, after
+//! the commit point, ...) where the operation stops as if the process had
+//! been killed there: it returns at once, leaving the files exactly as a
+//! crash would. Failpoints are per thread, so tests running in parallel do
+//! not stop each other's operations.
+//!
+//! | name | where |
+//! |---|---|
+//! | `rotate-key/staged` | `Engine::rotate_key`: everything staged in `rotate.new/`, not committed |
+//! | `rotate-key/committed` | `Engine::rotate_key`: the commit marker durable, no file moved yet |
+
+#[cfg(feature = "failpoints")]
+mod active {
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+
+    thread_local! {
+        static ACTIVE: RefCell<HashSet<&'static str>> = RefCell::new(HashSet::new());
+    }
+
+    /// Make the operation on this thread stop at `name` (see the module table).
+    pub fn enable(name: &'static str) {
+        ACTIVE.with(|a| a.borrow_mut().insert(name));
+    }
+
+    /// Clear every failpoint of this thread.
+    pub fn disable_all() {
+        ACTIVE.with(|a| a.borrow_mut().clear());
+    }
+
+    pub(crate) fn hit(name: &str) -> bool {
+        ACTIVE.with(|a| a.borrow().contains(name))
+    }
+}
+
+#[cfg(feature = "failpoints")]
+pub use active::{disable_all, enable};
+
+/// Whether the failpoint `name` is enabled on this thread.
+#[inline]
+pub(crate) fn hit(name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        active::hit(name)
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        false
+    }
+}
