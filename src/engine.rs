@@ -296,6 +296,8 @@ pub struct OpenReport {
     /// A torn write found at the end of the template log: ignored, and cut
     /// by the next append (opening changes no file).
     pub torn_log_tail: Option<TornTail>,
+    /// The gallery was upgraded from this format version on open (audited).
+    pub upgraded_from: Option<u32>,
     /// Entries at the store's temporary names that facematch could not prove
     /// its own (links, hard-linked or foreign files): left exactly as they were.
     pub left_alone: Vec<String>,
@@ -421,12 +423,15 @@ pub struct EngineBuilder {
     key: Option<MasterKey>,
     clock: Arc<dyn Clock>,
     allow_core_dumps: bool,
+    /// Repair: accept a template log or audit log older than the manifest
+    /// proves, then bind the manifest to what is there.
+    rebind: bool,
 }
 
 impl EngineBuilder {
     /// A builder for the gallery at `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        EngineBuilder { dir: dir.into(), key: None, clock: Arc::new(SystemClock), allow_core_dumps: false }
+        EngineBuilder { dir: dir.into(), key: None, clock: Arc::new(SystemClock), allow_core_dumps: false, rebind: false }
     }
     /// Let this process write core dumps. By default opening or creating an
     /// engine makes the process non-dumpable (Linux `PR_SET_DUMPABLE` 0;
@@ -462,11 +467,20 @@ impl EngineBuilder {
             return Err(Error::config("gallery", format!("{} already holds a gallery", dir.display())));
         }
         let report = OpenReport { modes_tightened: gdir.tighten(&[store::AUDIT_DIR])?, ..Default::default() };
-        let manifest = store::new_manifest(config, &key, self.clock.now_unix_ms());
+        let mut manifest = store::new_manifest(config, &key, self.clock.now_unix_ms());
         let log = LogWriter::create(&gdir, store::LOG, key.store_cipher())?;
         gdir.sync()?;
-        store::write_manifest(&gdir, &manifest)?;
-        Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, None)
+        manifest.bound = Some(store::Bound {
+            log_id: hex::encode(log.file_id()),
+            log_frames: 0,
+            pending_log: None,
+            audit_records: 0,
+            audit_hash: String::new(),
+        });
+        store::write_manifest(&gdir, &mut manifest, &key)?;
+        let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, None)?;
+        engine.rebind()?;
+        Ok(engine)
     }
 
     /// Repair a gallery that open refuses (`facematch repair`), or with
@@ -513,7 +527,7 @@ impl EngineBuilder {
         }
         if apply {
             report.applied = true;
-            let engine = self.open()?;
+            let engine = EngineBuilder { rebind: true, ..self }.open()?;
             report.erasures_reapplied = engine.reapply_recorded_erasures(operator)?;
             engine.close()?;
         }
@@ -536,6 +550,23 @@ impl EngineBuilder {
         let manifest = store::recover::effective_manifest(&gdir)?;
         manifest.config.validate()?;
         store::check_key(&gdir, &manifest, &key)?;
+        let authenticated = store::verify_manifest(&gdir, &manifest, &key)?;
+        if let (Some(b), false) = (&manifest.bound, self.rebind) {
+            // A deleted audit directory is refused before anything would recreate it.
+            let segments = match gdir.subdir(store::AUDIT_DIR)? {
+                Some(a) => a.list()?.iter().filter(|n| n.starts_with("seg-")).count(),
+                None => 0,
+            };
+            if b.audit_records > 0 && segments == 0 {
+                return Err(Error::AuditTampered {
+                    seq: 0,
+                    reason: format!(
+                        "the audit log is gone but the manifest proves {} records were written: the audit directory was deleted or replaced; restore it from a backup",
+                        b.audit_records
+                    ),
+                });
+            }
+        }
         let mut left_alone = Vec::new();
         let rotation = store::recover::recover_rotation(&gdir, &mut left_alone)?;
         if let Some(r) = rotation {
@@ -554,7 +585,11 @@ impl EngineBuilder {
             ops.push(op);
             Ok(())
         })?;
+        if let (Some(b), false) = (&manifest.bound, self.rebind) {
+            check_log_binding(&logp, b, &log)?;
+        }
         let mut report = OpenReport {
+            upgraded_from: (!authenticated).then_some(manifest.version),
             torn_log_tail: torn,
             key_rotation_recovered: rotation.map(|r| r == store::RotationRecovery::Finished),
             left_alone,
@@ -632,7 +667,22 @@ impl EngineBuilder {
         }
         calibrate_index(&mut st.index);
         let stale = log.frames().saturating_sub(snapshot::read_header(&gdir, store::SNAPSHOT)?.map(|h| h.frames).unwrap_or(0));
+        let bound = if self.rebind { None } else { manifest.bound.clone() };
         let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, Some(st))?;
+        if let Some(b) = &bound {
+            engine.check_audit_binding(b)?;
+        }
+        if !authenticated {
+            // Format 1: authenticate the manifest and bind it to what is here now.
+            engine.manifest.write().gallery_id = Some(store::new_gallery_id());
+            engine.record_admin(
+                &Operator::system(),
+                "format-upgrade",
+                "gallery format 1 -> 2 on open: the manifest is now authenticated and bound to the template log and the audit log",
+            )?;
+        } else if self.rebind {
+            engine.rebind()?;
+        }
         if !engine.open_report.snapshot_used || stale > 10_000 {
             engine.checkpoint()?;
         }
@@ -648,6 +698,33 @@ impl EngineBuilder {
         engine.open_report.purged_on_open = purged.templates.len();
         Ok(engine)
     }
+}
+
+/// The template log is the one the manifest names (or a compaction's new
+/// log it accepted) and holds at least the frames it proves.
+fn check_log_binding(path: &Path, b: &store::Bound, log: &LogWriter) -> Result<()> {
+    let id = hex::encode(log.file_id());
+    let proven = if id == b.log_id {
+        b.log_frames
+    } else if let Some((pid, pframes)) = b.pending_log.as_ref().filter(|(pid, _)| *pid == id) {
+        let _ = pid;
+        *pframes
+    } else {
+        return Err(Error::DataCorruption {
+            path: path.into(),
+            reason: "is not the template log this gallery's manifest names (another gallery's, or a copy from another time); `facematch repair --yes` adopts it and erases again everyone the audit log says was erased".into(),
+        });
+    };
+    if log.frames() < proven {
+        return Err(Error::DataCorruption {
+            path: path.into(),
+            reason: format!(
+                "holds {} frames, the manifest proves {proven} were written: an older copy (a restored backup) or cut short; erasures may be missing. `facematch repair --yes` erases again everyone the audit log says was erased",
+                log.frames()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Keep decrypted templates and probes out of core dumps (see
@@ -808,7 +885,61 @@ impl Engine {
     }
     /// Append an event to the audit log; returns once it is durable.
     fn audit_append(&self, event: AuditEvent) -> Result<u64> {
-        Ok(self.audit_submit(event)?.wait()?.start)
+        let seq = self.audit_submit(event)?.wait()?.start;
+        self.rebind()?;
+        Ok(seq)
+    }
+
+    /// Bind the manifest to the gallery as it is now (after a change and its
+    /// audit record): the template log's id and frame count and the audit
+    /// log's durable head. A later open refuses files older than this.
+    fn rebind(&self) -> Result<()> {
+        // Lock order: writer, manifest, (state), audit.
+        let w = self.writer.lock();
+        let mut m = self.manifest.write();
+        let Some((records, hash)) = self.audit.read().as_ref().map(|a| a.durable_head()) else { return Ok(()) };
+        let bound = store::Bound {
+            log_id: hex::encode(w.log.file_id()),
+            log_frames: w.log.frames(),
+            pending_log: None,
+            audit_records: records,
+            audit_hash: if records == 0 { String::new() } else { hash },
+        };
+        if m.bound.as_ref() == Some(&bound) && m.version == store::FORMAT_VERSION {
+            return Ok(());
+        }
+        let mut nm = m.clone();
+        nm.bound = Some(bound);
+        nm.generation += 1;
+        store::write_manifest(&self.gdir, &mut nm, &self.key.read())?;
+        *m = nm;
+        Ok(())
+    }
+
+    /// The audit log holds at least what the manifest proves, and it is this gallery's.
+    fn check_audit_binding(&self, b: &store::Bound) -> Result<()> {
+        let records = self.audit.read().as_ref().map(|a| a.records()).unwrap_or(0);
+        if records < b.audit_records {
+            return Err(Error::AuditTampered {
+                seq: records,
+                reason: format!(
+                    "the audit log holds {records} records, the manifest proves {} were written: it was rolled back or cut; restore it from a backup",
+                    b.audit_records
+                ),
+            });
+        }
+        if b.audit_records > 0 {
+            let seq = b.audit_records - 1;
+            if let Some(h) = AuditLog::record_hash(&self.audit_dir(), seq)? {
+                if h != b.audit_hash {
+                    return Err(Error::AuditTampered {
+                        seq,
+                        reason: "record differs from the one the manifest names: this audit log is not this gallery's (or was rewritten)".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Queue an event; the ticket says when it is durable.
@@ -1114,10 +1245,12 @@ impl Engine {
     }
 
     fn audit_batch(&self, events: Vec<AuditEvent>) -> Result<std::ops::Range<u64>> {
-        match self.audit.read().as_ref() {
-            Some(a) => a.append_batch(events),
-            None => Err(Error::Audit("the audit log is closed".into())),
-        }
+        let r = match self.audit.read().as_ref() {
+            Some(a) => a.append_batch(events)?,
+            None => return Err(Error::Audit("the audit log is closed".into())),
+        };
+        self.rebind()?;
+        Ok(r)
     }
 
     fn check_enrolment(&self, cfg: &GalleryConfig, st: &State, e: &Enrolment, now: i64) -> Result<(TemplateMeta, Vec<f32>)> {
@@ -1258,7 +1391,7 @@ impl Engine {
         }
         let at = self.clock.now_unix_ms();
         m.filing_notice_ms = Some(at);
-        store::write_manifest(&self.gdir, &m)?;
+        store::write_manifest(&self.gdir, &mut m, &self.key.read())?;
         let threshold = m.config.filing_threshold;
         drop(m);
         tracing::warn!(people, threshold, "stored people reached the filing threshold: file with the provincial cyberspace office within 30 working days");
@@ -1393,10 +1526,21 @@ impl Engine {
 
     /// Write a new log (live templates + consents) sealed with `key`, a fresh snapshot, swap them in, shred the old log.
     fn rewrite(&self, key: &MasterKey) -> Result<CompactionReport> {
+        // Lock order: writer, manifest, state.
         let mut w = self.writer.lock();
+        let mut man = self.manifest.write();
         let mut st = self.state.write();
         let bytes_before = w.log.len();
         let (nl, removed) = self.write_compacted(&mut st, key, &self.gdir, store::LOG_NEW)?;
+        // The manifest accepts the new log before it is renamed in (a crash
+        // between the two leaves a log the manifest names either way).
+        let mut nm = man.clone();
+        if let Some(b) = nm.bound.as_mut() {
+            b.pending_log = Some((hex::encode(nl.file_id()), nl.frames()));
+        }
+        store::write_manifest(&self.gdir, &mut nm, key)?;
+        *man = nm;
+        drop(man);
         let logp = self.dir.join(store::LOG);
         self.gdir.rename(store::LOG_NEW, store::LOG)?;
         self.gdir.sync()?;
@@ -1489,10 +1633,20 @@ impl Engine {
             let (nl, _) = self.write_compacted(&mut st, &new_key, &staging, store::LOG)?;
             let mut nm = man.clone();
             nm.key_check = store::new_manifest(nm.config.clone(), &new_key, nm.created_ms).key_check;
-            store::write_manifest(&staging, &nm)?;
             if let Some(a) = slot.take() {
+                // Re-signing keeps every record and hash: the staged manifest binds the same head.
+                let (audit_records, audit_hash) = a.durable_head();
                 a.close()?;
+                nm.bound = Some(store::Bound {
+                    log_id: hex::encode(nl.file_id()),
+                    log_frames: nl.frames(),
+                    pending_log: None,
+                    audit_records,
+                    audit_hash: if audit_records == 0 { String::new() } else { audit_hash },
+                });
             }
+            nm.generation += 1;
+            store::write_manifest(&staging, &mut nm, &new_key)?;
             AuditLog::rekey_into(&audit_dir, &old_ak, &new_ak, &staging.join(store::AUDIT_DIR))?;
             Ok((nl, nm))
         })();
@@ -1660,7 +1814,7 @@ impl Engine {
         cfg.validate()?;
         let mut nm = m.clone();
         nm.config = cfg;
-        store::write_manifest(&self.gdir, &nm)?;
+        store::write_manifest(&self.gdir, &mut nm, &self.key.read())?;
         *m = nm;
         drop(m);
         self.audit_append(AuditEvent::ThresholdChange {

@@ -139,7 +139,7 @@ fn foreign_truncated_and_newer_stores_are_refused() {
     // newer format version
     let m = d.path().join("gallery.json");
     let orig = std::fs::read_to_string(&m).unwrap();
-    std::fs::write(&m, orig.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    std::fs::write(&m, orig.replace("\"version\": 2", "\"version\": 99")).unwrap();
     assert!(matches!(open(d.path(), &key, clock()), Err(Error::IncompatibleStore { .. })));
     std::fs::write(&m, "{\"hello\": 1}").unwrap();
     assert!(matches!(open(d.path(), &key, clock()), Err(Error::IncompatibleStore { .. })));
@@ -157,11 +157,17 @@ fn foreign_truncated_and_newer_stores_are_refused() {
     bad[200] ^= 0xff;
     std::fs::write(&log, &bad).unwrap();
     assert!(matches!(open(d.path(), &key, clock()), Err(Error::DataCorruption { .. })));
-    // a torn tail (crash mid-append) is cut and reported; everything acknowledged survives
+    // an acknowledged last frame cut short is not a crash (a crash only tears an unacknowledged
+    // append): the manifest proves it was written, so the open is refused
     std::fs::write(&log, &good[..good.len() - 7]).unwrap();
+    assert!(matches!(open(d.path(), &key, clock()), Err(Error::DataCorruption { .. })));
+    // a torn tail (crash mid-append: part of a new frame) is reported; everything acknowledged survives
+    let mut torn = good.clone();
+    torn.extend_from_slice(&[0x10, 0x04, 0, 0, 9, 9, 9]);
+    std::fs::write(&log, &torn).unwrap();
     let e = open(d.path(), &key, clock()).unwrap();
     assert!(e.open_report().torn_log_tail.is_some());
-    assert_eq!(e.stats().templates, 9);
+    assert_eq!(e.stats().templates, 10);
     drop(e);
     // no gallery at all
     let empty = tempfile::tempdir().unwrap();

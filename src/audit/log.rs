@@ -157,6 +157,8 @@ struct Queue {
 struct Done {
     /// Every seq below this is durable.
     next: u64,
+    /// Hash of record `next - 1` (the genesis hash when there is none).
+    last_hash: String,
     /// Highest flush ticket served.
     synced: u64,
     /// Set once a write failed; the log accepts nothing more.
@@ -490,6 +492,7 @@ impl AuditLog {
             queue_cv: Condvar::new(),
             done: Mutex::new(Done {
                 next: records,
+                last_hash: current.last_hash.clone(),
                 synced: 0,
                 error: None,
                 waiters: Vec::new(),
@@ -668,6 +671,50 @@ impl AuditLog {
     /// Records durable so far (the next seq to be confirmed).
     pub fn records(&self) -> u64 {
         self.shared.done.lock().next
+    }
+
+    /// Records durable so far and the hash of the last of them (the chain's
+    /// genesis value when there are none).
+    pub fn durable_head(&self) -> (u64, String) {
+        let d = self.shared.done.lock();
+        (d.next, d.last_hash.clone())
+    }
+
+    /// The hash of record `seq` as its segment holds it, or `None` if no
+    /// segment still holds it (retired by retention, or missing). Reads only;
+    /// the chain itself is checked by [`AuditLog::open`] and [`AuditLog::verify`].
+    pub fn record_hash(dir: &Path, seq: u64) -> Result<Option<String>> {
+        let mut segs: Vec<(u32, PathBuf)> = Vec::new();
+        for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
+            if let Some(i) = e.file_name().to_str().and_then(format::parse_segment_name) {
+                segs.push((i, e.path()));
+            }
+        }
+        segs.sort();
+        let prefix = format!("{{\"seq\":{seq},");
+        for (_, path) in segs.iter().rev() {
+            let f = crate::fs::open_read_nofollow(path).map_err(|e| Error::io(path, e))?;
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(f));
+            let first_seq = match lines.next() {
+                Some(Ok(h)) => serde_json::from_str::<serde_json::Value>(&h).ok().and_then(|v| v.get("first_seq")?.as_u64()),
+                _ => None,
+            };
+            let Some(first_seq) = first_seq else { continue };
+            if first_seq > seq {
+                continue;
+            }
+            for line in lines {
+                let line = line.map_err(|e| Error::io(path, e))?;
+                if line.starts_with(&prefix) {
+                    let v: serde_json::Value = serde_json::from_str(&line)
+                        .map_err(|e| Error::AuditTampered { seq, reason: format!("unreadable record: {e}") })?;
+                    return Ok(v.get("hash").and_then(|h| h.as_str()).map(str::to_string));
+                }
+            }
+            return Ok(None);
+        }
+        Ok(None)
     }
 
     /// The directory of this log.
@@ -1408,6 +1455,9 @@ impl Writer {
         let sh = &self.shared;
         if let Some(last) = items.last() {
             let mut d = sh.done.lock();
+            if last.seq + 1 > d.next {
+                d.last_hash.clone_from(&self.last_hash);
+            }
             d.next = d.next.max(last.seq + 1);
             let next = d.next;
             // Wake exactly the callers whose records are now durable, after

@@ -37,7 +37,12 @@ use crate::fs::Dir;
 use crate::{Error, Result};
 
 /// Version of the gallery format this build writes (and the newest it reads).
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// 2: the manifest is authenticated (HMAC under a key derived from the
+/// master key) and carries the gallery's id, a generation number and what
+/// the rest of the gallery must at least hold ([`Bound`]). A version-1
+/// gallery is upgraded on open, with an audit record and a notice.
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_NAME: &str = "facematch-gallery";
 pub(crate) const MANIFEST: &str = "gallery.json";
 pub(crate) const LOG: &str = "templates.log";
@@ -66,6 +71,38 @@ pub struct Manifest {
     /// When the filing notice was raised (unix ms), once.
     #[serde(default)]
     pub filing_notice_ms: Option<i64>,
+    /// Random id of this gallery (format 2).
+    #[serde(default)]
+    pub gallery_id: Option<String>,
+    /// Incremented at every change of the gallery (format 2).
+    #[serde(default)]
+    pub generation: u64,
+    /// What the template log and the audit log must at least hold (format 2).
+    #[serde(default)]
+    pub bound: Option<Bound>,
+    /// HMAC-SHA256 of everything above under a key derived from the master
+    /// key (format 2): a manifest edited outside facematch is refused.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// What the manifest proves about the other files of the gallery, as of its
+/// last change: a template log or audit log older than this (a restored
+/// backup, a deleted or rolled-back audit directory, another gallery's file)
+/// is refused on open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bound {
+    /// File id of the template log (hex).
+    pub log_id: String,
+    /// Frames the template log held (it may hold more: a crash after an append).
+    pub log_frames: u64,
+    /// A compaction's new log, written but perhaps not yet renamed in: (file id, frames).
+    #[serde(default)]
+    pub pending_log: Option<(String, u64)>,
+    /// Audit records durable at the change.
+    pub audit_records: u64,
+    /// Hash of the last of them (hex; empty when there are none).
+    pub audit_hash: String,
 }
 
 /// Metadata of one enrolled template (no biometric data).
@@ -198,10 +235,51 @@ pub(crate) fn read_manifest_in(dir: &Dir) -> Result<Manifest> {
     serde_json::from_value(v).map_err(|e| Error::DataCorruption { path: p, reason: format!("manifest: {e}") })
 }
 
-/// Write the manifest atomically.
-pub(crate) fn write_manifest(dir: &Dir, m: &Manifest) -> Result<()> {
+/// Seal (format 2, MAC under `key`) and write the manifest atomically.
+pub(crate) fn write_manifest(dir: &Dir, m: &mut Manifest, key: &MasterKey) -> Result<()> {
+    m.version = FORMAT_VERSION;
+    m.mac = Some(manifest_mac(m, key)?);
     let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::config("manifest", e.to_string()))?;
     dir.write_atomic(MANIFEST, &bytes, true)
+}
+
+/// The MAC of a manifest: HMAC-SHA256 of its JSON without the `mac` field.
+fn manifest_mac(m: &Manifest, key: &MasterKey) -> Result<String> {
+    use hmac::{Hmac, Mac};
+    let mut body = m.clone();
+    body.mac = None;
+    let bytes = serde_json::to_vec(&body).map_err(|e| Error::config("manifest", e.to_string()))?;
+    let k = key.derive(b"facematch/manifest-mac/v2");
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&k[..]).map_err(|e| Error::Key(e.to_string()))?;
+    mac.update(&bytes);
+    Ok(hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Check a format-2 manifest's MAC (the key has been checked already).
+/// Returns false for a format-1 manifest (not authenticated: to be upgraded).
+pub(crate) fn verify_manifest(dir: &Dir, m: &Manifest, key: &MasterKey) -> Result<bool> {
+    if m.version < 2 {
+        return Ok(false);
+    }
+    let want = manifest_mac(m, key)?;
+    let ok = m.mac.as_deref().is_some_and(|got| {
+        use subtle_eq::ct_eq;
+        ct_eq(got.as_bytes(), want.as_bytes())
+    });
+    if !ok || m.gallery_id.is_none() || m.bound.is_none() {
+        return Err(Error::DataCorruption {
+            path: dir.join(MANIFEST),
+            reason: "gallery.json was changed outside facematch (its MAC does not verify); configuration changes go through facematch (threshold, calibrate --apply); restore the file or the gallery from a backup".into(),
+        });
+    }
+    Ok(true)
+}
+
+mod subtle_eq {
+    /// Constant-time comparison of two byte strings of public length.
+    pub(super) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
 }
 
 /// Make a new manifest for `config` sealed with `key`.
@@ -213,7 +291,19 @@ pub(crate) fn new_manifest(config: GalleryConfig, key: &MasterKey, now_ms: i64) 
         key_check: hex::encode(key.store_cipher().seal(b"key-check", KEY_CHECK_PLAINTEXT)),
         config,
         filing_notice_ms: None,
+        gallery_id: Some(new_gallery_id()),
+        generation: 0,
+        bound: None,
+        mac: None,
     }
+}
+
+/// A fresh random gallery id (hex).
+pub(crate) fn new_gallery_id() -> String {
+    use rand::RngCore;
+    let mut id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    hex::encode(id)
 }
 
 /// Check that `key` opens this gallery.
