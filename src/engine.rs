@@ -478,8 +478,10 @@ impl EngineBuilder {
             audit_hash: String::new(),
         });
         store::write_manifest(&gdir, &mut manifest, &key)?;
+        let id = manifest.gallery_id.clone().unwrap_or_default();
         let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, None)?;
-        engine.rebind()?;
+        // The chain starts with this gallery's id: another gallery's audit log never matches it.
+        engine.record_admin(&Operator::system(), "gallery-created", &format!("gallery {id}"))?;
         Ok(engine)
     }
 
@@ -678,7 +680,10 @@ impl EngineBuilder {
             engine.record_admin(
                 &Operator::system(),
                 "format-upgrade",
-                "gallery format 1 -> 2 on open: the manifest is now authenticated and bound to the template log and the audit log",
+                &format!(
+                    "gallery format 1 -> 2 on open: the manifest is now authenticated and bound to the template log and the audit log; gallery {}",
+                    engine.manifest.read().gallery_id.clone().unwrap_or_default()
+                ),
             )?;
         } else if self.rebind {
             engine.rebind()?;
@@ -1544,6 +1549,9 @@ impl Engine {
         let logp = self.dir.join(store::LOG);
         self.gdir.rename(store::LOG_NEW, store::LOG)?;
         self.gdir.sync()?;
+        if crate::failpoints::hit("compact/renamed") {
+            return Err(Error::Cancelled);
+        }
         let mut nl = nl;
         nl.renamed(logp);
         let bytes_after = nl.len();

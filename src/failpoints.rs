@@ -12,6 +12,7 @@
 //! |---|---|
 //! | `rotate-key/staged` | `Engine::rotate_key`: everything staged in `rotate.new/`, not committed |
 //! | `rotate-key/committed` | `Engine::rotate_key`: the commit marker durable, no file moved yet |
+//! | `compact/renamed` | `Engine::compact`: the new log renamed in, the manifest not yet rebound |
 
 #[cfg(feature = "failpoints")]
 mod active {

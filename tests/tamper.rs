@@ -1,0 +1,222 @@
+//! The gallery as one tamper-evident whole: the authenticated manifest (format 2) binds the
+//! configuration, the template log and the audit log together, so that edits, restores,
+//! rollbacks and other galleries' files are refused, and erasure survives a restored log.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+use facematch::audit::{AuditEvent, AuditKey, AuditLog};
+use facematch::compliance::Mode;
+use facematch::engine::EngineBuilder;
+use facematch::store::MasterKey;
+use facematch::Error;
+
+/// Twenty people enrolled for payment, closed.
+fn gallery(dir: &Path, key: &MasterKey) {
+    let e = create(dir, key, clock());
+    for i in 0..20 {
+        enrol(&e, &format!("s{i}"), &["payment"], vector(i));
+    }
+    e.close().unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_name() != "LOCK" {
+                out.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Open must fail and leave every file as it was.
+fn refused(dir: &Path, key: &MasterKey) -> Error {
+    let before = files(dir);
+    let r = open(dir, key, clock());
+    let after = files(dir);
+    assert!(before == after, "a refused open changed files");
+    match r {
+        Err(e) => e,
+        Ok(e) => panic!("opened with {} templates", e.stats().templates),
+    }
+}
+
+#[test]
+fn a_hand_edited_threshold_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    let m = t.path().join("gallery.json");
+    let orig = std::fs::read_to_string(&m).unwrap();
+    // A plain value edit that still parses.
+    let v: serde_json::Value = serde_json::from_str(&orig).unwrap();
+    let mut v2 = v.clone();
+    v2["config"]["purposes"][1]["identify_threshold"] = serde_json::json!(-1.0);
+    std::fs::write(&m, serde_json::to_string_pretty(&v2).unwrap()).unwrap();
+    let e = refused(t.path(), &key);
+    assert!(e.to_string().contains("changed outside facematch"), "{e}");
+    // Through the API it works, and is audited.
+    std::fs::write(&m, &orig).unwrap();
+    let e = open(t.path(), &key, clock()).unwrap();
+    e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.5).unwrap();
+    e.close().unwrap();
+    assert!(open(t.path(), &key, clock()).is_ok());
+}
+
+#[test]
+fn a_deleted_or_rolled_back_audit_log_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g = t.path().join("g");
+    gallery(&g, &key);
+    // rm -rf audit: refused, nothing recreated.
+    let aside = t.path().join("audit-copy");
+    copy_dir(&g.join("audit"), &aside);
+    std::fs::remove_dir_all(g.join("audit")).unwrap();
+    let e = refused(&g, &key);
+    assert!(matches!(e, Error::AuditTampered { .. }), "{e}");
+    assert!(!g.join("audit").exists());
+    copy_dir(&aside, &g.join("audit"));
+
+    // Copy aside, work (searches and a withdrawal), put the old copy back: refused.
+    let e = open(&g, &key, clock()).unwrap();
+    for i in 0..30 {
+        e.identify(&ctx("payment"), &vector(i), 3).unwrap();
+    }
+    e.withdraw(&op(), &subject("s7")).unwrap();
+    e.close().unwrap();
+    std::fs::remove_dir_all(g.join("audit")).unwrap();
+    copy_dir(&aside, &g.join("audit"));
+    let e = refused(&g, &key);
+    assert!(matches!(e, Error::AuditTampered { .. }), "{e}");
+}
+
+#[test]
+fn another_gallerys_files_with_the_same_key_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    gallery(&a, &key);
+    gallery(&b, &key);
+    for (name, is_dir) in [("templates.log", false), ("gallery.json", false), ("audit", true)] {
+        let t2 = tempfile::tempdir().unwrap();
+        let g = t2.path().join("g");
+        copy_dir(&a, &g);
+        if is_dir {
+            std::fs::remove_dir_all(g.join(name)).unwrap();
+            copy_dir(&b.join(name), &g.join(name));
+        } else {
+            std::fs::copy(b.join(name), g.join(name)).unwrap();
+        }
+        let e = refused(&g, &key);
+        assert!(matches!(e, Error::DataCorruption { .. } | Error::AuditTampered { .. }), "{name}: {e}");
+    }
+}
+
+#[test]
+fn a_restored_pre_withdrawal_log_is_refused_and_repair_erases_again() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g = t.path().join("g");
+    gallery(&g, &key);
+    let backup = t.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    for f in ["templates.log", "index.snap"] {
+        std::fs::copy(g.join(f), backup.join(f)).unwrap();
+    }
+    let e = open(&g, &key, clock()).unwrap();
+    e.withdraw(&op(), &subject("s7")).unwrap();
+    e.close().unwrap();
+    for f in ["templates.log", "index.snap"] {
+        std::fs::copy(backup.join(f), g.join(f)).unwrap();
+    }
+    let e = refused(&g, &key);
+    assert!(e.to_string().contains("repair"), "{e}");
+
+    let r = EngineBuilder::new(&g).key(key.clone()).clock(clock()).repair(&op(), true).unwrap();
+    assert_eq!(r.erasures_reapplied.len(), 1, "{r:?}");
+    let e = open(&g, &key, clock()).unwrap();
+    assert!(e.templates_of(&subject("s7")).is_empty(), "the withdrawn person is back");
+    assert_eq!(e.stats().templates, 19);
+    let v = e.identify(&ctx("payment"), &vector(7), 3).unwrap();
+    assert!(v.candidates.iter().all(|c| c.subject.as_str() != "s7"));
+    e.close().unwrap();
+    let v = AuditLog::verify(&g.join("audit"), &AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
+    assert!(v.ok(), "{v:?}");
+}
+
+#[test]
+fn a_format_1_gallery_is_upgraded_on_open_and_audited() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    // What a format-1 manifest looked like: no id, no bindings, no MAC.
+    let m = t.path().join("gallery.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    for k in ["gallery_id", "generation", "bound", "mac"] {
+        o.remove(k);
+    }
+    o.insert("version".into(), serde_json::json!(1));
+    std::fs::write(&m, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+
+    let e = open(t.path(), &key, clock()).unwrap();
+    assert_eq!(e.open_report().upgraded_from, Some(1));
+    assert_eq!(e.stats().templates, 20);
+    e.close().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    assert_eq!(v["version"], 2);
+    assert!(v["mac"].is_string() && v["gallery_id"].is_string());
+    let recs = AuditLog::read(&t.path().join("audit"), &Default::default()).unwrap();
+    assert!(recs.iter().any(|r| matches!(&r.event, AuditEvent::Admin { action, .. } if action == "format-upgrade")));
+    let e = open(t.path(), &key, clock()).unwrap();
+    assert_eq!(e.open_report().upgraded_from, None);
+}
+
+#[test]
+fn compaction_and_key_rotation_keep_the_bindings() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    let e = open(t.path(), &key, clock()).unwrap();
+    e.withdraw(&op(), &subject("s1")).unwrap();
+    e.compact(&op()).unwrap();
+    let new = MasterKey::generate();
+    e.rotate_key(&op(), new.clone()).unwrap();
+    e.close().unwrap();
+    let e = open(t.path(), &new, clock()).unwrap();
+    assert_eq!(e.stats().templates, 19);
+    e.close().unwrap();
+    // A crash between a compaction's rename and its manifest update: the manifest accepts the new log.
+    let e = open(t.path(), &new, clock()).unwrap();
+    e.withdraw(&op(), &subject("s2")).unwrap();
+    facematch::failpoints::enable("compact/renamed");
+    assert!(e.compact(&op()).is_err());
+    facematch::failpoints::disable_all();
+    drop(e); // the crash
+    let e = open(t.path(), &new, clock()).unwrap();
+    assert_eq!(e.stats().templates, 18);
+    assert!(e.templates_of(&subject("s2")).is_empty());
+}
