@@ -296,6 +296,10 @@ pub struct OpenReport {
     /// A torn write found at the end of the template log: ignored, and cut
     /// by the next append (opening changes no file).
     pub torn_log_tail: Option<TornTail>,
+    /// Changes whose audit record was durable but whose effect was not (a
+    /// crash or a full disk in between), and what open did about each
+    /// (erasures completed; enrolments and consents recorded as not made).
+    pub reconciled: Vec<String>,
     /// The gallery was upgraded from this format version on open (audited).
     pub upgraded_from: Option<u32>,
     /// Entries at the store's temporary names that facematch could not prove
@@ -671,8 +675,14 @@ impl EngineBuilder {
         let stale = log.frames().saturating_sub(snapshot::read_header(&gdir, store::SNAPSHOT)?.map(|h| h.frames).unwrap_or(0));
         let bound = if self.rebind { None } else { manifest.bound.clone() };
         let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, Some(st))?;
+        let mut engine = engine;
         if let Some(b) = &bound {
             engine.check_audit_binding(b)?;
+            let done = engine.reconcile(b)?;
+            for d in &done {
+                tracing::warn!(what = %d, "reconciled on open");
+            }
+            engine.open_report.reconciled = done;
         }
         if !authenticated {
             // Format 1: authenticate the manifest and bind it to what is here now.
@@ -893,6 +903,91 @@ impl Engine {
         let seq = self.audit_submit(event)?.wait()?.start;
         self.rebind()?;
         Ok(seq)
+    }
+
+    /// Write-ahead: make a change's record durable before the change (no rebind:
+    /// the manifest moves past the record only once the change is made).
+    fn audit_intent(&self, event: AuditEvent) -> Result<u64> {
+        Ok(self.audit_submit(event)?.wait()?.start)
+    }
+
+    /// Records after the manifest's bound are changes whose record is durable
+    /// but whose effect may not be (a crash or a full disk in between):
+    /// erasures are applied again (erasure wins), enrolments and consents the
+    /// store lacks are recorded as not made. Returns what was done.
+    fn reconcile(&self, b: &store::Bound) -> Result<Vec<String>> {
+        let records = AuditLog::read_from(&self.audit_dir(), b.audit_records)?;
+        let mut owner: HashMap<u64, String> = HashMap::new();
+        let mut erase: Vec<u64> = Vec::new();
+        let mut withdrawn: Vec<SubjectId> = Vec::new();
+        let mut not_enrolled: Vec<u64> = Vec::new();
+        let mut not_consented: Vec<String> = Vec::new();
+        for r in records {
+            match r.event {
+                AuditEvent::Enrolment { subject, template, .. } => {
+                    if self.template(template).is_err() {
+                        not_enrolled.push(template);
+                    }
+                    owner.insert(template, subject);
+                }
+                AuditEvent::ConsentRecorded { consent_id, .. } => {
+                    if !self.has_consent(&consent_id) {
+                        not_consented.push(consent_id);
+                    }
+                }
+                AuditEvent::ConsentWithdrawn { subject, templates_erased, .. } => {
+                    erase.extend(templates_erased.into_iter().filter(|t| self.template(*t).is_ok_and(|m| m.subject.as_str() == subject)));
+                    if let Ok(s) = SubjectId::new(subject) {
+                        withdrawn.push(s);
+                    }
+                }
+                AuditEvent::Deletion { templates, .. } | AuditEvent::Purge { templates, .. } => {
+                    erase.extend(templates.into_iter().filter(|t| self.template(*t).is_ok()));
+                }
+                _ => {}
+            }
+        }
+        let mut done = Vec::new();
+        let now = self.clock.now_unix_ms();
+        for s in withdrawn {
+            let open: Vec<ConsentRecord> = self.consents_of(&s).into_iter().filter(|c| c.withdrawn_at_ms.is_none()).collect();
+            if !open.is_empty() {
+                let frames: Vec<Vec<u8>> = open
+                    .iter()
+                    .map(|c| {
+                        let mut c = c.clone();
+                        c.withdrawn_at_ms = Some(now);
+                        Op::Consent(c).encode()
+                    })
+                    .collect();
+                let mut w = self.writer.lock();
+                w.log.append_durable(&frames)?;
+                let mut st = self.state.write();
+                for c in open {
+                    if let Some(x) = st.consents.get_mut(&c.consent_id) {
+                        x.withdrawn_at_ms = Some(now);
+                    }
+                }
+                done.push(format!("withdrawal of {s}'s consent completed"));
+            }
+        }
+        erase.sort_unstable();
+        erase.dedup();
+        if !erase.is_empty() {
+            self.erase(erase.clone())?;
+            done.push(format!("recorded erasure of templates {erase:?} completed"));
+        }
+        not_enrolled.retain(|t| self.template(*t).is_err());
+        if !not_enrolled.is_empty() {
+            done.push(format!("recorded enrolment of templates {not_enrolled:?} was not stored (the write failed or a crash came first): they are not enrolled"));
+        }
+        if !not_consented.is_empty() {
+            done.push(format!("recorded consents {not_consented:?} were not stored: they are not recorded"));
+        }
+        if !done.is_empty() {
+            self.record_admin(&Operator::system(), "reconciled-on-open", &done.join("; "))?;
+        }
+        Ok(done)
     }
 
     /// Bind the manifest to the gallery as it is now (after a change and its
@@ -1144,7 +1239,7 @@ impl Engine {
         if events.is_empty() {
             return Ok(out);
         }
-        let seqs = self.audit_batch(events)?;
+        let seqs = self.audit_batch_intent(events)?;
         for (r, s) in out.iter_mut().zip(seqs) {
             r.audit_seq = s;
         }
@@ -1225,14 +1320,7 @@ impl Engine {
             }
         }
         let frames: Vec<Vec<u8>> = consents.iter().map(|c| Op::Consent(c.clone()).encode()).collect();
-        w.log.append_durable(&frames)?;
-        {
-            let mut st = self.state.write();
-            for c in &consents {
-                st.consents.insert(c.consent_id.clone(), c.clone());
-            }
-        }
-        drop(w);
+        // Write-ahead: the records first, then the consents (see `reconcile`).
         let events = consents
             .iter()
             .map(|c| AuditEvent::ConsentRecorded {
@@ -1245,17 +1333,32 @@ impl Engine {
                 guardian: c.guardian.is_some(),
             })
             .collect();
-        self.audit_batch(events)?;
-        Ok(())
+        self.audit_batch_intent(events)?;
+        if let Err(e) = w.log.append_durable(&frames) {
+            let ids: Vec<&str> = consents.iter().map(|c| c.consent_id.as_str()).collect();
+            let _ = self.audit_intent(AuditEvent::Admin {
+                operator: operator.as_str().into(),
+                action: "consent-failed".into(),
+                detail: format!("consents {ids:?} were not stored: {e}"),
+            });
+            return Err(e);
+        }
+        {
+            let mut st = self.state.write();
+            for c in &consents {
+                st.consents.insert(c.consent_id.clone(), c.clone());
+            }
+        }
+        drop(w);
+        self.rebind()
     }
 
-    fn audit_batch(&self, events: Vec<AuditEvent>) -> Result<std::ops::Range<u64>> {
-        let r = match self.audit.read().as_ref() {
-            Some(a) => a.append_batch(events)?,
-            None => return Err(Error::Audit("the audit log is closed".into())),
-        };
-        self.rebind()?;
-        Ok(r)
+    /// [`Engine::audit_intent`] for a batch.
+    fn audit_batch_intent(&self, events: Vec<AuditEvent>) -> Result<std::ops::Range<u64>> {
+        match self.audit.read().as_ref() {
+            Some(a) => a.append_batch(events),
+            None => Err(Error::Audit("the audit log is closed".into())),
+        }
     }
 
     fn check_enrolment(&self, cfg: &GalleryConfig, st: &State, e: &Enrolment, now: i64) -> Result<(TemplateMeta, Vec<f32>)> {
@@ -1345,8 +1448,30 @@ impl Engine {
             }
         }
         let frames: Vec<Vec<u8>> = planned.iter().map(|(m, v)| Op::Enrol { meta: m.clone(), vector: v.clone() }.encode()).collect();
-        w.log.append_durable(&frames)?;
         let ids: Vec<u64> = planned.iter().map(|(m, _)| m.template).collect();
+        // Write-ahead: the records first, then the templates (see `reconcile`).
+        let events: Vec<AuditEvent> = planned
+            .iter()
+            .map(|(meta, _)| AuditEvent::Enrolment {
+                operator: operator.as_str().into(),
+                subject: meta.subject.to_string(),
+                template: meta.template,
+                purposes: meta.purposes.iter().map(|p| p.to_string()).collect(),
+                consent_id: meta.consent_id.clone(),
+            })
+            .collect();
+        self.audit_batch_intent(events)?;
+        if crate::failpoints::hit("enrol/recorded") {
+            return Err(Error::Cancelled);
+        }
+        if let Err(e) = w.log.append_durable(&frames) {
+            let _ = self.audit_intent(AuditEvent::Admin {
+                operator: operator.as_str().into(),
+                action: "enrolment-failed".into(),
+                detail: format!("templates {ids:?} were not stored: {e}"),
+            });
+            return Err(e);
+        }
         let people_after;
         {
             let mut st = self.state.write();
@@ -1358,17 +1483,7 @@ impl Engine {
             people_after = st.people();
         }
         drop(w);
-        let events: Vec<AuditEvent> = planned
-            .iter()
-            .map(|(meta, _)| AuditEvent::Enrolment {
-                operator: operator.as_str().into(),
-                subject: meta.subject.to_string(),
-                template: meta.template,
-                purposes: meta.purposes.iter().map(|p| p.to_string()).collect(),
-                consent_id: meta.consent_id.clone(),
-            })
-            .collect();
-        self.audit_batch(events)?;
+        self.rebind()?;
         self.check_filing(people_after)?;
         self.recalibrate_if_stale();
         Ok(ids)
@@ -1414,7 +1529,8 @@ impl Engine {
         if known.is_empty() {
             return Ok(ErasureReport::default());
         }
-        w.log.append_durable(&[Op::Delete { templates: known.clone() }.encode()])?;
+        // The erasure's audit record is durable already (write-ahead): the templates stop
+        // matching now, even if the frame below cannot be written (open re-applies it then).
         let mut subjects = Vec::new();
         {
             let mut st = self.state.write();
@@ -1430,6 +1546,7 @@ impl Engine {
                 }
             }
         }
+        w.log.append_durable(&[Op::Delete { templates: known.clone() }.encode()])?;
         drop(w);
         subjects.sort();
         subjects.dedup();
@@ -1453,8 +1570,13 @@ impl Engine {
                 return Err(Error::UnknownTemplate(*t));
             }
         }
-        let mut r = self.erase(templates.to_vec())?;
-        self.audit_append(AuditEvent::Deletion { operator: operator.as_str().into(), templates: r.templates.clone(), reason: reason.into() })?;
+        let mut ids = templates.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        // Write-ahead: the record first, then the erasure (see `reconcile`).
+        self.audit_intent(AuditEvent::Deletion { operator: operator.as_str().into(), templates: ids.clone(), reason: reason.into() })?;
+        let mut r = self.erase(ids)?;
+        self.rebind()?;
         self.maybe_compact(operator, &mut r)?;
         Ok(r)
     }
@@ -1471,6 +1593,13 @@ impl Engine {
             (templates, consents)
         };
         let now = self.clock.now_unix_ms();
+        // Write-ahead: the record first, then the withdrawal (see `reconcile`).
+        let mut erased = templates.clone();
+        erased.sort_unstable();
+        self.audit_intent(AuditEvent::ConsentWithdrawn { operator: operator.as_str().into(), subject: subject.to_string(), templates_erased: erased })?;
+        if crate::failpoints::hit("withdraw/recorded") {
+            return Err(Error::Cancelled);
+        }
         {
             let mut w = self.writer.lock();
             let frames: Vec<Vec<u8>> = consents
@@ -1491,7 +1620,7 @@ impl Engine {
         }
         let mut r = self.erase(templates)?;
         r.subjects = vec![subject.to_string()];
-        self.audit_append(AuditEvent::ConsentWithdrawn { operator: operator.as_str().into(), subject: subject.to_string(), templates_erased: r.templates.clone() })?;
+        self.rebind()?;
         self.maybe_compact(operator, &mut r)?;
         Ok(r)
     }
@@ -1509,9 +1638,12 @@ impl Engine {
         if expired.is_empty() {
             return Ok(ErasureReport::default());
         }
+        let mut expired = expired;
+        expired.sort_unstable();
+        self.audit_intent(AuditEvent::Purge { operator: operator.as_str().into(), templates: expired.clone(), reason: "retention expired".into() })?;
         let mut r = self.erase(expired)?;
         r.templates.sort_unstable();
-        self.audit_append(AuditEvent::Purge { operator: operator.as_str().into(), templates: r.templates.clone(), reason: "retention expired".into() })?;
+        self.rebind()?;
         self.maybe_compact(operator, &mut r)?;
         Ok(r)
     }

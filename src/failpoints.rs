@@ -12,6 +12,9 @@
 //! |---|---|
 //! | `rotate-key/staged` | `Engine::rotate_key`: everything staged in `rotate.new/`, not committed |
 //! | `rotate-key/committed` | `Engine::rotate_key`: the commit marker durable, no file moved yet |
+//! | `withdraw/recorded` | `Engine::withdraw`: its audit record durable, nothing erased yet |
+//! | `enrol/recorded` | `Engine::enrol_batch`: the enrolment records durable, no template stored yet |
+//! | `log/enospc` | any template log append fails with "no space left on device" |
 //! | `compact/renamed` | `Engine::compact`: the new log renamed in, the manifest not yet rebound |
 
 #[cfg(feature = "failpoints")]

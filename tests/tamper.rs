@@ -220,3 +220,69 @@ fn compaction_and_key_rotation_keep_the_bindings() {
     assert_eq!(e.stats().templates, 18);
     assert!(e.templates_of(&subject("s2")).is_empty());
 }
+
+fn audit_ok(g: &Path, key: &MasterKey) {
+    let v = AuditLog::verify(&g.join("audit"), &AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
+    assert!(v.ok(), "{v:?}");
+}
+
+fn admin_actions(g: &Path) -> Vec<String> {
+    AuditLog::read(&g.join("audit"), &Default::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::Admin { action, .. } => Some(action),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_crash_between_a_withdrawal_record_and_the_erasure_is_completed_on_open() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    let e = open(t.path(), &key, clock()).unwrap();
+    facematch::failpoints::enable("withdraw/recorded");
+    assert!(e.withdraw(&op(), &subject("s5")).is_err());
+    facematch::failpoints::disable_all();
+    drop(e); // the crash: the record is durable, the erasure is not
+    let e = open(t.path(), &key, clock()).unwrap();
+    assert!(!e.open_report().reconciled.is_empty(), "{:?}", e.open_report());
+    assert!(e.templates_of(&subject("s5")).is_empty(), "a recorded withdrawal was not applied");
+    assert!(e.consents_of(&subject("s5")).iter().all(|c| c.withdrawn_at_ms.is_some()));
+    e.close().unwrap();
+    audit_ok(t.path(), &key);
+    assert!(admin_actions(t.path()).contains(&"reconciled-on-open".to_string()));
+    // Reconciled once: the next open has nothing to do.
+    assert!(open(t.path(), &key, clock()).unwrap().open_report().reconciled.is_empty());
+}
+
+#[test]
+fn enrolments_whose_write_failed_are_recorded_as_not_made() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    // A full disk at the template log: the call fails, the records say so, nothing is stored.
+    let e = open(t.path(), &key, clock()).unwrap();
+    consent(&e, "late", &["payment"], facematch::compliance::AgeBracket::Adult).unwrap();
+    facematch::failpoints::enable("log/enospc");
+    let r = e.enrol(&op(), facematch::engine::Enrolment::new(subject("late"), "consent-late", vec![purpose("payment")], vector(77)));
+    facematch::failpoints::disable_all();
+    assert!(r.is_err());
+    assert!(e.templates_of(&subject("late")).is_empty());
+    assert!(admin_actions(t.path()).contains(&"enrolment-failed".to_string()));
+    // A crash between the records and the write.
+    facematch::failpoints::enable("enrol/recorded");
+    let r = e.enrol(&op(), facematch::engine::Enrolment::new(subject("late"), "consent-late", vec![purpose("payment")], vector(77)));
+    facematch::failpoints::disable_all();
+    assert!(r.is_err());
+    drop(e);
+    let e = open(t.path(), &key, clock()).unwrap();
+    let rec = e.open_report().reconciled.join(" ");
+    assert!(rec.contains("not stored"), "{rec}");
+    assert!(e.templates_of(&subject("late")).is_empty());
+    assert_eq!(e.stats().templates, 20);
+    e.close().unwrap();
+    audit_ok(t.path(), &key);
+}

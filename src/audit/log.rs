@@ -680,6 +680,47 @@ impl AuditLog {
         (d.next, d.last_hash.clone())
     }
 
+    /// Every record from `seq` on, in order, read from the segments that hold
+    /// them (the newest ones: cheap when `seq` is recent). Reads only.
+    pub fn read_from(dir: &Path, seq: u64) -> Result<Vec<AuditRecord>> {
+        let mut segs: Vec<(u32, PathBuf)> = Vec::new();
+        for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
+            if let Some(i) = e.file_name().to_str().and_then(format::parse_segment_name) {
+                segs.push((i, e.path()));
+            }
+        }
+        segs.sort();
+        // From the newest segment back to the one whose first record is at or before `seq`.
+        let mut from = 0;
+        for (k, (_, path)) in segs.iter().enumerate().rev() {
+            let f = crate::fs::open_read_nofollow(path).map_err(|e| Error::io(path, e))?;
+            let mut first = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(f), &mut first).map_err(|e| Error::io(path, e))?;
+            let first_seq = serde_json::from_str::<serde_json::Value>(first.trim_end()).ok().and_then(|v| v.get("first_seq")?.as_u64());
+            if first_seq.is_some_and(|f| f <= seq) {
+                from = k;
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        for (_, path) in &segs[from.min(segs.len())..] {
+            let f = crate::fs::open_read_nofollow(path).map_err(|e| Error::io(path, e))?;
+            for line in std::io::BufRead::split(std::io::BufReader::new(f), b'\n') {
+                let line = line.map_err(|e| Error::io(path, e))?;
+                if !line.starts_with(b"{\"seq\":") || line.contains(&0) {
+                    continue;
+                }
+                let r: AuditRecord = serde_json::from_slice(&line)
+                    .map_err(|e| Error::AuditTampered { seq, reason: format!("unreadable record in {}: {e}", path.display()) })?;
+                if r.seq >= seq {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The hash of record `seq` as its segment holds it, or `None` if no
     /// segment still holds it (retired by retention, or missing). Reads only;
     /// the chain itself is checked by [`AuditLog::open`] and [`AuditLog::verify`].

@@ -262,6 +262,9 @@ impl LogWriter {
         if plaintexts.is_empty() {
             return Ok(());
         }
+        if crate::failpoints::hit("log/enospc") {
+            return Err(Error::io(&self.path, std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         let first = self.frames;
         let sealed: Vec<Vec<u8>> = plaintexts
             .par_iter()
