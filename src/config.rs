@@ -45,6 +45,10 @@ pub struct GalleryConfig {
     pub compact_deleted_fraction: f32,
     /// Largest `k` a 1:N query may ask for.
     pub max_k: usize,
+    /// Enrolling from an image with several faces takes the largest only if
+    /// its area is at least this many times the next one's; otherwise the
+    /// face must be chosen (`probe::enrol_image_face`).
+    pub enrol_face_dominance: f32,
 }
 
 impl Default for GalleryConfig {
@@ -58,6 +62,7 @@ impl Default for GalleryConfig {
             filing_threshold: FILING_THRESHOLD,
             compact_deleted_fraction: 0.2,
             max_k: 100,
+            enrol_face_dominance: 2.0,
         }
     }
 }
@@ -92,6 +97,9 @@ impl GalleryConfig {
         }
         if self.max_k == 0 || self.max_k > 10_000 {
             return Err(Error::config("max_k", "must be in 1..=10000"));
+        }
+        if !(1.0..=100.0).contains(&self.enrol_face_dominance) {
+            return Err(Error::config("enrol_face_dominance", "must be in 1..=100"));
         }
         self.index.validate()?;
         self.audit.validate()?;

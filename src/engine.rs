@@ -84,12 +84,15 @@ pub struct Enrolment {
     pub template: Option<u64>,
     /// Model that made the embedding; refused if it differs from the gallery's.
     pub model_id: Option<String>,
+    /// Enrol even if the face does not resemble the subject's templates
+    /// already enrolled (otherwise refused, and the refusal audited).
+    pub force: bool,
 }
 
 impl Enrolment {
     /// An enrolment with an engine-assigned template id.
     pub fn new(subject: SubjectId, consent_id: impl Into<String>, purposes: Vec<Purpose>, embedding: Vec<f32>) -> Self {
-        Enrolment { subject, consent_id: consent_id.into(), purposes, embedding: Zeroizing::new(embedding), template: None, model_id: None }
+        Enrolment { subject, consent_id: consent_id.into(), purposes, embedding: Zeroizing::new(embedding), template: None, model_id: None, force: false }
     }
 }
 
@@ -102,6 +105,7 @@ impl std::fmt::Debug for Enrolment {
             .field("embedding", &format_args!("[{} values, not shown]", self.embedding.len()))
             .field("template", &self.template)
             .field("model_id", &self.model_id)
+            .field("force", &self.force)
             .finish()
     }
 }
@@ -1080,6 +1084,18 @@ impl Engine {
         self.notices.lock().clone()
     }
 
+    /// The policy for a query's purpose; a refusal is recorded too (refusals
+    /// are processing: who asked, for which purpose and mode, why; no probe data).
+    fn query_policy(&self, ctx: &QueryContext, mode: Mode) -> Result<crate::compliance::PurposePolicy> {
+        self.policy(&ctx.purpose).inspect_err(|e| {
+            let _ = self.audit_intent(AuditEvent::Admin {
+                operator: ctx.operator.as_str().into(),
+                action: "query-refused".into(),
+                detail: format!("{} for purpose {}: {e}", mode.as_str(), ctx.purpose),
+            });
+        })
+    }
+
     fn policy(&self, purpose: &Purpose) -> Result<crate::compliance::PurposePolicy> {
         self.manifest.read().config.purpose(purpose).cloned().ok_or_else(|| Error::PolicyViolation {
             rule: "specific-purpose",
@@ -1156,7 +1172,7 @@ impl Engine {
     /// [`Engine::verify_with_faces`] without waiting for the audit record: see [`Pending`].
     pub fn verify_deferred_with_faces(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId, faces: (u32, u32)) -> Result<Pending<Verification>> {
         let started = Instant::now();
-        let policy = self.policy(&ctx.purpose)?;
+        let policy = self.query_policy(ctx, Mode::Verify)?;
         let dim = self.manifest.read().config.dim;
         let q = normalise(dim, probe)?;
         let now = self.clock.now_unix_ms();
@@ -1210,8 +1226,8 @@ impl Engine {
     /// [`Engine::identify_with`] without waiting for the audit record: see [`Pending`].
     pub fn identify_deferred_with(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions, faces: (u32, u32)) -> Result<Pending<Identification>> {
         let started = Instant::now();
+        let policy = self.query_policy(ctx, Mode::Identify)?;
         let candidates = self.search_candidates(ctx, probe, k, opts)?;
-        let policy = self.policy(&ctx.purpose)?;
         let top = candidates.first().map(|c| c.score);
         let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
         let ticket = self.audit_query(ctx, Mode::Identify, threshold, k, &decision, top, faces, started)?;
@@ -1223,7 +1239,7 @@ impl Engine {
     /// carrying how many faces the image held and how many matched nobody (to be discarded by the caller).
     pub fn identify_faces(&self, ctx: &QueryContext, probes: &[Vec<f32>], k: usize) -> Result<Vec<Identification>> {
         let started = Instant::now();
-        let policy = self.policy(&ctx.purpose)?;
+        let policy = self.query_policy(ctx, Mode::Identify)?;
         let mut out = Vec::with_capacity(probes.len());
         for p in probes {
             let candidates = self.search_candidates(ctx, p, k, SearchOptions::default())?;
@@ -1400,6 +1416,28 @@ impl Engine {
             }
             None => st.next_template,
         };
+        if !e.force {
+            // Another template of someone already enrolled must look like them.
+            let live = st.subject_idx.get(&e.subject).and_then(|si| st.live_by_subject.get(si));
+            if let Some(live) = live.filter(|l| !l.is_empty()) {
+                let best = live
+                    .iter()
+                    .filter_map(|t| st.by_template.get(t))
+                    .filter_map(|&slot| st.index.vector(slot))
+                    .map(|v| dot(v, &vector))
+                    .fold(f32::MIN, f32::max);
+                let need = e.purposes.iter().filter_map(|p| cfg.purpose(p)).map(|p| p.verify_threshold).fold(f32::MAX, f32::min);
+                if best < need {
+                    return Err(Error::PolicyViolation {
+                        rule: "enrolment-consistency",
+                        reason: format!(
+                            "the face does not match {}'s enrolled templates (below the verify threshold {need}): another person? enrol with force only if you are sure",
+                            e.subject
+                        ),
+                    });
+                }
+            }
+        }
         let meta = TemplateMeta {
             template,
             subject: e.subject.clone(),
@@ -1440,7 +1478,21 @@ impl Engine {
                     e2.template = Some(next);
                     next += 1;
                 }
-                let (meta, v) = self.check_enrolment(&cfg, &st, &e2, now)?;
+                let (meta, v) = match self.check_enrolment(&cfg, &st, &e2, now) {
+                    Ok(x) => x,
+                    Err(err @ Error::PolicyViolation { rule: "enrolment-consistency", .. }) => {
+                        drop(st);
+                        drop(w);
+                        // The refusal is recorded (who, whom; no biometric data).
+                        self.audit_intent(AuditEvent::Admin {
+                            operator: operator.as_str().into(),
+                            action: "enrolment-refused".into(),
+                            detail: format!("subject {}: the face does not match the subject's enrolled templates", e2.subject),
+                        })?;
+                        return Err(err);
+                    }
+                    Err(err) => return Err(err),
+                };
                 if !taken.insert(meta.template) {
                     return Err(Error::DuplicateTemplate(meta.template));
                 }

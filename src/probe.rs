@@ -169,11 +169,58 @@ fn identify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext
     Ok((ImageIdentification { matches, faces_found: found, faces_discarded: discarded }, img, unmatched))
 }
 
-/// Enrol the largest face of `image`; other faces are never embedded. The image itself is not stored.
-pub fn enrol_image(engine: &Engine, pipeline: &FacePipeline, operator: &crate::compliance::Operator, image: &[u8], mut request: Enrolment) -> Result<(u64, FaceBox, u32)> {
+/// Enrol the one face of `image`; other faces are never embedded. The image itself is not stored.
+///
+/// An image with several faces is refused (`PolicyViolation("one-face-enrolment")`)
+/// unless its largest face is at least `enrol_face_dominance` (gallery
+/// configuration, default 2) times the area of the next: a group photo must not
+/// enrol a stranger under someone's name. Choose the face with [`enrol_image_face`].
+pub fn enrol_image(engine: &Engine, pipeline: &FacePipeline, operator: &crate::compliance::Operator, image: &[u8], request: Enrolment) -> Result<(u64, FaceBox, u32)> {
+    enrol_image_with(engine, pipeline, operator, image, request, None)
+}
+
+/// [`enrol_image`] of the face at `index` among the detected faces, ordered by
+/// decreasing area (0 is the largest): the operator chose it.
+pub fn enrol_image_face(engine: &Engine, pipeline: &FacePipeline, operator: &crate::compliance::Operator, image: &[u8], request: Enrolment, index: usize) -> Result<(u64, FaceBox, u32)> {
+    enrol_image_with(engine, pipeline, operator, image, request, Some(index))
+}
+
+fn enrol_image_with(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    operator: &crate::compliance::Operator,
+    image: &[u8],
+    mut request: Enrolment,
+    index: Option<usize>,
+) -> Result<(u64, FaceBox, u32)> {
     check_model(engine, pipeline)?;
     let img = pipeline.decode_bytes(image)?;
-    let (face, _others, _found, discarded) = main_face(pipeline.detect(&img)?)?;
+    let mut faces = pipeline.detect(&img)?;
+    if faces.is_empty() {
+        return Err(Error::BadImage { path: None, reason: "no face found".into() });
+    }
+    faces.sort_by(|a, b| area(b).total_cmp(&area(a)));
+    let n = faces.len();
+    let pick = match index {
+        Some(i) if i < n => i,
+        Some(i) => return Err(Error::BadImage { path: None, reason: format!("face {i} chosen, the image has {n}") }),
+        None if n == 1 => 0,
+        None => {
+            let need = engine.config().enrol_face_dominance;
+            let ratio = area(&faces[0]) / area(&faces[1]).max(f32::MIN_POSITIVE);
+            if ratio < need {
+                return Err(Error::PolicyViolation {
+                    rule: "one-face-enrolment",
+                    reason: format!(
+                        "the image holds {n} faces and the largest is only {ratio:.1}x the area of the next (at least {need} needed): choose the face, or use a photo of the person alone"
+                    ),
+                });
+            }
+            0
+        }
+    };
+    let face = faces.swap_remove(pick);
+    let discarded = (n - 1) as u32;
     let (fb, e) = embed_one(pipeline, &img, face)?;
     // The request owns the only copy of the embedding and wipes it when the engine drops it.
     request.embedding = zeroize::Zeroizing::new(e);

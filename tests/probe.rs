@@ -172,3 +172,32 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A group photo must not enrol a stranger under someone's name: several faces of similar size
+/// are refused unless the face is chosen; a face that does not look like the person's enrolled
+/// templates is refused (and the refusal audited) unless forced.
+#[test]
+fn enrolment_takes_exactly_one_face_of_the_right_person() {
+    let d = tempfile::tempdir().unwrap();
+    let Barack { e, barack, ctx, .. } = barack_enrolled(d.path());
+    let op = Operator::new("gate").unwrap();
+    let door = Purpose::new("door-access").unwrap();
+    let req = || Enrolment::new(barack.clone(), "f1", vec![door.clone()], Vec::new());
+    let r = facematch::probe::enrol_image(&e, pipeline(), &op, &sample("t1.jpg"), req());
+    assert!(matches!(r, Err(facematch::Error::PolicyViolation { rule: "one-face-enrolment", .. })), "{r:?}");
+    // Chosen explicitly: the largest face of the group photo is a stranger, so it is refused as not Barack.
+    let r = facematch::probe::enrol_image_face(&e, pipeline(), &op, &sample("t1.jpg"), req(), 0);
+    assert!(matches!(r, Err(facematch::Error::PolicyViolation { rule: "enrolment-consistency", .. })), "{r:?}");
+    // Another photo of Barack is accepted.
+    facematch::probe::enrol_image(&e, pipeline(), &op, &sample("obama2.jpg"), req()).unwrap();
+    // Forced, the stranger goes in (the operator's call, audited as an enrolment).
+    let mut forced = req();
+    forced.force = true;
+    facematch::probe::enrol_image_face(&e, pipeline(), &op, &sample("t1.jpg"), forced, 0).unwrap();
+    assert_eq!(e.templates_of(&barack).len(), 3);
+    drop(ctx);
+    let dir = e.audit_dir();
+    e.close().unwrap();
+    let recs = facematch::audit::AuditLog::read(&dir, &Default::default()).unwrap();
+    assert!(recs.iter().any(|r| matches!(&r.event, facematch::audit::AuditEvent::Admin { action, .. } if action == "enrolment-refused")));
+}

@@ -286,3 +286,25 @@ fn enrolments_whose_write_failed_are_recorded_as_not_made() {
     e.close().unwrap();
     audit_ok(t.path(), &key);
 }
+
+#[test]
+fn refused_queries_are_audited_without_probe_data() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    let e = open(t.path(), &key, clock()).unwrap();
+    assert!(e.identify(&ctx("marketing"), &vector(1), 3).is_err());
+    assert!(e.verify(&ctx("marketing"), &vector(1), &subject("s1")).is_err());
+    e.close().unwrap();
+    let refused: Vec<String> = AuditLog::read(&t.path().join("audit"), &Default::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::Admin { action, detail, .. } if action == "query-refused" => Some(detail),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused[0].contains("identify") && refused[0].contains("marketing"));
+    assert!(refused[1].contains("verify"));
+}
