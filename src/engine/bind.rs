@@ -1,0 +1,182 @@
+//! Binding the manifest to the rest of the gallery (format 2), write-ahead
+//! audit records, and what open reconciles from them.
+
+use super::*;
+
+impl Engine {
+    /// Write-ahead: make a change's record durable before the change (no rebind:
+    /// the manifest moves past the record only once the change is made).
+    pub(super) fn audit_intent(&self, event: AuditEvent) -> Result<u64> {
+        Ok(self.audit_submit(event)?.wait()?.start)
+    }
+
+    /// Records after the manifest's bound are changes whose record is durable
+    /// but whose effect may not be (a crash or a full disk in between):
+    /// erasures are applied again (erasure wins), enrolments and consents the
+    /// store lacks are recorded as not made. Returns what was done.
+    pub(super) fn reconcile(&self, b: &store::Bound) -> Result<Vec<String>> {
+        let records = AuditLog::read_from(&self.audit_dir(), b.audit_records)?;
+        let mut owner: HashMap<u64, String> = HashMap::new();
+        let mut erase: Vec<u64> = Vec::new();
+        let mut withdrawn: Vec<SubjectId> = Vec::new();
+        let mut not_enrolled: Vec<u64> = Vec::new();
+        let mut not_consented: Vec<String> = Vec::new();
+        for r in records {
+            match r.event {
+                AuditEvent::Enrolment { subject, template, .. } => {
+                    if self.template(template).is_err() {
+                        not_enrolled.push(template);
+                    }
+                    owner.insert(template, subject);
+                }
+                AuditEvent::ConsentRecorded { consent_id, .. } => {
+                    if !self.has_consent(&consent_id) {
+                        not_consented.push(consent_id);
+                    }
+                }
+                AuditEvent::ConsentWithdrawn { subject, templates_erased, .. } => {
+                    erase.extend(templates_erased.into_iter().filter(|t| self.template(*t).is_ok_and(|m| m.subject.as_str() == subject)));
+                    if let Ok(s) = SubjectId::new(subject) {
+                        withdrawn.push(s);
+                    }
+                }
+                AuditEvent::Deletion { templates, .. } | AuditEvent::Purge { templates, .. } => {
+                    erase.extend(templates.into_iter().filter(|t| self.template(*t).is_ok()));
+                }
+                _ => {}
+            }
+        }
+        let mut done = Vec::new();
+        let now = self.clock.now_unix_ms();
+        for s in withdrawn {
+            let open: Vec<ConsentRecord> = self.consents_of(&s).into_iter().filter(|c| c.withdrawn_at_ms.is_none()).collect();
+            if !open.is_empty() {
+                let frames: Vec<Vec<u8>> = open
+                    .iter()
+                    .map(|c| {
+                        let mut c = c.clone();
+                        c.withdrawn_at_ms = Some(now);
+                        Op::Consent(c).encode()
+                    })
+                    .collect();
+                let mut w = self.writer.lock();
+                w.log.append_durable(&frames)?;
+                let mut st = self.state.write();
+                for c in open {
+                    if let Some(x) = st.consents.get_mut(&c.consent_id) {
+                        x.withdrawn_at_ms = Some(now);
+                    }
+                }
+                done.push(format!("withdrawal of {s}'s consent completed"));
+            }
+        }
+        erase.sort_unstable();
+        erase.dedup();
+        if !erase.is_empty() {
+            self.erase(erase.clone())?;
+            done.push(format!("recorded erasure of templates {erase:?} completed"));
+        }
+        not_enrolled.retain(|t| self.template(*t).is_err());
+        if !not_enrolled.is_empty() {
+            done.push(format!("recorded enrolment of templates {not_enrolled:?} was not stored (the write failed or a crash came first): they are not enrolled"));
+        }
+        if !not_consented.is_empty() {
+            done.push(format!("recorded consents {not_consented:?} were not stored: they are not recorded"));
+        }
+        if !done.is_empty() {
+            self.record_admin(&Operator::system(), "reconciled-on-open", &done.join("; "))?;
+        }
+        Ok(done)
+    }
+
+    /// Bind the manifest to the gallery as it is now (after a change and its
+    /// audit record): the template log's id and frame count and the audit
+    /// log's durable head. A later open refuses files older than this.
+    pub(super) fn rebind(&self) -> Result<()> {
+        // Lock order: writer, manifest, (state), audit.
+        let w = self.writer.lock();
+        let mut m = self.manifest.write();
+        let Some((records, hash)) = self.audit.read().as_ref().map(|a| a.durable_head()) else { return Ok(()) };
+        let bound = store::Bound {
+            log_id: hex::encode(w.log.file_id()),
+            log_frames: w.log.frames(),
+            pending_log: None,
+            audit_records: records,
+            audit_hash: if records == 0 { String::new() } else { hash },
+        };
+        if m.bound.as_ref() == Some(&bound) && m.version == store::FORMAT_VERSION {
+            return Ok(());
+        }
+        let mut nm = m.clone();
+        nm.bound = Some(bound);
+        nm.generation += 1;
+        store::write_manifest(&self.gdir, &mut nm, &self.key.read())?;
+        *m = nm;
+        Ok(())
+    }
+
+    /// The audit log holds at least what the manifest proves, and it is this gallery's.
+    pub(super) fn check_audit_binding(&self, b: &store::Bound) -> Result<()> {
+        let records = self.audit.read().as_ref().map(|a| a.records()).unwrap_or(0);
+        if records < b.audit_records {
+            return Err(Error::AuditTampered {
+                seq: records,
+                reason: format!(
+                    "the audit log holds {records} records, the manifest proves {} were written: it was rolled back or cut; restore it from a backup",
+                    b.audit_records
+                ),
+            });
+        }
+        if b.audit_records > 0 {
+            let seq = b.audit_records - 1;
+            if let Some(h) = AuditLog::record_hash(&self.audit_dir(), seq)? {
+                if h != b.audit_hash {
+                    return Err(Error::AuditTampered {
+                        seq,
+                        reason: "record differs from the one the manifest names: this audit log is not this gallery's (or was rewritten)".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Erase again every live template whose erasure the audit log records
+    /// (withdrawals, deletions, purges): after a repair cut the log, or a
+    /// restored older template log. A template counts as the erased one only
+    /// if it belongs to the subject the audit log names for it and was
+    /// enrolled before the erasure (template ids can be reused after a cut).
+    /// Returns the templates erased (one audited deletion).
+    pub fn reapply_recorded_erasures(&self, operator: &Operator) -> Result<Vec<u64>> {
+        let records = AuditLog::read(&self.audit_dir(), &crate::audit::AuditFilter::default())?;
+        let mut owner: HashMap<u64, String> = HashMap::new();
+        let mut erased: Vec<(u64, Option<String>, i64)> = Vec::new();
+        for r in records {
+            match r.event {
+                AuditEvent::Enrolment { subject, template, .. } => {
+                    owner.insert(template, subject);
+                }
+                AuditEvent::ConsentWithdrawn { subject, templates_erased, .. } => {
+                    erased.extend(templates_erased.into_iter().map(|t| (t, Some(subject.clone()), r.time_ms)));
+                }
+                AuditEvent::Deletion { templates, .. } | AuditEvent::Purge { templates, .. } => {
+                    erased.extend(templates.into_iter().map(|t| (t, owner.get(&t).cloned(), r.time_ms)));
+                }
+                _ => {}
+            }
+        }
+        let mut again: Vec<u64> = erased
+            .into_iter()
+            .filter(|(t, subject, at)| {
+                self.template(*t).is_ok_and(|m| subject.as_deref() == Some(m.subject.as_str()) && m.enrolled_at_ms <= *at)
+            })
+            .map(|(t, _, _)| t)
+            .collect();
+        again.sort_unstable();
+        again.dedup();
+        if !again.is_empty() {
+            self.delete(operator, &again, "erasure recorded in the audit log re-applied (repair)")?;
+        }
+        Ok(again)
+    }
+}
