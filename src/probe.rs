@@ -185,17 +185,11 @@ pub fn enrol_image_face(engine: &Engine, pipeline: &FacePipeline, operator: &cra
     enrol_image_with(engine, pipeline, operator, image, request, Some(index))
 }
 
-fn enrol_image_with(
-    engine: &Engine,
-    pipeline: &FacePipeline,
-    operator: &crate::compliance::Operator,
-    image: &[u8],
-    mut request: Enrolment,
-    index: Option<usize>,
-) -> Result<(u64, FaceBox, u32)> {
-    check_model(engine, pipeline)?;
-    let img = pipeline.decode_bytes(image)?;
-    let mut faces = pipeline.detect(&img)?;
+/// The face to enrol among `faces`: the one at `index` (by decreasing area)
+/// if chosen, else the only one, else the largest if its area is at least
+/// `dominance` times the next one's; otherwise `PolicyViolation("one-face-enrolment")`.
+/// Returns it and how many others were not embedded.
+pub(crate) fn pick_enrol_face(mut faces: Vec<Face>, index: Option<usize>, dominance: f32) -> Result<(Face, u32)> {
     if faces.is_empty() {
         return Err(Error::BadImage { path: None, reason: "no face found".into() });
     }
@@ -206,21 +200,33 @@ fn enrol_image_with(
         Some(i) => return Err(Error::BadImage { path: None, reason: format!("face {i} chosen, the image has {n}") }),
         None if n == 1 => 0,
         None => {
-            let need = engine.config().enrol_face_dominance;
             let ratio = area(&faces[0]) / area(&faces[1]).max(f32::MIN_POSITIVE);
-            if ratio < need {
+            if ratio < dominance {
                 return Err(Error::PolicyViolation {
                     rule: "one-face-enrolment",
                     reason: format!(
-                        "the image holds {n} faces and the largest is only {ratio:.1}x the area of the next (at least {need} needed): choose the face, or use a photo of the person alone"
+                        "the image holds {n} faces and the largest is only {ratio:.1}x the area of the next (at least {dominance} needed): choose the face, or use a photo of the person alone"
                     ),
                 });
             }
             0
         }
     };
-    let face = faces.swap_remove(pick);
-    let discarded = (n - 1) as u32;
+    Ok((faces.swap_remove(pick), (n - 1) as u32))
+}
+
+fn enrol_image_with(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    operator: &crate::compliance::Operator,
+    image: &[u8],
+    mut request: Enrolment,
+    index: Option<usize>,
+) -> Result<(u64, FaceBox, u32)> {
+    check_model(engine, pipeline)?;
+    let img = pipeline.decode_bytes(image)?;
+    let need = engine.config().enrol_face_dominance;
+    let (face, discarded) = pick_enrol_face(pipeline.detect(&img)?, index, need)?;
     let (fb, e) = embed_one(pipeline, &img, face)?;
     // The request owns the only copy of the embedding and wipes it when the engine drops it.
     request.embedding = zeroize::Zeroizing::new(e);
