@@ -308,3 +308,32 @@ fn refused_queries_are_audited_without_probe_data() {
     assert!(refused[0].contains("identify") && refused[0].contains("marketing"));
     assert!(refused[1].contains("verify"));
 }
+
+#[test]
+fn an_anchor_kept_elsewhere_detects_a_whole_directory_rollback() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g = t.path().join("g");
+    gallery(&g, &key);
+    let backup = t.path().join("backup");
+    copy_dir(&g, &backup);
+    let e = open(&g, &key, clock()).unwrap();
+    e.withdraw(&op(), &subject("s4")).unwrap();
+    let anchor = e.anchor(&op()).unwrap().to_json();
+    e.close().unwrap();
+    let a = facematch::engine::Anchor::from_json(&anchor, &key).unwrap();
+    assert!(facematch::engine::Anchor::from_json(&anchor, &MasterKey::generate()).is_err(), "another key verifies the anchor");
+    let with_anchor = |dir: &Path| EngineBuilder::new(dir).key(key.clone()).clock(clock()).anchor(a.clone()).open();
+    with_anchor(&g).unwrap().close().unwrap();
+    // Every file restored together: consistent, so undetectable from inside...
+    std::fs::remove_dir_all(&g).unwrap();
+    copy_dir(&backup, &g);
+    assert!(open(&g, &key, clock()).is_ok());
+    // ...but not against the anchor.
+    let r = with_anchor(&g);
+    assert!(matches!(r, Err(Error::DataCorruption { .. })), "{:?}", r.map(|e| e.stats().templates));
+    // Another gallery is refused too.
+    let other = t.path().join("other");
+    gallery(&other, &key);
+    assert!(with_anchor(&other).is_err());
+}

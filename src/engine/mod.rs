@@ -58,6 +58,7 @@ const DAY_MS: i64 = 86_400_000;
 // write-ahead records, reconciliation), `admin` (keys, thresholds, export,
 // stats). This file: the `Engine` itself and its audit plumbing.
 mod admin;
+mod anchor;
 mod bind;
 mod enrol;
 mod erase;
@@ -66,6 +67,7 @@ mod query;
 mod state;
 mod types;
 
+pub use self::anchor::Anchor;
 pub use self::open::{core_dumps_allowed, forbid_core_dumps, EngineBuilder};
 pub use self::types::*;
 use self::open::{calibrate_index, CALIBRATION_PROBES, CALIBRATION_SEED, CALIBRATION_TARGET};

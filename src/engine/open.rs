@@ -12,12 +12,14 @@ pub struct EngineBuilder {
     /// Repair: accept a template log or audit log older than the manifest
     /// proves, then bind the manifest to what is there.
     rebind: bool,
+    /// Refuse a gallery older than this anchor.
+    anchor: Option<crate::engine::Anchor>,
 }
 
 impl EngineBuilder {
     /// A builder for the gallery at `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        EngineBuilder { dir: dir.into(), key: None, clock: Arc::new(SystemClock), allow_core_dumps: false, rebind: false }
+        EngineBuilder { dir: dir.into(), key: None, clock: Arc::new(SystemClock), allow_core_dumps: false, rebind: false, anchor: None }
     }
     /// Let this process write core dumps. By default opening or creating an
     /// engine makes the process non-dumpable (Linux `PR_SET_DUMPABLE` 0;
@@ -26,6 +28,13 @@ impl EngineBuilder {
     /// stops debuggers of the same user from attaching.
     pub fn allow_core_dumps(mut self, allow: bool) -> Self {
         self.allow_core_dumps = allow;
+        self
+    }
+    /// Check the gallery against an anchor kept off the machine
+    /// ([`Engine::anchor`]): open refuses a gallery older than it (a
+    /// whole-directory rollback), another gallery, or a rewritten audit chain.
+    pub fn anchor(mut self, anchor: crate::engine::Anchor) -> Self {
+        self.anchor = Some(anchor);
         self
     }
     /// The master key (required).
@@ -260,6 +269,9 @@ impl EngineBuilder {
         let mut engine = engine;
         if let Some(b) = &bound {
             engine.check_audit_binding(b)?;
+            if let Some(a) = &self.anchor {
+                engine.check_anchor(a)?;
+            }
             let done = engine.reconcile(b)?;
             for d in &done {
                 tracing::warn!(what = %d, "reconciled on open");

@@ -1,0 +1,115 @@
+//! Anchors: a small signed checkpoint of a gallery, kept off the machine, that
+//! a later open or `audit verify` checks the gallery against.
+//!
+//! Everything inside a gallery directory can be restored together from an
+//! older copy (a whole-directory rollback): then the manifest, the template
+//! log and the audit log agree with each other, and nothing inside can tell.
+//! An anchor written earlier and kept elsewhere can: it names the gallery,
+//! its generation and its audit head, and a gallery older than that (or
+//! another gallery, or a rewritten audit chain) is refused.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+const ANCHOR_FORMAT: &str = "facematch-anchor";
+
+/// A signed checkpoint of a gallery (no biometric data): HMAC-SHA256 under a
+/// key derived from the master key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    /// Always "facematch-anchor".
+    pub format: String,
+    /// The gallery's id.
+    pub gallery_id: String,
+    /// The manifest's generation when the anchor was made.
+    pub generation: u64,
+    /// Audit records durable then.
+    pub audit_records: u64,
+    /// Hash of the last of them.
+    pub audit_hash: String,
+    /// When it was made (unix ms).
+    pub created_ms: i64,
+    /// HMAC of the fields above.
+    pub mac: String,
+}
+
+fn anchor_mac(a: &Anchor, key: &MasterKey) -> Result<String> {
+    let mut body = a.clone();
+    body.mac = String::new();
+    let bytes = serde_json::to_vec(&body).map_err(|e| Error::config("anchor", e.to_string()))?;
+    let k = key.derive(b"facematch/anchor/v1");
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&k[..]).map_err(|e| Error::Key(e.to_string()))?;
+    mac.update(&bytes);
+    Ok(hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Anchor {
+    /// Parse an anchor and check its signature under `key`.
+    pub fn from_json(text: &str, key: &MasterKey) -> Result<Anchor> {
+        let a: Anchor = serde_json::from_str(text).map_err(|e| Error::config("anchor", format!("not a facematch anchor: {e}")))?;
+        if a.format != ANCHOR_FORMAT {
+            return Err(Error::config("anchor", "not a facematch anchor"));
+        }
+        if anchor_mac(&a, key)? != a.mac {
+            return Err(Error::Key("the anchor's signature does not verify under this key (edited, or made with another key)".into()));
+        }
+        Ok(a)
+    }
+
+    /// The anchor as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl Engine {
+    /// A signed checkpoint of the gallery as it is now, to keep off the
+    /// machine (see the module docs). Making one is audited.
+    pub fn anchor(&self, operator: &Operator) -> Result<Anchor> {
+        self.record_admin(operator, "anchor", "an anchor of the gallery was made")?;
+        let m = self.manifest.read();
+        let b = m.bound.clone().ok_or_else(|| Error::config("anchor", "the gallery is not bound (format 1)"))?;
+        let mut a = Anchor {
+            format: ANCHOR_FORMAT.into(),
+            gallery_id: m.gallery_id.clone().unwrap_or_default(),
+            generation: m.generation,
+            audit_records: b.audit_records,
+            audit_hash: b.audit_hash,
+            created_ms: self.clock.now_unix_ms(),
+            mac: String::new(),
+        };
+        a.mac = anchor_mac(&a, &self.key.read())?;
+        Ok(a)
+    }
+
+    /// Refuse a gallery older than `a`, another gallery, or an audit chain
+    /// that does not continue the one `a` names.
+    pub fn check_anchor(&self, a: &Anchor) -> Result<()> {
+        let m = self.manifest.read();
+        let stale = |reason: String| Error::DataCorruption { path: self.dir.join(store::MANIFEST), reason };
+        if m.gallery_id.as_deref() != Some(a.gallery_id.as_str()) {
+            return Err(stale("this is not the gallery the anchor names".into()));
+        }
+        if m.generation < a.generation {
+            return Err(stale(format!(
+                "the gallery is at generation {}, older than the anchor's {} (made at unix ms {}): the directory was rolled back",
+                m.generation, a.generation, a.created_ms
+            )));
+        }
+        drop(m);
+        let records = self.audit.read().as_ref().map(|l| l.records()).unwrap_or(0);
+        if records < a.audit_records {
+            return Err(Error::AuditTampered { seq: records, reason: format!("the audit log holds {records} records, the anchor proves {}", a.audit_records) });
+        }
+        if a.audit_records > 0 {
+            if let Some(h) = AuditLog::record_hash(&self.audit_dir(), a.audit_records - 1)? {
+                if h != a.audit_hash {
+                    return Err(Error::AuditTampered { seq: a.audit_records - 1, reason: "the audit chain does not continue the one the anchor names".into() });
+                }
+            }
+        }
+        Ok(())
+    }
+}
