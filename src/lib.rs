@@ -21,19 +21,16 @@ pub use error::{Error, Result};
 pub mod failpoints;
 pub mod fs;
 
-// --- the spine: image -> faces -> embeddings ---
-pub mod align;
-pub mod anonymise;
-pub mod detect;
-pub mod embed;
-pub mod image_io;
-pub mod pipeline;
+// --- the vision half: image -> faces -> embeddings (src/vision/) ---
+pub mod vision;
+// Their historical paths (`facematch::detect`, ...), kept for callers.
+pub use vision::{align, anonymise, detect, embed, image_io, pipeline, runtime};
+// --- image-level queries: vision + engine, the unrelated-faces rule ---
 pub mod probe;
-pub mod runtime;
 
 // --- matching ---
 pub mod index;
-pub mod kernels;
+
 pub mod npy;
 pub mod synth;
 

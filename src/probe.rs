@@ -25,14 +25,7 @@ use crate::engine::{Engine, Enrolment, Identification, QueryContext, Verificatio
 use crate::pipeline::{Face, FacePipeline};
 use crate::{Error, Result};
 
-/// Where a face is, without anything biometric.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FaceBox {
-    /// `[x, y, width, height]` in image pixels.
-    pub bbox: [f32; 4],
-    /// Detection confidence.
-    pub score: f32,
-}
+pub use crate::vision::detect::FaceBox;
 
 /// Verification of the main face of an image.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -28,7 +28,7 @@
 //! CPUs get the same integers from `maddubs(|q8|, sign(c, q8))` + `madd`
 //! (about 2.6x slower batched than VNNI, 15x faster than scalar).
 
-use crate::kernels::{self, SimdLevel};
+use super::kernels::{self, SimdLevel};
 
 /// Vectors per block (one 32-bit lane each in a 512-bit register).
 pub(crate) const LANES: usize = 16;

@@ -6,7 +6,7 @@ use std::collections::BinaryHeap;
 use rayon::prelude::*;
 
 use super::{ord, unord, VectorIndex, VectorStorage};
-use crate::kernels;
+use super::kernels;
 
 /// New nodes per build batch, as a fraction of the nodes already in the graph.
 const BATCH_FRAC: f64 = 0.05;

@@ -34,6 +34,8 @@
 //! ```
 
 mod flat;
+// SIMD dot products and int8 quantisation, runtime-dispatched: only the index uses them.
+pub(crate) mod kernels;
 mod graph;
 mod io;
 
@@ -45,7 +47,6 @@ use std::collections::BinaryHeap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels;
 use crate::{Error, Result};
 
 

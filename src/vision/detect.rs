@@ -15,6 +15,15 @@ use crate::image_io::DecodedImage;
 use crate::runtime::{ChannelOrder, ImageInput, Layout, Runtime, SessionPool, SessionSettings};
 use crate::{Error, Result};
 
+/// Where a face is, without anything biometric.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaceBox {
+    /// `[x, y, width, height]` in image pixels.
+    pub bbox: [f32; 4],
+    /// Detection confidence.
+    pub score: f32,
+}
+
 /// One detected face, in original-image pixel coordinates.
 ///
 /// Landmarks are, in order: right eye, left eye, nose tip, right mouth corner,

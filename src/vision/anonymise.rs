@@ -20,7 +20,7 @@
 //! ```
 //! use facematch::anonymise::{redact, AnonymiseConfig};
 //! use facematch::image_io::DecodedImage;
-//! use facematch::probe::FaceBox;
+//! use facematch::detect::FaceBox;
 //! let mut img = DecodedImage::from_rgb8(8, 8, vec![200; 8 * 8 * 3]).unwrap();
 //! let face = FaceBox { bbox: [2.0, 2.0, 2.0, 2.0], score: 0.9 };
 //! redact(&mut img, &[face], &AnonymiseConfig { margin: 0.0, ..Default::default() }).unwrap();
@@ -32,7 +32,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::image_io::DecodedImage;
-use crate::probe::FaceBox;
+use crate::vision::detect::FaceBox;
 use crate::{Error, Result};
 
 /// How a face is painted over.

@@ -14,11 +14,8 @@
 //!   batch of queries against many vectors while reading each vector once per
 //!   block of queries.
 //!
-//! ```
-//! let a = [0.6f32, 0.8, 0.0];
-//! let b = [0.6f32, 0.8, 0.0];
-//! assert!((facematch::kernels::dot_f32(&a, &b) - 1.0).abs() < 1e-6);
-//! ```
+//! Crate-private: only the index uses them (a table of kernels, one job; the
+//! unit tests below check every level against the scalar one).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
