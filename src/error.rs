@@ -121,6 +121,15 @@ pub enum Error {
         /// What it is and why it is refused.
         reason: String,
     },
+    /// An input file (embeddings `.npy`, a list, a CSV) is not of the kind or
+    /// shape expected (e.g. float64 where float32 is needed).
+    #[error("bad input file {path}: {reason}")]
+    BadInputFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and, where possible, how to fix it.
+        reason: String,
+    },
     /// An input file is larger than the limit for its kind (read no further).
     #[error("{path} is larger than the {limit}-byte limit for this kind of file")]
     InputTooLarge {

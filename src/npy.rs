@@ -11,7 +11,7 @@
 //! Reading validates everything before trusting it (magic, version, header
 //! syntax, dtype, `fortran_order`, shape against the file length) and fails
 //! with a typed error naming the file, never a panic:
-//! [`Error::IncompatibleStore`] for a file that is not an `.npy` file or holds
+//! [`Error::BadInputFile`] for a file that is not an `.npy` file or holds
 //! another dtype/layout, [`Error::DataCorruption`] for a damaged or truncated
 //! one. Writing is atomic (temporary file, then rename).
 //!
@@ -141,7 +141,7 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 fn incompatible(path: &Path, reason: impl Into<String>) -> Error {
-    Error::IncompatibleStore {
+    Error::BadInputFile {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
@@ -449,7 +449,7 @@ pub fn read_array<T: NpyElement>(path: impl AsRef<Path>) -> Result<(Vec<usize>, 
                 "dtype is {:?}, expected {:?}",
                 h.dtype.descr(),
                 T::DTYPE.descr()
-            ),
+            ) + if T::DTYPE == NpyDtype::F32 { " (numpy: a.astype('float32'))" } else { "" },
         ));
     }
     f.seek(SeekFrom::Start(h.data_offset as u64))
@@ -849,7 +849,7 @@ mod tests {
             let err = read_array::<f32>(&p).expect_err(name);
             let ok = match want {
                 "corrupt" => matches!(&err, Error::DataCorruption { path, .. } if path == &p),
-                _ => matches!(&err, Error::IncompatibleStore { path, .. } if path == &p),
+                _ => matches!(&err, Error::BadInputFile { path, .. } if path == &p),
             };
             assert!(ok, "{name}: {err}");
             assert!(MmapMatrix::open(&p).is_err(), "{name}");
@@ -860,24 +860,24 @@ mod tests {
         write_u32_vec(&p, &[1, 2]).unwrap();
         assert!(matches!(
             read_f32_matrix(&p),
-            Err(Error::IncompatibleStore { .. })
+            Err(Error::BadInputFile { .. })
         ));
         assert!(matches!(
             MmapMatrix::open(&p),
-            Err(Error::IncompatibleStore { .. })
+            Err(Error::BadInputFile { .. })
         ));
         // 1-D where 2-D is expected and vice versa
         let p = d.join("f1.npy");
         write_array::<f32>(&p, &[2], &[1.0, 2.0]).unwrap();
         assert!(matches!(
             read_f32_matrix(&p),
-            Err(Error::IncompatibleStore { .. })
+            Err(Error::BadInputFile { .. })
         ));
         let p = d.join("u2.npy");
         write_array::<u32>(&p, &[1, 2], &[1, 2]).unwrap();
         assert!(matches!(
             read_u32_vec(&p),
-            Err(Error::IncompatibleStore { .. })
+            Err(Error::BadInputFile { .. })
         ));
         // missing file is an I/O error with the path
         assert!(matches!(
@@ -970,11 +970,11 @@ with open(d + "/np_v2.npy", "wb") as fh:
         assert_eq!(read_i64_vec(d.join("np_i.npy")).unwrap(), vec![-1, 2]);
         assert!(matches!(
             read_f32_matrix(d.join("np_fortran.npy")),
-            Err(Error::IncompatibleStore { .. })
+            Err(Error::BadInputFile { .. })
         ));
         assert!(matches!(
             read_f32_matrix(d.join("np_f8.npy")),
-            Err(Error::IncompatibleStore { .. })
+            Err(Error::BadInputFile { .. })
         ));
         let v2 = read_f32_matrix(d.join("np_v2.npy")).unwrap();
         assert_eq!((v2.rows, v2.cols, v2.data), (2, 3, vec![1.0; 6]));
