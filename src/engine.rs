@@ -50,6 +50,9 @@ use crate::{Error, Result};
 
 const DAY_MS: i64 = 86_400_000;
 
+// Batched queries (many probes per call): additive, kept apart.
+mod batched;
+
 /// Who asks, and for which declared purpose. Every query carries one.
 #[derive(Clone, Debug)]
 pub struct QueryContext {
