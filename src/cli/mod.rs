@@ -1,6 +1,8 @@
 //! Gallery, compliance and audit subcommands of the `facematch` binary.
 //! Thin clients of the library's public API; `anyhow` lives only here.
 
+pub mod batch;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -9,8 +11,7 @@ use clap::{Args, Subcommand};
 use facematch::audit::{AuditFilter, AuditKey, AuditLog};
 use facematch::compliance::*;
 use facematch::config::GalleryConfig;
-use facematch::engine::{Engine, EngineBuilder, Enrolment, QueryContext, SearchOptions};
-use facematch::index::SearchStrategy;
+use facematch::engine::{Engine, EngineBuilder, Enrolment};
 use facematch::pipeline::{FacePipeline, PipelineConfig};
 use facematch::store::{MasterKey, KEY_ENV};
 
@@ -227,6 +228,8 @@ pub struct SearchArgs {
     /// Graph search breadth.
     #[arg(long)]
     ef: Option<usize>,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `verify`.
@@ -236,9 +239,16 @@ pub struct VerifyArgs {
     g: GalleryOpts,
     #[arg(long)]
     purpose: String,
-    #[arg(long)]
-    subject: String,
-    image: PathBuf,
+    /// The subject every image is compared with (or use --pairs).
+    #[arg(long, conflicts_with = "pairs")]
+    subject: Option<String>,
+    /// CSV of `image,subject` rows: one 1:1 verification per row.
+    #[arg(long, value_name = "FILE.csv")]
+    pairs: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: batch::ImageInputs,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `identify`.
@@ -250,8 +260,10 @@ pub struct IdentifyArgs {
     purpose: String,
     #[arg(long, default_value_t = 5)]
     k: usize,
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
+    #[command(flatten)]
+    inputs: batch::ImageInputs,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `delete`.
@@ -489,49 +501,9 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             Ok(ok)
         }
         GalleryCommand::Import(a) => run_import(a),
-        GalleryCommand::Search(a) => {
-            let e = a.g.open()?;
-            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
-            let strategy = match a.strategy.as_str() {
-                "auto" => SearchStrategy::Auto,
-                "exact" => SearchStrategy::Exact,
-                "graph" => SearchStrategy::Graph,
-                s => bail!("--strategy must be auto, exact or graph, got {s}"),
-            };
-            let q = facematch::npy::read_f32_matrix(&a.embeddings)?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for i in 0..q.rows {
-                let r = e.identify_with(&ctx, q.row(i), a.k, SearchOptions { strategy, ef: a.ef }, (1, 0))?;
-                serde_json::to_writer(&mut out, &serde_json::json!({"query": i, "candidates": r.candidates, "decision": r.decision}))?;
-                out.write_all(b"\n")?;
-            }
-            out.flush()?;
-            Ok(true)
-        }
-        GalleryCommand::Verify(a) => {
-            let e = a.g.open()?;
-            let p = pipeline(pcfg)?;
-            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
-            let r = facematch::probe::verify_image(&e, &p, &ctx, &read_image(&a.image)?, &SubjectId::new(a.subject.as_str())?)?;
-            json_line(&serde_json::json!({"image": a.image, "result": r}))?;
-            Ok(true)
-        }
-        GalleryCommand::Identify(a) => {
-            let e = a.g.open()?;
-            let p = pipeline(pcfg)?;
-            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
-            let mut ok = true;
-            for img in &a.images {
-                match read_image(img).and_then(|b| Ok(facematch::probe::identify_image(&e, &p, &ctx, &b, a.k)?)) {
-                    Ok(r) => json_line(&serde_json::json!({"image": img, "result": r}))?,
-                    Err(err) => {
-                        ok = false;
-                        json_line(&serde_json::json!({"image": img, "error": format!("{err:#}")}))?
-                    }
-                }
-            }
-            Ok(ok)
-        }
+        GalleryCommand::Search(a) => batch::run_search(a),
+        GalleryCommand::Verify(a) => batch::run_verify(a, pcfg),
+        GalleryCommand::Identify(a) => batch::run_identify(a, pcfg),
         GalleryCommand::Delete(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;

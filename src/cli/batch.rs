@@ -1,0 +1,671 @@
+//! Batch commands: `faces`, `identify`, `verify` and `search` over many
+//! inputs through [`facematch::batch`], with CSV or JSONL output, resume,
+//! progress bar and Ctrl-C handling.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use facematch::batch::{self, BatchInput, BatchItem, BatchJob, BatchOptions, BatchOutput, BatchProgress, EmbeddingItem, EmbeddingOptions};
+use facematch::compliance::SubjectId;
+use facematch::engine::SearchOptions;
+use facematch::pipeline::{FacePipeline, PipelineConfig};
+
+/// Output format of batch commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON object per input and line.
+    Jsonl,
+    /// A header, one row per face result, one row per failed input.
+    Csv,
+}
+
+/// Output, resume and run options shared by the batch commands.
+#[derive(Args, Debug, Clone)]
+pub struct BatchOut {
+    /// jsonl (one object per input) or csv (one row per face result, one per failed input).
+    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+    pub format: Format,
+    /// Write results to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// With --out: skip inputs already answered in FILE (a torn last line is dropped and redone), append the rest.
+    #[arg(long, requires = "out")]
+    pub resume: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// No progress bar and no summary line on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Image inputs: files and directories, and/or a list of paths.
+#[derive(Args, Debug, Clone)]
+pub struct ImageInputs {
+    /// Image files and directories (walked recursively, image extensions, sorted).
+    #[arg(value_name = "IMAGE|DIR")]
+    pub inputs: Vec<PathBuf>,
+    /// A file with one path per line (`-`: stdin), after the positional inputs.
+    #[arg(long, value_name = "FILE")]
+    pub from_list: Option<PathBuf>,
+}
+
+// --- Ctrl-C -------------------------------------------------------------------
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[cfg(unix)]
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// First Ctrl-C: stop intake (the run finishes what is in flight and
+/// flushes); the handler resets itself, so a second one kills.
+fn install_interrupt() -> &'static AtomicBool {
+    #[cfg(unix)]
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigint as *const () as usize;
+        sa.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+    }
+    &INTERRUPTED
+}
+
+// --- inputs -------------------------------------------------------------------
+
+type Inputs = Box<dyn Iterator<Item = BatchInput> + Send>;
+
+fn list_lines(list: &Path) -> anyhow::Result<Box<dyn Iterator<Item = String> + Send>> {
+    let reader: Box<dyn BufRead + Send> = if list.as_os_str() == "-" {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(BufReader::new(File::open(list).with_context(|| format!("opening {}", list.display()))?))
+    };
+    Ok(Box::new(reader.lines().map_while(|l| l.ok()).map(|l| l.trim_end_matches('\r').to_string()).filter(|l| !l.trim().is_empty())))
+}
+
+/// The paths to process, lazily, and their number when it can be known cheaply.
+fn image_paths(inp: &ImageInputs) -> anyhow::Result<(Box<dyn Iterator<Item = PathBuf> + Send>, Option<u64>)> {
+    let walk = batch::walk_images(inp.inputs.clone());
+    let mut total = Some(batch::walk_images(inp.inputs.clone()).count() as u64);
+    let it: Box<dyn Iterator<Item = PathBuf> + Send> = match &inp.from_list {
+        None => Box::new(walk),
+        Some(list) => {
+            if list.as_os_str() == "-" {
+                total = None;
+            } else if let Some(t) = &mut total {
+                *t += list_lines(list)?.count() as u64;
+            }
+            Box::new(walk.chain(list_lines(list)?.map(PathBuf::from)))
+        }
+    };
+    if inp.inputs.is_empty() && inp.from_list.is_none() {
+        bail!("no inputs: name image files or directories, or --from-list FILE");
+    }
+    Ok((it, total))
+}
+
+/// `verify --pairs FILE.csv`: rows `image,subject` (a header row `image,subject` is skipped).
+fn pairs(file: &Path) -> anyhow::Result<(Inputs, Option<u64>)> {
+    let count = || -> anyhow::Result<u64> {
+        Ok(csv::ReaderBuilder::new().has_headers(false).flexible(true).from_path(file).with_context(|| format!("opening {}", file.display()))?.records().count() as u64)
+    };
+    let total = count()?;
+    let rd = csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_path(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut first = true;
+    let it = rd.into_records().filter_map(move |r| {
+        let header = std::mem::take(&mut first);
+        let r = r.ok()?;
+        let image = r.get(0).unwrap_or("").to_string();
+        let subject = r.get(1).unwrap_or("");
+        if header && image.eq_ignore_ascii_case("image") && subject.eq_ignore_ascii_case("subject") {
+            return None;
+        }
+        Some(match SubjectId::new(subject) {
+            Ok(s) => BatchInput::with_subject(image, s),
+            Err(_) => BatchInput::new(image), // reported as "no subject"
+        })
+    });
+    Ok((Box::new(it), Some(total)))
+}
+
+// --- output -------------------------------------------------------------------
+
+/// Where results go: complete records only are written (one input's lines
+/// together), in chunks, so that a killed run leaves at most a torn last line.
+struct Output {
+    w: Box<dyn Write + Send>,
+    file: Option<File>,
+    buf: Vec<u8>,
+    last_flush: Instant,
+    format: Format,
+    header: &'static [&'static str],
+    need_header: bool,
+}
+
+impl Output {
+    fn flush_if_due(&mut self) -> std::io::Result<()> {
+        if self.buf.len() >= 64 << 10 || self.last_flush.elapsed() >= Duration::from_millis(200) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.w.write_all(&self.buf)?;
+            self.w.flush()?;
+            self.buf.clear();
+        }
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        if let Some(f) = &self.file {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn jsonl(&mut self, v: &impl serde::Serialize) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.buf, v)?;
+        self.buf.push(b'\n');
+        Ok(())
+    }
+
+    /// Rows of one input: the `rows` column (second) gets their count.
+    fn csv_rows(&mut self, key: &str, rows: Vec<Vec<String>>) -> anyhow::Result<()> {
+        let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+        if self.need_header {
+            w.write_record(self.header)?;
+            self.need_header = false;
+        }
+        let n = rows.len().to_string();
+        for r in rows {
+            w.write_record(std::iter::once(key).chain(std::iter::once(n.as_str())).chain(r.iter().map(String::as_str)))?;
+        }
+        self.buf.extend_from_slice(&w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?);
+        Ok(())
+    }
+}
+
+/// Open the output; with `--resume`, also what FILE already answers (key -> times).
+fn open_output(o: &BatchOut, header: &'static [&'static str], json_key: &str) -> anyhow::Result<(Output, HashMap<String, u32>)> {
+    let mut answered: HashMap<String, u32> = HashMap::new();
+    let (w, file, need_header): (Box<dyn Write + Send>, Option<File>, bool) = match &o.out {
+        None => (Box::new(std::io::stdout()), None, true),
+        Some(p) => {
+            let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(!o.resume).open(p).with_context(|| format!("opening {}", p.display()))?;
+            let mut keep = 0u64;
+            if o.resume {
+                let mut text = Vec::new();
+                f.read_to_end(&mut text)?;
+                // A torn last line (the run was killed mid-write) is dropped.
+                keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i as u64 + 1);
+                let text = &text[..keep as usize];
+                keep = match o.format {
+                    Format::Jsonl => resume_jsonl(text, json_key, &mut answered),
+                    Format::Csv => resume_csv(text, &mut answered)?,
+                };
+                f.set_len(keep)?;
+                f.seek(SeekFrom::End(0))?;
+            }
+            let file = f.try_clone()?;
+            (Box::new(f), Some(file), keep == 0)
+        }
+    };
+    let out = Output { w, file, buf: Vec::with_capacity(128 << 10), last_flush: Instant::now(), format: o.format, header, need_header: need_header && o.format == Format::Csv };
+    Ok((out, answered))
+}
+
+/// Keys answered by complete JSON lines; returns how many bytes to keep (up to the first line that does not parse).
+fn resume_jsonl(text: &[u8], key: &str, answered: &mut HashMap<String, u32>) -> u64 {
+    let mut pos = 0usize;
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { break };
+        let k = match v.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => break,
+        };
+        *answered.entry(k).or_default() += 1;
+        pos += line.len();
+    }
+    pos as u64
+}
+
+/// Keys answered by complete row groups (the `rows` column says how many
+/// rows an input has; a group cut short is dropped and redone).
+fn resume_csv(text: &[u8], answered: &mut HashMap<String, u32>) -> anyhow::Result<u64> {
+    let mut rd = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(text);
+    let mut keep = 0u64;
+    let mut group: Option<(String, usize, usize)> = None; // key, rows expected, rows seen
+    let mut rec = csv::StringRecord::new();
+    let mut header_end = None;
+    loop {
+        let start = rd.position().byte();
+        if header_end.is_none() {
+            rd.headers()?;
+            header_end = Some(rd.position().byte());
+            keep = header_end.unwrap_or(0);
+            continue;
+        }
+        if !rd.read_record(&mut rec)? {
+            break;
+        }
+        let key = rec.get(0).unwrap_or("").to_string();
+        let rows: usize = rec.get(1).and_then(|r| r.parse().ok()).unwrap_or(1).max(1);
+        let g = match group.take() {
+            Some((k, n, seen)) if k == key && seen < n => (k, n, seen + 1),
+            _ => {
+                let _ = start;
+                (key, rows, 1)
+            }
+        };
+        if g.2 == g.1 {
+            *answered.entry(g.0.clone()).or_default() += 1;
+            keep = rd.position().byte();
+        } else {
+            group = Some(g);
+            continue;
+        }
+    }
+    Ok(keep)
+}
+
+/// Drop inputs already answered (the n-th occurrence of a key is skipped while FILE answers it n times).
+fn skip_answered<T, F>(it: Box<dyn Iterator<Item = T> + Send>, mut answered: HashMap<String, u32>, key: F, skipped: &std::sync::Arc<std::sync::atomic::AtomicU64>) -> Box<dyn Iterator<Item = T> + Send>
+where
+    T: 'static,
+    F: Fn(&T) -> String + Send + 'static,
+{
+    if answered.is_empty() {
+        return it;
+    }
+    let skipped = skipped.clone();
+    Box::new(it.filter(move |x| match answered.get_mut(&key(x)) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            skipped.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        _ => true,
+    }))
+}
+
+fn path_key(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+// --- progress -----------------------------------------------------------------
+
+struct Reporter {
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+    what: &'static str,
+}
+
+impl Reporter {
+    fn new(o: &BatchOut, what: &'static str, total: Option<u64>) -> Self {
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = (tty && !o.quiet).then(|| {
+            let bar = match total {
+                Some(n) => indicatif::ProgressBar::new(n),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            let tpl = if total.is_some() {
+                "{prefix} {bar:30} {pos}/{len} {per_sec} {msg} [{elapsed_precise}<{eta_precise}]"
+            } else {
+                "{prefix} {spinner} {pos} {per_sec} {msg} [{elapsed_precise}]"
+            };
+            bar.set_style(indicatif::ProgressStyle::with_template(tpl).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            bar.set_prefix(what);
+            bar
+        });
+        Reporter { bar, quiet: o.quiet, what }
+    }
+
+    fn update(&self, p: &BatchProgress, skipped: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(p.done + skipped);
+            b.set_message(format!("faces {} matches {} errors {}", p.faces, p.matches, p.failed));
+        }
+    }
+
+    fn finish(&self, p: &BatchProgress, skipped: u64, unit: &str) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        if !self.quiet {
+            let secs = p.elapsed.as_secs_f64().max(1e-9);
+            eprintln!(
+                "{}: {} {unit} in {:.2} s ({:.1}/s), {} failed, {} faces, {} matches{}{}",
+                self.what,
+                p.done,
+                secs,
+                p.done as f64 / secs,
+                p.failed,
+                p.faces,
+                p.matches,
+                if skipped > 0 { format!(", {skipped} skipped (already answered)") } else { String::new() },
+                if p.cancelled { " [interrupted: run again with --resume to carry on]" } else { "" }
+            );
+        }
+    }
+}
+
+fn threads(o: &BatchOut) -> usize {
+    o.threads.unwrap_or(0)
+}
+
+/// Exit status: `Ok(true)` all good, `Ok(false)` some input failed, `Err` interrupted or the run failed.
+fn outcome(p: &BatchProgress) -> anyhow::Result<bool> {
+    if p.cancelled {
+        bail!("interrupted; the output holds every input answered so far (--resume carries on)");
+    }
+    Ok(p.failed == 0)
+}
+
+// --- image commands -----------------------------------------------------------
+
+/// Which image command, for the columns and JSON shape.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Faces,
+    Identify,
+    Verify,
+}
+
+const FACES_HEADER: &[&str] = &["input", "rows", "status", "face", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "score", "embedding", "error"];
+const IDENTIFY_HEADER: &[&str] = &[
+    "input", "rows", "status", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "face_score", "decision", "subject", "template", "score", "threshold", "faces_found", "faces_discarded", "audit_seq", "error",
+];
+const VERIFY_HEADER: &[&str] = &[
+    "input", "rows", "status", "subject", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "face_score", "decision", "score", "threshold", "faces_found", "faces_discarded", "audit_seq", "error",
+];
+const SEARCH_HEADER: &[&str] = &["input", "rows", "status", "rank", "subject", "template", "score", "decision", "threshold", "audit_seq", "error"];
+
+fn s<T: ToString>(v: T) -> String {
+    v.to_string()
+}
+
+fn bbox(b: &[f32; 4]) -> [String; 4] {
+    [s(b[0]), s(b[1]), s(b[2]), s(b[3])]
+}
+
+fn decision_cols(d: &facematch::compliance::Decision) -> (String, String, String) {
+    use facematch::compliance::Decision::*;
+    match d {
+        Match { subject, template, .. } | NeedsHumanReview { subject, template, .. } => (d.kind().to_string(), s(subject), s(template)),
+        NoMatch { .. } => (d.kind().to_string(), String::new(), String::new()),
+    }
+}
+
+/// One JSON line of an image command (field order = JSON order, `image` first).
+#[derive(serde::Serialize)]
+struct ImageLine<'a> {
+    image: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a SubjectId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    faces: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<()> {
+    let key = path_key(&item.input.path);
+    match out.format {
+        Format::Jsonl => {
+            let mut line = ImageLine { image: &key, subject: None, faces: None, result: None, error: None };
+            if kind == Kind::Verify {
+                line.subject = item.input.subject.as_ref();
+            }
+            match &item.result {
+                Ok(BatchOutput::Faces(f)) => line.faces = Some(serde_json::to_value(&f.faces)?),
+                Ok(BatchOutput::Identified(r)) => line.result = Some(serde_json::to_value(r)?),
+                Ok(BatchOutput::Verified(r)) => line.result = Some(serde_json::to_value(r)?),
+                Ok(_) => bail!("unexpected result kind"),
+                Err(e) => line.error = Some(e.to_string()),
+            }
+            out.jsonl(&line)
+        }
+        Format::Csv => {
+            let width = out.header.len() - 2;
+            let err_row = |e: String| {
+                let mut r = vec![String::new(); width];
+                r[0] = "error".into();
+                if kind == Kind::Verify {
+                    r[1] = item.input.subject.as_ref().map(s).unwrap_or_default();
+                }
+                r[width - 1] = e;
+                r
+            };
+            let rows: Vec<Vec<String>> = match &item.result {
+                Err(e) => vec![err_row(e.to_string())],
+                Ok(BatchOutput::Faces(f)) => {
+                    if f.faces.is_empty() {
+                        let mut r = vec![String::new(); width];
+                        r[0] = "no_face".into();
+                        vec![r]
+                    } else {
+                        f.faces
+                            .iter()
+                            .enumerate()
+                            .map(|(i, face)| {
+                                let [x, y, w, h] = bbox(&face.bbox);
+                                let emb = face.embedding.as_ref().map(|e| e.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+                                vec!["ok".into(), s(i), x, y, w, h, s(face.score), emb, String::new()]
+                            })
+                            .collect()
+                    }
+                }
+                Ok(BatchOutput::Identified(r)) => {
+                    let tail = [s(r.faces_found), s(r.faces_discarded)];
+                    if r.matches.is_empty() {
+                        let mut row = vec!["ok".to_string(), String::new(), String::new(), String::new(), String::new(), String::new(), "no_match".into()];
+                        row.extend([String::new(), String::new(), String::new(), String::new()]);
+                        row.extend(tail.clone());
+                        row.extend([String::new(), String::new()]);
+                        vec![row]
+                    } else {
+                        r.matches
+                            .iter()
+                            .map(|m| {
+                                let id = &m.identification;
+                                let (d, sub, t) = decision_cols(&id.decision);
+                                let score = id.candidates.first().map(|c| s(c.score)).unwrap_or_default();
+                                let [x, y, w, h] = bbox(&m.face.bbox);
+                                let mut row = vec!["ok".into(), x, y, w, h, s(m.face.score), d, sub, t, score, s(id.threshold.value())];
+                                row.extend(tail.clone());
+                                row.extend([s(id.audit_seq), String::new()]);
+                                row
+                            })
+                            .collect()
+                    }
+                }
+                Ok(BatchOutput::Verified(r)) => {
+                    let v = &r.verification;
+                    let [x, y, w, h] = bbox(&r.face.bbox);
+                    vec![vec![
+                        "ok".into(),
+                        item.input.subject.as_ref().map(s).unwrap_or_default(),
+                        x,
+                        y,
+                        w,
+                        h,
+                        s(r.face.score),
+                        v.decision.kind().to_string(),
+                        v.score.map(s).unwrap_or_default(),
+                        s(v.threshold.value()),
+                        s(r.faces_found),
+                        s(r.faces_discarded),
+                        s(v.audit_seq),
+                        String::new(),
+                    ]]
+                }
+                Ok(_) => bail!("unexpected result kind"),
+            };
+            out.csv_rows(&key, rows)
+        }
+    }
+}
+
+fn run_image_job(kind: Kind, job: &BatchJob, pipeline: &FacePipeline, inputs: Inputs, total: Option<u64>, o: &BatchOut) -> anyhow::Result<bool> {
+    let (header, what) = match kind {
+        Kind::Faces => (FACES_HEADER, "faces"),
+        Kind::Identify => (IDENTIFY_HEADER, "identify"),
+        Kind::Verify => (VERIFY_HEADER, "verify"),
+    };
+    let (mut out, answered) = open_output(o, header, "image")?;
+    let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let inputs = skip_answered(inputs, answered, |i: &BatchInput| path_key(&i.path), &skipped);
+    let cancel = install_interrupt();
+    let rep = Reporter::new(o, what, total);
+    let opts = BatchOptions { threads: threads(o), window: 0 };
+    let mut write_err: Option<anyhow::Error> = None;
+    let r = batch::run_images(pipeline, job, inputs, &opts, cancel, &mut |p| rep.update(p, skipped.load(Ordering::Relaxed)), &mut |item| {
+        if let Err(e) = &item.result {
+            tracing::debug!(image = %item.input.path.display(), error = %e, "input failed");
+        }
+        let r = write_item(&mut out, kind, &item).and_then(|_| Ok(out.flush_if_due()?));
+        r.map_err(|e| {
+            let msg = format!("writing the output: {e:#}");
+            write_err = Some(e);
+            facematch::Error::config("output", msg)
+        })
+    });
+    let flushed = out.finish();
+    let p = match r {
+        Ok(p) => p,
+        Err(e) => return Err(write_err.unwrap_or_else(|| e.into())),
+    };
+    flushed?;
+    rep.finish(&p, skipped.load(Ordering::Relaxed), "images");
+    outcome(&p)
+}
+
+/// `faces`.
+pub fn run_faces(pipeline: &FacePipeline, embeddings: bool, inp: &ImageInputs, o: &BatchOut) -> anyhow::Result<bool> {
+    let (paths, total) = image_paths(inp)?;
+    run_image_job(Kind::Faces, &BatchJob::Faces { embeddings }, pipeline, Box::new(paths.map(BatchInput::new)), total, o)
+}
+
+/// `identify`.
+pub fn run_identify(a: &super::IdentifyArgs, pcfg: &PipelineConfig) -> anyhow::Result<bool> {
+    let (paths, total) = image_paths(&a.inputs)?;
+    let e = a.g.open()?;
+    let p = super::pipeline(pcfg)?;
+    let ctx = facematch::engine::QueryContext::new(a.g.operator()?, facematch::compliance::Purpose::new(a.purpose.as_str())?);
+    let r = run_image_job(Kind::Identify, &BatchJob::Identify { engine: &e, ctx, k: a.k }, &p, Box::new(paths.map(BatchInput::new)), total, &a.out);
+    e.close()?;
+    r
+}
+
+/// `verify`: `--subject S IMAGE...` or `--pairs FILE.csv`.
+pub fn run_verify(a: &super::VerifyArgs, pcfg: &PipelineConfig) -> anyhow::Result<bool> {
+    let (inputs, total): (Inputs, Option<u64>) = match (&a.pairs, &a.subject) {
+        (Some(f), None) => {
+            if !a.inputs.inputs.is_empty() || a.inputs.from_list.is_some() {
+                bail!("--pairs names the images itself: no other inputs");
+            }
+            pairs(f)?
+        }
+        (None, Some(sub)) => {
+            let sub = SubjectId::new(sub.as_str())?;
+            let (paths, total) = image_paths(&a.inputs)?;
+            (Box::new(paths.map(move |p| BatchInput::with_subject(p, sub.clone()))), total)
+        }
+        _ => bail!("give either --subject S with images, or --pairs FILE.csv"),
+    };
+    let e = a.g.open()?;
+    let p = super::pipeline(pcfg)?;
+    let ctx = facematch::engine::QueryContext::new(a.g.operator()?, facematch::compliance::Purpose::new(a.purpose.as_str())?);
+    let r = run_image_job(Kind::Verify, &BatchJob::Verify { engine: &e, ctx }, &p, inputs, total, &a.out);
+    e.close()?;
+    r
+}
+
+/// `search --embeddings Q.npy`: blocks of queries per pass, many in flight.
+pub fn run_search(a: &super::SearchArgs) -> anyhow::Result<bool> {
+    let e = a.g.open()?;
+    let ctx = facematch::engine::QueryContext::new(a.g.operator()?, facematch::compliance::Purpose::new(a.purpose.as_str())?);
+    let strategy = match a.strategy.as_str() {
+        "auto" => facematch::index::SearchStrategy::Auto,
+        "exact" => facematch::index::SearchStrategy::Exact,
+        "graph" => facematch::index::SearchStrategy::Graph,
+        s => bail!("--strategy must be auto, exact or graph, got {s}"),
+    };
+    let q = facematch::npy::read_f32_matrix(&a.embeddings)?;
+    let (mut out, answered) = open_output(&a.out, SEARCH_HEADER, "query")?;
+    let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let rows: Box<dyn Iterator<Item = u64> + Send> = Box::new(0..q.rows as u64);
+    let rows = skip_answered(rows, answered, |i: &u64| i.to_string(), &skipped);
+    let cancel = install_interrupt();
+    let rep = Reporter::new(&a.out, "search", Some(q.rows as u64));
+    let opts = EmbeddingOptions { k: a.k, search: SearchOptions { strategy, ef: a.ef }, block: 0, blocks_in_flight: 0 };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads(&a.out)).build()?;
+    let mut write_err: Option<anyhow::Error> = None;
+    let r = pool.install(|| {
+        batch::run_embeddings(&e, &ctx, rows.map(|i| (i, q.row(i as usize).to_vec())), &opts, cancel, &mut |p| rep.update(p, skipped.load(Ordering::Relaxed)), &mut |item: EmbeddingItem| {
+            let r = write_query(&mut out, &item).and_then(|_| Ok(out.flush_if_due()?));
+            r.map_err(|err| {
+                let msg = format!("writing the output: {err:#}");
+                write_err = Some(err);
+                facematch::Error::config("output", msg)
+            })
+        })
+    });
+    let flushed = out.finish();
+    let p = match r {
+        Ok(p) => p,
+        Err(err) => return Err(write_err.unwrap_or_else(|| err.into())),
+    };
+    flushed?;
+    rep.finish(&p, skipped.load(Ordering::Relaxed), "queries");
+    e.close()?;
+    outcome(&p)
+}
+
+fn write_query(out: &mut Output, item: &EmbeddingItem) -> anyhow::Result<()> {
+    match out.format {
+        Format::Jsonl => {
+            let v = match &item.result {
+                Ok(r) => serde_json::json!({"query": item.query, "candidates": r.candidates, "decision": r.decision}),
+                Err(e) => serde_json::json!({"query": item.query, "error": e.to_string()}),
+            };
+            out.jsonl(&v)
+        }
+        Format::Csv => {
+            let rows = match &item.result {
+                Err(e) => vec![vec!["error".into(), String::new(), String::new(), String::new(), String::new(), String::new(), String::new(), String::new(), e.to_string()]],
+                Ok(r) => {
+                    let d = r.decision.kind().to_string();
+                    let t = s(r.threshold.value());
+                    if r.candidates.is_empty() {
+                        vec![vec!["ok".into(), String::new(), String::new(), String::new(), String::new(), d, t, s(r.audit_seq), String::new()]]
+                    } else {
+                        r.candidates
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| vec!["ok".into(), s(i + 1), s(&c.subject), s(c.template), s(c.score), d.clone(), t.clone(), s(r.audit_seq), String::new()])
+                            .collect()
+                    }
+                }
+            };
+            out.csv_rows(&item.query.to_string(), rows)
+        }
+    }
+}
