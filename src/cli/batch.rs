@@ -248,36 +248,23 @@ fn resume_jsonl(text: &[u8], key: &str, answered: &mut HashMap<String, u32>) -> 
 /// rows an input has; a group cut short is dropped and redone).
 fn resume_csv(text: &[u8], answered: &mut HashMap<String, u32>) -> anyhow::Result<u64> {
     let mut rd = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(text);
-    let mut keep = 0u64;
-    let mut group: Option<(String, usize, usize)> = None; // key, rows expected, rows seen
+    rd.headers()?;
+    let mut keep = rd.position().byte();
+    // The group being read: key, rows it announces, rows seen.
+    let mut group: Option<(String, usize, usize)> = None;
     let mut rec = csv::StringRecord::new();
-    let mut header_end = None;
-    loop {
-        let start = rd.position().byte();
-        if header_end.is_none() {
-            rd.headers()?;
-            header_end = Some(rd.position().byte());
-            keep = header_end.unwrap_or(0);
-            continue;
-        }
-        if !rd.read_record(&mut rec)? {
-            break;
-        }
+    while rd.read_record(&mut rec)? {
         let key = rec.get(0).unwrap_or("").to_string();
         let rows: usize = rec.get(1).and_then(|r| r.parse().ok()).unwrap_or(1).max(1);
-        let g = match group.take() {
+        let (k, n, seen) = match group.take() {
             Some((k, n, seen)) if k == key && seen < n => (k, n, seen + 1),
-            _ => {
-                let _ = start;
-                (key, rows, 1)
-            }
+            _ => (key, rows, 1),
         };
-        if g.2 == g.1 {
-            *answered.entry(g.0.clone()).or_default() += 1;
+        if seen == n {
+            *answered.entry(k).or_default() += 1;
             keep = rd.position().byte();
         } else {
-            group = Some(g);
-            continue;
+            group = Some((k, n, seen));
         }
     }
     Ok(keep)
@@ -667,5 +654,43 @@ fn write_query(out: &mut Output, item: &EmbeddingItem) -> anyhow::Result<()> {
             };
             out.csv_rows(&item.query.to_string(), rows)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_jsonl_counts_repeats_and_stops_at_a_bad_line() {
+        let text = b"{\"image\":\"a.jpg\",\"faces\":[]}\n{\"image\":\"a.jpg\",\"error\":\"x\"}\n{\"image\":\"b.jpg\",\"fa\n";
+        let mut seen = HashMap::new();
+        let keep = resume_jsonl(text, "image", &mut seen);
+        assert_eq!(keep as usize, text.iter().enumerate().filter(|(_, &b)| b == b'\n').nth(1).unwrap().0 + 1);
+        assert_eq!(seen, HashMap::from([("a.jpg".to_string(), 2)]));
+        let mut seen = HashMap::new();
+        resume_jsonl(b"{\"query\":7,\"candidates\":[]}\n", "query", &mut seen);
+        assert_eq!(seen, HashMap::from([("7".to_string(), 1)]));
+    }
+
+    #[test]
+    fn resume_csv_drops_a_row_group_cut_short() {
+        let full = "input,rows,status\na.jpg,2,ok\na.jpg,2,ok\n\"b,1.jpg\",1,error\nc.jpg,3,ok\nc.jpg,3,ok\n";
+        let mut seen = HashMap::new();
+        let keep = resume_csv(full.as_bytes(), &mut seen).unwrap() as usize;
+        assert_eq!(&full[..keep], "input,rows,status\na.jpg,2,ok\na.jpg,2,ok\n\"b,1.jpg\",1,error\n");
+        assert_eq!(seen, HashMap::from([("a.jpg".to_string(), 1), ("b,1.jpg".to_string(), 1)]));
+        // Only a header: keep it; nothing at all: keep nothing (the header is written again).
+        assert_eq!(resume_csv(b"input,rows,status\n", &mut HashMap::new()).unwrap(), 18);
+        assert_eq!(resume_csv(b"", &mut HashMap::new()).unwrap(), 0);
+    }
+
+    #[test]
+    fn answered_inputs_are_skipped_as_often_as_they_were_answered() {
+        let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let it: Box<dyn Iterator<Item = String> + Send> = Box::new(["a", "b", "a", "a", "c"].into_iter().map(String::from));
+        let left: Vec<String> = skip_answered(it, HashMap::from([("a".to_string(), 2), ("c".to_string(), 1)]), |s: &String| s.clone(), &skipped).collect();
+        assert_eq!(left, ["b", "a"]);
+        assert_eq!(skipped.load(Ordering::Relaxed), 3);
     }
 }
