@@ -326,3 +326,49 @@ fn a_run_killed_with_sigkill_resumes_with_every_input_exactly_once() {
     }
     assert!(queries as u64 >= faces, "{queries} query records for {faces} faces answered");
 }
+
+/// Bulk enrolment: `consent --from-csv` records the good rows and names the
+/// bad ones by line (nothing of them recorded); `enrol --from-dir` enrols a
+/// `people/<subject>/` folder on each subject's consent, in a reproducible
+/// order, and refuses by name the people without consent.
+#[test]
+fn bulk_consent_and_enrolment_from_a_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    std::fs::write(d.path().join("key"), key.to_hex()).unwrap();
+    let g = d.path().join("g");
+    let r = fm(d.path(), &["init", "-g", g.to_str().unwrap(), "--purpose", "door-access:365", "--purpose", "payroll:30"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let people = d.path().join("people");
+    for (who, imgs) in [("barack", &["obama.jpg", "obama2.jpg"][..]), ("joe", &["biden.jpg"][..]), ("stranger", &["t1.jpg"][..])] {
+        std::fs::create_dir_all(people.join(who)).unwrap();
+        for i in imgs {
+            std::fs::copy(samples().join(i), people.join(who).join(i)).unwrap();
+        }
+    }
+    let csv_file = d.path().join("consents.csv");
+    std::fs::write(
+        &csv_file,
+        "subject,consent_id,purposes,basis,age,guardian\nbarack,f1,door-access;payroll,separate,adult,\njoe,f2,door-access,written,adult,\nkid,f3,door-access,separate,under-14,\nnemo,f4,,separate,adult,\n",
+    )
+    .unwrap();
+    let r = fm(d.path(), &["consent", "-g", g.to_str().unwrap(), "--from-csv", csv_file.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+    let lines: Vec<serde_json::Value> = text(&r.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let refused: Vec<u64> = lines.iter().filter(|l| l["error"].is_string()).map(|l| l["line"].as_u64().unwrap()).collect();
+    assert_eq!(refused, [4, 5], "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l["recorded"] == true).count(), 2);
+
+    let r = fm(d.path(), &["enrol", "-g", g.to_str().unwrap(), "--from-dir", people.to_str().unwrap(), "--purpose", "door-access"]);
+    assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+    let lines: Vec<serde_json::Value> = text(&r.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<(&str, Option<u64>)> = lines.iter().map(|l| (l["subject"].as_str().unwrap(), l["template"].as_u64())).collect();
+    assert_eq!(got, [("barack", Some(1)), ("barack", Some(2)), ("joe", Some(3)), ("stranger", None)]);
+    assert!(lines[3]["error"].as_str().unwrap().contains("stranger has no recorded consent"), "{}", lines[3]);
+
+    let r = fm(d.path(), &["identify", "-g", g.to_str().unwrap(), "--purpose", "door-access", "-q", samples().join("obama3.jpg").to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert!(text(&r.stdout).contains("\"subject\":\"barack\""));
+    let r = fm(d.path(), &["audit", "verify", "-g", g.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r.stdout));
+}

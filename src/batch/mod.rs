@@ -54,7 +54,7 @@ use zeroize::Zeroize;
 
 pub use walk::{is_image_path, walk_images, WalkImages, IMAGE_EXTENSIONS};
 
-use crate::compliance::{Decision, SubjectId};
+use crate::compliance::{Decision, Operator, Purpose, SubjectId};
 use crate::engine::{normalise, Engine, Identification, Pending, QueryContext, SearchOptions, Verification};
 use crate::pipeline::{FacePipeline, ImageFaces};
 use crate::probe::{FaceBox, FaceIdentification, ImageIdentification, ImageVerification};
@@ -114,6 +114,20 @@ pub enum BatchJob<'a> {
         /// Operator and purpose.
         ctx: QueryContext,
     },
+    /// Enrol the largest face of each image for the input's subject
+    /// ([`crate::probe::enrol_image`]; other faces are never embedded), on the
+    /// subject's recorded consent that covers `purposes`: a subject without
+    /// one is refused by name.
+    Enrol {
+        /// The gallery.
+        engine: &'a Engine,
+        /// Who enrols.
+        operator: Operator,
+        /// Purposes to enrol for (empty: every purpose of the consent found).
+        purposes: Vec<Purpose>,
+        /// The consent to enrol on (`None`: the subject's recorded consent covering `purposes`).
+        consent_id: Option<String>,
+    },
 }
 
 /// One input: an image file, and for verification the subject to compare with.
@@ -147,6 +161,23 @@ pub enum BatchOutput {
     Identified(ImageIdentification),
     /// [`BatchJob::Verify`].
     Verified(ImageVerification),
+    /// [`BatchJob::Enrol`].
+    Enrolled(ImageEnrolment),
+}
+
+/// An image enrolled by [`BatchJob::Enrol`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImageEnrolment {
+    /// Whose template.
+    pub subject: SubjectId,
+    /// The new template's id.
+    pub template: u64,
+    /// The consent it rests on.
+    pub consent_id: String,
+    /// The face enrolled (the largest).
+    pub face: FaceBox,
+    /// Other faces of the image (never embedded).
+    pub faces_discarded: u32,
 }
 
 /// One input and its result, handed to the sink in input order.
@@ -190,6 +221,7 @@ impl BatchProgress {
             Ok(BatchOutput::Faces(f)) => self.count(f.faces.len() as u64, 0, false),
             Ok(BatchOutput::Identified(i)) => self.count(i.faces_found as u64, i.matches.len() as u64, false),
             Ok(BatchOutput::Verified(v)) => self.count(v.faces_found as u64, v.verification.decision.is_match() as u64, false),
+            Ok(BatchOutput::Enrolled(e)) => self.count(1 + e.faces_discarded as u64, 0, false),
             Err(_) => self.count(0, 0, true),
         }
     }
@@ -200,12 +232,21 @@ enum Stage {
     Ready(Result<BatchOutput>),
     Identify { pending: Pending<Vec<Identification>>, boxes: Vec<FaceBox> },
     Verify { pending: Pending<Verification>, face: FaceBox, found: u32, discarded: u32 },
+    /// Enrolments are made in input order, so template ids do not depend on thread timing.
+    Enrol { request: crate::engine::Enrolment, face: FaceBox, discarded: u32 },
 }
 
 impl Stage {
     /// Wait for durability (in input order) and make the output.
-    fn finish(self) -> Result<BatchOutput> {
+    fn finish(self, job: &BatchJob) -> Result<BatchOutput> {
         match self {
+            Stage::Enrol { mut request, face, discarded } => {
+                let BatchJob::Enrol { engine, operator, .. } = job else { return Err(Error::config("job", "an enrolment outside an enrol job")) };
+                let r = engine.enrol(operator, request.clone());
+                request.embedding.zeroize();
+                let (subject, consent_id) = (request.subject, request.consent_id);
+                Ok(BatchOutput::Enrolled(ImageEnrolment { subject, template: r?, consent_id, face, faces_discarded: discarded }))
+            }
             Stage::Ready(r) => r,
             Stage::Identify { pending, boxes } => {
                 let found = boxes.len() as u32;
@@ -270,6 +311,29 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
             let r = engine.verify_deferred_with_faces(ctx, &e, subject, (found, discarded));
             e.zeroize();
             Ok(Stage::Verify { pending: r?, face: fb, found, discarded })
+        }
+        BatchJob::Enrol { engine, operator, purposes, consent_id } => {
+            let subject = input.subject.as_ref().ok_or_else(|| Error::config("subject", format!("no subject to enrol {} for", input.path.display())))?;
+            // Which recorded consent covers the purposes (checked before any face is embedded).
+            let consent = engine
+                .consents_of(subject)
+                .into_iter()
+                .filter(|c| consent_id.as_ref().is_none_or(|id| &c.consent_id == id))
+                .filter(|c| c.withdrawn_at_ms.is_none() && purposes.iter().all(|p| c.purposes.contains(p)))
+                .min_by(|a, b| a.consent_id.cmp(&b.consent_id))
+                .ok_or_else(|| Error::PolicyViolation {
+                    rule: "consent-required",
+                    reason: format!("{subject} has no recorded consent{}", if purposes.is_empty() { String::new() } else { " covering the purposes".into() }),
+                })?;
+            let ps = if purposes.is_empty() { consent.purposes.clone() } else { purposes.clone() };
+            crate::probe::check_model(engine, pipeline)?;
+            let img = pipeline.decode_path(&input.path)?;
+            let (face, _others, _found, discarded) = crate::probe::main_face(pipeline.detect(&img)?)?;
+            let (fb, e) = crate::probe::embed_one(pipeline, &img, face)?;
+            let mut request = crate::engine::Enrolment::new(subject.clone(), consent.consent_id, ps, e);
+            request.model_id = Some(pipeline.model_id().to_string());
+            let _ = operator;
+            Ok(Stage::Enrol { request, face: fb, discarded })
         }
     }
 }
@@ -364,7 +428,7 @@ where
             parked.insert(i, (input, stage));
             while let Some((input, stage)) = parked.remove(&next) {
                 if failure.is_none() {
-                    let result = stage.finish();
+                    let result = stage.finish(job);
                     // A record that could not be written: answer nothing more.
                     let fatal = matches!(&result, Err(Error::Audit(_)));
                     if fatal {

@@ -371,6 +371,7 @@ enum Kind {
     Faces,
     Identify,
     Verify,
+    Enrol,
 }
 
 const FACES_HEADER: &[&str] = &["input", "rows", "status", "face", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "score", "embedding", "error"];
@@ -380,6 +381,7 @@ const IDENTIFY_HEADER: &[&str] = &[
 const VERIFY_HEADER: &[&str] = &[
     "input", "rows", "status", "subject", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "face_score", "decision", "score", "threshold", "faces_found", "faces_discarded", "audit_seq", "error",
 ];
+const ENROL_HEADER: &[&str] = &["input", "rows", "status", "subject", "template", "consent_id", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "face_score", "faces_discarded", "error"];
 const SEARCH_HEADER: &[&str] = &["input", "rows", "status", "rank", "subject", "template", "score", "decision", "threshold", "audit_seq", "error"];
 
 fn s<T: ToString>(v: T) -> String {
@@ -409,6 +411,12 @@ struct ImageLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    template: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    face: Option<facematch::probe::FaceBox>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    faces_discarded: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
@@ -416,14 +424,19 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
     let key = path_key(&item.input.path);
     match out.format {
         Format::Jsonl => {
-            let mut line = ImageLine { image: &key, subject: None, faces: None, result: None, error: None };
-            if kind == Kind::Verify {
+            let mut line = ImageLine { image: &key, subject: None, faces: None, result: None, template: None, face: None, faces_discarded: None, error: None };
+            if matches!(kind, Kind::Verify | Kind::Enrol) {
                 line.subject = item.input.subject.as_ref();
             }
             match &item.result {
                 Ok(BatchOutput::Faces(f)) => line.faces = Some(serde_json::to_value(&f.faces)?),
                 Ok(BatchOutput::Identified(r)) => line.result = Some(serde_json::to_value(r)?),
                 Ok(BatchOutput::Verified(r)) => line.result = Some(serde_json::to_value(r)?),
+                Ok(BatchOutput::Enrolled(r)) => {
+                    line.template = Some(r.template);
+                    line.face = Some(r.face);
+                    line.faces_discarded = Some(r.faces_discarded);
+                }
                 Ok(_) => bail!("unexpected result kind"),
                 Err(e) => line.error = Some(e.to_string()),
             }
@@ -434,7 +447,7 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
             let err_row = |e: String| {
                 let mut r = vec![String::new(); width];
                 r[0] = "error".into();
-                if kind == Kind::Verify {
+                if matches!(kind, Kind::Verify | Kind::Enrol) {
                     r[1] = item.input.subject.as_ref().map(s).unwrap_or_default();
                 }
                 r[width - 1] = e;
@@ -503,6 +516,10 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
                         String::new(),
                     ]]
                 }
+                Ok(BatchOutput::Enrolled(r)) => {
+                    let [x, y, w, h] = bbox(&r.face.bbox);
+                    vec![vec!["ok".into(), s(&r.subject), s(r.template), r.consent_id.clone(), x, y, w, h, s(r.face.score), s(r.faces_discarded), String::new()]]
+                }
                 Ok(_) => bail!("unexpected result kind"),
             };
             out.csv_rows(&key, rows)
@@ -515,6 +532,7 @@ fn run_image_job(kind: Kind, job: &BatchJob, pipeline: &FacePipeline, inputs: In
         Kind::Faces => (FACES_HEADER, "faces"),
         Kind::Identify => (IDENTIFY_HEADER, "identify"),
         Kind::Verify => (VERIFY_HEADER, "verify"),
+        Kind::Enrol => (ENROL_HEADER, "enrol"),
     };
     let (mut out, answered) = open_output(o, header, "image")?;
     let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -583,6 +601,135 @@ pub fn run_verify(a: &super::VerifyArgs, pcfg: &PipelineConfig) -> anyhow::Resul
     let r = run_image_job(Kind::Verify, &BatchJob::Verify { engine: &e, ctx }, &p, inputs, total, &a.out);
     e.close()?;
     r
+}
+
+/// `enrol`: `--subject S [--consent-id C] --purpose P IMAGE...` or `--from-dir DIR` (a subfolder per subject).
+pub fn run_enrol(a: &super::EnrolArgs, pcfg: &PipelineConfig) -> anyhow::Result<bool> {
+    let (inputs, total): (Inputs, Option<u64>) = match (&a.from_dir, &a.subject) {
+        (Some(dir), None) => {
+            if !a.inputs.inputs.is_empty() || a.inputs.from_list.is_some() {
+                bail!("--from-dir names the images itself: no other inputs");
+            }
+            let mut people: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
+            people.sort();
+            let total = people.iter().map(|p| batch::walk_images([p.clone()]).count() as u64).sum();
+            let it = people.into_iter().flat_map(|person| {
+                let name = person.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let subject = SubjectId::new(name.as_str()).ok();
+                batch::walk_images([person]).map(move |p| BatchInput { path: p, subject: subject.clone() })
+            });
+            (Box::new(it), Some(total))
+        }
+        (None, Some(sub)) => {
+            let sub = SubjectId::new(sub.as_str())?;
+            let (paths, total) = image_paths(&a.inputs)?;
+            (Box::new(paths.map(move |p| BatchInput::with_subject(p, sub.clone()))), total)
+        }
+        _ => bail!("give either --subject S with images, or --from-dir DIR"),
+    };
+    let e = a.g.open()?;
+    let p = super::pipeline(pcfg)?;
+    let job = BatchJob::Enrol { engine: &e, operator: a.g.operator()?, purposes: super::purposes(&a.purposes)?, consent_id: a.consent_id.clone() };
+    let r = run_image_job(Kind::Enrol, &job, &p, inputs, total, &a.out);
+    super::print_notices(&e);
+    e.close()?;
+    r
+}
+
+/// `consent --from-csv FILE`: good rows are recorded (in durable batches), bad rows reported by line number.
+pub fn run_consent_csv(a: &super::ConsentArgs) -> anyhow::Result<bool> {
+    use facematch::compliance::{ConsentRecord, GuardianConsent};
+    let file = a.from_csv.as_ref().context("--from-csv")?;
+    let e = a.g.open()?;
+    let op = a.g.operator()?;
+    let mut rd = csv::ReaderBuilder::new().flexible(true).trim(csv::Trim::All).from_path(file).with_context(|| format!("opening {}", file.display()))?;
+    let headers = rd.headers()?.clone();
+    let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
+    let (Some(c_subject), Some(c_id), Some(c_purposes)) = (col("subject"), col("consent_id"), col("purposes")) else {
+        bail!("{}: the header must name subject, consent_id and purposes (optional: basis, age, guardian, relationship, collected_by)", file.display());
+    };
+    let (c_basis, c_age, c_guardian, c_rel, c_by) = (col("basis"), col("age"), col("guardian"), col("relationship"), col("collected_by"));
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut report = |v: serde_json::Value| -> anyhow::Result<()> {
+        serde_json::to_writer(&mut out, &v)?;
+        out.write_all(b"\n")?;
+        Ok(())
+    };
+    let parse = |r: &csv::StringRecord| -> anyhow::Result<ConsentRecord> {
+        let get = |c: Option<usize>| c.and_then(|c| r.get(c)).filter(|v| !v.is_empty());
+        let purposes: Vec<String> = get(Some(c_purposes)).unwrap_or("").split([';', '|', ' ']).filter(|p| !p.is_empty()).map(String::from).collect();
+        if purposes.is_empty() {
+            bail!("no purposes");
+        }
+        let subject = get(Some(c_subject)).context("no subject")?;
+        let mut c = ConsentRecord::new(
+            get(Some(c_id)).context("no consent_id")?.to_string(),
+            SubjectId::new(subject)?.as_str(),
+            super::parse_basis(get(c_basis).unwrap_or("separate"))?,
+            super::purposes(&purposes)?,
+            get(c_by).unwrap_or(op.as_str()).to_string(),
+            super::parse_age(get(c_age).unwrap_or("adult"))?,
+        );
+        c.guardian = get(c_guardian).map(|g| GuardianConsent { guardian: g.to_string(), relationship: get(c_rel).unwrap_or("guardian").to_string() });
+        Ok(c)
+    };
+    let (mut good, mut bad) = (0u64, 0u64);
+    // Rows in line order: parsed, or why not.
+    type Row = (u64, std::result::Result<ConsentRecord, String>);
+    let mut chunk: Vec<Row> = Vec::new();
+    let flush = |chunk: &mut Vec<Row>, report: &mut dyn FnMut(serde_json::Value) -> anyhow::Result<()>, good: &mut u64, bad: &mut u64| -> anyhow::Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        // The parsed rows in one durable batch; if the engine refuses it, row by row to name the bad ones.
+        let rows = std::mem::take(chunk);
+        let all_ok = e.record_consents(&op, rows.iter().filter_map(|(_, c)| c.as_ref().ok().cloned()).collect()).is_ok();
+        for (line, c) in rows {
+            let outcome = match &c {
+                Ok(c) if all_ok => Ok(c),
+                Ok(c) => e.record_consent(&op, c.clone()).map(|_| c).map_err(|e| e.to_string()),
+                Err(err) => Err(err.clone()),
+            };
+            match (outcome, &c) {
+                (Ok(c), _) => {
+                    *good += 1;
+                    report(serde_json::json!({"line": line, "consent": c.consent_id, "subject": c.subject, "recorded": true}))?
+                }
+                (Err(err), Ok(c)) => {
+                    *bad += 1;
+                    report(serde_json::json!({"line": line, "consent": c.consent_id, "subject": c.subject, "error": err}))?
+                }
+                (Err(err), Err(_)) => {
+                    *bad += 1;
+                    report(serde_json::json!({"line": line, "error": err}))?
+                }
+            }
+        }
+        Ok(())
+    };
+    let mut rec = csv::StringRecord::new();
+    loop {
+        let line = rd.position().line();
+        let row = match rd.read_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => parse(&rec).map_err(|e| format!("{e:#}")),
+            Err(err) => Err(err.to_string()),
+        };
+        chunk.push((line, row));
+        if chunk.len() >= 1000 {
+            flush(&mut chunk, &mut report, &mut good, &mut bad)?;
+        }
+    }
+    flush(&mut chunk, &mut report, &mut good, &mut bad)?;
+    drop(report);
+    out.flush()?;
+    eprintln!("consent: {good} recorded, {bad} refused ({})", file.display());
+    e.close()?;
+    Ok(bad == 0)
 }
 
 /// `search --embeddings Q.npy`: blocks of queries per pass, many in flight.

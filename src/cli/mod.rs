@@ -4,7 +4,7 @@
 pub mod batch;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -148,14 +148,18 @@ pub struct InitArgs {
 pub struct ConsentArgs {
     #[command(flatten)]
     g: GalleryOpts,
-    #[arg(long)]
+    #[arg(long, required_unless_present = "from_csv", conflicts_with = "from_csv", default_value = "")]
     subject: String,
     /// Consent id (e.g. the signed form's number).
-    #[arg(long)]
+    #[arg(long, required_unless_present = "from_csv", default_value = "")]
     consent_id: String,
     /// Purposes consented to (repeatable).
-    #[arg(long = "purpose", required = true)]
+    #[arg(long = "purpose", required_unless_present = "from_csv")]
     purposes: Vec<String>,
+    /// One consent per CSV row (header: subject,consent_id,purposes[,basis,age,guardian,relationship,collected_by];
+    /// purposes separated by `;`). A bad row is reported by line number and nothing of it is recorded.
+    #[arg(long, value_name = "FILE")]
+    from_csv: Option<PathBuf>,
     /// separate | written | legal:<named basis>
     #[arg(long, default_value = "separate")]
     basis: String,
@@ -178,15 +182,22 @@ pub struct ConsentArgs {
 pub struct EnrolArgs {
     #[command(flatten)]
     g: GalleryOpts,
+    /// Whose images (or use --from-dir).
+    #[arg(long, required_unless_present = "from_dir", conflicts_with = "from_dir")]
+    subject: Option<String>,
+    /// The consent to enrol on (default: the subject's recorded consent covering the purposes).
     #[arg(long)]
-    subject: String,
-    #[arg(long)]
-    consent_id: String,
-    #[arg(long = "purpose", required = true)]
+    consent_id: Option<String>,
+    /// Purposes (default with --from-dir: those of each subject's consent).
+    #[arg(long = "purpose", required_unless_present = "from_dir")]
     purposes: Vec<String>,
-    /// Images of the subject.
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
+    /// A folder with one subfolder of images per subject (`people/<subject>/*.jpg`).
+    #[arg(long, value_name = "DIR")]
+    from_dir: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: batch::ImageInputs,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `import`.
@@ -418,10 +429,6 @@ fn pipeline(cfg: &PipelineConfig) -> anyhow::Result<FacePipeline> {
     FacePipeline::new(cfg.clone()).context("loading the face pipeline")
 }
 
-fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
-}
-
 /// Run a gallery command; `Ok(false)` means some inputs failed.
 fn parse_mode(m: &str) -> anyhow::Result<Mode> {
     match m {
@@ -465,6 +472,7 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             e.close()?;
             Ok(true)
         }
+        GalleryCommand::Consent(a) if a.from_csv.is_some() => batch::run_consent_csv(a),
         GalleryCommand::Consent(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;
@@ -481,25 +489,7 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             json_line(&serde_json::json!({"consent": a.consent_id, "subject": a.subject, "recorded": true}))?;
             Ok(true)
         }
-        GalleryCommand::Enrol(a) => {
-            let e = a.g.open()?;
-            let op = a.g.operator()?;
-            let p = pipeline(pcfg)?;
-            let mut ok = true;
-            for img in &a.images {
-                let req = Enrolment::new(SubjectId::new(a.subject.as_str())?, a.consent_id.clone(), purposes(&a.purposes)?, Vec::new());
-                match read_image(img).and_then(|b| Ok(facematch::probe::enrol_image(&e, &p, &op, &b, req)?)) {
-                    Ok((t, face, discarded)) => json_line(&serde_json::json!({"image": img, "template": t, "face": face, "faces_discarded": discarded}))?,
-                    Err(err) => {
-                        ok = false;
-                        json_line(&serde_json::json!({"image": img, "error": format!("{err:#}")}))?
-                    }
-                }
-            }
-            print_notices(&e);
-            e.close()?;
-            Ok(ok)
-        }
+        GalleryCommand::Enrol(a) => batch::run_enrol(a, pcfg),
         GalleryCommand::Import(a) => run_import(a),
         GalleryCommand::Search(a) => batch::run_search(a),
         GalleryCommand::Verify(a) => batch::run_verify(a, pcfg),
