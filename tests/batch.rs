@@ -372,3 +372,54 @@ fn bulk_consent_and_enrolment_from_a_folder() {
     let r = fm(d.path(), &["audit", "verify", "-g", g.to_str().unwrap()]);
     assert!(r.status.success(), "{}", text(&r.stdout));
 }
+
+/// Ctrl-C (SIGINT) stops intake: what is in flight is finished and written,
+/// the exit code is non-zero, and `--resume` carries on to every input once.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_intake_flushes_and_resume_carries_on() {
+    let d = tempfile::tempdir().unwrap();
+    let (e, _) = gallery(d.path());
+    e.close().unwrap();
+    let g = d.path().join("g");
+    let paths: Vec<PathBuf> = walk_images([samples()]).collect();
+    let list: Vec<String> = paths.iter().cycle().take(100).map(|p| p.to_string_lossy().into_owned()).collect();
+    let list_file = d.path().join("list.txt");
+    std::fs::write(&list_file, list.join("\n") + "\n").unwrap();
+    let out = d.path().join("out.csv");
+    let args = ["identify", "-g", g.to_str().unwrap(), "--purpose", "door-access", "--from-list", list_file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", "csv"];
+    let child = Command::new(env!("CARGO_BIN_EXE_facematch"))
+        .args(args)
+        .env("FACEMATCH_KEY", std::fs::read_to_string(d.path().join("key")).unwrap().trim())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read(&out).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0) < 10 && started.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let r = child.wait_with_output().unwrap();
+    let err = text(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let partial = std::fs::read_to_string(&out).unwrap();
+    assert!(partial.ends_with('\n'), "output not flushed whole: {partial:?}");
+    let rows = csv::Reader::from_reader(partial.as_bytes()).records().map(|r| r.unwrap()).count();
+    assert!(rows < list.len(), "the run finished before Ctrl-C: nothing left to resume");
+
+    let r = fm(d.path(), &[&args[..], &["--resume", "-q"]].concat());
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let mut rd = csv::Reader::from_path(&out).unwrap();
+    let mut inputs: Vec<String> = Vec::new();
+    for rec in rd.records() {
+        let rec = rec.unwrap();
+        let rows: usize = rec[1].parse().unwrap();
+        // one entry per input: the first row of its group
+        if inputs.last() != Some(&rec[0].to_string()) || rows == 1 {
+            inputs.push(rec[0].to_string());
+        }
+    }
+    assert_eq!(inputs, list);
+}
