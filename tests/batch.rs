@@ -423,3 +423,25 @@ fn ctrl_c_stops_intake_flushes_and_resume_carries_on() {
     }
     assert_eq!(inputs, list);
 }
+
+/// `verify --pairs FILE.csv`: one 1:1 per `image,subject` row, in row order; a bad row is an error row.
+#[test]
+fn verify_pairs_from_a_csv() {
+    let d = tempfile::tempdir().unwrap();
+    let (e, _) = gallery(d.path());
+    e.close().unwrap();
+    let s = samples();
+    let pairs = d.path().join("pairs.csv");
+    let rows = [("obama2.jpg", "barack"), ("biden.jpg", "barack"), ("biden.jpg", "joe"), ("missing.jpg", "joe"), ("obama3.jpg", "nobody")];
+    let body: String = rows.iter().map(|(i, w)| format!("{},{w}\n", s.join(i).display())).collect();
+    std::fs::write(&pairs, format!("image,subject\n{body}")).unwrap();
+    let r = fm(d.path(), &["verify", "-g", d.path().join("g").to_str().unwrap(), "--purpose", "door-access", "--pairs", pairs.to_str().unwrap(), "-q"]);
+    assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+    let lines: Vec<serde_json::Value> = text(&r.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), rows.len());
+    let got: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["subject"].as_str().unwrap(), l["result"]["verification"]["decision"]["decision"].as_str().unwrap_or(if l["error"].is_string() { "error" } else { "?" })))
+        .collect();
+    assert_eq!(got, [("barack", "match"), ("barack", "no_match"), ("joe", "match"), ("joe", "error"), ("nobody", "error")]);
+}

@@ -92,10 +92,16 @@ fn list_lines(list: &Path) -> anyhow::Result<Box<dyn Iterator<Item = String> + S
     Ok(Box::new(reader.lines().map_while(|l| l.ok()).map(|l| l.trim_end_matches('\r').to_string()).filter(|l| !l.trim().is_empty())))
 }
 
-/// The paths to process, lazily, and their number when it can be known cheaply.
-fn image_paths(inp: &ImageInputs) -> anyhow::Result<(Box<dyn Iterator<Item = PathBuf> + Send>, Option<u64>)> {
+/// Whether a progress bar will be drawn (stderr is a terminal, not `--quiet`).
+fn shows_bar(o: &BatchOut) -> bool {
+    !o.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+/// The paths to process, lazily, and their number when a progress bar needs it
+/// (counted by a first walk of the tree and the list, holding neither).
+fn image_paths(inp: &ImageInputs, o: &BatchOut) -> anyhow::Result<(Box<dyn Iterator<Item = PathBuf> + Send>, Option<u64>)> {
     let walk = batch::walk_images(inp.inputs.clone());
-    let mut total = Some(batch::walk_images(inp.inputs.clone()).count() as u64);
+    let mut total = shows_bar(o).then(|| batch::walk_images(inp.inputs.clone()).count() as u64);
     let it: Box<dyn Iterator<Item = PathBuf> + Send> = match &inp.from_list {
         None => Box::new(walk),
         Some(list) => {
@@ -304,8 +310,7 @@ struct Reporter {
 
 impl Reporter {
     fn new(o: &BatchOut, what: &'static str, total: Option<u64>) -> Self {
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let bar = (tty && !o.quiet).then(|| {
+        let bar = shows_bar(o).then(|| {
             let bar = match total {
                 Some(n) => indicatif::ProgressBar::new(n),
                 None => indicatif::ProgressBar::new_spinner(),
@@ -564,13 +569,13 @@ fn run_image_job(kind: Kind, job: &BatchJob, pipeline: &FacePipeline, inputs: In
 
 /// `faces`.
 pub fn run_faces(pipeline: &FacePipeline, embeddings: bool, inp: &ImageInputs, o: &BatchOut) -> anyhow::Result<bool> {
-    let (paths, total) = image_paths(inp)?;
+    let (paths, total) = image_paths(inp, o)?;
     run_image_job(Kind::Faces, &BatchJob::Faces { embeddings }, pipeline, Box::new(paths.map(BatchInput::new)), total, o)
 }
 
 /// `identify`.
 pub fn run_identify(a: &super::IdentifyArgs, pcfg: &PipelineConfig) -> anyhow::Result<bool> {
-    let (paths, total) = image_paths(&a.inputs)?;
+    let (paths, total) = image_paths(&a.inputs, &a.out)?;
     let e = a.g.open()?;
     let p = super::pipeline(pcfg)?;
     let ctx = facematch::engine::QueryContext::new(a.g.operator()?, facematch::compliance::Purpose::new(a.purpose.as_str())?);
@@ -590,7 +595,7 @@ pub fn run_verify(a: &super::VerifyArgs, pcfg: &PipelineConfig) -> anyhow::Resul
         }
         (None, Some(sub)) => {
             let sub = SubjectId::new(sub.as_str())?;
-            let (paths, total) = image_paths(&a.inputs)?;
+            let (paths, total) = image_paths(&a.inputs, &a.out)?;
             (Box::new(paths.map(move |p| BatchInput::with_subject(p, sub.clone()))), total)
         }
         _ => bail!("give either --subject S with images, or --pairs FILE.csv"),
@@ -626,7 +631,7 @@ pub fn run_enrol(a: &super::EnrolArgs, pcfg: &PipelineConfig) -> anyhow::Result<
         }
         (None, Some(sub)) => {
             let sub = SubjectId::new(sub.as_str())?;
-            let (paths, total) = image_paths(&a.inputs)?;
+            let (paths, total) = image_paths(&a.inputs, &a.out)?;
             (Box::new(paths.map(move |p| BatchInput::with_subject(p, sub.clone()))), total)
         }
         _ => bail!("give either --subject S with images, or --from-dir DIR"),
