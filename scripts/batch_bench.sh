@@ -127,7 +127,7 @@ for i in range(n):
     print(f"{s}/{imgs[i // 50 % len(imgs)]}" if i % 50 == 0 else f"/nonexistent/{i}.jpg")
 PY
         /usr/bin/time -f "%M" -o "$W/rss$n" $NEW identify "${G[@]}" -q --from-list "$W/list$n.txt" --format csv --out "$W/rss$n.csv" || true
-        echo "$n paths: peak RSS $(($(cat "$W/rss$n") / 1024)) MiB, $(($(wc -l < "$W/rss$n.csv") - 1)) rows"
+        echo "$n paths: peak RSS $(($(tail -1 "$W/rss$n") / 1024)) MiB, $(($(wc -l < "$W/rss$n.csv") - 1)) rows"
     done
     ;;
 *) echo "usage: $0 search|identify|rss" >&2; exit 2 ;;
