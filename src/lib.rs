@@ -42,7 +42,7 @@ pub mod clock;
 pub mod compliance;
 pub mod config;
 pub mod engine;
+pub mod store;
 
 // --- batch jobs over many inputs ---
 pub mod batch;
-pub mod store;

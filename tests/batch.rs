@@ -406,7 +406,7 @@ fn ctrl_c_stops_intake_flushes_and_resume_carries_on() {
     assert!(err.contains("interrupted"), "{err}");
     let partial = std::fs::read_to_string(&out).unwrap();
     assert!(partial.ends_with('\n'), "output not flushed whole: {partial:?}");
-    let rows = csv::Reader::from_reader(partial.as_bytes()).records().map(|r| r.unwrap()).count();
+    let rows = csv::Reader::from_reader(partial.as_bytes()).records().collect::<Result<Vec<_>, _>>().unwrap().len();
     assert!(rows < list.len(), "the run finished before Ctrl-C: nothing left to resume");
 
     let r = fm(d.path(), &[&args[..], &["--resume", "-q"]].concat());

@@ -312,7 +312,8 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
             e.zeroize();
             Ok(Stage::Verify { pending: r?, face: fb, found, discarded })
         }
-        BatchJob::Enrol { engine, operator, purposes, consent_id } => {
+        // The enrolment itself is made by the consumer, in input order (Stage::finish).
+        BatchJob::Enrol { engine, purposes, consent_id, .. } => {
             let subject = input.subject.as_ref().ok_or_else(|| Error::config("subject", format!("no subject to enrol {} for", input.path.display())))?;
             // Which recorded consent covers the purposes (checked before any face is embedded).
             let consent = engine
@@ -332,7 +333,6 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
             let (fb, e) = crate::probe::embed_one(pipeline, &img, face)?;
             let mut request = crate::engine::Enrolment::new(subject.clone(), consent.consent_id, ps, e);
             request.model_id = Some(pipeline.model_id().to_string());
-            let _ = operator;
             Ok(Stage::Enrol { request, face: fb, discarded })
         }
     }

@@ -730,7 +730,6 @@ pub fn run_consent_csv(a: &super::ConsentArgs) -> anyhow::Result<bool> {
         }
     }
     flush(&mut chunk, &mut report, &mut good, &mut bad)?;
-    drop(report);
     out.flush()?;
     eprintln!("consent: {good} recorded, {bad} refused ({})", file.display());
     e.close()?;

@@ -64,6 +64,7 @@ impl Engine {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn identify_many_deferred<'p>(
         &self,
         ctx: &QueryContext,
