@@ -42,3 +42,6 @@ pub mod compliance;
 pub mod config;
 pub mod engine;
 pub mod store;
+
+// --- batch jobs over many inputs ---
+pub mod batch;

@@ -10,14 +10,12 @@
 
 mod cli;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use facematch::pipeline::{FacePipeline, PipelineConfig};
-use rayon::prelude::*;
 
 #[derive(Parser, Debug)]
 #[command(name = "facematch", version, about = "Face detection, embedding and matching engine")]
@@ -48,9 +46,10 @@ struct FacesArgs {
     /// Also compute the L2-normalised embedding of every face.
     #[arg(long)]
     embeddings: bool,
-    /// Images to process.
-    #[arg(required = true, value_name = "IMAGE")]
-    images: Vec<PathBuf>,
+    #[command(flatten)]
+    inputs: cli::batch::ImageInputs,
+    #[command(flatten)]
+    out: cli::batch::BatchOut,
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,44 +105,6 @@ fn load_config(cli: &Cli) -> anyhow::Result<PipelineConfig> {
     Ok(cfg)
 }
 
-/// Output line for a processed image (field order = JSON order).
-#[derive(serde::Serialize)]
-struct FacesLine<'a> {
-    image: &'a std::path::Path,
-    faces: &'a [facematch::pipeline::Face],
-}
-
-/// Output line for an image that failed.
-#[derive(serde::Serialize)]
-struct ErrorLine<'a> {
-    image: &'a std::path::Path,
-    error: String,
-}
-
-fn run_faces(pipeline: &FacePipeline, args: &FacesArgs) -> anyhow::Result<bool> {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut all_ok = true;
-    // Parallel within a chunk, printed in input order as each chunk completes.
-    let chunk = (rayon::current_num_threads() * 8).max(8);
-    for paths in args.images.chunks(chunk) {
-        let results: Vec<_> = paths.par_iter().map(|p| pipeline.process_path(p, args.embeddings)).collect();
-        for (path, result) in paths.iter().zip(results) {
-            match result {
-                Ok(r) => serde_json::to_writer(&mut out, &FacesLine { image: path, faces: &r.faces })?,
-                Err(e) => {
-                    all_ok = false;
-                    tracing::warn!(image = %path.display(), error = %e, "image failed");
-                    serde_json::to_writer(&mut out, &ErrorLine { image: path, error: e.to_string() })?
-                }
-            }
-            out.write_all(b"\n")?;
-        }
-        out.flush()?;
-    }
-    Ok(all_ok)
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -158,7 +119,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Faces(args) => {
                 let pipeline = FacePipeline::new(config).context("loading the face pipeline")?;
-                run_faces(&pipeline, args)
+                cli::batch::run_faces(&pipeline, args.embeddings, &args.inputs, &args.out)
             }
             Command::Anonymise(args) => {
                 let pipeline = FacePipeline::new(config).context("loading the face pipeline")?;

@@ -65,7 +65,7 @@ fn area(f: &Face) -> f32 {
 }
 
 /// The largest face and the boxes of the others (never embedded), or an error when there is none.
-fn main_face(mut faces: Vec<Face>) -> Result<(Face, Vec<FaceBox>, u32, u32)> {
+pub(crate) fn main_face(mut faces: Vec<Face>) -> Result<(Face, Vec<FaceBox>, u32, u32)> {
     let found = faces.len() as u32;
     if faces.is_empty() {
         return Err(Error::BadImage { path: None, reason: "no face found".into() });
@@ -80,7 +80,7 @@ fn main_face(mut faces: Vec<Face>) -> Result<(Face, Vec<FaceBox>, u32, u32)> {
     Ok((f, others, found, found - 1))
 }
 
-fn embed_one(pipeline: &FacePipeline, img: &crate::image_io::DecodedImage, face: Face) -> Result<(FaceBox, Vec<f32>)> {
+pub(crate) fn embed_one(pipeline: &FacePipeline, img: &crate::image_io::DecodedImage, face: Face) -> Result<(FaceBox, Vec<f32>)> {
     let mut one = [face];
     pipeline.embed_faces(img, &mut one)?;
     let [face] = one;
@@ -228,7 +228,7 @@ fn enrol_image_with(
     Ok((t, fb, discarded))
 }
 
-fn check_model(engine: &Engine, pipeline: &FacePipeline) -> Result<()> {
+pub(crate) fn check_model(engine: &Engine, pipeline: &FacePipeline) -> Result<()> {
     let cfg = engine.config();
     if cfg.model_id != pipeline.model_id() || cfg.dim != pipeline.dimension() {
         return Err(Error::config(

@@ -1,6 +1,8 @@
 //! Gallery, compliance and audit subcommands of the `facematch` binary.
 //! Thin clients of the library's public API; `anyhow` lives only here.
 
+pub mod batch;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -9,8 +11,7 @@ use clap::{Args, Subcommand};
 use facematch::audit::{AuditFilter, AuditKey, AuditLog};
 use facematch::compliance::*;
 use facematch::config::GalleryConfig;
-use facematch::engine::{Engine, EngineBuilder, Enrolment, QueryContext, SearchOptions};
-use facematch::index::SearchStrategy;
+use facematch::engine::{Engine, EngineBuilder, Enrolment};
 use facematch::pipeline::{FacePipeline, PipelineConfig};
 use facematch::store::{MasterKey, KEY_ENV};
 
@@ -160,14 +161,18 @@ pub struct InitArgs {
 pub struct ConsentArgs {
     #[command(flatten)]
     g: GalleryOpts,
-    #[arg(long)]
+    #[arg(long, required_unless_present = "from_csv", conflicts_with = "from_csv", default_value = "")]
     subject: String,
     /// Consent id (e.g. the signed form's number).
-    #[arg(long)]
+    #[arg(long, required_unless_present = "from_csv", default_value = "")]
     consent_id: String,
     /// Purposes consented to (repeatable).
-    #[arg(long = "purpose", required = true)]
+    #[arg(long = "purpose", required_unless_present = "from_csv")]
     purposes: Vec<String>,
+    /// One consent per CSV row (header: subject,consent_id,purposes[,basis,age,guardian,relationship,collected_by];
+    /// purposes separated by `;`). A bad row is reported by line number and nothing of it is recorded.
+    #[arg(long, value_name = "FILE")]
+    from_csv: Option<PathBuf>,
     /// separate | written | legal:<named basis>
     #[arg(long, default_value = "separate")]
     basis: String,
@@ -190,15 +195,22 @@ pub struct ConsentArgs {
 pub struct EnrolArgs {
     #[command(flatten)]
     g: GalleryOpts,
+    /// Whose images (or use --from-dir).
+    #[arg(long, required_unless_present = "from_dir", conflicts_with = "from_dir")]
+    subject: Option<String>,
+    /// The consent to enrol on (default: the subject's recorded consent covering the purposes).
     #[arg(long)]
-    subject: String,
-    #[arg(long)]
-    consent_id: String,
-    #[arg(long = "purpose", required = true)]
+    consent_id: Option<String>,
+    /// Purposes (default with --from-dir: those of each subject's consent).
+    #[arg(long = "purpose", required_unless_present = "from_dir")]
     purposes: Vec<String>,
-    /// Images of the subject.
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
+    /// A folder with one subfolder of images per subject (`people/<subject>/*.jpg`).
+    #[arg(long, value_name = "DIR")]
+    from_dir: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: batch::ImageInputs,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `import`.
@@ -240,6 +252,8 @@ pub struct SearchArgs {
     /// Graph search breadth.
     #[arg(long)]
     ef: Option<usize>,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `verify`.
@@ -249,9 +263,16 @@ pub struct VerifyArgs {
     g: GalleryOpts,
     #[arg(long)]
     purpose: String,
-    #[arg(long)]
-    subject: String,
-    image: PathBuf,
+    /// The subject every image is compared with (or use --pairs).
+    #[arg(long, conflicts_with = "pairs")]
+    subject: Option<String>,
+    /// CSV of `image,subject` rows: one 1:1 verification per row.
+    #[arg(long, value_name = "FILE.csv")]
+    pairs: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: batch::ImageInputs,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `identify`.
@@ -263,8 +284,10 @@ pub struct IdentifyArgs {
     purpose: String,
     #[arg(long, default_value_t = 5)]
     k: usize,
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
+    #[command(flatten)]
+    inputs: batch::ImageInputs,
+    #[command(flatten)]
+    out: batch::BatchOut,
 }
 
 /// `delete`.
@@ -429,12 +452,6 @@ fn pipeline(cfg: &PipelineConfig) -> anyhow::Result<FacePipeline> {
     FacePipeline::new(cfg.clone()).context("loading the face pipeline")
 }
 
-fn read_image(p: &Path) -> anyhow::Result<Vec<u8>> {
-    // Regular files only (a FIFO would block while the gallery is locked), size-capped.
-    let max = facematch::image_io::ImageLimits::default().max_file_bytes;
-    Ok(facematch::fs::read_bounded(p, max)?)
-}
-
 /// Largest list file (manifests, labels) read: 1 GiB of ids.
 const MAX_LIST_BYTES: u64 = 1 << 30;
 /// Largest configuration file read.
@@ -489,6 +506,7 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             e.close()?;
             Ok(true)
         }
+        GalleryCommand::Consent(a) if a.from_csv.is_some() => batch::run_consent_csv(a),
         GalleryCommand::Consent(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;
@@ -505,69 +523,11 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             json_line(&serde_json::json!({"consent": a.consent_id, "subject": a.subject, "recorded": true}))?;
             Ok(true)
         }
-        GalleryCommand::Enrol(a) => {
-            let e = a.g.open()?;
-            let op = a.g.operator()?;
-            let p = pipeline(pcfg)?;
-            let mut ok = true;
-            for img in &a.images {
-                let req = Enrolment::new(SubjectId::new(a.subject.as_str())?, a.consent_id.clone(), purposes(&a.purposes)?, Vec::new());
-                match read_image(img).and_then(|b| Ok(facematch::probe::enrol_image(&e, &p, &op, &b, req)?)) {
-                    Ok((t, face, discarded)) => json_line(&serde_json::json!({"image": img, "template": t, "face": face, "faces_discarded": discarded}))?,
-                    Err(err) => {
-                        ok = false;
-                        json_line(&serde_json::json!({"image": img, "error": format!("{err:#}")}))?
-                    }
-                }
-            }
-            print_notices(&e);
-            e.close()?;
-            Ok(ok)
-        }
+        GalleryCommand::Enrol(a) => batch::run_enrol(a, pcfg),
         GalleryCommand::Import(a) => run_import(a),
-        GalleryCommand::Search(a) => {
-            let e = a.g.open()?;
-            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
-            let strategy = match a.strategy.as_str() {
-                "auto" => SearchStrategy::Auto,
-                "exact" => SearchStrategy::Exact,
-                "graph" => SearchStrategy::Graph,
-                s => bail!("--strategy must be auto, exact or graph, got {s}"),
-            };
-            let q = facematch::npy::read_f32_matrix(&a.embeddings)?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for i in 0..q.rows {
-                let r = e.identify_with(&ctx, q.row(i), a.k, SearchOptions { strategy, ef: a.ef }, (1, 0))?;
-                serde_json::to_writer(&mut out, &serde_json::json!({"query": i, "candidates": r.candidates, "decision": r.decision}))?;
-                out.write_all(b"\n")?;
-            }
-            out.flush()?;
-            Ok(true)
-        }
-        GalleryCommand::Verify(a) => {
-            let e = a.g.open()?;
-            let p = pipeline(pcfg)?;
-            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
-            let r = facematch::probe::verify_image(&e, &p, &ctx, &read_image(&a.image)?, &SubjectId::new(a.subject.as_str())?)?;
-            json_line(&serde_json::json!({"image": a.image, "result": r}))?;
-            Ok(true)
-        }
-        GalleryCommand::Identify(a) => {
-            let e = a.g.open()?;
-            let p = pipeline(pcfg)?;
-            let ctx = QueryContext::new(a.g.operator()?, Purpose::new(a.purpose.as_str())?);
-            let mut ok = true;
-            for img in &a.images {
-                match read_image(img).and_then(|b| Ok(facematch::probe::identify_image(&e, &p, &ctx, &b, a.k)?)) {
-                    Ok(r) => json_line(&serde_json::json!({"image": img, "result": r}))?,
-                    Err(err) => {
-                        ok = false;
-                        json_line(&serde_json::json!({"image": img, "error": format!("{err:#}")}))?
-                    }
-                }
-            }
-            Ok(ok)
-        }
+        GalleryCommand::Search(a) => batch::run_search(a),
+        GalleryCommand::Verify(a) => batch::run_verify(a, pcfg),
+        GalleryCommand::Identify(a) => batch::run_identify(a, pcfg),
         GalleryCommand::Delete(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;

@@ -58,6 +58,8 @@ const DAY_MS: i64 = 86_400_000;
 // write-ahead records, reconciliation), `admin` (keys, thresholds, export,
 // stats). This file: the `Engine` itself and its audit plumbing.
 mod admin;
+// Batched queries (many probes per call): additive, kept apart.
+mod batched;
 mod anchor;
 mod bind;
 mod enrol;

@@ -1,0 +1,158 @@
+//! Batched queries: many probes per engine call, their audit records queued
+//! together and released by one [`Pending`] once durable.
+//!
+//! Used by [`crate::batch`]: the exact scan scores up to 64 probes per pass
+//! over the gallery, and a batch's records share one commit with everything
+//! else in flight.
+
+use std::time::Instant;
+
+use super::{normalise, Candidate, Engine, Identification, Pending, QueryContext, SearchOptions, DAY_MS};
+use crate::audit::AuditEvent;
+use crate::compliance::{Decision, Mode};
+use crate::index::{Hit, SearchParams, SearchStrategy};
+use crate::{Error, Result};
+
+impl Engine {
+    /// 1:N for `probes` (row-major, `dim` values per probe) in one call: the
+    /// index searches them as a batch (the exact scan scores blocks of probes
+    /// per pass), and their audit records, one per probe in order, are queued
+    /// together. The answers are released by [`Pending::wait`] once every
+    /// record is durable. Any invalid probe fails the whole call before
+    /// anything is searched or recorded.
+    ///
+    /// ```
+    /// # use facematch::compliance::*;
+    /// # use facematch::config::GalleryConfig;
+    /// # use facematch::engine::{EngineBuilder, Enrolment, QueryContext, SearchOptions};
+    /// # use facematch::store::MasterKey;
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let door = Purpose::new("door-access").unwrap();
+    /// # let mut cfg = GalleryConfig::default();
+    /// # cfg.dim = 4;
+    /// # cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
+    /// # let engine = EngineBuilder::new(dir.path().join("g")).key(MasterKey::generate()).create(cfg).unwrap();
+    /// # let op = Operator::new("clerk-1").unwrap();
+    /// # let consent = ConsentRecord::new("form-1", "alice", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk-1", AgeBracket::Adult);
+    /// # engine.record_consent(&op, consent).unwrap();
+    /// # let alice = SubjectId::new("alice").unwrap();
+    /// # engine.enrol(&op, Enrolment::new(alice, "form-1", vec![door.clone()], vec![1.0, 0.0, 0.0, 0.0])).unwrap();
+    /// let ctx = QueryContext::new(op, door);
+    /// let probes = [0.9, 0.1, 0.0, 0.0, /* second probe */ 0.0, 0.0, 1.0, 0.0];
+    /// let answers = engine.identify_batch_deferred(&ctx, &probes, 5, SearchOptions::default()).unwrap().wait().unwrap();
+    /// assert!(answers[0].decision.is_match());
+    /// assert_eq!(answers[1].decision.kind(), "no_match");
+    /// ```
+    pub fn identify_batch_deferred(&self, ctx: &QueryContext, probes: &[f32], k: usize, opts: SearchOptions) -> Result<Pending<Vec<Identification>>> {
+        let dim = self.manifest.read().config.dim;
+        if dim == 0 || !probes.len().is_multiple_of(dim) {
+            return Err(Error::WrongDimension { expected: dim, got: probes.len() % dim.max(1) });
+        }
+        let n = probes.len() / dim;
+        self.identify_many_deferred(ctx, n, |i| &probes[i * dim..(i + 1) * dim], k, opts, true, |_| (1, 0))
+    }
+
+    /// [`Engine::identify_faces`] (every face of one image, each record
+    /// carrying the image's face counts) without waiting for the records:
+    /// see [`Pending`]. No probe at all gives an empty answer and no record.
+    pub fn identify_faces_deferred(&self, ctx: &QueryContext, probes: &[Vec<f32>], k: usize) -> Result<Pending<Vec<Identification>>> {
+        let found = probes.len() as u32;
+        // One search per face, exactly as `identify_faces` (a batch may take another path).
+        self.identify_many_deferred(ctx, probes.len(), |i| &probes[i], k, SearchOptions::default(), false, |out| {
+            let discarded = out.iter().filter(|r| matches!(r.decision, Decision::NoMatch { .. })).count() as u32;
+            (found, discarded)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn identify_many_deferred<'p>(
+        &self,
+        ctx: &QueryContext,
+        n: usize,
+        probe: impl Fn(usize) -> &'p [f32],
+        k: usize,
+        opts: SearchOptions,
+        batched: bool,
+        faces: impl Fn(&[Identification]) -> (u32, u32),
+    ) -> Result<Pending<Vec<Identification>>> {
+        let started = Instant::now();
+        let policy = self.query_policy(ctx, Mode::Identify)?;
+        let hits = self.search_candidates_batch(ctx, n, probe, k, opts, batched)?;
+        let mut out = Vec::with_capacity(n);
+        for candidates in hits {
+            let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
+            out.push(Identification { candidates, decision, threshold, audit_seq: 0 });
+        }
+        let counts = faces(&out);
+        let events: Vec<AuditEvent> = out
+            .iter()
+            .map(|r| self.query_event(ctx, Mode::Identify, r.threshold, k, &r.decision, r.candidates.first().map(|c| c.score), counts, started))
+            .collect();
+        let ticket = match self.audit.read().as_ref() {
+            Some(a) => a.submit_batch(events)?,
+            None => return Err(Error::Audit("the audit log is closed (key rotation failed?)".into())),
+        };
+        for (r, s) in out.iter_mut().zip(ticket.seqs()) {
+            r.audit_seq = s;
+        }
+        Ok(Pending { value: out, ticket })
+    }
+
+    /// [`Engine::search_candidates`] for `n` probes through [`crate::index::VectorIndex::search_batch`].
+    fn search_candidates_batch<'p>(&self, ctx: &QueryContext, n: usize, probe: impl Fn(usize) -> &'p [f32], k: usize, opts: SearchOptions, batched: bool) -> Result<Vec<Vec<Candidate>>> {
+        let (dim, bit, max_k, retention_ms) = {
+            let m = self.manifest.read();
+            let bit = m.config.purpose_bit(&ctx.purpose).ok_or_else(|| Error::PolicyViolation {
+                rule: "specific-purpose",
+                reason: format!("purpose {} is not declared by this gallery", ctx.purpose),
+            })?;
+            let retention_ms = m.config.purpose(&ctx.purpose).map_or(0, |p| p.retention_days as i64 * DAY_MS);
+            (m.config.dim, bit, m.config.max_k, retention_ms)
+        };
+        if k == 0 || k > max_k {
+            return Err(Error::config("k", format!("must be in 1..={max_k}, got {k}")));
+        }
+        let mut qs = Vec::with_capacity(n * dim);
+        for i in 0..n {
+            qs.extend_from_slice(&normalise(dim, probe(i))?);
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now_unix_ms();
+        let st = self.state.read();
+        if st.index.is_empty() {
+            return Ok(vec![Vec::new(); n]);
+        }
+        let live = st.index.len() as u64;
+        let for_purpose = st.per_purpose[bit as usize];
+        let slots = &st.slots;
+        let mask = 1u64 << bit;
+        let cutoff = now.saturating_sub(retention_ms);
+        let filter = move |slot: u32| slots.get(slot as usize).is_some_and(|s| s.mask & mask != 0 && s.enrolled_at_ms > cutoff);
+        let needs_filter = for_purpose < live || st.min_enrolled_ms <= cutoff;
+        let mut strategy = opts.strategy;
+        if needs_filter && strategy == SearchStrategy::Auto && (for_purpose as f64) < 0.3 * live as f64 {
+            strategy = SearchStrategy::Exact;
+        }
+        let params = SearchParams { k, ef: opts.ef, strategy, filter: if needs_filter { Some(&filter) } else { None } };
+        let hits: Vec<Vec<Hit>> = if batched && n > 1 {
+            st.index.search_batch(&qs, &params)?
+        } else {
+            qs.chunks_exact(dim).map(|q| st.index.search(q, &params)).collect::<Result<_>>()?
+        };
+        use zeroize::Zeroize;
+        qs.zeroize();
+        Ok(hits
+            .into_iter()
+            .map(|hs| {
+                hs.into_iter()
+                    .filter_map(|h| {
+                        let s = st.slots.get(h.slot as usize)?;
+                        Some(Candidate { subject: st.subject_ids[s.subject as usize].clone(), template: s.template, score: h.score })
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
