@@ -132,10 +132,24 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("facematch: {e:#}");
+            eprintln!("facematch: {}", error_text(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once (a facematch error
+/// already names its OS error, which is also its source).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let t = cause.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+    }
+    msg
 }
 
 #[cfg(test)]
@@ -146,3 +160,4 @@ mod tests {
         super::Cli::command().debug_assert();
     }
 }
+

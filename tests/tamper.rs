@@ -337,3 +337,51 @@ fn an_anchor_kept_elsewhere_detects_a_whole_directory_rollback() {
     gallery(&other, &key);
     assert!(with_anchor(&other).is_err());
 }
+
+/// The command line: `audit verify` is not fooled by a deleted audit directory, `audit anchor`
+/// and `--anchor` catch a whole-directory rollback, `--value -1` parses, messages are clear.
+#[test]
+fn the_command_line_checks_bindings_and_anchors() {
+    use std::process::Command;
+    let t = tempfile::tempdir().unwrap();
+    let fm = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_facematch")).args(args).env("FACEMATCH_OPERATOR", "cli-test").env_remove("FACEMATCH_KEY").output().unwrap();
+        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let key = t.path().join("key");
+    let g = t.path().join("g");
+    let (k, gs) = (key.to_str().unwrap(), g.to_str().unwrap());
+    assert_eq!(fm(&["keygen", "--out", k]).0, 0);
+    let (c, _, err) = fm(&["init", "-g", gs, "--key-file", k, "--dim", "8", "--model-id", "m", "--purpose", "door-access:30"]);
+    assert_eq!(c, 0, "{err}");
+    let (c, _, err) = fm(&["threshold", "-g", gs, "--key-file", k, "--purpose", "door-access", "--mode", "identify", "--value", "-0.5"]);
+    assert_eq!(c, 0, "{err}");
+    let (c, out, _) = fm(&["audit", "verify", "-g", gs, "--key-file", k]);
+    assert_eq!(c, 0, "{out}");
+    let anchor = t.path().join("anchor.json");
+    let backup = t.path().join("backup");
+    copy_dir(&g, &backup);
+    let (c, _, err) = fm(&["audit", "anchor", "-g", gs, "--key-file", k, "--out", anchor.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    // Rolled back as a whole: opens without the anchor, refused with it.
+    std::fs::remove_dir_all(&g).unwrap();
+    copy_dir(&backup, &g);
+    assert_eq!(fm(&["stats", "-g", gs, "--key-file", k]).0, 0);
+    let (c, _, err) = fm(&["stats", "-g", gs, "--key-file", k, "--anchor", anchor.to_str().unwrap()]);
+    assert_ne!(c, 0);
+    assert!(err.contains("rolled back"), "{err}");
+    let (c, _, err) = fm(&["audit", "verify", "-g", gs, "--key-file", k, "--anchor", anchor.to_str().unwrap()]);
+    assert_ne!(c, 0, "{err}");
+    // A deleted audit directory is a failure of `audit verify`, not a clean empty log.
+    std::fs::remove_dir_all(g.join("audit")).unwrap();
+    let (c, out, err) = fm(&["audit", "verify", "-g", gs, "--key-file", k]);
+    assert_ne!(c, 0, "{out}");
+    assert!(err.contains("deleted"), "{err}");
+    // A malformed key in the environment is named as such.
+    let o = Command::new(env!("CARGO_BIN_EXE_facematch")).args(["stats", "-g", gs]).env("FACEMATCH_KEY", "garbage").env("FACEMATCH_OPERATOR", "x").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("FACEMATCH_KEY is set but is not a key"), "{err}");
+    // An OS error is printed once.
+    let (_, _, err) = fm(&["stats", "-g", "/nonexistent/gallery", "--key-file", k]);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}

@@ -69,7 +69,7 @@ pub struct BadRecord {
 }
 
 /// Result of [`super::AuditLog::verify`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// Records verified (the next seq if the log is intact), counting retired ones.
     pub records: u64,

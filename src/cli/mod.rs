@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use facematch::audit::{AuditFilter, AuditKey, AuditLog};
+use facematch::audit::{AuditFilter, AuditLog};
 use facematch::compliance::*;
 use facematch::config::GalleryConfig;
 use facematch::engine::{Engine, EngineBuilder, Enrolment};
@@ -27,27 +27,52 @@ pub struct GalleryOpts {
     /// Operator identity recorded in the audit log (default: FACEMATCH_OPERATOR, then USER).
     #[arg(long)]
     pub operator: Option<String>,
+    /// Refuse the gallery if it is older than this anchor (`audit anchor`), kept off the machine.
+    #[arg(long, value_name = "FILE")]
+    pub anchor: Option<PathBuf>,
 }
 
 impl GalleryOpts {
     fn key(&self) -> anyhow::Result<MasterKey> {
         Ok(match &self.key_file {
             Some(p) => MasterKey::from_file(p)?,
-            None => MasterKey::from_env().with_context(|| format!("no --key-file and no {KEY_ENV}"))?,
+            None => match std::env::var_os(KEY_ENV) {
+                None => bail!("no key: pass --key-file or set {KEY_ENV} (64 hex digits)"),
+                Some(_) => MasterKey::from_env().with_context(|| format!("{KEY_ENV} is set but is not a key"))?,
+            },
         })
     }
     fn operator(&self) -> anyhow::Result<Operator> {
+        // Who acts is part of every audit record: never a made-up default.
         let name = self
             .operator
             .clone()
             .or_else(|| std::env::var("FACEMATCH_OPERATOR").ok())
             .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "cli".into());
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("no operator: pass --operator or set FACEMATCH_OPERATOR"))?;
         Ok(Operator::new(name)?)
     }
+    fn read_anchor(&self, key: &MasterKey) -> anyhow::Result<Option<facematch::engine::Anchor>> {
+        match &self.anchor {
+            None => Ok(None),
+            Some(p) => Ok(Some(facematch::engine::Anchor::from_json(&read_text(p, 64 * 1024)?, key)?)),
+        }
+    }
     fn open(&self) -> anyhow::Result<Engine> {
-        let e = EngineBuilder::new(&self.gallery).key(self.key()?).open().with_context(|| format!("opening gallery {}", self.gallery.display()))?;
+        let key = self.key()?;
+        let mut b = EngineBuilder::new(&self.gallery);
+        if let Some(a) = self.read_anchor(&key)? {
+            b = b.anchor(a);
+        }
+        let e = b.key(key).open().with_context(|| format!("opening gallery {}", self.gallery.display()))?;
         let r = e.open_report();
+        if let Some(v) = r.upgraded_from {
+            eprintln!("note: the gallery was upgraded from format {v} to format 2 (authenticated manifest bound to the template and audit logs); recorded in the audit log");
+        }
+        for d in &r.reconciled {
+            eprintln!("warning: reconciled on open (recorded in the audit log): {d}");
+        }
         if let Some(t) = &r.torn_log_tail {
             eprintln!(
                 "warning: {} bytes at the end of the template log (from byte {}) are the remains of a write a crash cut short; ignored, cut at the next write",
@@ -355,7 +380,8 @@ pub struct ThresholdArgs {
     /// verify | identify
     #[arg(long)]
     mode: String,
-    #[arg(long)]
+    /// The new threshold (negative values allowed: `--value -0.1`).
+    #[arg(long, allow_negative_numbers = true)]
     value: f32,
 }
 
@@ -396,12 +422,24 @@ pub struct RotateArgs {
 /// Audit subcommands.
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Check the whole chain; names the first bad record.
+    /// Check the whole chain and that it holds what the gallery's manifest (and --anchor) prove; names the first bad record.
     Verify(GalleryOnly),
+    /// Write a signed checkpoint of the gallery (id, generation, audit head) to keep off the machine; use it with --anchor.
+    Anchor(AnchorArgs),
     /// Print records (JSONL) matching the filters.
     Show(AuditQuery),
     /// Same as show (for piping into files).
     Export(AuditQuery),
+}
+
+/// `audit anchor`.
+#[derive(Args, Debug)]
+pub struct AnchorArgs {
+    #[command(flatten)]
+    g: GalleryOpts,
+    /// Write it to this file (mode 0600) instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// Audit filters.
@@ -674,10 +712,29 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
 fn run_audit(c: &AuditCommand) -> anyhow::Result<bool> {
     match c {
         AuditCommand::Verify(a) => {
-            let key = AuditKey::from_bytes(a.g.key()?.audit_key_bytes());
-            let r = AuditLog::verify(&a.g.gallery.join("audit"), &key)?;
+            let key = a.g.key()?;
+            let anchor = a.g.read_anchor(&key)?;
+            let r = facematch::engine::verify_audit(&a.g.gallery, &key, anchor.as_ref())?;
             json_line(&r)?;
+            for p in &r.problems {
+                eprintln!("audit: {p}");
+            }
             Ok(r.ok())
+        }
+        AuditCommand::Anchor(a) => {
+            let e = a.g.open()?;
+            let anchor = e.anchor(&a.g.operator()?)?;
+            e.close()?;
+            match &a.out {
+                Some(p) => {
+                    let mut f = facematch::fs::create_output(p)?;
+                    writeln!(f, "{}", anchor.to_json())?;
+                    f.sync_all()?;
+                    eprintln!("wrote the anchor to {}: keep it off this machine; check with --anchor", p.display());
+                }
+                None => println!("{}", anchor.to_json()),
+            }
+            Ok(true)
         }
         AuditCommand::Show(q) | AuditCommand::Export(q) => {
             let f = AuditFilter {

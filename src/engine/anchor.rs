@@ -113,3 +113,67 @@ impl Engine {
         Ok(())
     }
 }
+
+/// What `audit verify` found for a whole gallery: the audit chain itself, and
+/// whether it holds what the gallery's manifest (and an anchor, if given) prove.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditVerification {
+    /// The chain: every record, hash and MAC.
+    #[serde(flatten)]
+    pub chain: crate::audit::VerifyReport,
+    /// Records the manifest proves were written (format 2).
+    pub proven_records: Option<u64>,
+    /// Everything wrong beyond the chain (empty when all holds).
+    pub problems: Vec<String>,
+}
+
+impl AuditVerification {
+    /// The chain verifies and holds what the manifest and the anchor prove.
+    pub fn ok(&self) -> bool {
+        self.chain.ok() && self.problems.is_empty()
+    }
+}
+
+/// Verify a gallery's audit log as a whole, read-only: the chain
+/// ([`AuditLog::verify`]), and that it is at least as long as the
+/// authenticated manifest proves, with the hash the manifest names (a deleted,
+/// rolled-back or foreign audit log is a problem, not a clean empty log), and
+/// not older than `anchor`.
+pub fn verify_audit(dir: &Path, key: &MasterKey, anchor: Option<&Anchor>) -> Result<AuditVerification> {
+    let gdir = Dir::open(dir)?;
+    let manifest = store::recover::effective_manifest(&gdir)?;
+    store::check_key(&gdir, &manifest, key)?;
+    let authenticated = store::verify_manifest(&gdir, &manifest, key)?;
+    let adir = dir.join(store::AUDIT_DIR);
+    let chain = if adir.exists() {
+        AuditLog::verify(&adir, &AuditKey::from_bytes(key.audit_key_bytes()))?
+    } else {
+        crate::audit::VerifyReport::default()
+    };
+    let mut problems = Vec::new();
+    let check = |problems: &mut Vec<String>, what: &str, records: u64, hash: &str| -> Result<()> {
+        if chain.records < records {
+            problems.push(format!("the audit log holds {} records, {what} proves {records}: deleted, cut or rolled back", chain.records));
+        } else if records > 0 {
+            if let Some(h) = AuditLog::record_hash(&adir, records - 1)? {
+                if h != hash {
+                    problems.push(format!("record {} differs from the one {what} names: not this gallery's chain, or rewritten", records - 1));
+                }
+            }
+        }
+        Ok(())
+    };
+    let proven = manifest.bound.as_ref().filter(|_| authenticated).map(|b| b.audit_records);
+    if let (Some(b), true) = (&manifest.bound, authenticated) {
+        check(&mut problems, "the manifest", b.audit_records, &b.audit_hash)?;
+    }
+    if let Some(a) = anchor {
+        if manifest.gallery_id.as_deref() != Some(a.gallery_id.as_str()) {
+            problems.push("this is not the gallery the anchor names".into());
+        } else if manifest.generation < a.generation {
+            problems.push(format!("the gallery is at generation {}, older than the anchor's {}: rolled back", manifest.generation, a.generation));
+        }
+        check(&mut problems, "the anchor", a.audit_records, &a.audit_hash)?;
+    }
+    Ok(AuditVerification { chain, proven_records: proven, problems })
+}

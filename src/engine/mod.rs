@@ -69,7 +69,7 @@ mod query;
 mod state;
 mod types;
 
-pub use self::anchor::Anchor;
+pub use self::anchor::{verify_audit, Anchor, AuditVerification};
 pub use self::open::{core_dumps_allowed, forbid_core_dumps, EngineBuilder};
 pub use self::types::*;
 use self::open::{calibrate_index, CALIBRATION_PROBES, CALIBRATION_SEED, CALIBRATION_TARGET};
