@@ -42,7 +42,7 @@ q = np.load(f"{d}/queries.npy")
 np.save(f"{d}/q1.npy", q[:1])
 PY
         $NEW init -g "$W/g200k" --key-file "$W/key.hex" --dim 128 --model-id synthetic --purpose door-access:365 > /dev/null
-        $NEW import -g "$W/g200k" --key-file "$W/key.hex" --embeddings "$D/gallery.npy" --manifest "$D/manifest.txt" --purpose door-access > /dev/null
+        $NEW import -g "$W/g200k" --key-file "$W/key.hex" --embeddings "$D/gallery.npy" --manifest "$D/manifest.txt" --purpose door-access --consent-basis legal:bench-data > /dev/null
     fi
 }
 

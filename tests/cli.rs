@@ -30,7 +30,7 @@ fn import_search_withdraw_and_audit_from_the_command_line() {
     facematch::npy::write_f32_matrix(&npy, &set.gallery, 200, 32).unwrap();
     let manifest = d.path().join("subjects.txt");
     std::fs::write(&manifest, (0..200).map(|i| format!("person-{i}\n")).collect::<String>()).unwrap();
-    let (ok, out, err) = fm(&["import", "-g", g, "--embeddings", npy.to_str().unwrap(), "--manifest", manifest.to_str().unwrap(), "--purpose", "door-access"], &key);
+    let (ok, out, err) = fm(&["import", "-g", g, "--embeddings", npy.to_str().unwrap(), "--manifest", manifest.to_str().unwrap(), "--purpose", "door-access", "--consent-basis", "written"], &key);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["imported"], 200);
@@ -110,4 +110,47 @@ fn anonymise_writes_a_copy_with_no_detectable_face() {
     let r = run(&["anonymise".as_ref(), sample.as_os_str(), "--out".as_ref(), out.as_os_str(), "--mosaic".as_ref(), "40".as_ref()]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("cells"), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+/// Import states its consent basis, checks every row before writing (naming the bad line), and an
+/// import that is run again (after a crash or a failure) skips the rows already in.
+#[test]
+fn import_is_checked_first_and_resumable() {
+    let d = tempfile::tempdir().unwrap();
+    let key = d.path().join("key");
+    Command::new(env!("CARGO_BIN_EXE_facematch")).args(["keygen", "--out"]).arg(&key).output().unwrap();
+    let g = d.path().join("g");
+    let g = g.to_str().unwrap();
+    assert!(fm(&["init", "-g", g, "--dim", "8", "--model-id", "m", "--purpose", "door-access:30"], &key).0);
+    let rows: Vec<f32> = (0..40).map(|i| ((i * 37 % 11) as f32) - 5.0 + 0.5).collect();
+    let npy = d.path().join("e.npy");
+    facematch::npy::write_f32_matrix(&npy, &rows, 5, 8).unwrap();
+    let manifest = d.path().join("m.txt");
+    let args = |m: &str| -> Vec<String> {
+        ["import", "-g", g, "--embeddings", npy.to_str().unwrap(), "--manifest", m, "--purpose", "door-access"].iter().map(|s| s.to_string()).collect()
+    };
+    // No basis stated: refused by the command line.
+    std::fs::write(&manifest, "a\nb\nc\nd\ne\n").unwrap();
+    let a: Vec<String> = args(manifest.to_str().unwrap());
+    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let (ok, _, err) = fm(&a, &key);
+    assert!(!ok && err.contains("consent-basis"), "{err}");
+    // A bad id on line 4: named, and nothing written.
+    std::fs::write(&manifest, "a\nb\nc\n d\ne\n").unwrap();
+    let mut a2 = a.clone();
+    a2.extend(["--consent-basis", "written"]);
+    let (ok, _, err) = fm(&a2, &key);
+    assert!(!ok && err.contains("line 4"), "{err}");
+    let (_, out, _) = fm(&["stats", "-g", g], &key);
+    assert!(out.contains("\"templates\":0"), "{out}");
+    // Imported, then imported again: the second run skips every row.
+    std::fs::write(&manifest, "a\nb\nc\nd\ne\n").unwrap();
+    let (ok, out, err) = fm(&a2, &key);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"imported\":5"), "{out}");
+    let (ok, out, err) = fm(&a2, &key);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"imported\":0") && out.contains("\"skipped_already_imported\":5"), "{out}");
+    let (_, out, _) = fm(&["stats", "-g", g], &key);
+    assert!(out.contains("\"templates\":5"), "{out}");
 }

@@ -230,7 +230,7 @@ fn everything_is_private_under_umask_022() {
     let m = t.path().join("m.txt");
     std::fs::write(&m, "a\nb\n").unwrap();
     let o = fm_umask(&format!(
-        "import -g {g} --key-file {k} --embeddings {} --manifest {} --purpose door-access",
+        "import -g {g} --key-file {k} --embeddings {} --manifest {} --purpose door-access --consent-basis written",
         npy.display(),
         m.display()
     ));
@@ -297,11 +297,11 @@ fn fifos_and_devices_as_inputs_are_clear_errors_that_do_not_block() {
         ("zero key", vec!["stats".into(), "-g".into(), g.clone().into(), "--key-file".into(), "/dev/zero".into()]),
         (
             "fifo manifest",
-            vec!["import".into(), "-g".into(), g.clone().into(), "--key-file".into(), key.clone().into(), "--embeddings".into(), npy.clone().into(), "--manifest".into(), fifo.clone().into(), "--purpose".into(), "door-access".into()],
+            vec!["import".into(), "-g".into(), g.clone().into(), "--key-file".into(), key.clone().into(), "--embeddings".into(), npy.clone().into(), "--manifest".into(), fifo.clone().into(), "--purpose".into(), "door-access".into(), "--consent-basis".into(), "written".into()],
         ),
         (
             "zero manifest",
-            vec!["import".into(), "-g".into(), g.clone().into(), "--key-file".into(), key.clone().into(), "--embeddings".into(), npy.clone().into(), "--manifest".into(), "/dev/zero".into(), "--purpose".into(), "door-access".into()],
+            vec!["import".into(), "-g".into(), g.clone().into(), "--key-file".into(), key.clone().into(), "--embeddings".into(), npy.clone().into(), "--manifest".into(), "/dev/zero".into(), "--purpose".into(), "door-access".into(), "--consent-basis".into(), "written".into()],
         ),
         (
             "fifo embeddings",

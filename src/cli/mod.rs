@@ -251,8 +251,9 @@ pub struct ImportArgs {
     manifest: PathBuf,
     #[arg(long = "purpose", required = true)]
     purposes: Vec<String>,
-    /// Basis of the migrated consents: separate | written | legal:<named basis>.
-    #[arg(long, default_value = "legal:migrated-consent")]
+    /// Basis of the consents the rows rest on, stated by the operator (never invented):
+    /// separate | written | legal:<named basis>.
+    #[arg(long = "consent-basis", alias = "basis")]
     basis: String,
     /// Rows per durable batch.
     #[arg(long, default_value_t = 50_000)]
@@ -666,47 +667,84 @@ fn finish_erasure(e: Engine, op: &Operator, mut r: facematch::engine::ErasureRep
 }
 
 fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
-    let e = a.g.open()?;
-    let op = a.g.operator()?;
+    // Everything is checked before anything is written: a bad row names its line.
     let m = facematch::npy::read_f32_matrix(&a.embeddings)?;
-    let subjects: Vec<String> = read_text(&a.manifest, MAX_LIST_BYTES)?
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
+    let text = read_text(&a.manifest, MAX_LIST_BYTES)?;
+    let mut subjects: Vec<SubjectId> = Vec::with_capacity(m.rows);
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.trim() != line {
+            bail!("{} line {}: subject id {line:?} has leading or trailing whitespace (ids are taken exactly as written)", a.manifest.display(), i + 1);
+        }
+        let s = SubjectId::new(line).with_context(|| format!("{} line {}", a.manifest.display(), i + 1))?;
+        subjects.push(s);
+    }
     if subjects.len() != m.rows {
         bail!("manifest has {} subject ids, the .npy has {} rows", subjects.len(), m.rows);
     }
+    for i in 0..m.rows {
+        facematch::engine::normalise(m.cols, m.row(i)).with_context(|| format!("{} row {i}", a.embeddings.display()))?;
+    }
     let ps = purposes(&a.purposes)?;
     let basis = parse_basis(&a.basis)?;
+    let e = a.g.open()?;
+    let op = a.g.operator()?;
     let bar = indicatif::ProgressBar::new(m.rows as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     bar.set_message("import");
     let mut seen = std::collections::HashSet::new();
-    let mut imported = 0u64;
+    let (mut imported, mut skipped) = (0u64, 0u64);
     let batch = a.batch.max(1);
     for start in (0..m.rows).step_by(batch) {
         let end = (start + batch).min(m.rows);
         let mut reqs = Vec::with_capacity(end - start);
         let mut consents = Vec::new();
-        for (i, subject_name) in subjects.iter().enumerate().take(end).skip(start) {
-            let subject = SubjectId::new(subject_name.as_str())?;
-            let cid = format!("import-{subject}");
+        for (i, subject) in subjects.iter().enumerate().take(end).skip(start) {
+            // Rows an earlier, interrupted run stored already are recognised and skipped.
+            if e.enrolled_copy(subject, m.row(i))?.is_some() {
+                skipped += 1;
+                continue;
+            }
+            let cid = import_consent_id(subject);
             if seen.insert(subject.clone()) && !e.has_consent(&cid) {
                 consents.push(ConsentRecord::new(cid.clone(), subject.as_str(), basis.clone(), ps.clone(), op.as_str(), AgeBracket::Adult));
             }
-            reqs.push(Enrolment::new(subject, cid, ps.clone(), m.row(i).to_vec()));
+            reqs.push(Enrolment::new(subject.clone(), cid, ps.clone(), m.row(i).to_vec()));
         }
-        e.record_consents(&op, consents)?;
-        imported += e.enrol_batch(&op, reqs)?.len() as u64;
+        let done = (|| -> anyhow::Result<u64> {
+            e.record_consents(&op, consents)?;
+            Ok(e.enrol_batch(&op, reqs)?.len() as u64)
+        })();
+        match done {
+            Ok(n) => imported += n,
+            Err(err) => {
+                bar.finish_and_clear();
+                // Say exactly what is in: rows before this batch are committed, and a rerun skips them.
+                json_line(&serde_json::json!({"imported": imported, "skipped_already_imported": skipped, "failed_at_row": start, "error": format!("{err:#}")}))?;
+                return Err(err.context(format!("import stopped at row {start}: rows 0..{start} are imported (a rerun skips them)")));
+            }
+        }
         bar.set_position(end as u64);
     }
     bar.finish_and_clear();
     e.checkpoint()?;
-    json_line(&serde_json::json!({"imported": imported, "stats": e.stats()}))?;
+    json_line(&serde_json::json!({"imported": imported, "skipped_already_imported": skipped, "stats": e.stats()}))?;
     print_notices(&e);
     e.close()?;
     Ok(true)
+}
+
+/// The consent id of an imported subject: readable when it fits, hashed when the id is long.
+fn import_consent_id(subject: &SubjectId) -> String {
+    let id = format!("import-{subject}");
+    if id.len() <= 128 {
+        return id;
+    }
+    use sha2::Digest;
+    format!("import-h{}", hex::encode(&sha2::Sha256::digest(subject.as_str().as_bytes())[..16]))
 }
 
 fn run_audit(c: &AuditCommand) -> anyhow::Result<bool> {

@@ -283,6 +283,19 @@ impl Engine {
         self.state.read().metas.get(&template).cloned().ok_or(Error::UnknownTemplate(template))
     }
 
+    /// The live template of `subject` that holds exactly this embedding (after
+    /// normalisation), if any: lets a bulk import that was interrupted resume
+    /// without enrolling rows twice. It reveals nothing the caller does not hold.
+    pub fn enrolled_copy(&self, subject: &SubjectId, embedding: &[f32]) -> Result<Option<u64>> {
+        let dim = self.manifest.read().config.dim;
+        let v = normalise(dim, embedding)?;
+        let st = self.state.read();
+        let Some(live) = st.subject_idx.get(subject).and_then(|si| st.live_by_subject.get(si)) else { return Ok(None) };
+        Ok(live.iter().copied().find(|t| {
+            st.by_template.get(t).and_then(|&slot| st.index.vector(slot)).is_some_and(|x| x.iter().zip(&v).all(|(a, b)| (a - b).abs() <= 1e-6))
+        }))
+    }
+
     /// Live template ids of a subject.
     pub fn templates_of(&self, subject: &SubjectId) -> Vec<u64> {
         let st = self.state.read();
