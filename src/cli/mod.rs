@@ -576,7 +576,15 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
         GalleryCommand::Withdraw(a) => {
             let e = a.g.open()?;
             let op = a.g.operator()?;
-            let r = e.withdraw(&op, &SubjectId::new(a.subject.as_str())?)?;
+            let subject = SubjectId::new(a.subject.as_str())?;
+            let r = match e.withdraw(&op, &subject) {
+                // Withdrawn already (e.g. a rerun after a crash): say so and finish the compaction asked for.
+                Err(facematch::Error::UnknownSubject(_)) if !e.consents_of(&subject).is_empty() => {
+                    eprintln!("{subject} has withdrawn already: nothing left to erase");
+                    facematch::engine::ErasureReport { subjects: vec![subject.to_string()], ..Default::default() }
+                }
+                r => r?,
+            };
             finish_erasure(e, &op, r, a.compact)
         }
         GalleryCommand::Purge(a) => {
@@ -656,14 +664,27 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
 }
 
 /// Compact now if asked (and not already done), report, close.
+/// Report an erasure that is committed, then what became of the compaction
+/// and the close: the exit code is non-zero only with a report that says
+/// exactly what is done (the erasure holds either way).
 fn finish_erasure(e: Engine, op: &Operator, mut r: facematch::engine::ErasureReport, compact: bool) -> anyhow::Result<bool> {
+    let mut failed = None;
     if compact && !r.bytes_removed {
-        e.compact(op)?;
-        r.bytes_removed = true;
+        match e.compact(op) {
+            Ok(_) => r.bytes_removed = true,
+            Err(err) => failed = Some(format!("compaction failed (the erasure is committed; run `compact` again): {err}")),
+        }
     }
-    json_line(&r)?;
-    e.close()?;
-    Ok(true)
+    if let Err(err) = e.close() {
+        failed.get_or_insert(format!("closing failed after the erasure was committed: {err}"));
+    }
+    let mut v = serde_json::to_value(&r)?;
+    if let Some(f) = &failed {
+        v["error"] = serde_json::Value::String(f.clone());
+        eprintln!("facematch: {f}");
+    }
+    json_line(&v)?;
+    Ok(failed.is_none())
 }
 
 fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
