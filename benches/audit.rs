@@ -34,20 +34,8 @@ fn event(i: u64) -> AuditEvent {
 }
 
 fn open(dir: &std::path::Path, durability: Durability) -> AuditLog {
-    let cfg = AuditConfig {
-        site: "bench".into(),
-        device: "bench".into(),
-        durability,
-        ..Default::default()
-    };
-    AuditLog::open(
-        dir,
-        AuditKey::from_bytes([9; 32]),
-        cfg,
-        Arc::new(SystemClock),
-    )
-    .unwrap()
-    .0
+    let cfg = AuditConfig { site: "bench".into(), device: "bench".into(), durability, ..Default::default() };
+    AuditLog::open(dir, AuditKey::from_bytes([9; 32]), cfg, Arc::new(SystemClock)).unwrap().0
 }
 
 /// `iters` appends spread over `threads` threads; returns wall time.
@@ -85,9 +73,7 @@ fn bench_audit(c: &mut Criterion) {
     for (name, durability, threads) in cases {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(open(dir.path(), durability));
-        g.bench_function(name, |b| {
-            b.iter_custom(|iters| run_threads(&log, threads, iters))
-        });
+        g.bench_function(name, |b| b.iter_custom(|iters| run_threads(&log, threads, iters)));
         drop(log);
     }
     g.finish();
@@ -97,17 +83,14 @@ fn bench_audit(c: &mut Criterion) {
     {
         let log = open(dir.path(), Durability::Off);
         for chunk in 0..100u64 {
-            log.append_batch((0..100).map(|i| event(chunk * 100 + i)).collect())
-                .unwrap();
+            log.append_batch((0..100).map(|i| event(chunk * 100 + i)).collect()).unwrap();
         }
     }
     let key = AuditKey::from_bytes([9; 32]);
     let mut g = c.benchmark_group("audit_verify");
     g.throughput(Throughput::Elements(10_000));
     g.sample_size(10);
-    g.bench_function("verify_10k_records", |b| {
-        b.iter(|| assert!(AuditLog::verify(dir.path(), &key).unwrap().ok()))
-    });
+    g.bench_function("verify_10k_records", |b| b.iter(|| assert!(AuditLog::verify(dir.path(), &key).unwrap().ok())));
     g.finish();
 
     // Opening a log of 100,000 records in segments of OPEN_BENCH_SEGMENT
@@ -123,16 +106,9 @@ fn bench_audit(c: &mut Criterion) {
         ..Default::default()
     };
     {
-        let (log, _) = AuditLog::open(
-            dir.path(),
-            key.clone(),
-            open_cfg.clone(),
-            Arc::new(SystemClock),
-        )
-        .unwrap();
+        let (log, _) = AuditLog::open(dir.path(), key.clone(), open_cfg.clone(), Arc::new(SystemClock)).unwrap();
         for chunk in 0..1000u64 {
-            log.append_batch((0..100).map(|i| event(chunk * 100 + i)).collect())
-                .unwrap();
+            log.append_batch((0..100).map(|i| event(chunk * 100 + i)).collect()).unwrap();
         }
         log.close().unwrap();
     }
@@ -143,13 +119,7 @@ fn bench_audit(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let (log, rep) = AuditLog::open(
-                    dir.path(),
-                    key.clone(),
-                    open_cfg.clone(),
-                    Arc::new(SystemClock),
-                )
-                .unwrap();
+                let (log, rep) = AuditLog::open(dir.path(), key.clone(), open_cfg.clone(), Arc::new(SystemClock)).unwrap();
                 total += start.elapsed();
                 assert_eq!(rep.records, 100_000);
                 drop(log);

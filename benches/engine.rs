@@ -44,13 +44,27 @@ fn gallery(dir: &std::path::Path, key: &MasterKey, durability: Durability) -> (E
     let e = EngineBuilder::new(dir).key(key.clone()).create(cfg).unwrap();
     let op = Operator::new("bench").unwrap();
     let consents = (0..N)
-        .map(|i| ConsentRecord::new(format!("c{i}"), &format!("s{i}"), ConsentBasis::SeparateConsent, vec![door.clone()], "bench", AgeBracket::Adult))
+        .map(|i| {
+            ConsentRecord::new(
+                format!("c{i}"),
+                &format!("s{i}"),
+                ConsentBasis::SeparateConsent,
+                vec![door.clone()],
+                "bench",
+                AgeBracket::Adult,
+            )
+        })
         .collect();
     e.record_consents(&op, consents).unwrap();
     let mut batch = Vec::new();
     for i in 0..N {
         let s = format!("s{i}");
-        batch.push(Enrolment::new(SubjectId::new(s).unwrap(), format!("c{i}"), vec![door.clone()], set.gallery[i * 128..(i + 1) * 128].to_vec()));
+        batch.push(Enrolment::new(
+            SubjectId::new(s).unwrap(),
+            format!("c{i}"),
+            vec![door.clone()],
+            set.gallery[i * 128..(i + 1) * 128].to_vec(),
+        ));
         if batch.len() == 5000 {
             e.enrol_batch(&op, std::mem::take(&mut batch)).unwrap();
         }

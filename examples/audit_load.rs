@@ -30,7 +30,13 @@ use facematch::store::MasterKey;
 use facematch::synth::{generate, SynthConfig};
 
 /// One engine with the synthetic gallery enrolled, audited as `durability` says.
-fn engine(set: &facematch::synth::SynthSet, n: usize, durability: Durability, linger: Option<u64>, prealloc: Option<u64>) -> Result<(tempfile::TempDir, Engine), Box<dyn std::error::Error>> {
+fn engine(
+    set: &facematch::synth::SynthSet,
+    n: usize,
+    durability: Durability,
+    linger: Option<u64>,
+    prealloc: Option<u64>,
+) -> Result<(tempfile::TempDir, Engine), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let door = Purpose::new("door-access")?;
     let mut cfg = GalleryConfig::default();
@@ -48,11 +54,27 @@ fn engine(set: &facematch::synth::SynthSet, n: usize, durability: Durability, li
     let e = EngineBuilder::new(dir.path()).key(MasterKey::generate()).create(cfg)?;
     let op = Operator::new("load")?;
     let consents = (0..n)
-        .map(|i| ConsentRecord::new(format!("c{i}"), &format!("s{i}"), ConsentBasis::SeparateConsent, vec![door.clone()], "load", AgeBracket::Adult))
+        .map(|i| {
+            ConsentRecord::new(
+                format!("c{i}"),
+                &format!("s{i}"),
+                ConsentBasis::SeparateConsent,
+                vec![door.clone()],
+                "load",
+                AgeBracket::Adult,
+            )
+        })
         .collect();
     e.record_consents(&op, consents)?;
     let enrol: Vec<Enrolment> = (0..n)
-        .map(|i| Enrolment::new(SubjectId::new(format!("s{i}")).unwrap(), format!("c{i}"), vec![door.clone()], set.gallery[i * 128..(i + 1) * 128].to_vec()))
+        .map(|i| {
+            Enrolment::new(
+                SubjectId::new(format!("s{i}")).unwrap(),
+                format!("c{i}"),
+                vec![door.clone()],
+                set.gallery[i * 128..(i + 1) * 128].to_vec(),
+            )
+        })
         .collect();
     e.enrol_batch(&op, enrol)?;
     e.checkpoint()?;
@@ -117,7 +139,11 @@ fn run(e: &Engine, queries: &[f32], threads: usize, window: usize, dur: Duration
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -126,7 +152,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut engines, mut control) = (3usize, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |name: &str| -> Result<u64, Box<dyn std::error::Error>> { Ok(args.next().ok_or(format!("{name} needs a value"))?.parse()?) };
+        let mut num =
+            |name: &str| -> Result<u64, Box<dyn std::error::Error>> { Ok(args.next().ok_or(format!("{name} needs a value"))?.parse()?) };
         match a.as_str() {
             "--off" => off = true,
             "--blocking" => window = 1,

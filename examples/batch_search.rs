@@ -35,7 +35,12 @@ fn main() -> anyhow::Result<()> {
     let ctx = QueryContext::new(Operator::new("bench")?, Purpose::new(args[1].as_str())?);
     let q = facematch::npy::read_f32_matrix(&args[2])?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    let report = |what: &str, secs: f64| println!("{}", serde_json::json!({"measure": what, "queries": q.rows, "threads": threads, "secs": secs, "qps": q.rows as f64 / secs}));
+    let report = |what: &str, secs: f64| {
+        println!(
+            "{}",
+            serde_json::json!({"measure": what, "queries": q.rows, "threads": threads, "secs": secs, "qps": q.rows as f64 / secs})
+        )
+    };
     pool.install(|| -> anyhow::Result<()> {
         let batched = || -> anyhow::Result<f64> {
             let t = Instant::now();

@@ -34,11 +34,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
     let e = EngineBuilder::new(tmp.path().join("g")).key(MasterKey::generate()).create(cfg)?;
     let op = Operator::new("bench")?;
-    let set = facematch::synth::generate(&facematch::synth::SynthConfig { dim: 128, identities: single + batches * size, queries: 1, ..Default::default() })?;
+    let set = facematch::synth::generate(&facematch::synth::SynthConfig {
+        dim: 128,
+        identities: single + batches * size,
+        queries: 1,
+        ..Default::default()
+    })?;
     let row = |i: usize| set.gallery[i * 128..(i + 1) * 128].to_vec();
     let mut consents = Vec::new();
     for i in 0..single + batches * size {
-        consents.push(ConsentRecord::new(format!("c{i}"), format!("p{i}").as_str(), ConsentBasis::SeparateConsent, vec![door.clone()], "bench", AgeBracket::Adult));
+        consents.push(ConsentRecord::new(
+            format!("c{i}"),
+            format!("p{i}").as_str(),
+            ConsentBasis::SeparateConsent,
+            vec![door.clone()],
+            "bench",
+            AgeBracket::Adult,
+        ));
     }
     for c in consents.chunks(10_000) {
         e.record_consents(&op, c.to_vec())?;

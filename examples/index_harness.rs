@@ -35,10 +35,7 @@ use backends::AnnBackend;
 use metrics::{accuracy, rss_bytes, Accuracy};
 
 fn parse_list(s: &str) -> std::result::Result<Vec<usize>, String> {
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}")))
-        .collect()
+    s.split(',').filter(|x| !x.trim().is_empty()).map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect()
 }
 
 /// Command-line arguments.
@@ -166,16 +163,10 @@ struct Report<'a> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.threads.is_empty()
-        || args.threads.contains(&0)
-        || args.k == 0
-        || args.build_threads == 0
-    {
+    if args.threads.is_empty() || args.threads.contains(&0) || args.k == 0 || args.build_threads == 0 {
         bail!("--threads, --k and --build-threads must be positive");
     }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.build_threads)
-        .build_global()?;
+    rayon::ThreadPoolBuilder::new().num_threads(args.build_threads).build_global()?;
 
     let kind = match args.data.as_str() {
         "structured" => SynthKind::Structured,
@@ -219,14 +210,7 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let exact = backends::exact_batch(&set.gallery, set.dim, &set.queries, args.k);
     let ground_truth_s = t.elapsed().as_secs_f64();
-    let exact_ref = accuracy(
-        &exact,
-        &exact,
-        &set.gallery_identity,
-        &set.query_identity,
-        args.k,
-        args.threshold,
-    );
+    let exact_ref = accuracy(&exact, &exact, &set.gallery_identity, &set.query_identity, args.k, args.threshold);
     eprintln!(
         "[harness] exact ground truth in {ground_truth_s:.1}s: mate@1 {:.4}, FPIR {:.3}, FNIR {:.3} at T={}",
         exact_ref.mate_at_1, exact_ref.fpir, exact_ref.fnir, args.threshold
@@ -234,33 +218,15 @@ fn main() -> Result<()> {
 
     // The threshold an operator would need on this gallery for FPIR <= 1%, and its cost.
     let t1 = metrics::threshold_for_fpir(&exact, &set.query_identity, 0.01);
-    let fnir_at_t1 = t1.map(|t| {
-        accuracy(
-            &exact,
-            &exact,
-            &set.gallery_identity,
-            &set.query_identity,
-            args.k,
-            t,
-        )
-        .fnir
-    });
+    let fnir_at_t1 = t1.map(|t| accuracy(&exact, &exact, &set.gallery_identity, &set.query_identity, args.k, t).fnir);
     if let (Some(t), Some(f)) = (t1, fnir_at_t1) {
         eprintln!("[harness] exact: threshold for FPIR <= 1% is {t:.3} (FNIR there {f:.3})");
     }
 
     let mut rows = Vec::new();
-    for name in args
-        .backends
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
+    for name in args.backends.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if name == "peers" {
-            let python = args
-                .python
-                .clone()
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+            let python = args.python.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
             match peers::run(&python, &dir, &args) {
                 Ok(peer_rows) => {
                     for pr in peer_rows {
@@ -278,11 +244,7 @@ fn main() -> Result<()> {
         rows.extend(run_backend(backend.as_mut(), &set, &exact, &args)?);
     }
 
-    let target = if exact_ref.mate_at_1 >= args.target {
-        args.target
-    } else {
-        exact_ref.mate_at_1 - 0.005
-    };
+    let target = if exact_ref.mate_at_1 >= args.target { args.target } else { exact_ref.mate_at_1 - 0.005 };
     let summary = summarise(&rows, target, &args.threads);
     print_tables(&rows, &summary, &args, target, &exact_ref, &set);
 
@@ -301,8 +263,7 @@ fn main() -> Result<()> {
             summary,
             machine: machine(),
         };
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("[harness] wrote {}", out.display());
     }
     Ok(())
@@ -311,16 +272,9 @@ fn main() -> Result<()> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_default();
-    format!(
-        "{cpu}; {} logical CPUs",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    )
+    format!("{cpu}; {} logical CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()))
 }
 
 /// Reuse the .npy files in `dir` when they were written for the same configuration.
@@ -334,57 +288,25 @@ fn load_or_generate(cfg: &SynthConfig, dir: &Path) -> Result<(SynthSet, SynthSta
                 let q = npy::read_f32_matrix(dir.join("queries.npy"))?;
                 let gallery_identity = npy::read_u32_vec(dir.join("gallery_identity.npy"))?;
                 let qi = npy::read_i64_vec(dir.join("query_identity.npy"))?;
-                if g.cols != cfg.dim
-                    || q.cols != cfg.dim
-                    || gallery_identity.len() != g.rows
-                    || qi.len() != q.rows
-                {
-                    bail!(
-                        "data in {} does not match its synth.json; delete the directory",
-                        dir.display()
-                    );
+                if g.cols != cfg.dim || q.cols != cfg.dim || gallery_identity.len() != g.rows || qi.len() != q.rows {
+                    bail!("data in {} does not match its synth.json; delete the directory", dir.display());
                 }
                 let query_identity = qi.iter().map(|&x| u32::try_from(x).ok()).collect();
-                let set = SynthSet {
-                    dim: cfg.dim,
-                    gallery: g.data,
-                    gallery_identity,
-                    queries: q.data,
-                    query_identity,
-                };
+                let set = SynthSet { dim: cfg.dim, gallery: g.data, gallery_identity, queries: q.data, query_identity };
                 return Ok((set, stats));
             }
         }
     }
     let t = Instant::now();
     let set = synth::generate(cfg)?;
-    eprintln!(
-        "[harness] generated {} x {} in {:.2}s",
-        set.gallery_rows(),
-        set.dim,
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("[harness] generated {} x {} in {:.2}s", set.gallery_rows(), set.dim, t.elapsed().as_secs_f64());
     let stats = synth::measure(&set, 100_000, cfg.seed ^ 0x5eed);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let _ = std::fs::remove_file(&meta_path);
-    npy::write_f32_matrix(
-        dir.join("gallery.npy"),
-        &set.gallery,
-        set.gallery_rows(),
-        set.dim,
-    )?;
+    npy::write_f32_matrix(dir.join("gallery.npy"), &set.gallery, set.gallery_rows(), set.dim)?;
     npy::write_u32_vec(dir.join("gallery_identity.npy"), &set.gallery_identity)?;
-    npy::write_f32_matrix(
-        dir.join("queries.npy"),
-        &set.queries,
-        set.query_rows(),
-        set.dim,
-    )?;
-    let qi: Vec<i64> = set
-        .query_identity
-        .iter()
-        .map(|q| q.map_or(-1, i64::from))
-        .collect();
+    npy::write_f32_matrix(dir.join("queries.npy"), &set.queries, set.query_rows(), set.dim)?;
+    let qi: Vec<i64> = set.query_identity.iter().map(|q| q.map_or(-1, i64::from)).collect();
     npy::write_i64_vec(dir.join("query_identity.npy"), &qi)?;
     std::fs::write(&meta_path, serde_json::to_string_pretty(&(cfg, &stats))?)?;
     Ok((set, stats))
@@ -399,17 +321,10 @@ fn timed_search(
     threads: usize,
     min_secs: f64,
 ) -> Result<(Vec<backends::Hits>, f64)> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let nq = set.query_rows();
     let pass = || -> Result<Vec<Vec<(u32, f32)>>> {
-        pool.install(|| {
-            (0..nq)
-                .into_par_iter()
-                .map(|q| backend.search(set.query_row(q), k, ef))
-                .collect()
-        })
+        pool.install(|| (0..nq).into_par_iter().map(|q| backend.search(set.query_row(q), k, ef)).collect())
     };
     let t = Instant::now();
     let first = pass()?;
@@ -421,42 +336,19 @@ fn timed_search(
     Ok((first, (passes * nq) as f64 / t.elapsed().as_secs_f64()))
 }
 
-fn run_backend(
-    backend: &mut dyn AnnBackend,
-    set: &SynthSet,
-    exact: &[Vec<(u32, f32)>],
-    args: &Args,
-) -> Result<Vec<Row>> {
+fn run_backend(backend: &mut dyn AnnBackend, set: &SynthSet, exact: &[Vec<(u32, f32)>], args: &Args) -> Result<Vec<Row>> {
     let rss0 = rss_bytes() as i64;
     let t = Instant::now();
-    backend
-        .build(&set.gallery, set.dim)
-        .with_context(|| format!("building {}", backend.name()))?;
+    backend.build(&set.gallery, set.dim).with_context(|| format!("building {}", backend.name()))?;
     let build_s = t.elapsed().as_secs_f64();
     let rss_delta = rss_bytes() as i64 - rss0;
     let name = backend.name();
-    eprintln!(
-        "[harness] {name} built in {build_s:.1}s, rss +{:.0} MB",
-        rss_delta as f64 / 1e6
-    );
+    eprintln!("[harness] {name} built in {build_s:.1}s, rss +{:.0} MB", rss_delta as f64 / 1e6);
     let index_bytes = backend.memory_bytes().map(|b| b as u64);
-    let acc = |res: &[Vec<(u32, f32)>]| {
-        accuracy(
-            res,
-            exact,
-            &set.gallery_identity,
-            &set.query_identity,
-            args.k,
-            args.threshold,
-        )
-    };
+    let acc = |res: &[Vec<(u32, f32)>]| accuracy(res, exact, &set.gallery_identity, &set.query_identity, args.k, args.threshold);
 
     let mut rows = Vec::new();
-    let efs: Vec<Option<usize>> = if backend.uses_ef() {
-        args.ef.iter().map(|&e| Some(e)).collect()
-    } else {
-        vec![None]
-    };
+    let efs: Vec<Option<usize>> = if backend.uses_ef() { args.ef.iter().map(|&e| Some(e)).collect() } else { vec![None] };
     for ef in efs {
         let mut qps = Vec::new();
         let mut first = None;
@@ -529,17 +421,11 @@ fn summarise(rows: &[Row], target: f64, threads: &[usize]) -> Vec<Summary> {
         }
     }
     let pick = |b: &str, m: &str| -> Option<(&Row, bool)> {
-        let mut cands: Vec<&Row> = rows
-            .iter()
-            .filter(|r| r.backend == b && r.mode == m)
-            .collect();
+        let mut cands: Vec<&Row> = rows.iter().filter(|r| r.backend == b && r.mode == m).collect();
         cands.sort_by_key(|r| r.ef.unwrap_or(0));
         match cands.iter().find(|r| r.accuracy.mate_at_1 >= target) {
             Some(r) => Some((*r, true)),
-            None => cands
-                .iter()
-                .max_by(|a, b| a.accuracy.mate_at_1.total_cmp(&b.accuracy.mate_at_1))
-                .map(|r| (*r, false)),
+            None => cands.iter().max_by(|a, b| a.accuracy.mate_at_1.total_cmp(&b.accuracy.mate_at_1)).map(|r| (*r, false)),
         }
     };
     let picked: Vec<(&Row, bool)> = keys.iter().filter_map(|(b, m)| pick(b, m)).collect();
@@ -548,12 +434,7 @@ fn summarise(rows: &[Row], target: f64, threads: &[usize]) -> Vec<Summary> {
         picked
             .iter()
             .filter(|(r, ok)| r.peer && *ok && r.mode == mode)
-            .filter_map(|(r, _)| {
-                r.qps
-                    .iter()
-                    .find(|(t, _)| *t == th)
-                    .map(|(_, q)| (r.backend.clone(), *q))
-            })
+            .filter_map(|(r, _)| r.qps.iter().find(|(t, _)| *t == th).map(|(_, q)| (r.backend.clone(), *q)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
     };
     picked
@@ -585,19 +466,8 @@ fn mb(b: Option<i64>) -> String {
     b.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6))
 }
 
-fn print_tables(
-    rows: &[Row],
-    summary: &[Summary],
-    args: &Args,
-    target: f64,
-    exact: &Accuracy,
-    set: &SynthSet,
-) {
-    let th_head: String = args
-        .threads
-        .iter()
-        .map(|t| format!(" QPS {t}t |"))
-        .collect();
+fn print_tables(rows: &[Row], summary: &[Summary], args: &Args, target: f64, exact: &Accuracy, set: &SynthSet) {
+    let th_head: String = args.threads.iter().map(|t| format!(" QPS {t}t |")).collect();
     let th_sep: String = args.threads.iter().map(|_| "---|").collect();
     println!(
         "\n### {} {} x {}, {} queries ({} unenrolled), M={} efC={} k={} T={}\n",
@@ -614,16 +484,8 @@ fn print_tables(
     println!("| backend | mode | ef | build s | RSS +MB | index MB | mate@1 | recall@{} | FPIR | FNIR |{th_head}", args.k);
     println!("|---|---|---|---|---|---|---|---|---|---|{th_sep}");
     for r in rows {
-        let q: String = args
-            .threads
-            .iter()
-            .map(|t| {
-                r.qps
-                    .iter()
-                    .find(|(x, _)| x == t)
-                    .map_or(" - |".into(), |(_, q)| format!(" {q:.0} |"))
-            })
-            .collect();
+        let q: String =
+            args.threads.iter().map(|t| r.qps.iter().find(|(x, _)| x == t).map_or(" - |".into(), |(_, q)| format!(" {q:.0} |"))).collect();
         println!(
             "| {} | {} | {} | {:.2} | {} | {} | {:.4} | {:.4} | {:.3} | {:.3} |{q}",
             r.backend,
@@ -649,24 +511,12 @@ fn print_tables(
         exact.mates_rejected.1,
         target
     );
-    let ratio_head: String = args
-        .threads
-        .iter()
-        .map(|t| format!(" vs best peer {t}t |"))
-        .collect();
+    let ratio_head: String = args.threads.iter().map(|t| format!(" vs best peer {t}t |")).collect();
     println!("| backend | mode | ef | mate@1 | build s | RSS +MB |{th_head}{ratio_head}");
     println!("|---|---|---|---|---|---|{th_sep}{th_sep}");
     for s in summary {
-        let q: String = args
-            .threads
-            .iter()
-            .map(|t| {
-                s.qps
-                    .iter()
-                    .find(|(x, _)| x == t)
-                    .map_or(" - |".into(), |(_, q)| format!(" {q:.0} |"))
-            })
-            .collect();
+        let q: String =
+            args.threads.iter().map(|t| s.qps.iter().find(|(x, _)| x == t).map_or(" - |".into(), |(_, q)| format!(" {q:.0} |"))).collect();
         let ratios: String = s
             .qps_vs_best_peer
             .iter()
@@ -680,14 +530,6 @@ fn print_tables(
             (true, None) => "exact".into(),
             (false, _) => "not reached".into(),
         };
-        println!(
-            "| {} | {} | {} | {:.4} | {:.1} | {} |{q}{ratios}",
-            s.backend,
-            s.mode,
-            ef,
-            s.mate_at_1,
-            s.build_s,
-            mb(s.rss_delta_bytes)
-        );
+        println!("| {} | {} | {} | {:.4} | {:.1} | {} |{q}{ratios}", s.backend, s.mode, ef, s.mate_at_1, s.build_s, mb(s.rss_delta_bytes));
     }
 }

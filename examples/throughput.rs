@@ -23,9 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut images: Vec<PathBuf> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |name: &str| -> Result<usize, Box<dyn std::error::Error>> {
-            Ok(args.next().ok_or(format!("{name} needs a value"))?.parse()?)
-        };
+        let mut num =
+            |name: &str| -> Result<usize, Box<dyn std::error::Error>> { Ok(args.next().ok_or(format!("{name} needs a value"))?.parse()?) };
         match a.as_str() {
             "--intra" => intra = num("--intra")?,
             "--threads" => threads = num("--threads")?,
@@ -38,8 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if images.is_empty() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/samples");
-        let mut found: Vec<PathBuf> =
-            std::fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "jpg")).collect();
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+            .collect();
         found.sort();
         images = found;
     }

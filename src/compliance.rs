@@ -44,10 +44,7 @@ impl Purpose {
     /// Validate and wrap a purpose name.
     pub fn new(name: impl Into<String>) -> Result<Self> {
         let name = name.into();
-        if name.is_empty()
-            || name.len() > 64
-            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err(Error::PolicyViolation {
                 rule: "specific-purpose",
                 reason: format!("{name:?} is not a valid purpose name (lowercase letters, digits, '-', 1-64 bytes)"),
@@ -242,14 +239,7 @@ fn one() -> u32 {
 impl PurposePolicy {
     /// A policy with SFace-calibrated defaults (verify 0.363, identify 0.50) and the given retention.
     pub fn new(name: Purpose, retention_days: u32) -> Self {
-        PurposePolicy {
-            name,
-            retention_days,
-            verify_threshold: 0.363,
-            identify_threshold: 0.50,
-            assist_only: false,
-            threshold_version: 1,
-        }
+        PurposePolicy { name, retention_days, verify_threshold: 0.363, identify_threshold: 0.50, assist_only: false, threshold_version: 1 }
     }
     /// Check ranges.
     pub fn validate(&self) -> Result<()> {

@@ -241,15 +241,13 @@ impl Dir {
 
     /// Create a new regular file (mode 0600); fails if anything has the name.
     pub(crate) fn create_new(&self, name: &str) -> Result<File> {
-        let f = self
-            .openat(name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, FILE_MODE)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => unsafe_path(
-                    self.join(name),
-                    "already exists (a leftover facematch could not prove its own); move it away or run `facematch repair`",
-                ),
-                _ => self.refuse(name, e),
-            })?;
+        let f = self.openat(name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, FILE_MODE).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => unsafe_path(
+                self.join(name),
+                "already exists (a leftover facematch could not prove its own); move it away or run `facematch repair`",
+            ),
+            _ => self.refuse(name, e),
+        })?;
         // SAFETY: fchmod on the descriptor just created (the umask may have narrowed it further; make it exact).
         cvt(unsafe { libc::fchmod(f.as_raw_fd(), FILE_MODE as libc::mode_t) }).map_err(|e| Error::io(self.join(name), e))?;
         Ok(f)
@@ -295,9 +293,7 @@ impl Dir {
     fn remove_stale(&self, name: &str) -> Result<()> {
         match self.stat(name)? {
             None => Ok(()),
-            Some(e) if e.kind == Kind::Dir => {
-                Err(unsafe_path(self.join(name), "is a directory where facematch writes a temporary file"))
-            }
+            Some(e) if e.kind == Kind::Dir => Err(unsafe_path(self.join(name), "is a directory where facematch writes a temporary file")),
             Some(_) => self.remove_file(name),
         }
     }
@@ -312,8 +308,7 @@ impl Dir {
         let (a, b) = (cstr(OsStr::new(from)), cstr(OsStr::new(to)));
         let (a, b) = (a.map_err(|e| Error::io(self.join(from), e))?, b.map_err(|e| Error::io(to_dir.join(to), e))?);
         // SAFETY: both names are NUL-terminated; both fds are live directories.
-        cvt(unsafe { libc::renameat(self.raw(), a.as_ptr(), to_dir.raw(), b.as_ptr()) })
-            .map_err(|e| Error::io(self.join(from), e))?;
+        cvt(unsafe { libc::renameat(self.raw(), a.as_ptr(), to_dir.raw(), b.as_ptr()) }).map_err(|e| Error::io(self.join(from), e))?;
         Ok(())
     }
 
@@ -350,9 +345,7 @@ impl Dir {
     pub(crate) fn subdir(&self, name: &str) -> Result<Option<Dir>> {
         let c = cstr(OsStr::new(name)).map_err(|e| Error::io(self.join(name), e))?;
         // SAFETY: c is NUL-terminated; the fd is owned below.
-        let fd = unsafe {
-            libc::openat(self.raw(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        };
+        let fd = unsafe { libc::openat(self.raw(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
         match cvt(fd) {
             // SAFETY: fd was just returned by openat.
             Ok(fd) => Ok(Some(Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) }, path: self.join(name) })),

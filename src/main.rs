@@ -160,4 +160,3 @@ mod tests {
         super::Cli::command().debug_assert();
     }
 }
-

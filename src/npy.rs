@@ -135,16 +135,10 @@ impl NpyHeader {
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> Error {
-    Error::DataCorruption {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    Error::DataCorruption { path: path.to_path_buf(), reason: reason.into() }
 }
 fn incompatible(path: &Path, reason: impl Into<String>) -> Error {
-    Error::BadInputFile {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    Error::BadInputFile { path: path.to_path_buf(), reason: reason.into() }
 }
 
 /// Parse the header at the start of `bytes` (at least the whole header) for a file of
@@ -164,59 +158,30 @@ pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<NpyHeade
             if bytes.len() < 12 {
                 return Err(corrupt(path, "truncated .npy header"));
             }
-            (
-                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-                12usize,
-            )
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12usize)
         }
-        _ => {
-            return Err(incompatible(
-                path,
-                format!("unsupported .npy format version {major}.{minor}"),
-            ))
-        }
+        _ => return Err(incompatible(path, format!("unsupported .npy format version {major}.{minor}"))),
     };
     if header_len > MAX_HEADER_LEN {
-        return Err(corrupt(
-            path,
-            format!("header length {header_len} is implausible"),
-        ));
+        return Err(corrupt(path, format!("header length {header_len} is implausible")));
     }
     let end = start + header_len;
     if bytes.len() < end || (file_len as u128) < end as u128 {
         return Err(corrupt(path, "truncated .npy header"));
     }
-    let text = std::str::from_utf8(&bytes[start..end])
-        .map_err(|_| corrupt(path, "header is not valid text"))?;
-    let dict =
-        parse_dict(text).map_err(|e| corrupt(path, format!("malformed header {text:?}: {e}")))?;
+    let text = std::str::from_utf8(&bytes[start..end]).map_err(|_| corrupt(path, "header is not valid text"))?;
+    let dict = parse_dict(text).map_err(|e| corrupt(path, format!("malformed header {text:?}: {e}")))?;
 
-    let descr = dict
-        .descr
-        .ok_or_else(|| corrupt(path, "header has no 'descr'"))?;
-    let fortran = dict
-        .fortran_order
-        .ok_or_else(|| corrupt(path, "header has no 'fortran_order'"))?;
-    let shape = dict
-        .shape
-        .ok_or_else(|| corrupt(path, "header has no 'shape'"))?;
-    let dtype = NpyDtype::from_descr(&descr).ok_or_else(|| {
-        incompatible(
-            path,
-            format!("unsupported dtype {descr:?} (facematch reads '<f4', '<u4', '<i8')"),
-        )
-    })?;
+    let descr = dict.descr.ok_or_else(|| corrupt(path, "header has no 'descr'"))?;
+    let fortran = dict.fortran_order.ok_or_else(|| corrupt(path, "header has no 'fortran_order'"))?;
+    let shape = dict.shape.ok_or_else(|| corrupt(path, "header has no 'shape'"))?;
+    let dtype = NpyDtype::from_descr(&descr)
+        .ok_or_else(|| incompatible(path, format!("unsupported dtype {descr:?} (facematch reads '<f4', '<u4', '<i8')")))?;
     if fortran {
-        return Err(incompatible(
-            path,
-            "Fortran-order arrays are not supported (save with C order)",
-        ));
+        return Err(incompatible(path, "Fortran-order arrays are not supported (save with C order)"));
     }
     if shape.is_empty() || shape.len() > 2 {
-        return Err(incompatible(
-            path,
-            format!("expected a 1-D or 2-D array, got shape {shape:?}"),
-        ));
+        return Err(incompatible(path, format!("expected a 1-D or 2-D array, got shape {shape:?}")));
     }
     let n_bytes = shape
         .iter()
@@ -224,32 +189,15 @@ pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<NpyHeade
         .ok_or_else(|| corrupt(path, format!("shape {shape:?} overflows")))?;
     let data_len = file_len as u128 - end as u128;
     if data_len < n_bytes {
-        return Err(corrupt(
-            path,
-            format!("truncated: shape {shape:?} needs {n_bytes} data bytes, file has {data_len}"),
-        ));
+        return Err(corrupt(path, format!("truncated: shape {shape:?} needs {n_bytes} data bytes, file has {data_len}")));
     }
     if data_len > n_bytes {
-        return Err(corrupt(
-            path,
-            format!(
-                "{} trailing bytes after the data of shape {shape:?}",
-                data_len - n_bytes
-            ),
-        ));
+        return Err(corrupt(path, format!("{} trailing bytes after the data of shape {shape:?}", data_len - n_bytes)));
     }
     if n_bytes > usize::MAX as u128 / 2 {
-        return Err(corrupt(
-            path,
-            format!("shape {shape:?} too large for this platform"),
-        ));
+        return Err(corrupt(path, format!("shape {shape:?} too large for this platform")));
     }
-    Ok(NpyHeader {
-        version: (major, minor),
-        dtype,
-        shape,
-        data_offset: end,
-    })
+    Ok(NpyHeader { version: (major, minor), dtype, shape, data_offset: end })
 }
 
 #[derive(Default)]
@@ -261,10 +209,7 @@ struct HeaderDict {
 
 /// Parse numpy's header: a Python dict literal with keys descr, fortran_order, shape.
 fn parse_dict(text: &str) -> std::result::Result<HeaderDict, String> {
-    let mut p = Parser {
-        s: text.as_bytes(),
-        i: 0,
-    };
+    let mut p = Parser { s: text.as_bytes(), i: 0 };
     let mut out = HeaderDict::default();
     p.ws();
     p.expect(b'{')?;
@@ -368,11 +313,7 @@ impl Parser<'_> {
                 return Err(format!("expected a dimension at byte {}", self.i));
             }
             let digits = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
-            dims.push(
-                digits
-                    .parse::<usize>()
-                    .map_err(|e| format!("dimension {digits}: {e}"))?,
-            );
+            dims.push(digits.parse::<usize>().map_err(|e| format!("dimension {digits}: {e}"))?);
             self.eat(b'L'); // Python 2 long suffix
             self.ws();
             if self.eat(b',') {
@@ -406,22 +347,12 @@ fn read_header_from(f: &mut File, file_len: u64, path: &Path) -> Result<NpyHeade
     }
     let header_len = match head[6] {
         1 => u16::from_le_bytes([head[8], head[9]]) as usize + 10,
-        2 | 3 if head.len() >= 12 => {
-            u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize + 12
-        }
+        2 | 3 if head.len() >= 12 => u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize + 12,
         2 | 3 => return Err(corrupt(path, "truncated .npy header")),
-        v => {
-            return Err(incompatible(
-                path,
-                format!("unsupported .npy format version {v}.{}", head[7]),
-            ))
-        }
+        v => return Err(incompatible(path, format!("unsupported .npy format version {v}.{}", head[7]))),
     };
     if header_len > MAX_HEADER_LEN + 12 {
-        return Err(corrupt(
-            path,
-            format!("header length {header_len} is implausible"),
-        ));
+        return Err(corrupt(path, format!("header length {header_len} is implausible")));
     }
     if header_len as u64 > file_len {
         return Err(corrupt(path, "truncated .npy header"));
@@ -430,8 +361,7 @@ fn read_header_from(f: &mut File, file_len: u64, path: &Path) -> Result<NpyHeade
     if header_len > full.len() {
         let have = full.len();
         full.resize(header_len, 0);
-        f.read_exact(&mut full[have..])
-            .map_err(|e| Error::io(path, e))?;
+        f.read_exact(&mut full[have..]).map_err(|e| Error::io(path, e))?;
     }
     parse_header(&full[..header_len], file_len, path)
 }
@@ -445,15 +375,11 @@ pub fn read_array<T: NpyElement>(path: impl AsRef<Path>) -> Result<(Vec<usize>, 
     if h.dtype != T::DTYPE {
         return Err(incompatible(
             path,
-            format!(
-                "dtype is {:?}, expected {:?}",
-                h.dtype.descr(),
-                T::DTYPE.descr()
-            ) + if T::DTYPE == NpyDtype::F32 { " (numpy: a.astype('float32'))" } else { "" },
+            format!("dtype is {:?}, expected {:?}", h.dtype.descr(), T::DTYPE.descr())
+                + if T::DTYPE == NpyDtype::F32 { " (numpy: a.astype('float32'))" } else { "" },
         ));
     }
-    f.seek(SeekFrom::Start(h.data_offset as u64))
-        .map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::Start(h.data_offset as u64)).map_err(|e| Error::io(path, e))?;
     let n = h.len();
     let size = T::DTYPE.size();
     let mut out = Vec::with_capacity(n);
@@ -498,20 +424,14 @@ pub fn read_f32_matrix(path: impl AsRef<Path>) -> Result<Matrix> {
     let (shape, data) = read_array::<f32>(path)?;
     match shape[..] {
         [rows, cols] => Ok(Matrix { rows, cols, data }),
-        _ => Err(incompatible(
-            path,
-            format!("expected a 2-D array, got shape {shape:?}"),
-        )),
+        _ => Err(incompatible(path, format!("expected a 2-D array, got shape {shape:?}"))),
     }
 }
 
 fn read_vec<T: NpyElement>(path: &Path) -> Result<Vec<T>> {
     let (shape, data) = read_array::<T>(path)?;
     if shape.len() != 1 {
-        return Err(incompatible(
-            path,
-            format!("expected a 1-D array, got shape {shape:?}"),
-        ));
+        return Err(incompatible(path, format!("expected a 1-D array, got shape {shape:?}")));
     }
     Ok(data)
 }
@@ -529,26 +449,11 @@ pub fn read_i64_vec(path: impl AsRef<Path>) -> Result<Vec<i64>> {
 fn header_bytes(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
     let shape_txt = match shape {
         [n] => format!("({n},)"),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
     };
-    let dict = format!(
-        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
-        dtype.descr(),
-        shape_txt
-    );
+    let dict = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", dtype.descr(), shape_txt);
     // Version 1.0 when the header fits a u16, else 2.0; pad with spaces + '\n' to ALIGN.
-    let (version, fixed) = if dict.len() + 1 + 10 + ALIGN <= u16::MAX as usize {
-        (1u8, 10)
-    } else {
-        (2u8, 12)
-    };
+    let (version, fixed) = if dict.len() + 1 + 10 + ALIGN <= u16::MAX as usize { (1u8, 10) } else { (2u8, 12) };
     let total = (fixed + dict.len() + 1).div_ceil(ALIGN) * ALIGN;
     let header_len = total - fixed;
     let mut out = Vec::with_capacity(total);
@@ -567,35 +472,20 @@ fn header_bytes(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
 }
 
 /// Write a 1-D or 2-D array of `T` with the given shape, atomically.
-pub fn write_array<T: NpyElement>(
-    path: impl AsRef<Path>,
-    shape: &[usize],
-    data: &[T],
-) -> Result<()> {
+pub fn write_array<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &[T]) -> Result<()> {
     let path = path.as_ref();
     if shape.is_empty() || shape.len() > 2 {
-        return Err(Error::config(
-            "npy.shape",
-            format!("must have 1 or 2 dimensions, got {shape:?}"),
-        ));
+        return Err(Error::config("npy.shape", format!("must have 1 or 2 dimensions, got {shape:?}")));
     }
     let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if n != Some(data.len()) {
-        return Err(Error::config(
-            "npy.shape",
-            format!(
-                "shape {shape:?} does not match {} elements ({})",
-                data.len(),
-                path.display()
-            ),
-        ));
+        return Err(Error::config("npy.shape", format!("shape {shape:?} does not match {} elements ({})", data.len(), path.display())));
     }
     let tmp = tmp_path(path);
     let result = (|| {
         let f = crate::fs::create_output(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&header_bytes(T::DTYPE, shape))
-            .map_err(|e| Error::io(&tmp, e))?;
+        w.write_all(&header_bytes(T::DTYPE, shape)).map_err(|e| Error::io(&tmp, e))?;
         let mut buf = Vec::with_capacity(1 << 20);
         for chunk in data.chunks((1 << 20) / T::DTYPE.size()) {
             buf.clear();
@@ -604,9 +494,7 @@ pub fn write_array<T: NpyElement>(
             }
             w.write_all(&buf).map_err(|e| Error::io(&tmp, e))?;
         }
-        let f = w
-            .into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();
@@ -617,21 +505,13 @@ pub fn write_array<T: NpyElement>(
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     path.with_file_name(name)
 }
 
 /// Write `rows x cols` f32 values (row-major) as a 2-D `<f4` array.
-pub fn write_f32_matrix(
-    path: impl AsRef<Path>,
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
+pub fn write_f32_matrix(path: impl AsRef<Path>, data: &[f32], rows: usize, cols: usize) -> Result<()> {
     write_array(path, &[rows, cols], data)
 }
 
@@ -663,40 +543,22 @@ impl MmapMatrix {
     pub fn open(path: impl AsRef<Path>) -> Result<MmapMatrix> {
         let path = path.as_ref();
         if cfg!(target_endian = "big") {
-            return Err(incompatible(
-                path,
-                "memory-mapping little-endian .npy needs a little-endian CPU",
-            ));
+            return Err(incompatible(path, "memory-mapping little-endian .npy needs a little-endian CPU"));
         }
         let mut f = crate::fs::open_input(path)?;
         let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
         let h = read_header_from(&mut f, file_len, path)?;
         if h.dtype != NpyDtype::F32 || h.shape.len() != 2 {
-            return Err(incompatible(
-                path,
-                format!(
-                    "expected a 2-D '<f4' array, got {:?} with shape {:?}",
-                    h.dtype.descr(),
-                    h.shape
-                ),
-            ));
+            return Err(incompatible(path, format!("expected a 2-D '<f4' array, got {:?} with shape {:?}", h.dtype.descr(), h.shape)));
         }
         // SAFETY: the file is opened read-only; see the type-level note on concurrent modification.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         if map.len() as u64 != file_len {
             return Err(corrupt(path, "file changed size while being opened"));
         }
-        let m = MmapMatrix {
-            map,
-            offset: h.data_offset,
-            rows: h.shape[0],
-            cols: h.shape[1],
-        };
+        let m = MmapMatrix { map, offset: h.data_offset, rows: h.shape[0], cols: h.shape[1] };
         if m.try_slice().is_none() {
-            return Err(incompatible(
-                path,
-                "data offset is not 4-byte aligned; use read_f32_matrix",
-            ));
+            return Err(incompatible(path, "data offset is not 4-byte aligned; use read_f32_matrix"));
         }
         Ok(m)
     }
@@ -807,14 +669,8 @@ mod tests {
     fn writer_refuses_wrong_shape() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.npy");
-        assert!(matches!(
-            write_f32_matrix(&p, &[1.0; 5], 2, 3),
-            Err(Error::InvalidConfig { .. })
-        ));
-        assert!(matches!(
-            write_array::<f32>(&p, &[], &[]),
-            Err(Error::InvalidConfig { .. })
-        ));
+        assert!(matches!(write_f32_matrix(&p, &[1.0; 5], 2, 3), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(write_array::<f32>(&p, &[], &[]), Err(Error::InvalidConfig { .. })));
         assert!(!p.exists());
     }
 
@@ -827,8 +683,25 @@ mod tests {
             ("empty", vec![], "corrupt"),
             ("not_npy", b"hello world, not numpy".to_vec(), "incompatible"),
             ("short_magic", MAGIC[..4].to_vec(), "corrupt"),
-            ("bad_version", { let mut b = v1("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", &data8); b[6] = 9; b }, "incompatible"),
-            ("huge_header_len", { let mut b = v1("{}", &[]); b[8] = 0xff; b[9] = 0xff; b }, "corrupt"),
+            (
+                "bad_version",
+                {
+                    let mut b = v1("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", &data8);
+                    b[6] = 9;
+                    b
+                },
+                "incompatible",
+            ),
+            (
+                "huge_header_len",
+                {
+                    let mut b = v1("{}", &[]);
+                    b[8] = 0xff;
+                    b[9] = 0xff;
+                    b
+                },
+                "corrupt",
+            ),
             ("f8", v1("{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }", &data8), "incompatible"),
             ("big_endian", v1("{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }", &data8), "incompatible"),
             ("fortran", v1("{'descr': '<f4', 'fortran_order': True, 'shape': (1, 2), }", &data8), "incompatible"),
@@ -858,57 +731,33 @@ mod tests {
         // wrong dtype for the reader
         let p = d.join("u.npy");
         write_u32_vec(&p, &[1, 2]).unwrap();
-        assert!(matches!(
-            read_f32_matrix(&p),
-            Err(Error::BadInputFile { .. })
-        ));
-        assert!(matches!(
-            MmapMatrix::open(&p),
-            Err(Error::BadInputFile { .. })
-        ));
+        assert!(matches!(read_f32_matrix(&p), Err(Error::BadInputFile { .. })));
+        assert!(matches!(MmapMatrix::open(&p), Err(Error::BadInputFile { .. })));
         // 1-D where 2-D is expected and vice versa
         let p = d.join("f1.npy");
         write_array::<f32>(&p, &[2], &[1.0, 2.0]).unwrap();
-        assert!(matches!(
-            read_f32_matrix(&p),
-            Err(Error::BadInputFile { .. })
-        ));
+        assert!(matches!(read_f32_matrix(&p), Err(Error::BadInputFile { .. })));
         let p = d.join("u2.npy");
         write_array::<u32>(&p, &[1, 2], &[1, 2]).unwrap();
-        assert!(matches!(
-            read_u32_vec(&p),
-            Err(Error::BadInputFile { .. })
-        ));
+        assert!(matches!(read_u32_vec(&p), Err(Error::BadInputFile { .. })));
         // missing file is an I/O error with the path
-        assert!(matches!(
-            read_f32_matrix(d.join("missing.npy")),
-            Err(Error::Io { .. })
-        ));
+        assert!(matches!(read_f32_matrix(d.join("missing.npy")), Err(Error::Io { .. })));
     }
 
     #[test]
     fn invalid_utf8_header() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = v1(
-            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }",
-            &[0u8; 8],
-        );
+        let mut b = v1("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", &[0u8; 8]);
         b[12] = 0xff;
         let p = raw(dir.path(), "x.npy", &b);
-        assert!(matches!(
-            read_array::<f32>(&p),
-            Err(Error::DataCorruption { .. })
-        ));
+        assert!(matches!(read_array::<f32>(&p), Err(Error::DataCorruption { .. })));
     }
 
     #[test]
     fn python_style_headers() {
         // double quotes, Python-2 long suffix, no trailing comma, extra spaces
         let dir = tempfile::tempdir().unwrap();
-        let b = v1(
-            "{ \"descr\" : \"<u4\", \"shape\" : (2L,) , \"fortran_order\" : False }",
-            &[1, 0, 0, 0, 2, 0, 0, 0],
-        );
+        let b = v1("{ \"descr\" : \"<u4\", \"shape\" : (2L,) , \"fortran_order\" : False }", &[1, 0, 0, 0, 2, 0, 0, 0]);
         let p = raw(dir.path(), "py.npy", &b);
         assert_eq!(read_u32_vec(&p).unwrap(), vec![1, 2]);
     }
@@ -917,11 +766,7 @@ mod tests {
     #[test]
     fn numpy_interop() {
         let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-        let has_numpy = std::process::Command::new(&py)
-            .args(["-c", "import numpy"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
+        let has_numpy = std::process::Command::new(&py).args(["-c", "import numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
         if !has_numpy {
             eprintln!("skipping numpy_interop: no numpy in {}", py.display());
             return;
@@ -947,35 +792,16 @@ np.save(d + "/np_f8.npy", np.ones((2, 2)))
 with open(d + "/np_v2.npy", "wb") as fh:
     np.lib.format.write_array(fh, np.ones((2, 3), dtype=np.float32), version=(2, 0))
 "#;
-        let out = std::process::Command::new(&py)
-            .args(["-c", script, d.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = std::process::Command::new(&py).args(["-c", script, d.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let m = read_f32_matrix(d.join("np_f.npy")).unwrap();
         assert_eq!((m.rows, m.cols), (6, 4));
         assert_eq!(m.data, (0..24).map(|i| i as f32 / 7.0).collect::<Vec<_>>());
-        assert_eq!(
-            MmapMatrix::open(d.join("np_f.npy")).unwrap().as_slice(),
-            &m.data[..]
-        );
-        assert_eq!(
-            read_u32_vec(d.join("np_u.npy")).unwrap(),
-            vec![3, 1, 4, 1, 5]
-        );
+        assert_eq!(MmapMatrix::open(d.join("np_f.npy")).unwrap().as_slice(), &m.data[..]);
+        assert_eq!(read_u32_vec(d.join("np_u.npy")).unwrap(), vec![3, 1, 4, 1, 5]);
         assert_eq!(read_i64_vec(d.join("np_i.npy")).unwrap(), vec![-1, 2]);
-        assert!(matches!(
-            read_f32_matrix(d.join("np_fortran.npy")),
-            Err(Error::BadInputFile { .. })
-        ));
-        assert!(matches!(
-            read_f32_matrix(d.join("np_f8.npy")),
-            Err(Error::BadInputFile { .. })
-        ));
+        assert!(matches!(read_f32_matrix(d.join("np_fortran.npy")), Err(Error::BadInputFile { .. })));
+        assert!(matches!(read_f32_matrix(d.join("np_f8.npy")), Err(Error::BadInputFile { .. })));
         let v2 = read_f32_matrix(d.join("np_v2.npy")).unwrap();
         assert_eq!((v2.rows, v2.cols, v2.data), (2, 3, vec![1.0; 6]));
         assert_eq!(read_header(d.join("np_v2.npy")).unwrap().version, (2, 0));

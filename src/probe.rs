@@ -20,8 +20,8 @@ use zeroize::Zeroize;
 
 use crate::anonymise::{redact, AnonymiseConfig};
 use crate::compliance::SubjectId;
-use crate::image_io::DecodedImage;
 use crate::engine::{Engine, Enrolment, Identification, QueryContext, Verification};
+use crate::image_io::DecodedImage;
 use crate::pipeline::{Face, FacePipeline};
 use crate::{Error, Result};
 
@@ -90,21 +90,40 @@ pub(crate) fn embed_one(pipeline: &FacePipeline, img: &crate::image_io::DecodedI
 }
 
 /// 1:1: verify the largest face of `image` (encoded bytes) against `subject`.
-pub fn verify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], subject: &SubjectId) -> Result<ImageVerification> {
+pub fn verify_image(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    ctx: &QueryContext,
+    image: &[u8],
+    subject: &SubjectId,
+) -> Result<ImageVerification> {
     Ok(verify_decoded(engine, pipeline, ctx, image, subject)?.0)
 }
 
 /// [`verify_image`], also returning the image with every face but the
 /// compared one anonymised ([`crate::anonymise`]): the only copy of the
 /// image that may leave the engine. Encode it with [`crate::image_io::encode`].
-pub fn verify_image_redacted(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], subject: &SubjectId, cfg: &AnonymiseConfig) -> Result<(ImageVerification, DecodedImage)> {
+pub fn verify_image_redacted(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    ctx: &QueryContext,
+    image: &[u8],
+    subject: &SubjectId,
+    cfg: &AnonymiseConfig,
+) -> Result<(ImageVerification, DecodedImage)> {
     cfg.validate()?;
     let (v, mut img, others) = verify_decoded(engine, pipeline, ctx, image, subject)?;
     redact(&mut img, &others, cfg)?;
     Ok((v, img))
 }
 
-fn verify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], subject: &SubjectId) -> Result<(ImageVerification, DecodedImage, Vec<FaceBox>)> {
+fn verify_decoded(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    ctx: &QueryContext,
+    image: &[u8],
+    subject: &SubjectId,
+) -> Result<(ImageVerification, DecodedImage, Vec<FaceBox>)> {
     check_model(engine, pipeline)?;
     let img = pipeline.decode_bytes(image)?;
     let (face, others, found, discarded) = main_face(pipeline.detect(&img)?)?;
@@ -121,7 +140,14 @@ pub fn identify_image(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryConte
 
 /// [`identify_image`], also returning the image with every face that matched
 /// nobody anonymised ([`crate::anonymise`]); matched faces are left as they are.
-pub fn identify_image_redacted(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], k: usize, cfg: &AnonymiseConfig) -> Result<(ImageIdentification, DecodedImage)> {
+pub fn identify_image_redacted(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    ctx: &QueryContext,
+    image: &[u8],
+    k: usize,
+    cfg: &AnonymiseConfig,
+) -> Result<(ImageIdentification, DecodedImage)> {
     cfg.validate()?;
     let (r, mut img, unmatched) = identify_decoded(engine, pipeline, ctx, image, k)?;
     redact(&mut img, &unmatched, cfg)?;
@@ -138,7 +164,13 @@ pub fn anonymise_image(pipeline: &FacePipeline, image: &[u8], cfg: &AnonymiseCon
     Ok((img, boxes))
 }
 
-fn identify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext, image: &[u8], k: usize) -> Result<(ImageIdentification, DecodedImage, Vec<FaceBox>)> {
+fn identify_decoded(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    ctx: &QueryContext,
+    image: &[u8],
+    k: usize,
+) -> Result<(ImageIdentification, DecodedImage, Vec<FaceBox>)> {
     check_model(engine, pipeline)?;
     let img = pipeline.decode_bytes(image)?;
     let mut faces = pipeline.detect(&img)?;
@@ -156,7 +188,8 @@ fn identify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext
     type Scored = Vec<(FaceBox, Identification)>;
     let (matched, unmatched): (Scored, Scored) =
         boxes.into_iter().zip(r?).partition(|(_, id)| !matches!(id.decision, crate::compliance::Decision::NoMatch { .. }));
-    let matches: Vec<FaceIdentification> = matched.into_iter().map(|(face, identification)| FaceIdentification { face, identification }).collect();
+    let matches: Vec<FaceIdentification> =
+        matched.into_iter().map(|(face, identification)| FaceIdentification { face, identification }).collect();
     let discarded = found - matches.len() as u32;
     let unmatched = unmatched.into_iter().map(|(b, _)| b).collect();
     Ok((ImageIdentification { matches, faces_found: found, faces_discarded: discarded }, img, unmatched))
@@ -168,13 +201,26 @@ fn identify_decoded(engine: &Engine, pipeline: &FacePipeline, ctx: &QueryContext
 /// unless its largest face is at least `enrol_face_dominance` (gallery
 /// configuration, default 2) times the area of the next: a group photo must not
 /// enrol a stranger under someone's name. Choose the face with [`enrol_image_face`].
-pub fn enrol_image(engine: &Engine, pipeline: &FacePipeline, operator: &crate::compliance::Operator, image: &[u8], request: Enrolment) -> Result<(u64, FaceBox, u32)> {
+pub fn enrol_image(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    operator: &crate::compliance::Operator,
+    image: &[u8],
+    request: Enrolment,
+) -> Result<(u64, FaceBox, u32)> {
     enrol_image_with(engine, pipeline, operator, image, request, None)
 }
 
 /// [`enrol_image`] of the face at `index` among the detected faces, ordered by
 /// decreasing area (0 is the largest): the operator chose it.
-pub fn enrol_image_face(engine: &Engine, pipeline: &FacePipeline, operator: &crate::compliance::Operator, image: &[u8], request: Enrolment, index: usize) -> Result<(u64, FaceBox, u32)> {
+pub fn enrol_image_face(
+    engine: &Engine,
+    pipeline: &FacePipeline,
+    operator: &crate::compliance::Operator,
+    image: &[u8],
+    request: Enrolment,
+    index: usize,
+) -> Result<(u64, FaceBox, u32)> {
     enrol_image_with(engine, pipeline, operator, image, request, Some(index))
 }
 
@@ -233,7 +279,13 @@ pub(crate) fn check_model(engine: &Engine, pipeline: &FacePipeline) -> Result<()
     if cfg.model_id != pipeline.model_id() || cfg.dim != pipeline.dimension() {
         return Err(Error::config(
             "model_id",
-            format!("gallery holds {} ({}-d) templates, the pipeline makes {} ({}-d)", cfg.model_id, cfg.dim, pipeline.model_id(), pipeline.dimension()),
+            format!(
+                "gallery holds {} ({}-d) templates, the pipeline makes {} ({}-d)",
+                cfg.model_id,
+                cfg.dim,
+                pipeline.model_id(),
+                pipeline.dimension()
+            ),
         ));
     }
     Ok(())

@@ -144,19 +144,13 @@ impl SynthConfig {
     /// Check ranges; called by [`generate`].
     pub fn validate(&self) -> Result<()> {
         if self.dim == 0 || self.dim > 65_536 {
-            return Err(Error::config(
-                "synth.dim",
-                format!("must be in 1..=65536, got {}", self.dim),
-            ));
+            return Err(Error::config("synth.dim", format!("must be in 1..=65536, got {}", self.dim)));
         }
         if self.identities == 0 {
             return Err(Error::config("synth.identities", "must be at least 1"));
         }
         if self.templates_per_identity == 0 {
-            return Err(Error::config(
-                "synth.templates_per_identity",
-                "must be at least 1",
-            ));
+            return Err(Error::config("synth.templates_per_identity", "must be at least 1"));
         }
         let rows = self.identities.checked_mul(self.templates_per_identity);
         let too_big = match rows.and_then(|r| r.checked_mul(self.dim)) {
@@ -164,22 +158,13 @@ impl SynthConfig {
             Some(_) => rows.is_none_or(|r| r > MAX_ROWS),
         };
         if too_big || self.identities.saturating_add(self.queries) > MAX_ROWS {
-            return Err(Error::config(
-                "synth.identities",
-                "gallery too large for u32 row ids",
-            ));
+            return Err(Error::config("synth.identities", "gallery too large for u32 row ids"));
         }
         if !(0.0..=1.0).contains(&self.unenrolled_fraction) {
-            return Err(Error::config(
-                "synth.unenrolled_fraction",
-                format!("must be in [0, 1], got {}", self.unenrolled_fraction),
-            ));
+            return Err(Error::config("synth.unenrolled_fraction", format!("must be in [0, 1], got {}", self.unenrolled_fraction)));
         }
         if self.groups > self.identities {
-            return Err(Error::config(
-                "synth.groups",
-                "cannot exceed the number of identities",
-            ));
+            return Err(Error::config("synth.groups", "cannot exceed the number of identities"));
         }
         for (name, v) in [
             ("synth.group_spread", self.group_spread),
@@ -189,10 +174,7 @@ impl SynthConfig {
             ("synth.mean_offset", self.mean_offset),
         ] {
             if !v.is_finite() || !(0.0..=100.0).contains(&v) {
-                return Err(Error::config(
-                    name,
-                    format!("must be finite and in [0, 100], got {v}"),
-                ));
+                return Err(Error::config(name, format!("must be finite and in [0, 100], got {v}")));
             }
         }
         if self.group_spread + self.identity_spread == 0.0 {
@@ -202,10 +184,7 @@ impl SynthConfig {
             ));
         }
         if !self.effective_dim.is_finite() || self.effective_dim < 1.0 {
-            return Err(Error::config(
-                "synth.effective_dim",
-                format!("must be >= 1, got {}", self.effective_dim),
-            ));
+            return Err(Error::config("synth.effective_dim", format!("must be >= 1, got {}", self.effective_dim)));
         }
         Ok(())
     }
@@ -331,15 +310,8 @@ impl Model {
         match cfg.kind {
             SynthKind::Structured => {
                 let scales = spectrum(cfg, &mut grng);
-                let mut mean: Vec<f64> = (0..dim)
-                    .map(|_| grng.sample::<f64, _>(StandardNormal))
-                    .collect();
-                let norm = mean
-                    .iter()
-                    .map(|x| x * x)
-                    .sum::<f64>()
-                    .sqrt()
-                    .max(f64::MIN_POSITIVE);
+                let mut mean: Vec<f64> = (0..dim).map(|_| grng.sample::<f64, _>(StandardNormal)).collect();
+                let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
                 mean.iter_mut().for_each(|x| *x *= cfg.mean_offset / norm);
                 let n_groups = cfg.resolved_groups();
                 let mut groups = vec![0.0f64; n_groups * dim];
@@ -363,9 +335,7 @@ impl Model {
                 }
             }
             SynthKind::Isotropic => {
-                let v = cfg.mean_offset.powi(2)
-                    + cfg.group_spread.powi(2)
-                    + cfg.identity_spread.powi(2);
+                let v = cfg.mean_offset.powi(2) + cfg.group_spread.powi(2) + cfg.identity_spread.powi(2);
                 Model {
                     dim,
                     kind: cfg.kind,
@@ -398,12 +368,7 @@ impl Model {
                 for x in out.iter_mut() {
                     *x = rng.sample(StandardNormal);
                 }
-                let norm = out
-                    .iter()
-                    .map(|x| x * x)
-                    .sum::<f64>()
-                    .sqrt()
-                    .max(f64::MIN_POSITIVE);
+                let norm = out.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
                 out.iter_mut().for_each(|x| *x /= norm);
             }
         }
@@ -486,13 +451,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSet> {
         )
         .collect();
 
-    Ok(SynthSet {
-        dim,
-        gallery,
-        gallery_identity,
-        queries,
-        query_identity,
-    })
+    Ok(SynthSet { dim, gallery, gallery_identity, queries, query_identity })
 }
 
 /// Cosine statistics of a set, to check it against the calibration targets.
@@ -579,12 +538,7 @@ pub fn measure(set: &SynthSet, sample_pairs: usize, seed: u64) -> SynthStats {
     let imp_std = if impostors.is_empty() {
         f64::NAN
     } else {
-        (impostors
-            .iter()
-            .map(|x| (x - imp_mean).powi(2))
-            .sum::<f64>()
-            / impostors.len() as f64)
-            .sqrt()
+        (impostors.iter().map(|x| (x - imp_mean).powi(2)).sum::<f64>() / impostors.len() as f64).sqrt()
     };
     SynthStats {
         mate_pairs: mates.len(),
@@ -605,11 +559,7 @@ mod tests {
 
     #[test]
     fn spectrum_hits_effective_dim() {
-        let cfg = SynthConfig {
-            dim: 512,
-            effective_dim: 96.0,
-            ..SynthConfig::default()
-        };
+        let cfg = SynthConfig { dim: 512, effective_dim: 96.0, ..SynthConfig::default() };
         let s = spectrum(&cfg, &mut stream_rng(1, DOMAIN_GLOBAL, 0));
         let l: Vec<f64> = s.iter().map(|x| x * x).collect();
         let s1: f64 = l.iter().sum();
@@ -620,11 +570,7 @@ mod tests {
 
     #[test]
     fn spectrum_flat_when_target_exceeds_dim() {
-        let cfg = SynthConfig {
-            dim: 64,
-            effective_dim: 96.0,
-            ..SynthConfig::default()
-        };
+        let cfg = SynthConfig { dim: 64, effective_dim: 96.0, ..SynthConfig::default() };
         let s = spectrum(&cfg, &mut stream_rng(1, DOMAIN_GLOBAL, 0));
         assert!(s.iter().all(|&x| (x - 0.125).abs() < 1e-12));
     }
@@ -632,41 +578,16 @@ mod tests {
     #[test]
     fn validate_rejects_bad_values() {
         let bad = [
-            SynthConfig {
-                dim: 0,
-                ..SynthConfig::default()
-            },
-            SynthConfig {
-                identities: 0,
-                ..SynthConfig::default()
-            },
-            SynthConfig {
-                unenrolled_fraction: 1.5,
-                ..SynthConfig::default()
-            },
-            SynthConfig {
-                sample_noise: f64::NAN,
-                ..SynthConfig::default()
-            },
-            SynthConfig {
-                groups: 20_000,
-                ..SynthConfig::default()
-            },
-            SynthConfig {
-                effective_dim: 0.0,
-                ..SynthConfig::default()
-            },
-            SynthConfig {
-                group_spread: 0.0,
-                identity_spread: 0.0,
-                ..SynthConfig::default()
-            },
+            SynthConfig { dim: 0, ..SynthConfig::default() },
+            SynthConfig { identities: 0, ..SynthConfig::default() },
+            SynthConfig { unenrolled_fraction: 1.5, ..SynthConfig::default() },
+            SynthConfig { sample_noise: f64::NAN, ..SynthConfig::default() },
+            SynthConfig { groups: 20_000, ..SynthConfig::default() },
+            SynthConfig { effective_dim: 0.0, ..SynthConfig::default() },
+            SynthConfig { group_spread: 0.0, identity_spread: 0.0, ..SynthConfig::default() },
         ];
         for cfg in bad {
-            assert!(
-                matches!(cfg.validate(), Err(Error::InvalidConfig { .. })),
-                "{cfg:?}"
-            );
+            assert!(matches!(cfg.validate(), Err(Error::InvalidConfig { .. })), "{cfg:?}");
             assert!(generate(&cfg).is_err());
         }
         SynthConfig::default().validate().unwrap();
@@ -675,12 +596,7 @@ mod tests {
     #[test]
     fn rows_are_unit_norm() {
         for kind in [SynthKind::Structured, SynthKind::Isotropic] {
-            let cfg = SynthConfig {
-                identities: 200,
-                queries: 50,
-                kind,
-                ..SynthConfig::default()
-            };
+            let cfg = SynthConfig { identities: 200, queries: 50, kind, ..SynthConfig::default() };
             let set = generate(&cfg).unwrap();
             for r in 0..set.gallery_rows() {
                 let n = dot64(set.gallery_row(r), set.gallery_row(r));

@@ -40,11 +40,7 @@ fn query(i: u64, operator: &str, purpose: &str, subject: Option<&str>) -> AuditE
     AuditEvent::Query(QueryAudit {
         operator: operator.into(),
         purpose: purpose.into(),
-        mode: if i.is_multiple_of(2) {
-            QueryMode::Verify
-        } else {
-            QueryMode::Identify
-        },
+        mode: if i.is_multiple_of(2) { QueryMode::Verify } else { QueryMode::Identify },
         model_id: "sface-2021dec".into(),
         threshold: 0.363,
         threshold_version: 3,
@@ -84,11 +80,7 @@ fn event(i: u64) -> AuditEvent {
             age_bracket: "adult".into(),
             guardian: false,
         },
-        5 => AuditEvent::Deletion {
-            operator: "op2".into(),
-            templates: vec![i, i + 1],
-            reason: "request".into(),
-        },
+        5 => AuditEvent::Deletion { operator: "op2".into(), templates: vec![i, i + 1], reason: "request".into() },
         6 => AuditEvent::ThresholdChange {
             operator: "op0".into(),
             purpose: "payment".into(),
@@ -97,17 +89,8 @@ fn event(i: u64) -> AuditEvent {
             new: 0.42,
             version: i as u32,
         },
-        7 => AuditEvent::Compaction {
-            operator: "op1".into(),
-            templates_removed: 3,
-            bytes_before: 9000,
-            bytes_after: 6000,
-        },
-        _ => AuditEvent::Admin {
-            operator: "op2".into(),
-            action: "config".into(),
-            detail: format!("change {i}"),
-        },
+        7 => AuditEvent::Compaction { operator: "op1".into(), templates_removed: 3, bytes_before: 9000, bytes_after: 6000 },
+        _ => AuditEvent::Admin { operator: "op2".into(), action: "config".into(), detail: format!("change {i}") },
     }
 }
 
@@ -150,10 +133,7 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn lines(bytes: &[u8]) -> Vec<Vec<u8>> {
-    bytes
-        .split_inclusive(|&b| b == b'\n')
-        .map(|l| l.to_vec())
-        .collect()
+    bytes.split_inclusive(|&b| b == b'\n').map(|l| l.to_vec()).collect()
 }
 
 fn record_hash(body: &[u8]) -> String {
@@ -172,12 +152,7 @@ fn recompute_chain(dir: &Path, rng: &mut ChaCha8Rng) -> String {
     let records: Vec<(usize, usize)> = files
         .iter()
         .enumerate()
-        .flat_map(|(s, ls)| {
-            ls.iter()
-                .enumerate()
-                .filter(|(_, l)| l.starts_with(b"{\"seq\":"))
-                .map(move |(i, _)| (s, i))
-        })
+        .flat_map(|(s, ls)| ls.iter().enumerate().filter(|(_, l)| l.starts_with(b"{\"seq\":")).map(move |(i, _)| (s, i)))
         .collect();
     let (ts, ti) = records[rng.gen_range(0..records.len())];
     let mut renamed: Vec<(String, String)> = Vec::new();
@@ -255,11 +230,7 @@ fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
             let p = pick_seg(rng);
             let mut ls = lines(&fs::read(&p).unwrap());
             let i = rng.gen_range(0..ls.len() - 1);
-            let j = if rng.gen_bool(0.5) {
-                i + 1
-            } else {
-                rng.gen_range(i + 1..ls.len())
-            };
+            let j = if rng.gen_bool(0.5) { i + 1 } else { rng.gen_range(i + 1..ls.len()) };
             ls.swap(i, j);
             fs::write(&p, ls.concat()).unwrap();
             format!("swap lines {i} and {j} of {}", p.display())
@@ -287,8 +258,7 @@ fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
                     "delete HEAD".into()
                 }
                 _ => {
-                    let mut v: serde_json::Value =
-                        serde_json::from_slice(&fs::read(&head).unwrap()).unwrap();
+                    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&head).unwrap()).unwrap();
                     let r = v["records"].as_u64().unwrap();
                     let new = rng.gen_range(0..r);
                     v["records"] = new.into();
@@ -313,11 +283,7 @@ fn mutate(dir: &Path, rng: &mut ChaCha8Rng) -> String {
             let j = rng.gen_range(0..=lb.len());
             lb.insert(j, la[i].clone());
             fs::write(&b, lb.concat()).unwrap();
-            format!(
-                "copy line {i} of {} to line {j} of {}",
-                a.display(),
-                b.display()
-            )
+            format!("copy line {i} of {} to line {j} of {}", a.display(), b.display())
         }
         _ => {
             // Reorder whole segments.
@@ -341,14 +307,7 @@ fn thousand_seeded_mutations_are_all_detected() {
     assert!(clean.ok() && !clean.torn_tail, "{clean:?}");
     assert_eq!(clean.records, n);
 
-    let last_segment = segments(&base)
-        .pop()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let last_segment = segments(&base).pop().unwrap().file_name().unwrap().to_str().unwrap().to_string();
     let mut rng = ChaCha8Rng::seed_from_u64(0x000A_0D17);
     let mut recompute_caught_by_key = 0;
     let (mut open_must_refuse, mut closed_only) = (0, 0);
@@ -356,18 +315,11 @@ fn thousand_seeded_mutations_are_all_detected() {
         let dir = root.path().join(format!("m{round}"));
         copy_dir(&base, &dir);
         let what = mutate(&dir, &mut rng);
-        let rep =
-            AuditLog::verify(&dir, &key()).unwrap_or_else(|e| panic!("round {round}: {what}: {e}"));
-        let bad = rep
-            .first_bad
-            .clone()
-            .unwrap_or_else(|| panic!("round {round}: undetected: {what}: {rep:?}"));
+        let rep = AuditLog::verify(&dir, &key()).unwrap_or_else(|e| panic!("round {round}: {what}: {e}"));
+        let bad = rep.first_bad.clone().unwrap_or_else(|| panic!("round {round}: undetected: {what}: {rep:?}"));
         if what.starts_with("recomputed") {
             // The attacker's hashes are right, so only keyed parts can catch it.
-            assert!(
-                bad.reason.contains("MAC") || bad.reason.contains("HEAD"),
-                "{what}: {bad:?}"
-            );
+            assert!(bad.reason.contains("MAC") || bad.reason.contains("HEAD"), "{what}: {bad:?}");
             recompute_caught_by_key += 1;
         }
         // `open` reads only HEAD, RETIRED, the header and closing
@@ -381,52 +333,35 @@ fn thousand_seeded_mutations_are_all_detected() {
         // let through (they are still caught by `verify`, which the audit
         // CLI runs, and by retention before it deletes a segment).
         let changed = changed_files(&base, &dir);
-        let structural = what.starts_with("delete segment")
-            || what.starts_with("swap segment files")
-            || what.starts_with("truncate");
-        let must_refuse = structural
-            || changed
-                .iter()
-                .any(|f| f == "HEAD" || f == "RETIRED" || *f == last_segment);
+        let structural = what.starts_with("delete segment") || what.starts_with("swap segment files") || what.starts_with("truncate");
+        let must_refuse = structural || changed.iter().any(|f| f == "HEAD" || f == "RETIRED" || *f == last_segment);
         let opened = AuditLog::open(&dir, key(), cfg(25, 4, Durability::Off), clock());
         let refused = matches!(opened, Err(Error::AuditTampered { .. }));
         if must_refuse {
             assert!(refused, "round {round}: {what}: open did not refuse");
             open_must_refuse += 1;
         } else {
-            assert!(
-                refused || opened.is_ok(),
-                "round {round}: {what}: {opened:?}"
-            );
+            assert!(refused || opened.is_ok(), "round {round}: {what}: {opened:?}");
             closed_only += 1;
         }
         drop(opened);
         fs::remove_dir_all(&dir).unwrap();
     }
     assert!(recompute_caught_by_key > 50, "{recompute_caught_by_key}");
-    assert!(
-        open_must_refuse > 300 && closed_only > 100,
-        "{open_must_refuse} {closed_only}"
-    );
+    assert!(open_must_refuse > 300 && closed_only > 100, "{open_must_refuse} {closed_only}");
 }
 
 /// Names of the files that differ between `a` and `b` (changed, added or
 /// removed), `LOCK` aside.
 fn changed_files(a: &Path, b: &Path) -> Vec<String> {
     let names = |d: &Path| -> Vec<String> {
-        fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n != "LOCK")
-            .collect()
+        fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n != "LOCK").collect()
     };
     let mut all = names(a);
     all.extend(names(b));
     all.sort();
     all.dedup();
-    all.into_iter()
-        .filter(|n| fs::read(a.join(n)).ok() != fs::read(b.join(n)).ok())
-        .collect()
+    all.into_iter().filter(|n| fs::read(a.join(n)).ok() != fs::read(b.join(n)).ok()).collect()
 }
 
 #[test]
@@ -522,9 +457,7 @@ fn biometric_findings(bytes: &[u8], probe: &[f32]) -> Vec<String> {
                 }
                 num = false;
             }
-            c if in_array && (c.is_ascii_digit() || "-+.eE ".contains(c)) => {
-                num |= c.is_ascii_digit()
-            }
+            c if in_array && (c.is_ascii_digit() || "-+.eE ".contains(c)) => num |= c.is_ascii_digit(),
             _ if in_array => {
                 in_array = false;
             }
@@ -554,10 +487,7 @@ fn biometric_findings(bytes: &[u8], probe: &[f32]) -> Vec<String> {
             break;
         }
     }
-    for (magic, what) in [
-        (&[0xFF, 0xD8, 0xFF][..], "JPEG"),
-        (&[0x89, 0x50, 0x4E, 0x47][..], "PNG"),
-    ] {
+    for (magic, what) in [(&[0xFF, 0xD8, 0xFF][..], "JPEG"), (&[0x89, 0x50, 0x4E, 0x47][..], "PNG")] {
         if bytes.windows(magic.len()).any(|b| b == magic) {
             found.push(format!("{what} magic"));
         }
@@ -622,77 +552,41 @@ fn filters_and_export() {
     drop(log);
     let all = AuditLog::read(&dir, &AuditFilter::default()).unwrap();
     assert_eq!(all.len(), 90);
-    assert!(all
-        .iter()
-        .all(|r| r.site == "site-A" && r.device == "dev-7"));
+    assert!(all.iter().all(|r| r.site == "site-A" && r.device == "dev-7"));
 
-    let f = AuditFilter {
-        operator: Some("op1".into()),
-        ..Default::default()
-    };
+    let f = AuditFilter { operator: Some("op1".into()), ..Default::default() };
     let got = AuditLog::read(&dir, &f).unwrap();
-    let want: Vec<u64> = (0..90)
-        .filter(|&i| event(i).operator() == Some("op1"))
-        .collect();
+    let want: Vec<u64> = (0..90).filter(|&i| event(i).operator() == Some("op1")).collect();
     assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), want);
     assert!(!want.is_empty());
 
-    let f = AuditFilter {
-        kinds: vec![EventKind::Enrolment, EventKind::Deletion],
-        ..Default::default()
-    };
+    let f = AuditFilter { kinds: vec![EventKind::Enrolment, EventKind::Deletion], ..Default::default() };
     let got = AuditLog::read(&dir, &f).unwrap();
     assert_eq!(got.len(), 20);
-    assert!(got
-        .iter()
-        .all(|r| matches!(r.event.kind(), EventKind::Enrolment | EventKind::Deletion)));
+    assert!(got.iter().all(|r| matches!(r.event.kind(), EventKind::Enrolment | EventKind::Deletion)));
 
-    let f = AuditFilter {
-        purpose: Some("payment".into()),
-        ..Default::default()
-    };
+    let f = AuditFilter { purpose: Some("payment".into()), ..Default::default() };
     let got = AuditLog::read(&dir, &f).unwrap();
-    let want: Vec<u64> = (0..90)
-        .filter(|&i| event(i).has_purpose("payment"))
-        .collect();
+    let want: Vec<u64> = (0..90).filter(|&i| event(i).has_purpose("payment")).collect();
     assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), want);
 
-    let f = AuditFilter {
-        subject: Some("subject-3".into()),
-        kinds: vec![EventKind::Query],
-        ..Default::default()
-    };
+    let f = AuditFilter { subject: Some("subject-3".into()), kinds: vec![EventKind::Query], ..Default::default() };
     let got = AuditLog::read(&dir, &f).unwrap();
     assert!(!got.is_empty());
-    assert!(got
-        .iter()
-        .all(|r| r.event.subject() == Some("subject-3") && r.event.kind() == EventKind::Query));
+    assert!(got.iter().all(|r| r.event.subject() == Some("subject-3") && r.event.kind() == EventKind::Query));
 
     let t0 = (T0_S * 1000) as i64;
-    let f = AuditFilter {
-        from_ms: Some(t0 + 10 * 60_000),
-        until_ms: Some(t0 + 20 * 60_000),
-        ..Default::default()
-    };
+    let f = AuditFilter { from_ms: Some(t0 + 10 * 60_000), until_ms: Some(t0 + 20 * 60_000), ..Default::default() };
     let got = AuditLog::read(&dir, &f).unwrap();
-    assert_eq!(
-        got.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        (10..20).collect::<Vec<_>>()
-    );
+    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), (10..20).collect::<Vec<_>>());
 
     // Export is JSON lines, exactly the stored records.
     let mut out = Vec::new();
-    let f = AuditFilter {
-        from_seq: Some(30),
-        ..Default::default()
-    };
+    let f = AuditFilter { from_seq: Some(30), ..Default::default() };
     let n = AuditLog::export_jsonl(&dir, &f, &mut out).unwrap();
     assert_eq!(n, 60);
-    let exported: Vec<AuditRecord> = out
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect();
+    let exported: Vec<AuditRecord> =
+        out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
     assert_eq!(exported, all[30..].to_vec());
     // Every exported line still proves itself: its hash covers the bytes before it.
     for l in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
@@ -707,8 +601,7 @@ fn filters_and_export() {
 fn subscribe_sees_durable_records_in_order() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("audit");
-    let (log, _) =
-        AuditLog::open(&dir, key(), cfg(1000, 64, Durability::default()), clock()).unwrap();
+    let (log, _) = AuditLog::open(&dir, key(), cfg(1000, 64, Durability::default()), clock()).unwrap();
     let log = Arc::new(log);
     let rx = log.subscribe();
     let dropped_rx = log.subscribe();
@@ -728,13 +621,8 @@ fn subscribe_sees_durable_records_in_order() {
     for h in handles {
         h.join().unwrap();
     }
-    let got: Vec<AuditRecord> = (0..100)
-        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
-        .collect();
-    assert_eq!(
-        got.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        (0..100).collect::<Vec<_>>()
-    );
+    let got: Vec<AuditRecord> = (0..100).map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
+    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..100).collect::<Vec<_>>());
     drop(Arc::try_unwrap(log).unwrap());
     assert!(rx.recv().is_err(), "feed ends when the log closes");
     let stored = AuditLog::read(&dir, &AuditFilter::default()).unwrap();
@@ -773,9 +661,7 @@ fn retention_drops_only_segments_older_than_three_years_and_chain_still_verifies
     let recs = AuditLog::read(&dir, &AuditFilter::default()).unwrap();
     assert_eq!(recs.first().unwrap().seq, 30);
     let admin = recs.iter().find(|r| r.seq == 50).unwrap();
-    assert!(
-        matches!(&admin.event, AuditEvent::Admin { action, .. } if action == "audit-retention")
-    );
+    assert!(matches!(&admin.event, AuditEvent::Admin { action, .. } if action == "audit-retention"));
 
     let (_, open) = AuditLog::open(&dir, key(), c.clone(), clk.clone()).unwrap();
     assert_eq!((open.records, open.retired_segments), (52, 3));
@@ -788,22 +674,12 @@ fn retention_drops_only_segments_older_than_three_years_and_chain_still_verifies
     let tampered = root.path().join("t2");
     copy_dir(&dir, &tampered);
     let r = fs::read_to_string(tampered.join("RETIRED")).unwrap();
-    fs::write(
-        tampered.join("RETIRED"),
-        r.replacen("\"last_seq\":29", "\"last_seq\":28", 1),
-    )
-    .unwrap();
+    fs::write(tampered.join("RETIRED"), r.replacen("\"last_seq\":29", "\"last_seq\":28", 1)).unwrap();
     assert!(!AuditLog::verify(&tampered, &key()).unwrap().ok());
 
     // Retention below three years is refused outright.
-    let short = AuditConfig {
-        retention_days: 365,
-        ..c
-    };
-    assert!(matches!(
-        AuditLog::open(&dir, key(), short, clk),
-        Err(Error::InvalidConfig { .. })
-    ));
+    let short = AuditConfig { retention_days: 365, ..c };
+    assert!(matches!(AuditLog::open(&dir, key(), short, clk), Err(Error::InvalidConfig { .. })));
 }
 
 #[test]
@@ -828,20 +704,11 @@ fn rekey_resigns_everything_and_keeps_records() {
     assert!(rep.ok(), "{rep:?}");
     assert_eq!(rep.retired_segments, 2);
     assert!(matches!(AuditLog::verify(&dir, &key()), Err(Error::Key(_))));
-    assert!(matches!(
-        AuditLog::rekey(&dir, &key(), &new),
-        Err(Error::Key(_))
-    ));
-    assert_eq!(
-        AuditLog::read(&dir, &AuditFilter::default()).unwrap(),
-        before
-    );
+    assert!(matches!(AuditLog::rekey(&dir, &key(), &new), Err(Error::Key(_))));
+    assert_eq!(AuditLog::read(&dir, &AuditFilter::default()).unwrap(), before);
     let (log, open) = AuditLog::open(&dir, new.clone(), c, clk).unwrap();
     assert_eq!(open.records, 27);
-    log.append(AuditEvent::KeyRotation {
-        operator: "admin".into(),
-    })
-    .unwrap();
+    log.append(AuditEvent::KeyRotation { operator: "admin".into() }).unwrap();
     drop(log);
     assert!(AuditLog::verify(&dir, &new).unwrap().ok());
 }
@@ -850,31 +717,16 @@ fn rekey_resigns_everything_and_keeps_records() {
 fn concurrent_group_commit_appends_are_gap_free() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("audit");
-    let c = cfg(
-        300,
-        128,
-        Durability::GroupCommit {
-            max_delay_us: 200,
-            max_batch: 64,
-            linger_us: 2000,
-        },
-    );
+    let c = cfg(300, 128, Durability::GroupCommit { max_delay_us: 200, max_batch: 64, linger_us: 2000 });
     let (log, _) = AuditLog::open(&dir, key(), c, clock()).unwrap();
     let log = Arc::new(log);
     let handles: Vec<_> = (0..8)
         .map(|t| {
             let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                (0..100)
-                    .map(|i| log.append(event(t * 1000 + i)).unwrap())
-                    .collect::<Vec<_>>()
-            })
+            std::thread::spawn(move || (0..100).map(|i| log.append(event(t * 1000 + i)).unwrap()).collect::<Vec<_>>())
         })
         .collect();
-    let mut seqs: Vec<u64> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
+    let mut seqs: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
     seqs.sort();
     assert_eq!(seqs, (0..800).collect::<Vec<_>>());
     // Verification of a live log: the writer is idle, so it is clean.
@@ -882,10 +734,7 @@ fn concurrent_group_commit_appends_are_gap_free() {
     assert!(rep.ok() && !rep.torn_tail && rep.records == 800, "{rep:?}");
     drop(log);
     let rep = AuditLog::verify(&dir, &key()).unwrap();
-    assert!(
-        rep.ok() && rep.records == 800 && rep.segments == 3,
-        "{rep:?}"
-    );
+    assert!(rep.ok() && rep.records == 800 && rep.segments == 3, "{rep:?}");
 }
 
 /// Every way of committing at once: blocking appends (callers lead commits), tickets kept in
@@ -968,10 +817,7 @@ fn every_record_durability_and_reopen_after_segment_fills() {
         }
     }
     let rep = AuditLog::verify(&dir, &key()).unwrap();
-    assert!(
-        rep.ok() && rep.records == 15 && rep.segments == 3,
-        "{rep:?}"
-    );
+    assert!(rep.ok() && rep.records == 15 && rep.segments == 3, "{rep:?}");
 }
 
 #[test]
@@ -989,10 +835,7 @@ fn removing_any_single_line_or_flipping_any_byte_of_the_log_end_is_detected() {
             m.remove(i);
             fs::write(dir.join(seg.file_name().unwrap()), m.concat()).unwrap();
             let rep = AuditLog::verify(&dir, &key()).unwrap();
-            assert!(
-                !rep.ok(),
-                "removing line {i} of segment {si} went unnoticed"
-            );
+            assert!(!rep.ok(), "removing line {i} of segment {si} went unnoticed");
             fs::remove_dir_all(&dir).unwrap();
             checked += 1;
         }
@@ -1006,20 +849,13 @@ fn removing_any_single_line_or_flipping_any_byte_of_the_log_end_is_detected() {
     let dir = root.path().join("flip");
     copy_dir(&base, &dir);
     let head = fs::read(base.join("HEAD")).unwrap();
-    for (file, orig, start) in [
-        (dir.join(last.file_name().unwrap()), &bytes, from),
-        (dir.join("HEAD"), &head, 0),
-    ] {
+    for (file, orig, start) in [(dir.join(last.file_name().unwrap()), &bytes, from), (dir.join("HEAD"), &head, 0)] {
         for at in start..orig.len() {
             let mut b = orig.clone();
             b[at] ^= 0x01;
             fs::write(&file, &b).unwrap();
             let rep = AuditLog::verify(&dir, &key()).unwrap();
-            assert!(
-                !rep.ok(),
-                "flipping byte {at} of {} went unnoticed",
-                file.display()
-            );
+            assert!(!rep.ok(), "flipping byte {at} of {} went unnoticed", file.display());
         }
         fs::write(&file, orig).unwrap();
     }
@@ -1033,8 +869,7 @@ fn removing_any_single_line_or_flipping_any_byte_of_the_log_end_is_detected() {
 fn submitted_records_are_durable_when_their_ticket_returns() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("audit");
-    let (log, _) =
-        AuditLog::open(&dir, key(), cfg(64, 16, Durability::default()), clock()).unwrap();
+    let (log, _) = AuditLog::open(&dir, key(), cfg(64, 16, Durability::default()), clock()).unwrap();
     let tickets: Vec<AuditTicket> = (0..200).map(|i| log.submit(event(i)).unwrap()).collect();
     let dropped = log.submit(event(999)).unwrap();
     assert_eq!(dropped.seqs(), 200..201);

@@ -27,11 +27,7 @@ fn cfg() -> AuditConfig {
         device: "crash-dev".into(),
         segment_max_records: 700,
         checkpoint_every: 64,
-        durability: Durability::GroupCommit {
-            max_delay_us: 0,
-            max_batch: 256,
-            linger_us: 2000,
-        },
+        durability: Durability::GroupCommit { max_delay_us: 0, max_batch: 256, linger_us: 2000 },
         ..Default::default()
     }
 }
@@ -93,13 +89,7 @@ fn kill_9_during_heavy_appending_loses_no_confirmed_record() {
     let mut repaired = 0;
     for (round, kill_after) in [400usize, 1500, 60, 2500, 900].into_iter().enumerate() {
         let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "crash_child_writer",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", "crash_child_writer", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, &dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -128,14 +118,8 @@ fn kill_9_during_heavy_appending_loses_no_confirmed_record() {
             }
         }
         let status = child.wait().unwrap();
-        assert!(
-            !status.success(),
-            "round {round}: the child was meant to be killed"
-        );
-        assert!(
-            seen >= kill_after,
-            "round {round}: child stopped after {seen} records"
-        );
+        assert!(!status.success(), "round {round}: the child was meant to be killed");
+        assert!(seen >= kill_after, "round {round}: child stopped after {seen} records");
 
         let rep = AuditLog::verify(&dir, &key()).unwrap();
         assert!(rep.ok(), "round {round}: {rep:?}");
@@ -145,26 +129,12 @@ fn kill_9_during_heavy_appending_loses_no_confirmed_record() {
         }
         drop(log);
         let rep = AuditLog::verify(&dir, &key()).unwrap();
-        assert!(
-            rep.ok() && !rep.torn_tail,
-            "round {round} after open: {rep:?}"
-        );
+        assert!(rep.ok() && !rep.torn_tail, "round {round} after open: {rep:?}");
 
-        let stored: BTreeSet<u64> = AuditLog::read(&dir, &AuditFilter::default())
-            .unwrap()
-            .into_iter()
-            .map(|r| r.seq)
-            .collect();
+        let stored: BTreeSet<u64> = AuditLog::read(&dir, &AuditFilter::default()).unwrap().into_iter().map(|r| r.seq).collect();
         let missing: Vec<u64> = confirmed.difference(&stored).copied().collect();
-        assert!(
-            missing.is_empty(),
-            "round {round}: confirmed but lost: {missing:?}"
-        );
-        assert_eq!(
-            stored.len() as u64,
-            rep.records,
-            "round {round}: seqs are gap-free"
-        );
+        assert!(missing.is_empty(), "round {round}: confirmed but lost: {missing:?}");
+        assert_eq!(stored.len() as u64, rep.records, "round {round}: seqs are gap-free");
         eprintln!(
             "round {round}: killed after {seen} confirmed; log holds {} records in {} segments; torn tail: {:?}",
             rep.records, rep.segments, open.torn_tail_repaired

@@ -195,8 +195,8 @@ fn exif_orientation_is_applied() {
     let shown = decode_bytes(&tagged, &ImageLimits::default()).unwrap();
     assert_eq!((shown.width(), shown.height()), (upright.width(), upright.height()));
     // Same picture up to JPEG re-encoding (the wrong turn would differ wildly).
-    let mad = upright.as_raw().iter().zip(shown.as_raw()).map(|(a, b)| f64::from(a.abs_diff(*b))).sum::<f64>()
-        / upright.as_raw().len() as f64;
+    let mad =
+        upright.as_raw().iter().zip(shown.as_raw()).map(|(a, b)| f64::from(a.abs_diff(*b))).sum::<f64>() / upright.as_raw().len() as f64;
     assert!(mad < 6.0, "mean abs difference {mad}");
     // The face is found upright, with nearly the same embedding.
     let a = pipeline().process_image(&upright, true).unwrap();

@@ -35,7 +35,11 @@ fn gallery(dir: &Path) -> (Engine, QueryContext) {
     let e = EngineBuilder::new(dir.join("g")).key(key).create(cfg).unwrap();
     let op = Operator::new("batch-test").unwrap();
     for (who, img) in [("barack", "obama.jpg"), ("joe", "biden.jpg")] {
-        e.record_consent(&op, ConsentRecord::new(format!("f-{who}"), who, ConsentBasis::SeparateConsent, vec![door.clone()], "clerk", AgeBracket::Adult)).unwrap();
+        e.record_consent(
+            &op,
+            ConsentRecord::new(format!("f-{who}"), who, ConsentBasis::SeparateConsent, vec![door.clone()], "clerk", AgeBracket::Adult),
+        )
+        .unwrap();
         let req = Enrolment::new(SubjectId::new(who).unwrap(), format!("f-{who}"), vec![door.clone()], Vec::new());
         facematch::probe::enrol_image(&e, pipeline(), &op, &std::fs::read(samples().join(img)).unwrap(), req).unwrap();
     }
@@ -106,15 +110,25 @@ fn batch_results_equal_the_one_at_a_time_calls_in_input_order() {
     for (item, claim) in got.iter().zip(&claims) {
         assert_eq!(item.input, *claim);
         let Ok(BatchOutput::Verified(b)) = &item.result else { panic!("{:?}", item.result) };
-        let one = facematch::probe::verify_image(&e, pipeline(), &ctx, &std::fs::read(&claim.path).unwrap(), claim.subject.as_ref().unwrap()).unwrap();
+        let one =
+            facematch::probe::verify_image(&e, pipeline(), &ctx, &std::fs::read(&claim.path).unwrap(), claim.subject.as_ref().unwrap())
+                .unwrap();
         assert_eq!((b.face, b.faces_found, b.faces_discarded), (one.face, one.faces_found, one.faces_discarded));
         assert_eq!((&b.verification.decision, b.verification.score), (&one.verification.decision, one.verification.score));
     }
     let mut got = Vec::new();
-    run_images(pipeline(), &BatchJob::Faces { embeddings: true }, paths.iter().cloned().map(BatchInput::new), &opts, &stop, &mut |_| {}, &mut |item| {
-        got.push(item);
-        Ok(())
-    })
+    run_images(
+        pipeline(),
+        &BatchJob::Faces { embeddings: true },
+        paths.iter().cloned().map(BatchInput::new),
+        &opts,
+        &stop,
+        &mut |_| {},
+        &mut |item| {
+            got.push(item);
+            Ok(())
+        },
+    )
     .unwrap();
     for (item, path) in got.iter().zip(&paths) {
         let Ok(BatchOutput::Faces(b)) = &item.result else { panic!("{:?}", item.result) };
@@ -138,15 +152,23 @@ fn intake_stays_within_the_window_and_cancel_stops_it() {
     let (threads, window) = (2, 3);
     let mut delivered = 0u64;
     let mut max_ahead = 0u64;
-    let s = run_images(pipeline(), &BatchJob::Faces { embeddings: false }, inputs.map(BatchInput::new), &BatchOptions { threads, window }, &stop, &mut |_| {}, &mut |item| {
-        assert_eq!(item.index, delivered);
-        delivered += 1;
-        max_ahead = max_ahead.max(pulled.load(Ordering::SeqCst) - delivered);
-        if delivered == 20 {
-            stop.store(true, Ordering::SeqCst);
-        }
-        Ok(())
-    })
+    let s = run_images(
+        pipeline(),
+        &BatchJob::Faces { embeddings: false },
+        inputs.map(BatchInput::new),
+        &BatchOptions { threads, window },
+        &stop,
+        &mut |_| {},
+        &mut |item| {
+            assert_eq!(item.index, delivered);
+            delivered += 1;
+            max_ahead = max_ahead.max(pulled.load(Ordering::SeqCst) - delivered);
+            if delivered == 20 {
+                stop.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        },
+    )
     .unwrap();
     // window items in flight, plus the one the feeder holds while it waits.
     assert!(max_ahead <= window as u64 + 1, "intake ran {max_ahead} ahead of the sink");
@@ -226,7 +248,21 @@ fn bad_inputs_are_error_rows_and_the_run_completes() {
     let g = d.path().join("g");
     let csv_out = d.path().join("bad.csv");
     for format in ["jsonl", "csv"] {
-        let r = fm(d.path(), &["identify", "-g", g.to_str().unwrap(), "--purpose", "door-access", dir.to_str().unwrap(), "--format", format, "--out", csv_out.to_str().unwrap()]);
+        let r = fm(
+            d.path(),
+            &[
+                "identify",
+                "-g",
+                g.to_str().unwrap(),
+                "--purpose",
+                "door-access",
+                dir.to_str().unwrap(),
+                "--format",
+                format,
+                "--out",
+                csv_out.to_str().unwrap(),
+            ],
+        );
         assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
         let err = text(&r.stderr);
         assert_eq!(err.lines().count(), 1, "stderr is not one summary line: {err:?}");
@@ -271,7 +307,19 @@ fn a_run_killed_with_sigkill_resumes_with_every_input_exactly_once() {
     let list_file = d.path().join("list.txt");
     std::fs::write(&list_file, list.join("\n") + "\n").unwrap();
     let out = d.path().join("out.jsonl");
-    let args = ["identify", "-g", g.to_str().unwrap(), "--purpose", "door-access", "--from-list", list_file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--threads", "2"];
+    let args = [
+        "identify",
+        "-g",
+        g.to_str().unwrap(),
+        "--purpose",
+        "door-access",
+        "--from-list",
+        list_file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--threads",
+        "2",
+    ];
     let mut child = Command::new(env!("CARGO_BIN_EXE_facematch"))
         .args(args)
         .env("FACEMATCH_KEY", std::fs::read_to_string(d.path().join("key")).unwrap().trim())
@@ -366,7 +414,10 @@ fn bulk_consent_and_enrolment_from_a_folder() {
     assert_eq!(got, [("barack", Some(1)), ("barack", Some(2)), ("joe", Some(3)), ("stranger", None)]);
     assert!(lines[3]["error"].as_str().unwrap().contains("stranger has no recorded consent"), "{}", lines[3]);
 
-    let r = fm(d.path(), &["identify", "-g", g.to_str().unwrap(), "--purpose", "door-access", "-q", samples().join("obama3.jpg").to_str().unwrap()]);
+    let r = fm(
+        d.path(),
+        &["identify", "-g", g.to_str().unwrap(), "--purpose", "door-access", "-q", samples().join("obama3.jpg").to_str().unwrap()],
+    );
     assert!(r.status.success(), "{}", text(&r.stderr));
     assert!(text(&r.stdout).contains("\"subject\":\"barack\""));
     let r = fm(d.path(), &["audit", "verify", "-g", g.to_str().unwrap()]);
@@ -387,7 +438,19 @@ fn ctrl_c_stops_intake_flushes_and_resume_carries_on() {
     let list_file = d.path().join("list.txt");
     std::fs::write(&list_file, list.join("\n") + "\n").unwrap();
     let out = d.path().join("out.csv");
-    let args = ["identify", "-g", g.to_str().unwrap(), "--purpose", "door-access", "--from-list", list_file.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", "csv"];
+    let args = [
+        "identify",
+        "-g",
+        g.to_str().unwrap(),
+        "--purpose",
+        "door-access",
+        "--from-list",
+        list_file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--format",
+        "csv",
+    ];
     let child = Command::new(env!("CARGO_BIN_EXE_facematch"))
         .args(args)
         .env("FACEMATCH_KEY", std::fs::read_to_string(d.path().join("key")).unwrap().trim())
@@ -396,7 +459,9 @@ fn ctrl_c_stops_intake_flushes_and_resume_carries_on() {
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while std::fs::read(&out).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0) < 10 && started.elapsed() < std::time::Duration::from_secs(120) {
+    while std::fs::read(&out).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0) < 10
+        && started.elapsed() < std::time::Duration::from_secs(120)
+    {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
@@ -435,13 +500,21 @@ fn verify_pairs_from_a_csv() {
     let rows = [("obama2.jpg", "barack"), ("biden.jpg", "barack"), ("biden.jpg", "joe"), ("missing.jpg", "joe"), ("obama3.jpg", "nobody")];
     let body: String = rows.iter().map(|(i, w)| format!("{},{w}\n", s.join(i).display())).collect();
     std::fs::write(&pairs, format!("image,subject\n{body}")).unwrap();
-    let r = fm(d.path(), &["verify", "-g", d.path().join("g").to_str().unwrap(), "--purpose", "door-access", "--pairs", pairs.to_str().unwrap(), "-q"]);
+    let r = fm(
+        d.path(),
+        &["verify", "-g", d.path().join("g").to_str().unwrap(), "--purpose", "door-access", "--pairs", pairs.to_str().unwrap(), "-q"],
+    );
     assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
     let lines: Vec<serde_json::Value> = text(&r.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), rows.len());
     let got: Vec<(&str, &str)> = lines
         .iter()
-        .map(|l| (l["subject"].as_str().unwrap(), l["result"]["verification"]["decision"]["decision"].as_str().unwrap_or(if l["error"].is_string() { "error" } else { "?" })))
+        .map(|l| {
+            (
+                l["subject"].as_str().unwrap(),
+                l["result"]["verification"]["decision"]["decision"].as_str().unwrap_or(if l["error"].is_string() { "error" } else { "?" }),
+            )
+        })
         .collect();
     assert_eq!(got, [("barack", "match"), ("barack", "no_match"), ("joe", "match"), ("joe", "error"), ("nobody", "error")]);
 }

@@ -25,12 +25,34 @@ fn import_search_withdraw_and_audit_from_the_command_line() {
     let (ok, _, err) = fm(&["init", "-g", g, "--dim", "32", "--model-id", "synthetic", "--purpose", "door-access:30"], &key);
     assert!(ok, "{err}");
 
-    let set = facematch::synth::generate(&facematch::synth::SynthConfig { dim: 32, identities: 200, queries: 20, effective_dim: 24.0, ..Default::default() }).unwrap();
+    let set = facematch::synth::generate(&facematch::synth::SynthConfig {
+        dim: 32,
+        identities: 200,
+        queries: 20,
+        effective_dim: 24.0,
+        ..Default::default()
+    })
+    .unwrap();
     let npy = d.path().join("g.npy");
     facematch::npy::write_f32_matrix(&npy, &set.gallery, 200, 32).unwrap();
     let manifest = d.path().join("subjects.txt");
     std::fs::write(&manifest, (0..200).map(|i| format!("person-{i}\n")).collect::<String>()).unwrap();
-    let (ok, out, err) = fm(&["import", "-g", g, "--embeddings", npy.to_str().unwrap(), "--manifest", manifest.to_str().unwrap(), "--purpose", "door-access", "--consent-basis", "written"], &key);
+    let (ok, out, err) = fm(
+        &[
+            "import",
+            "-g",
+            g,
+            "--embeddings",
+            npy.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--purpose",
+            "door-access",
+            "--consent-basis",
+            "written",
+        ],
+        &key,
+    );
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["imported"], 200);
@@ -59,8 +81,24 @@ fn import_search_withdraw_and_audit_from_the_command_line() {
 
     // calibrate a threshold on the probes (labels: subject or empty line) and apply it
     let labels = d.path().join("labels.txt");
-    std::fs::write(&labels, set.query_identity.iter().map(|q| q.map(|i| format!("person-{i}")).unwrap_or_default() + "\n").collect::<String>()).unwrap();
-    let cal = ["calibrate", "-g", g, "--purpose", "door-access", "--mode", "verify", "--embeddings", q.to_str().unwrap(), "--labels", labels.to_str().unwrap()];
+    std::fs::write(
+        &labels,
+        set.query_identity.iter().map(|q| q.map(|i| format!("person-{i}")).unwrap_or_default() + "\n").collect::<String>(),
+    )
+    .unwrap();
+    let cal = [
+        "calibrate",
+        "-g",
+        g,
+        "--purpose",
+        "door-access",
+        "--mode",
+        "verify",
+        "--embeddings",
+        q.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+    ];
     let (ok, out, err) = fm(&[&cal[..], &["--target", "0.01", "--apply"]].concat(), &key);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -127,7 +165,10 @@ fn import_is_checked_first_and_resumable() {
     facematch::npy::write_f32_matrix(&npy, &rows, 5, 8).unwrap();
     let manifest = d.path().join("m.txt");
     let args = |m: &str| -> Vec<String> {
-        ["import", "-g", g, "--embeddings", npy.to_str().unwrap(), "--manifest", m, "--purpose", "door-access"].iter().map(|s| s.to_string()).collect()
+        ["import", "-g", g, "--embeddings", npy.to_str().unwrap(), "--manifest", m, "--purpose", "door-access"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     };
     // No basis stated: refused by the command line.
     std::fs::write(&manifest, "a\nb\nc\nd\ne\n").unwrap();

@@ -76,7 +76,8 @@ fn guardian_consent_minor_under_14_without_guardian_cannot_be_enrolled() {
     let r = e.enrol(&op(), Enrolment::new(subject("kid"), "consent-kid", vec![purpose("door-access")], vector(4)));
     assert!(r.is_err());
     // With a guardian's consent it is allowed.
-    let mut c = ConsentRecord::new("consent-kid", "kid", ConsentBasis::SeparateConsent, vec![purpose("door-access")], "clerk", AgeBracket::Under14);
+    let mut c =
+        ConsentRecord::new("consent-kid", "kid", ConsentBasis::SeparateConsent, vec![purpose("door-access")], "clerk", AgeBracket::Under14);
     c.guardian = Some(GuardianConsent { guardian: "guardian-of-kid".into(), relationship: "father".into() });
     e.record_consent(&op(), c).unwrap();
     e.enrol(&op(), Enrolment::new(subject("kid"), "consent-kid", vec![purpose("door-access")], vector(4))).unwrap();
@@ -90,7 +91,8 @@ fn consent_withdrawal_erases_every_template_at_once() {
     let base = vector(5);
     let cid = consent(&e, "dana", &["door-access", "payment"], AgeBracket::Adult).unwrap();
     for s in 0..3 {
-        e.enrol(&op(), Enrolment::new(subject("dana"), cid.clone(), vec![purpose("door-access"), purpose("payment")], near(&base, s, 0.1))).unwrap();
+        e.enrol(&op(), Enrolment::new(subject("dana"), cid.clone(), vec![purpose("door-access"), purpose("payment")], near(&base, s, 0.1)))
+            .unwrap();
     }
     for i in 10..30u64 {
         enrol(&e, &format!("x{i}"), &["door-access"], vector(i));
@@ -220,7 +222,9 @@ fn encryption_key_rotation_re_encrypts_the_store() {
     assert!(matches!(open(d.path(), &old, clock()), Err(Error::Key(_))));
     let e = open(d.path(), &new, clock()).unwrap();
     assert!(e.verify(&ctx("door-access"), &v, &subject("ida")).unwrap().decision.is_match());
-    let report = facematch::audit::AuditLog::verify(&d.path().join("audit"), &facematch::audit::AuditKey::from_bytes(new.audit_key_bytes())).unwrap();
+    let report =
+        facematch::audit::AuditLog::verify(&d.path().join("audit"), &facematch::audit::AuditKey::from_bytes(new.audit_key_bytes()))
+            .unwrap();
     assert!(report.ok(), "{report:?}");
 }
 
@@ -362,7 +366,9 @@ fn thresholds_changes_are_versioned_and_audited() {
     assert!(e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 1.5).is_err());
     drop(e);
     let recs = facematch::audit::AuditLog::read(&d.path().join("audit"), &Default::default()).unwrap();
-    assert!(recs.iter().any(|r| matches!(&r.event, facematch::audit::AuditEvent::ThresholdChange { new, version: 2, .. } if (*new - 0.55).abs() < 1e-6)));
+    assert!(recs
+        .iter()
+        .any(|r| matches!(&r.event, facematch::audit::AuditEvent::ThresholdChange { new, version: 2, .. } if (*new - 0.55).abs() < 1e-6)));
 }
 
 #[test]
@@ -378,7 +384,8 @@ fn records_of_processing_every_query_has_an_audit_record_without_biometrics() {
     let recs = facematch::audit::AuditLog::read(&d.path().join("audit"), &Default::default()).unwrap();
     let queries: Vec<_> = recs.iter().filter(|r| matches!(r.event, facematch::audit::AuditEvent::Query(_))).collect();
     assert_eq!(queries.len(), 2);
-    let text = std::fs::read_dir(d.path().join("audit")).unwrap().map(|f| std::fs::read(f.unwrap().path()).unwrap()).collect::<Vec<_>>().concat();
+    let text =
+        std::fs::read_dir(d.path().join("audit")).unwrap().map(|f| std::fs::read(f.unwrap().path()).unwrap()).collect::<Vec<_>>().concat();
     let n = facematch::engine::normalise(DIM, &v).unwrap();
     assert!(!contains(&text, &f32_bytes(&n)[..12]));
     // No JSON array of many numbers (an embedding or score vector) in any record.

@@ -92,7 +92,11 @@ fn a_flipped_length_byte_is_refused_with_its_offset_and_changes_nothing() {
             }
             other => panic!("snapshot {keep_snapshot}: expected DataCorruption, got {:?}", other.map(|e| e.stats().templates)),
         }
-        assert_eq!(changed(&before, &snapshot(t.path())), Vec::<PathBuf>::new(), "snapshot {keep_snapshot}: the refused open changed files");
+        assert_eq!(
+            changed(&before, &snapshot(t.path())),
+            Vec::<PathBuf>::new(),
+            "snapshot {keep_snapshot}: the refused open changed files"
+        );
     }
 }
 
@@ -284,7 +288,13 @@ fn fifos_and_devices_as_inputs_are_clear_errors_that_do_not_block() {
     let key = t.path().join("key");
     let g = t.path().join("g");
     assert!(fm().args(["keygen", "--out"]).arg(&key).status().unwrap().success());
-    let ok = fm().args(["init", "-g"]).arg(&g).arg("--key-file").arg(&key).args(["--dim", "8", "--model-id", "m", "--purpose", "door-access:30"]).status();
+    let ok = fm()
+        .args(["init", "-g"])
+        .arg(&g)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--dim", "8", "--model-id", "m", "--purpose", "door-access:30"])
+        .status();
     assert!(ok.unwrap().success());
     let fifo = t.path().join("fifo");
     mkfifo(&fifo);
@@ -297,15 +307,53 @@ fn fifos_and_devices_as_inputs_are_clear_errors_that_do_not_block() {
         ("zero key", vec!["stats".into(), "-g".into(), g.clone().into(), "--key-file".into(), "/dev/zero".into()]),
         (
             "fifo manifest",
-            vec!["import".into(), "-g".into(), g.clone().into(), "--key-file".into(), key.clone().into(), "--embeddings".into(), npy.clone().into(), "--manifest".into(), fifo.clone().into(), "--purpose".into(), "door-access".into(), "--consent-basis".into(), "written".into()],
+            vec![
+                "import".into(),
+                "-g".into(),
+                g.clone().into(),
+                "--key-file".into(),
+                key.clone().into(),
+                "--embeddings".into(),
+                npy.clone().into(),
+                "--manifest".into(),
+                fifo.clone().into(),
+                "--purpose".into(),
+                "door-access".into(),
+                "--consent-basis".into(),
+                "written".into(),
+            ],
         ),
         (
             "zero manifest",
-            vec!["import".into(), "-g".into(), g.clone().into(), "--key-file".into(), key.clone().into(), "--embeddings".into(), npy.clone().into(), "--manifest".into(), "/dev/zero".into(), "--purpose".into(), "door-access".into(), "--consent-basis".into(), "written".into()],
+            vec![
+                "import".into(),
+                "-g".into(),
+                g.clone().into(),
+                "--key-file".into(),
+                key.clone().into(),
+                "--embeddings".into(),
+                npy.clone().into(),
+                "--manifest".into(),
+                "/dev/zero".into(),
+                "--purpose".into(),
+                "door-access".into(),
+                "--consent-basis".into(),
+                "written".into(),
+            ],
         ),
         (
             "fifo embeddings",
-            vec!["search".into(), "-g".into(), g.clone().into(), "--key-file".into(), key.clone().into(), "--embeddings".into(), fifo.clone().into(), "--purpose".into(), "door-access".into()],
+            vec![
+                "search".into(),
+                "-g".into(),
+                g.clone().into(),
+                "--key-file".into(),
+                key.clone().into(),
+                "--embeddings".into(),
+                fifo.clone().into(),
+                "--purpose".into(),
+                "door-access".into(),
+            ],
         ),
     ];
     for (what, args) in cases {
@@ -348,7 +396,8 @@ fn single_byte_flips_and_truncations_never_destroy_or_lose_anything() {
         })
         .collect();
     assert!(files.len() >= 4, "{files:?}");
-    let mut runner = TestRunner::new_with_rng(Config { cases: 120, ..Config::default() }, TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]));
+    let mut runner =
+        TestRunner::new_with_rng(Config { cases: 120, ..Config::default() }, TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]));
     let strategy = (0..files.len(), any::<prop::sample::Index>(), 1u8..=255, any::<bool>());
     let outcomes = std::cell::RefCell::new(BTreeMap::<String, usize>::new());
     runner
@@ -444,7 +493,10 @@ fn repair_cuts_a_damaged_log_keeps_what_it_removes_and_erasures_still_hold() {
 
     let r = EngineBuilder::new(&g).key(key.clone()).clock(clock()).repair(&op(), true).unwrap();
     assert!(r.applied);
-    assert!(r.plan.actions.iter().any(|a| matches!(a, facematch::store::repair::RepairAction::CutLog { at: cut, .. } if *cut == at as u64)), "{r:?}");
+    assert!(
+        r.plan.actions.iter().any(|a| matches!(a, facematch::store::repair::RepairAction::CutLog { at: cut, .. } if *cut == at as u64)),
+        "{r:?}"
+    );
     // What was cut is kept, byte for byte.
     let kept = std::fs::read(r.repair_dir.as_ref().unwrap().join(format!("templates.log.from-byte-{at}"))).unwrap();
     assert!(kept == log[at..], "the copy of the cut bytes differs");

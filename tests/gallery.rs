@@ -257,7 +257,8 @@ fn acknowledged_enrolments_survive_kill_9() {
     for t in &acked {
         assert!(e.template(*t).is_ok(), "acknowledged template {t} lost after kill -9");
     }
-    let a = facematch::audit::AuditLog::verify(&d.path().join("audit"), &facematch::audit::AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
+    let a = facematch::audit::AuditLog::verify(&d.path().join("audit"), &facematch::audit::AuditKey::from_bytes(key.audit_key_bytes()))
+        .unwrap();
     assert!(a.first_bad.is_none(), "{a:?}");
 }
 
@@ -330,11 +331,8 @@ fn every_answered_query_has_its_audit_record_after_kill_9() {
     // Reopening repairs a torn tail if there is one; then every answered query's record is there.
     drop(open(d.path(), &key, clock()).unwrap());
     let recs = facematch::audit::AuditLog::read(&adir, &Default::default()).unwrap();
-    let seqs: std::collections::HashSet<u64> = recs
-        .iter()
-        .filter(|r| matches!(r.event, facematch::audit::AuditEvent::Query(_)))
-        .map(|r| r.seq)
-        .collect();
+    let seqs: std::collections::HashSet<u64> =
+        recs.iter().filter(|r| matches!(r.event, facematch::audit::AuditEvent::Query(_))).map(|r| r.seq).collect();
     for s in &answered {
         assert!(seqs.contains(s), "answered query with audit seq {s} has no record after kill -9");
     }
@@ -356,7 +354,18 @@ fn calibrated_thresholds_meet_their_false_match_target_on_held_out_probes() {
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
     let e = facematch::engine::EngineBuilder::new(d.path()).key(MasterKey::generate()).clock(clock()).create(cfg).unwrap();
     let name = |i: u32| subject(&format!("p{i}"));
-    let consents = (0..1_000u32).map(|i| ConsentRecord::new(format!("c{i}"), &format!("p{i}"), ConsentBasis::SeparateConsent, vec![door.clone()], "t", facematch::compliance::AgeBracket::Adult)).collect();
+    let consents = (0..1_000u32)
+        .map(|i| {
+            ConsentRecord::new(
+                format!("c{i}"),
+                &format!("p{i}"),
+                ConsentBasis::SeparateConsent,
+                vec![door.clone()],
+                "t",
+                facematch::compliance::AgeBracket::Adult,
+            )
+        })
+        .collect();
     e.record_consents(&op(), consents).unwrap();
     let enrol = (0..set.gallery_rows()).map(|r| {
         let id = set.gallery_identity[r];
@@ -391,11 +400,17 @@ fn calibrated_thresholds_meet_their_false_match_target_on_held_out_probes() {
 
     // Clear errors: a target the set cannot resolve, rows that do not match the labels, an undeclared purpose.
     assert!(matches!(e.calibrate_threshold(&op(), &door, Mode::Identify, cal_q, cal_l, 1e-6), Err(facematch::Error::InvalidConfig { .. })));
-    assert!(matches!(e.calibrate_threshold(&op(), &door, Mode::Identify, &cal_q[..10], cal_l, 0.1), Err(facematch::Error::WrongDimension { .. })));
+    assert!(matches!(
+        e.calibrate_threshold(&op(), &door, Mode::Identify, &cal_q[..10], cal_l, 0.1),
+        Err(facematch::Error::WrongDimension { .. })
+    ));
     assert!(e.calibrate_threshold(&op(), &purpose("payment"), Mode::Identify, cal_q, cal_l, 0.1).is_err());
 
     // The audit log says who calibrated what, without scores.
     let recs = facematch::audit::AuditLog::read(&e.audit_dir(), &Default::default()).unwrap();
-    let cal: Vec<_> = recs.iter().filter(|r| matches!(&r.event, facematch::audit::AuditEvent::Admin { action, .. } if action == "threshold-calibration")).collect();
+    let cal: Vec<_> = recs
+        .iter()
+        .filter(|r| matches!(&r.event, facematch::audit::AuditEvent::Admin { action, .. } if action == "threshold-calibration"))
+        .collect();
     assert_eq!(cal.len(), 2);
 }

@@ -164,8 +164,7 @@ fn compaction_keeps_order_vectors_and_recall() {
                 removed.push(s);
             }
         }
-        let before: Vec<(u32, Vec<f32>)> =
-            (0..3000u32).filter(|&s| ix.is_live(s)).map(|s| (s, ix.vector(s).unwrap().to_vec())).collect();
+        let before: Vec<(u32, Vec<f32>)> = (0..3000u32).filter(|&s| ix.is_live(s)).map(|s| (s, ix.vector(s).unwrap().to_vec())).collect();
         let queries = clustered(60, 32, 16);
         let map = ix.compact();
         assert_eq!(map.len(), 3000);

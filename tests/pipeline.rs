@@ -45,11 +45,7 @@ fn root() -> PathBuf {
 
 fn samples() -> PathBuf {
     let dir = root().join("data/samples");
-    assert!(
-        dir.join("obama.jpg").is_file(),
-        "sample photos missing in {}: run scripts/setup.sh first",
-        dir.display()
-    );
+    assert!(dir.join("obama.jpg").is_file(), "sample photos missing in {}: run scripts/setup.sh first", dir.display());
     dir
 }
 

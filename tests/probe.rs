@@ -38,7 +38,11 @@ fn barack_enrolled(dir: &Path) -> Barack {
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
     let e = EngineBuilder::new(dir).key(MasterKey::generate()).create(cfg).unwrap();
     let op = Operator::new("gate").unwrap();
-    e.record_consent(&op, ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk", AgeBracket::Adult)).unwrap();
+    e.record_consent(
+        &op,
+        ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk", AgeBracket::Adult),
+    )
+    .unwrap();
     let barack = SubjectId::new("barack").unwrap();
     let req = Enrolment::new(barack.clone(), "f1", vec![door.clone()], Vec::new());
     let (template, _, discarded) = facematch::probe::enrol_image(&e, pipeline(), &op, &sample("obama.jpg"), req).unwrap();

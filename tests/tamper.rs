@@ -345,7 +345,12 @@ fn the_command_line_checks_bindings_and_anchors() {
     use std::process::Command;
     let t = tempfile::tempdir().unwrap();
     let fm = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_facematch")).args(args).env("FACEMATCH_OPERATOR", "cli-test").env_remove("FACEMATCH_KEY").output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_facematch"))
+            .args(args)
+            .env("FACEMATCH_OPERATOR", "cli-test")
+            .env_remove("FACEMATCH_KEY")
+            .output()
+            .unwrap();
         (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let key = t.path().join("key");
@@ -378,7 +383,12 @@ fn the_command_line_checks_bindings_and_anchors() {
     assert_ne!(c, 0, "{out}");
     assert!(err.contains("deleted"), "{err}");
     // A malformed key in the environment is named as such.
-    let o = Command::new(env!("CARGO_BIN_EXE_facematch")).args(["stats", "-g", gs]).env("FACEMATCH_KEY", "garbage").env("FACEMATCH_OPERATOR", "x").output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_facematch"))
+        .args(["stats", "-g", gs])
+        .env("FACEMATCH_KEY", "garbage")
+        .env("FACEMATCH_OPERATOR", "x")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("FACEMATCH_KEY is set but is not a key"), "{err}");
     // An OS error is printed once.

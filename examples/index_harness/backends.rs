@@ -183,11 +183,7 @@ pub struct TopK {
 impl TopK {
     /// An empty top-`k` list.
     pub fn new(k: usize) -> TopK {
-        TopK {
-            k,
-            items: Vec::with_capacity(k + 1),
-            floor: f32::NEG_INFINITY,
-        }
+        TopK { k, items: Vec::with_capacity(k + 1), floor: f32::NEG_INFINITY }
     }
     /// Offer one candidate.
     #[inline]
@@ -302,12 +298,7 @@ mod hnsw {
 
     impl HnswRs {
         pub fn new(m: usize, ef_construction: usize) -> Self {
-            HnswRs {
-                m,
-                ef_construction,
-                dim: 0,
-                index: None,
-            }
+            HnswRs { m, ef_construction, dim: 0, index: None }
         }
     }
 
@@ -320,16 +311,11 @@ mod hnsw {
                 bail!("data length {} is not a multiple of dim {dim}", data.len());
             }
             let n = data.len() / dim;
-            let index =
-                Hnsw::<f32, DistDot>::new(self.m, n.max(1), 16, self.ef_construction, DistDot);
+            let index = Hnsw::<f32, DistDot>::new(self.m, n.max(1), 16, self.ef_construction, DistDot);
             // One contiguous scaled copy (hnsw_rs copies each row again on insert; this
             // buffer is freed after the build, so the RSS delta is the index itself).
             let scaled: Vec<f32> = data.chunks_exact(dim).flat_map(safe_unit).collect();
-            let items: Vec<(&[f32], usize)> = scaled
-                .chunks_exact(dim)
-                .enumerate()
-                .map(|(i, r)| (r, i))
-                .collect();
+            let items: Vec<(&[f32], usize)> = scaled.chunks_exact(dim).enumerate().map(|(i, r)| (r, i)).collect();
             index.parallel_insert_slice(&items);
             let mut index = index;
             index.set_searching_mode(true);
@@ -338,20 +324,13 @@ mod hnsw {
             Ok(())
         }
         fn search(&self, q: &[f32], k: usize, ef: usize) -> anyhow::Result<Vec<(u32, f32)>> {
-            let index = self
-                .index
-                .as_ref()
-                .context("hnsw_rs: search before build")?;
+            let index = self.index.as_ref().context("hnsw_rs: search before build")?;
             if q.len() != self.dim {
                 bail!("query has dim {}, index {}", q.len(), self.dim);
             }
             let q = safe_unit(q);
             let scale = (1.0 / (SHRINK * SHRINK)) as f32;
-            Ok(index
-                .search(&q, k, ef.max(k))
-                .into_iter()
-                .map(|n| (n.d_id as u32, (1.0 - n.distance) * scale))
-                .collect())
+            Ok(index.search(&q, k, ef.max(k)).into_iter().map(|n| (n.d_id as u32, (1.0 - n.distance) * scale)).collect())
         }
         fn memory_bytes(&self) -> Option<usize> {
             None // hnsw_rs does not report its size; the harness's RSS delta measures it
@@ -366,17 +345,11 @@ mod tests {
     #[test]
     fn scan_matches_naive() {
         let dim = 37;
-        let data: Vec<f32> = (0..600 * dim)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
+        let data: Vec<f32> = (0..600 * dim).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let q: Vec<f32> = (0..dim).map(|i| (i as f32).cos()).collect();
         let mut top = TopK::new(5);
         scan(&q, &data, dim, &mut top);
-        let mut naive: Vec<(u32, f32)> = data
-            .chunks(dim)
-            .enumerate()
-            .map(|(i, r)| (i as u32, dot_generic(&q, r)))
-            .collect();
+        let mut naive: Vec<(u32, f32)> = data.chunks(dim).enumerate().map(|(i, r)| (i as u32, dot_generic(&q, r))).collect();
         naive.sort_by(|a, b| b.1.total_cmp(&a.1));
         let got: Vec<u32> = top.into_vec().iter().map(|x| x.0).collect();
         assert_eq!(got, naive[..5].iter().map(|x| x.0).collect::<Vec<_>>());

@@ -53,11 +53,7 @@ pub fn accuracy(
             }
         }
         let truth: Vec<u32> = ex.iter().take(k).map(|&(r, _)| r).collect();
-        overlap += res
-            .iter()
-            .take(k)
-            .filter(|(r, _)| truth.contains(r))
-            .count();
+        overlap += res.iter().take(k).filter(|(r, _)| truth.contains(r)).count();
     }
     let rate = |a: usize, b: usize| {
         if b == 0 {
@@ -79,11 +75,7 @@ pub fn accuracy(
 
 /// The lowest threshold at which at most `fpir` of the unenrolled queries are
 /// accepted by `results` (None without unenrolled queries).
-pub fn threshold_for_fpir(
-    results: &[Vec<(u32, f32)>],
-    query_identity: &[Option<u32>],
-    fpir: f64,
-) -> Option<f32> {
+pub fn threshold_for_fpir(results: &[Vec<(u32, f32)>], query_identity: &[Option<u32>], fpir: f64) -> Option<f32> {
     let mut tops: Vec<f32> = results
         .iter()
         .zip(query_identity)
@@ -103,10 +95,7 @@ pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -119,19 +108,9 @@ mod tests {
     fn open_set_counts() {
         let gallery_identity = vec![0, 1, 2];
         let queries = vec![Some(0), Some(1), None, None];
-        let exact = vec![
-            vec![(0, 0.8)],
-            vec![(1, 0.4)],
-            vec![(2, 0.6)],
-            vec![(1, 0.3)],
-        ];
+        let exact = vec![vec![(0, 0.8)], vec![(1, 0.4)], vec![(2, 0.6)], vec![(1, 0.3)]];
         // query 1: wrong top-1; query 2: impostor above threshold
-        let res = vec![
-            vec![(0, 0.8)],
-            vec![(2, 0.45)],
-            vec![(2, 0.6)],
-            vec![(1, 0.3)],
-        ];
+        let res = vec![vec![(0, 0.8)], vec![(2, 0.45)], vec![(2, 0.6)], vec![(1, 0.3)]];
         let a = accuracy(&res, &exact, &gallery_identity, &queries, 1, 0.5);
         assert_eq!(a.mate_at_1, 0.5);
         assert_eq!(a.impostors_accepted, (1, 2));

@@ -265,8 +265,7 @@ impl AuditEvent {
         match self {
             AuditEvent::Query(q) => q.purpose == purpose,
             AuditEvent::ThresholdChange { purpose: p, .. } => p == purpose,
-            AuditEvent::Enrolment { purposes, .. }
-            | AuditEvent::ConsentRecorded { purposes, .. } => purposes.iter().any(|p| p == purpose),
+            AuditEvent::Enrolment { purposes, .. } | AuditEvent::ConsentRecorded { purposes, .. } => purposes.iter().any(|p| p == purpose),
             _ => false,
         }
     }
@@ -409,15 +408,10 @@ mod tests {
         assert!(j.starts_with(r#"{"kind":"query","#), "{j}");
         let back: AuditEvent = serde_json::from_str(&j).unwrap();
         assert_eq!(back, e);
-        let e = AuditEvent::KeyRotation {
-            operator: "x".into(),
-        };
+        let e = AuditEvent::KeyRotation { operator: "x".into() };
         let j = serde_json::to_string(&e).unwrap();
         assert_eq!(j, r#"{"kind":"key_rotation","operator":"x"}"#);
-        assert_eq!(
-            EventKind::parse("consent_withdrawn"),
-            Some(EventKind::ConsentWithdrawn)
-        );
+        assert_eq!(EventKind::parse("consent_withdrawn"), Some(EventKind::ConsentWithdrawn));
         assert_eq!(EventKind::parse("nope"), None);
     }
 
@@ -453,50 +447,16 @@ mod tests {
         assert_eq!(e.subject(), Some("s1"));
         assert!(e.has_purpose("access"));
         assert!(!e.has_purpose("payment"));
-        let r = AuditRecord {
-            seq: 4,
-            time_ms: 1000,
-            site: "s".into(),
-            device: "d".into(),
-            event: e,
-            prev: String::new(),
-            hash: String::new(),
-        };
+        let r =
+            AuditRecord { seq: 4, time_ms: 1000, site: "s".into(), device: "d".into(), event: e, prev: String::new(), hash: String::new() };
         assert!(AuditFilter::default().matches(&r));
-        assert!(!AuditFilter {
-            from_ms: Some(1001),
-            ..Default::default()
-        }
-        .matches(&r));
-        assert!(!AuditFilter {
-            until_ms: Some(1000),
-            ..Default::default()
-        }
-        .matches(&r));
-        assert!(AuditFilter {
-            until_ms: Some(1001),
-            ..Default::default()
-        }
-        .matches(&r));
-        assert!(!AuditFilter {
-            kinds: vec![EventKind::Admin],
-            ..Default::default()
-        }
-        .matches(&r));
-        assert!(!AuditFilter {
-            subject: Some("s2".into()),
-            ..Default::default()
-        }
-        .matches(&r));
-        assert!(AuditFilter {
-            from_seq: Some(4),
-            ..Default::default()
-        }
-        .matches(&r));
-        let notice = AuditEvent::FilingNotice {
-            distinct_subjects: 100_000,
-            threshold: 100_000,
-        };
+        assert!(!AuditFilter { from_ms: Some(1001), ..Default::default() }.matches(&r));
+        assert!(!AuditFilter { until_ms: Some(1000), ..Default::default() }.matches(&r));
+        assert!(AuditFilter { until_ms: Some(1001), ..Default::default() }.matches(&r));
+        assert!(!AuditFilter { kinds: vec![EventKind::Admin], ..Default::default() }.matches(&r));
+        assert!(!AuditFilter { subject: Some("s2".into()), ..Default::default() }.matches(&r));
+        assert!(AuditFilter { from_seq: Some(4), ..Default::default() }.matches(&r));
+        let notice = AuditEvent::FilingNotice { distinct_subjects: 100_000, threshold: 100_000 };
         assert_eq!(notice.operator(), None);
         let mut bad = q();
         bad.top_score = Some(f32::NAN);

@@ -120,10 +120,7 @@ pub(crate) fn unseal<'a>(line: &'a [u8], field: &str) -> Option<(&'a [u8], &'a s
         return None;
     }
     let hex_part = &suffix[expect_start.len()..expect_start.len() + 64];
-    if !hex_part
-        .iter()
-        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
+    if !hex_part.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     // ASCII checked above.
@@ -216,13 +213,8 @@ pub(crate) struct Retired {
 }
 
 /// Serialize `v` (with its auth field unset) and seal it with an HMAC.
-pub(crate) fn seal_control<T: Serialize>(
-    key: &AuditKey,
-    domain: &[u8],
-    v: &T,
-) -> Result<(Vec<u8>, [u8; 32])> {
-    let body = serde_json::to_vec(v)
-        .map_err(|e| Error::Audit(format!("serialising audit control line: {e}")))?;
+pub(crate) fn seal_control<T: Serialize>(key: &AuditKey, domain: &[u8], v: &T) -> Result<(Vec<u8>, [u8; 32])> {
+    let body = serde_json::to_vec(v).map_err(|e| Error::Audit(format!("serialising audit control line: {e}")))?;
     let m = mac(key, domain, &body);
     let mut out = Vec::with_capacity(body.len() + 80);
     seal_into(&mut out, &body, "mac", &m);
@@ -230,9 +222,7 @@ pub(crate) fn seal_control<T: Serialize>(
 }
 
 /// Parse a sealed control line; returns the value and the prefix for MAC checks.
-pub(crate) fn parse_control<T: serde::de::DeserializeOwned>(
-    line: &[u8],
-) -> Option<(T, &[u8], &str)> {
+pub(crate) fn parse_control<T: serde::de::DeserializeOwned>(line: &[u8]) -> Option<(T, &[u8], &str)> {
     let (prefix, auth) = unseal(line, "mac")?;
     let v: T = serde_json::from_slice(line).ok()?;
     Some((v, prefix, auth))
@@ -240,21 +230,8 @@ pub(crate) fn parse_control<T: serde::de::DeserializeOwned>(
 
 /// Checkpoint line for (segment, seq, hash) chained to `prev_mac` under
 /// `key`; returns line and MAC.
-pub(crate) fn checkpoint_line(
-    key: &AuditKey,
-    segment: u32,
-    seq: u64,
-    hash_hex: &str,
-    prev_mac: &str,
-) -> Result<(Vec<u8>, [u8; 32])> {
-    let c = Checkpoint {
-        kind: "checkpoint".into(),
-        segment,
-        seq,
-        hash: hash_hex.to_string(),
-        prev_mac: prev_mac.to_string(),
-        mac: None,
-    };
+pub(crate) fn checkpoint_line(key: &AuditKey, segment: u32, seq: u64, hash_hex: &str, prev_mac: &str) -> Result<(Vec<u8>, [u8; 32])> {
+    let c = Checkpoint { kind: "checkpoint".into(), segment, seq, hash: hash_hex.to_string(), prev_mac: prev_mac.to_string(), mac: None };
     seal_control(key, CKPT_DOMAIN, &c)
 }
 
@@ -293,32 +270,13 @@ pub(crate) fn atomic_write(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> 
 }
 
 /// Serialized, sealed `HEAD` contents.
-pub(crate) fn head_bytes(
-    key: &AuditKey,
-    segment: u32,
-    records: u64,
-    last_hash: &str,
-) -> Result<Vec<u8>> {
-    let h = Head {
-        format: FORMAT,
-        key_id: key.id(),
-        segment,
-        records,
-        last_hash: last_hash.to_string(),
-        mac: None,
-    };
+pub(crate) fn head_bytes(key: &AuditKey, segment: u32, records: u64, last_hash: &str) -> Result<Vec<u8>> {
+    let h = Head { format: FORMAT, key_id: key.id(), segment, records, last_hash: last_hash.to_string(), mac: None };
     Ok(seal_control(key, HEAD_DOMAIN, &h)?.0)
 }
 
 /// Write `HEAD` atomically.
-pub(crate) fn write_head(
-    dir: &Path,
-    key: &AuditKey,
-    segment: u32,
-    records: u64,
-    last_hash: &str,
-    sync: bool,
-) -> Result<()> {
+pub(crate) fn write_head(dir: &Path, key: &AuditKey, segment: u32, records: u64, last_hash: &str, sync: bool) -> Result<()> {
     let b = head_bytes(key, segment, records, last_hash)?;
     atomic_write(dir, HEAD_FILE, &b, sync)
 }

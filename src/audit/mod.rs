@@ -94,16 +94,14 @@
 //! assert_eq!(report.records, 1);
 //! ```
 
+mod direct;
 mod event;
 mod format;
-mod direct;
 mod log;
 mod scan;
 mod space;
 
-pub use event::{
-    AuditEvent, AuditFilter, AuditRecord, DecisionKind, EventKind, QueryAudit, QueryMode,
-};
+pub use event::{AuditEvent, AuditFilter, AuditRecord, DecisionKind, EventKind, QueryAudit, QueryMode};
 pub use format::genesis_hash;
 pub use log::{AuditLog, AuditStats, AuditTicket, SUBSCRIBER_BACKLOG};
 pub use scan::{BadRecord, OpenReport, TornTail, VerifyReport};
@@ -157,11 +155,7 @@ pub enum Durability {
 
 impl Default for Durability {
     fn default() -> Self {
-        Durability::GroupCommit {
-            max_delay_us: 0,
-            max_batch: 4096,
-            linger_us: default_linger_us(),
-        }
+        Durability::GroupCommit { max_delay_us: 0, max_batch: 4096, linger_us: default_linger_us() }
     }
 }
 
@@ -252,53 +246,27 @@ impl AuditConfig {
         if self.retention_days < MIN_RETENTION_DAYS {
             return Err(Error::config(
                 "audit.retention_days",
-                format!(
-                    "{} days is shorter than the 3-year minimum ({MIN_RETENTION_DAYS} days)",
-                    self.retention_days
-                ),
+                format!("{} days is shorter than the 3-year minimum ({MIN_RETENTION_DAYS} days)", self.retention_days),
             ));
         }
         if self.segment_max_records == 0 {
-            return Err(Error::config(
-                "audit.segment_max_records",
-                "must be at least 1",
-            ));
+            return Err(Error::config("audit.segment_max_records", "must be at least 1"));
         }
         if self.preallocate_bytes > 1 << 30 {
-            return Err(Error::config(
-                "audit.preallocate_bytes",
-                "more than 1 GiB of free space per log is never needed",
-            ));
+            return Err(Error::config("audit.preallocate_bytes", "more than 1 GiB of free space per log is never needed"));
         }
         if self.checkpoint_every == 0 {
-            return Err(Error::config(
-                "audit.checkpoint_every",
-                "must be at least 1",
-            ));
+            return Err(Error::config("audit.checkpoint_every", "must be at least 1"));
         }
-        if let Durability::GroupCommit {
-            max_batch,
-            max_delay_us,
-            linger_us,
-        } = self.durability
-        {
+        if let Durability::GroupCommit { max_batch, max_delay_us, linger_us } = self.durability {
             if linger_us > 1_000_000 {
-                return Err(Error::config(
-                    "audit.durability.linger_us",
-                    "more than one second would leave subscribers far behind",
-                ));
+                return Err(Error::config("audit.durability.linger_us", "more than one second would leave subscribers far behind"));
             }
             if max_batch == 0 {
-                return Err(Error::config(
-                    "audit.durability.max_batch",
-                    "must be at least 1",
-                ));
+                return Err(Error::config("audit.durability.max_batch", "must be at least 1"));
             }
             if max_delay_us > 1_000_000 {
-                return Err(Error::config(
-                    "audit.durability.max_delay_us",
-                    "more than one second would stall every query",
-                ));
+                return Err(Error::config("audit.durability.max_delay_us", "more than one second would stall every query"));
             }
         }
         if self.head_interval_ms > 60_000 {
@@ -365,39 +333,17 @@ mod tests {
     #[test]
     fn config_validation() {
         AuditConfig::default().validate().unwrap();
-        let c = AuditConfig {
-            retention_days: 1094,
-            ..Default::default()
-        };
+        let c = AuditConfig { retention_days: 1094, ..Default::default() };
         assert!(matches!(c.validate(), Err(Error::InvalidConfig { .. })));
-        let c = AuditConfig {
-            retention_days: 1095,
-            ..Default::default()
-        };
+        let c = AuditConfig { retention_days: 1095, ..Default::default() };
         c.validate().unwrap();
-        let c = AuditConfig {
-            segment_max_records: 0,
-            ..Default::default()
-        };
+        let c = AuditConfig { segment_max_records: 0, ..Default::default() };
         assert!(c.validate().is_err());
-        let c = AuditConfig {
-            checkpoint_every: 0,
-            ..Default::default()
-        };
+        let c = AuditConfig { checkpoint_every: 0, ..Default::default() };
         assert!(c.validate().is_err());
-        let c = AuditConfig {
-            durability: Durability::GroupCommit {
-                max_delay_us: 0,
-                max_batch: 0,
-                linger_us: 0,
-            },
-            ..Default::default()
-        };
+        let c = AuditConfig { durability: Durability::GroupCommit { max_delay_us: 0, max_batch: 0, linger_us: 0 }, ..Default::default() };
         assert!(c.validate().is_err());
-        let c = AuditConfig {
-            site: String::new(),
-            ..Default::default()
-        };
+        let c = AuditConfig { site: String::new(), ..Default::default() };
         assert!(c.validate().is_err());
     }
 

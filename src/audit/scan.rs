@@ -25,9 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use super::event::AuditRecord;
 use super::format::{
-    self, data_len, genesis_hash, mac_matches, mac_of_prefix, parse_control, parse_segment_name,
-    record_hash_of_prefix, unseal, zero_mac, Checkpoint, Head, Header, Retired, CKPT_DOMAIN,
-    HEADER_DOMAIN, HEAD_DOMAIN, HEAD_FILE, RETIRED_DOMAIN, RETIRED_FILE,
+    self, data_len, genesis_hash, mac_matches, mac_of_prefix, parse_control, parse_segment_name, record_hash_of_prefix, unseal, zero_mac,
+    Checkpoint, Head, Header, Retired, CKPT_DOMAIN, HEADER_DOMAIN, HEAD_DOMAIN, HEAD_FILE, RETIRED_DOMAIN, RETIRED_FILE,
 };
 use super::AuditKey;
 use crate::{Error, Result};
@@ -102,12 +101,7 @@ pub(crate) struct Expect {
 
 impl Expect {
     pub(crate) fn genesis() -> Self {
-        Expect {
-            segment: 0,
-            first_seq: 0,
-            prev_hash: genesis_hash(),
-            prev_mac: zero_mac(),
-        }
+        Expect { segment: 0, first_seq: 0, prev_hash: genesis_hash(), prev_mac: zero_mac() }
     }
 }
 
@@ -191,10 +185,7 @@ impl Scan {
     /// Turn damage into the error `open` and `rekey` refuse with.
     pub(crate) fn into_ok(self) -> Result<Scan> {
         if let Some(b) = &self.bad {
-            return Err(Error::AuditTampered {
-                seq: b.seq,
-                reason: format!("segment {}: {}", b.segment, b.reason),
-            });
+            return Err(Error::AuditTampered { seq: b.seq, reason: format!("segment {}: {}", b.segment, b.reason) });
         }
         Ok(self)
     }
@@ -204,11 +195,7 @@ impl Scan {
 pub(crate) type Visitor<'a> = &'a mut dyn FnMut(AuditRecord, &[u8]) -> Result<()>;
 
 fn bad(segment: u32, seq: u64, reason: impl Into<String>) -> Option<BadRecord> {
-    Some(BadRecord {
-        segment,
-        seq,
-        reason: reason.into(),
-    })
+    Some(BadRecord { segment, seq, reason: reason.into() })
 }
 
 /// What both scans start from: `HEAD`, `RETIRED` and the segment listing.
@@ -231,11 +218,7 @@ impl Prologue {
     fn into_scan(self) -> (Scan, Option<String>, Expect, Vec<(u32, PathBuf)>) {
         let scan = Scan {
             // Damage in RETIRED: nothing counts as verified.
-            records: if self.bad.is_some() {
-                0
-            } else {
-                self.expect.first_seq
-            },
+            records: if self.bad.is_some() { 0 } else { self.expect.first_seq },
             retired: self.retired,
             segments: Vec::new(),
             stale_files: self.stale_files,
@@ -273,9 +256,7 @@ fn prologue(dir: &Path, key: Option<&AuditKey>) -> Result<Prologue> {
                 }
                 Some((h, prefix, auth)) => {
                     if let Some(k) = key {
-                        if !raw.ends_with(b"\n")
-                            || !mac_matches(&mac_of_prefix(k, HEAD_DOMAIN, prefix), auth)
-                        {
+                        if !raw.ends_with(b"\n") || !mac_matches(&mac_of_prefix(k, HEAD_DOMAIN, prefix), auth) {
                             head_bad = Some("HEAD MAC mismatch".into());
                         } else if h.format != format::FORMAT {
                             head_bad = Some(format!("HEAD format {} unknown", h.format));
@@ -321,15 +302,8 @@ fn prologue(dir: &Path, key: Option<&AuditKey>) -> Result<Prologue> {
         }
     }
 
-    let mut out = Prologue {
-        head,
-        head_bad,
-        retired: Vec::new(),
-        bad: None,
-        expect: Expect::genesis(),
-        live: Vec::new(),
-        stale_files: Vec::new(),
-    };
+    let mut out =
+        Prologue { head, head_bad, retired: Vec::new(), bad: None, expect: Expect::genesis(), live: Vec::new(), stale_files: Vec::new() };
 
     // Tombstones of retired segments.
     let retired_path = dir.join(RETIRED_FILE);
@@ -352,24 +326,12 @@ fn prologue(dir: &Path, key: Option<&AuditKey>) -> Result<Prologue> {
                         return Ok(out);
                     }
                 }
-                if r.kind != "retired"
-                    || r.segment != seg
-                    || r.first_seq != first_seq
-                    || r.last_seq < r.first_seq
-                {
-                    out.bad = bad(
-                        seg,
-                        first_seq,
-                        "RETIRED entries are not a contiguous prefix of the log",
-                    );
+                if r.kind != "retired" || r.segment != seg || r.first_seq != first_seq || r.last_seq < r.first_seq {
+                    out.bad = bad(seg, first_seq, "RETIRED entries are not a contiguous prefix of the log");
                     return Ok(out);
                 }
-                out.expect = Expect {
-                    segment: seg + 1,
-                    first_seq: r.last_seq + 1,
-                    prev_hash: r.last_hash.clone(),
-                    prev_mac: r.closing_mac.clone(),
-                };
+                out.expect =
+                    Expect { segment: seg + 1, first_seq: r.last_seq + 1, prev_hash: r.last_hash.clone(), prev_mac: r.closing_mac.clone() };
                 out.retired.push(r);
             }
         }
@@ -391,32 +353,18 @@ fn prologue(dir: &Path, key: Option<&AuditKey>) -> Result<Prologue> {
 /// segment (the only place in them `HEAD` can point to).
 fn retired_hash(retired: &[Retired], want_seq: Option<u64>) -> Option<String> {
     let w = want_seq?;
-    retired
-        .iter()
-        .find(|t| t.last_seq == w)
-        .map(|t| t.last_hash.clone())
+    retired.iter().find(|t| t.last_seq == w).map(|t| t.last_hash.clone())
 }
 
 /// The "missing segment file" damage.
 fn missing(expect: &Expect) -> Option<BadRecord> {
-    bad(
-        expect.segment,
-        expect.first_seq,
-        format!(
-            "segment file {} is missing",
-            format::segment_name(expect.segment)
-        ),
-    )
+    bad(expect.segment, expect.first_seq, format!("segment file {} is missing", format::segment_name(expect.segment)))
 }
 
 /// Scan `dir`. With a key every MAC and `HEAD` are checked; without one
 /// (reading/export) only hashes and links. I/O errors are errors; damage is
 /// reported in [`Scan::bad`].
-pub(crate) fn scan(
-    dir: &Path,
-    key: Option<&AuditKey>,
-    mut visit: Option<Visitor<'_>>,
-) -> Result<Scan> {
+pub(crate) fn scan(dir: &Path, key: Option<&AuditKey>, mut visit: Option<Visitor<'_>>) -> Result<Scan> {
     let (mut out, head_bad, mut expect, live) = prologue(dir, key)?.into_scan();
     if out.bad.is_some() {
         return Ok(out);
@@ -443,11 +391,7 @@ pub(crate) fn scan(
         }
         if !is_last {
             if st.has_tail() {
-                out.bad = bad(
-                    index,
-                    st.first_seq + st.records,
-                    "a segment before the last ends without a checkpoint",
-                );
+                out.bad = bad(index, st.first_seq + st.records, "a segment before the last ends without a checkpoint");
                 return Ok(out);
             }
             if st.records == 0 {
@@ -475,12 +419,7 @@ pub(crate) fn scan(
 /// Compare the end of the scanned log with `HEAD` (keyed scans only).
 /// `want_hash` is the hash of record `HEAD.records - 1` if it was found
 /// checkpointed; `next_segment` names the damage when no segment is left.
-fn check_head(
-    out: &mut Scan,
-    head_bad: Option<String>,
-    want_hash: Option<String>,
-    next_segment: u32,
-) {
+fn check_head(out: &mut Scan, head_bad: Option<String>, want_hash: Option<String>, next_segment: u32) {
     let last_seg = out.segments.last().map(|s| s.index).unwrap_or(next_segment);
     if let Some(reason) = head_bad {
         out.bad = bad(last_seg, out.records, reason);
@@ -497,25 +436,14 @@ fn check_head(
                 out.bad = bad(
                     last_seg,
                     out.records,
-                    format!(
-                        "log ends after {} records but HEAD confirms {}: records were cut off",
-                        out.records, h.records
-                    ),
+                    format!("log ends after {} records but HEAD confirms {}: records were cut off", out.records, h.records),
                 );
             } else if h.records == 0 {
                 if h.last_hash != genesis_hash() {
-                    out.bad = bad(
-                        last_seg,
-                        0,
-                        "HEAD of an empty log does not hold the genesis hash",
-                    );
+                    out.bad = bad(last_seg, 0, "HEAD of an empty log does not hold the genesis hash");
                 }
             } else if want_hash.as_deref() != Some(h.last_hash.as_str()) {
-                out.bad = bad(
-                    last_seg,
-                    h.records - 1,
-                    format!("record {} does not match the hash in HEAD", h.records - 1),
-                );
+                out.bad = bad(last_seg, h.records - 1, format!("record {} does not match the hash in HEAD", h.records - 1));
             }
         }
     }
@@ -563,8 +491,7 @@ pub(crate) fn scan_for_open(dir: &Path, key: &AuditKey) -> Result<Option<Scan>> 
             }
             st
         } else {
-            let (st, b, captured) =
-                scan_segment(&path, index, Some(key), &expect, want_seq, &mut None)?;
+            let (st, b, captured) = scan_segment(&path, index, Some(key), &expect, want_seq, &mut None)?;
             if b.is_some() || !st.has_header {
                 return Ok(None);
             }
@@ -595,18 +522,11 @@ pub(crate) fn scan_for_open(dir: &Path, key: &AuditKey) -> Result<Option<Scan>> 
 /// seq after the header's first seq, covering the record line just before
 /// it). Returns its state with `body_verified == false`, or `None` if any
 /// of that does not hold.
-fn closed_skeleton(
-    path: &Path,
-    index: u32,
-    key: &AuditKey,
-    expect: &Expect,
-) -> Result<Option<SegState>> {
+fn closed_skeleton(path: &Path, index: u32, key: &AuditKey, expect: &Expect) -> Result<Option<SegState>> {
     let io = |e| Error::io(path, e);
     let mut file = crate::fs::open_read_nofollow(path).map_err(io)?;
     let mut line = Vec::with_capacity(512);
-    BufReader::with_capacity(4096, &mut file)
-        .read_until(b'\n', &mut line)
-        .map_err(io)?;
+    BufReader::with_capacity(4096, &mut file).read_until(b'\n', &mut line).map_err(io)?;
     let file_len = data_len(&mut file).map_err(io)?;
     let Some(l) = line.strip_suffix(b"\n") else {
         return Ok(None);
@@ -634,11 +554,7 @@ fn closed_skeleton(
     let Some((c, prefix, auth)) = parse_control::<Checkpoint>(closing) else {
         return Ok(None);
     };
-    if c.kind != "checkpoint"
-        || c.segment != index
-        || c.seq < h.first_seq
-        || !mac_matches(&mac_of_prefix(key, CKPT_DOMAIN, prefix), auth)
-    {
+    if c.kind != "checkpoint" || c.segment != index || c.seq < h.first_seq || !mac_matches(&mac_of_prefix(key, CKPT_DOMAIN, prefix), auth) {
         return Ok(None);
     }
     // The record the closing checkpoint covers: its bytes hash to the
@@ -749,27 +665,15 @@ pub(crate) fn verify_closed_segment(
     closing_mac: &str,
 ) -> Result<i64> {
     let (st, b, _) = scan_segment(path, index, Some(key), expect, None, &mut None)?;
-    let damage = |seq: u64, reason: String| Error::AuditTampered {
-        seq,
-        reason: format!("segment {index}: {reason}"),
-    };
+    let damage = |seq: u64, reason: String| Error::AuditTampered { seq, reason: format!("segment {index}: {reason}") };
     if let Some(b) = b {
         return Err(damage(b.seq, b.reason));
     }
     if st.has_tail() || st.records == 0 {
-        return Err(damage(
-            st.first_seq + st.records,
-            "a closed segment does not end with its closing checkpoint".into(),
-        ));
+        return Err(damage(st.first_seq + st.records, "a closed segment does not end with its closing checkpoint".into()));
     }
-    if st.first_seq + st.records - 1 != last_seq
-        || st.last_hash != last_hash
-        || st.last_mac != closing_mac
-    {
-        return Err(damage(
-            st.first_seq,
-            "segment does not end where the next segment's header says".into(),
-        ));
+    if st.first_seq + st.records - 1 != last_seq || st.last_hash != last_hash || st.last_mac != closing_mac {
+        return Err(damage(st.first_seq, "segment does not end where the next segment's header says".into()));
     }
     Ok(st.newest_ms)
 }
@@ -779,8 +683,7 @@ pub(crate) fn first_header(path: &Path) -> Result<Option<Header>> {
     let f = crate::fs::open_read_nofollow(path).map_err(|e| Error::io(path, e))?;
     let mut r = BufReader::new(f);
     let mut line = Vec::new();
-    r.read_until(b'\n', &mut line)
-        .map_err(|e| Error::io(path, e))?;
+    r.read_until(b'\n', &mut line).map_err(|e| Error::io(path, e))?;
     let Some(l) = line.strip_suffix(b"\n") else {
         return Ok(None);
     };
@@ -827,56 +730,21 @@ fn scan_segment(
     }
     let l = &line[..n - 1];
     let Some((h, prefix, auth)) = parse_control::<Header>(l) else {
-        return Ok((
-            st,
-            bad(index, expect.first_seq, "unreadable segment header"),
-            None,
-        ));
+        return Ok((st, bad(index, expect.first_seq, "unreadable segment header"), None));
     };
     if h.kind != "header" || h.format != format::FORMAT {
-        return Ok((
-            st,
-            bad(
-                index,
-                expect.first_seq,
-                "not an audit segment header of a known format",
-            ),
-            None,
-        ));
+        return Ok((st, bad(index, expect.first_seq, "not an audit segment header of a known format"), None));
     }
     if let Some(k) = key {
         if !mac_matches(&mac_of_prefix(k, HEADER_DOMAIN, prefix), auth) {
-            return Ok((
-                st,
-                bad(index, expect.first_seq, "segment header MAC mismatch"),
-                None,
-            ));
+            return Ok((st, bad(index, expect.first_seq, "segment header MAC mismatch"), None));
         }
     }
     if h.segment != index {
-        return Ok((
-            st,
-            bad(
-                index,
-                expect.first_seq,
-                format!("header names segment {}", h.segment),
-            ),
-            None,
-        ));
+        return Ok((st, bad(index, expect.first_seq, format!("header names segment {}", h.segment)), None));
     }
-    if h.first_seq != expect.first_seq
-        || h.prev_hash != expect.prev_hash
-        || h.prev_mac != expect.prev_mac
-    {
-        return Ok((
-            st,
-            bad(
-                index,
-                expect.first_seq,
-                "segment header does not link to the end of the previous segment",
-            ),
-            None,
-        ));
+    if h.first_seq != expect.first_seq || h.prev_hash != expect.prev_hash || h.prev_mac != expect.prev_mac {
+        return Ok((st, bad(index, expect.first_seq, "segment header does not link to the end of the previous segment"), None));
     }
     st.has_header = true;
     st.auth_end = n as u64;
@@ -910,32 +778,11 @@ fn scan_segment(
             let Some((c, prefix, auth)) = parse_control::<Checkpoint>(l) else {
                 return Ok((st, bad(index, first_pending, "unreadable checkpoint"), None));
             };
-            if c.kind != "checkpoint"
-                || c.segment != index
-                || pending == 0
-                || c.seq + 1 != next_seq
-                || c.hash != cur_hash
-            {
-                return Ok((
-                    st,
-                    bad(
-                        index,
-                        first_pending,
-                        "checkpoint does not cover the records before it",
-                    ),
-                    None,
-                ));
+            if c.kind != "checkpoint" || c.segment != index || pending == 0 || c.seq + 1 != next_seq || c.hash != cur_hash {
+                return Ok((st, bad(index, first_pending, "checkpoint does not cover the records before it"), None));
             }
             if c.prev_mac != st.last_mac {
-                return Ok((
-                    st,
-                    bad(
-                        index,
-                        first_pending,
-                        "checkpoint does not chain to the previous checkpoint",
-                    ),
-                    None,
-                ));
+                return Ok((st, bad(index, first_pending, "checkpoint does not chain to the previous checkpoint"), None));
             }
             if let Some(k) = key {
                 if !mac_matches(&mac_of_prefix(k, CKPT_DOMAIN, prefix), auth) {
@@ -970,43 +817,17 @@ fn scan_segment(
             };
             let computed = record_hash_of_prefix(prefix);
             if hex::encode(computed) != auth {
-                return Ok((
-                    st,
-                    bad(index, next_seq, "record hash does not match its contents"),
-                    None,
-                ));
+                return Ok((st, bad(index, next_seq, "record hash does not match its contents"), None));
             }
             let r: AuditRecord = match serde_json::from_slice(l) {
                 Ok(r) => r,
-                Err(e) => {
-                    return Ok((
-                        st,
-                        bad(index, next_seq, format!("unreadable record: {e}")),
-                        None,
-                    ))
-                }
+                Err(e) => return Ok((st, bad(index, next_seq, format!("unreadable record: {e}")), None)),
             };
             if r.seq != next_seq {
-                return Ok((
-                    st,
-                    bad(
-                        index,
-                        next_seq,
-                        format!("expected seq {next_seq}, found {}", r.seq),
-                    ),
-                    None,
-                ));
+                return Ok((st, bad(index, next_seq, format!("expected seq {next_seq}, found {}", r.seq)), None));
             }
             if r.prev != cur_hash {
-                return Ok((
-                    st,
-                    bad(
-                        index,
-                        next_seq,
-                        "prev does not match the previous record's hash",
-                    ),
-                    None,
-                ));
+                return Ok((st, bad(index, next_seq, "prev does not match the previous record's hash"), None));
             }
             if want_seq == Some(r.seq) {
                 captured_pending = Some(r.hash.clone());
@@ -1039,14 +860,8 @@ mod tests {
 
     #[test]
     fn tail_lines_reads_complete_lines_from_the_end() {
-        assert_eq!(
-            tail_of(b"a\nbb\nccc\n", 2),
-            Some(vec![b"bb".to_vec(), b"ccc".to_vec()])
-        );
-        assert_eq!(
-            tail_of(b"a\nbb\n", 2),
-            Some(vec![b"a".to_vec(), b"bb".to_vec()])
-        );
+        assert_eq!(tail_of(b"a\nbb\nccc\n", 2), Some(vec![b"bb".to_vec(), b"ccc".to_vec()]));
+        assert_eq!(tail_of(b"a\nbb\n", 2), Some(vec![b"a".to_vec(), b"bb".to_vec()]));
         assert_eq!(tail_of(b"only\n", 2), None);
         assert_eq!(tail_of(b"a\nno newline", 1), None);
         assert_eq!(tail_of(b"", 1), None);
@@ -1066,23 +881,9 @@ mod tests {
 
     #[test]
     fn report_ok_ignores_torn_tail() {
-        let r = VerifyReport {
-            records: 3,
-            segments: 1,
-            retired_segments: 0,
-            first_bad: None,
-            torn_tail: true,
-        };
+        let r = VerifyReport { records: 3, segments: 1, retired_segments: 0, first_bad: None, torn_tail: true };
         assert!(r.ok());
-        let r = VerifyReport {
-            first_bad: Some(BadRecord {
-                segment: 0,
-                seq: 1,
-                reason: "x".into(),
-            }),
-            torn_tail: false,
-            ..r
-        };
+        let r = VerifyReport { first_bad: Some(BadRecord { segment: 0, seq: 1, reason: "x".into() }), torn_tail: false, ..r };
         assert!(!r.ok());
     }
 }

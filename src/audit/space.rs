@@ -81,22 +81,14 @@ impl Space {
             Condvar::new(),
         ));
         if ahead == 0 {
-            return Ok(Space {
-                state,
-                ahead,
-                handle: None,
-            });
+            return Ok(Space { state, ahead, handle: None });
         }
         let st = Arc::clone(&state);
         let handle = std::thread::Builder::new()
             .name("facematch-audit-space".into())
             .spawn(move || fill(&st, ahead))
             .map_err(|e| Error::Audit(format!("starting the audit space thread: {e}")))?;
-        Ok(Space {
-            state,
-            ahead,
-            handle: Some(handle),
-        })
+        Ok(Space { state, ahead, handle: Some(handle) })
     }
 
     /// The writer is about to write up to `end` in segment `seg`: wait if

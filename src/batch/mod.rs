@@ -230,10 +230,22 @@ impl BatchProgress {
 /// A worker's result, before the audit records it waits on are durable.
 enum Stage {
     Ready(Result<BatchOutput>),
-    Identify { pending: Pending<Vec<Identification>>, boxes: Vec<FaceBox> },
-    Verify { pending: Pending<Verification>, face: FaceBox, found: u32, discarded: u32 },
+    Identify {
+        pending: Pending<Vec<Identification>>,
+        boxes: Vec<FaceBox>,
+    },
+    Verify {
+        pending: Pending<Verification>,
+        face: FaceBox,
+        found: u32,
+        discarded: u32,
+    },
     /// Enrolments are made in input order, so template ids do not depend on thread timing.
-    Enrol { request: crate::engine::Enrolment, face: FaceBox, discarded: u32 },
+    Enrol {
+        request: crate::engine::Enrolment,
+        face: FaceBox,
+        discarded: u32,
+    },
 }
 
 impl Stage {
@@ -241,7 +253,9 @@ impl Stage {
     fn finish(self, job: &BatchJob) -> Result<BatchOutput> {
         match self {
             Stage::Enrol { mut request, face, discarded } => {
-                let BatchJob::Enrol { engine, operator, .. } = job else { return Err(Error::config("job", "an enrolment outside an enrol job")) };
+                let BatchJob::Enrol { engine, operator, .. } = job else {
+                    return Err(Error::config("job", "an enrolment outside an enrol job"));
+                };
                 let r = engine.enrol(operator, request.clone());
                 request.embedding.zeroize();
                 let (subject, consent_id) = (request.subject, request.consent_id);
@@ -259,9 +273,12 @@ impl Stage {
                 let discarded = found - matches.len() as u32;
                 Ok(BatchOutput::Identified(ImageIdentification { matches, faces_found: found, faces_discarded: discarded }))
             }
-            Stage::Verify { pending, face, found, discarded } => {
-                Ok(BatchOutput::Verified(ImageVerification { face, verification: pending.wait()?, faces_found: found, faces_discarded: discarded }))
-            }
+            Stage::Verify { pending, face, found, discarded } => Ok(BatchOutput::Verified(ImageVerification {
+                face,
+                verification: pending.wait()?,
+                faces_found: found,
+                faces_discarded: discarded,
+            })),
         }
     }
 }
@@ -302,7 +319,10 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
             Ok(Stage::Identify { pending: r?, boxes })
         }
         BatchJob::Verify { engine, ctx } => {
-            let subject = input.subject.as_ref().ok_or_else(|| Error::config("subject", format!("no subject to verify {} against", input.path.display())))?;
+            let subject = input
+                .subject
+                .as_ref()
+                .ok_or_else(|| Error::config("subject", format!("no subject to verify {} against", input.path.display())))?;
             crate::probe::check_model(engine, pipeline)?;
             let img = pipeline.decode_path(&input.path)?;
             let (face, _others, found, discarded) = crate::probe::main_face(pipeline.detect(&img)?)?;
@@ -314,7 +334,10 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
         }
         // The enrolment itself is made by the consumer, in input order (Stage::finish).
         BatchJob::Enrol { engine, purposes, consent_id, .. } => {
-            let subject = input.subject.as_ref().ok_or_else(|| Error::config("subject", format!("no subject to enrol {} for", input.path.display())))?;
+            let subject = input
+                .subject
+                .as_ref()
+                .ok_or_else(|| Error::config("subject", format!("no subject to enrol {} for", input.path.display())))?;
             // Which recorded consent covers the purposes (checked before any face is embedded).
             let consent = engine
                 .consents_of(subject)
@@ -324,7 +347,10 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
                 .min_by(|a, b| a.consent_id.cmp(&b.consent_id))
                 .ok_or_else(|| Error::PolicyViolation {
                     rule: "consent-required",
-                    reason: format!("{subject} has no recorded consent{}", if purposes.is_empty() { String::new() } else { " covering the purposes".into() }),
+                    reason: format!(
+                        "{subject} has no recorded consent{}",
+                        if purposes.is_empty() { String::new() } else { " covering the purposes".into() }
+                    ),
                 })?;
             let ps = if purposes.is_empty() { consent.purposes.clone() } else { purposes.clone() };
             crate::probe::check_model(engine, pipeline)?;
@@ -414,7 +440,11 @@ where
             s.spawn(move || loop {
                 let next = work_rx.lock().recv();
                 let Ok((i, input)) = next else { break };
-                let stage = if stop.load(Ordering::Relaxed) { Stage::Ready(Err(Error::Audit("run stopped".into()))) } else { work(pipeline, job, &input) };
+                let stage = if stop.load(Ordering::Relaxed) {
+                    Stage::Ready(Err(Error::Audit("run stopped".into())))
+                } else {
+                    work(pipeline, job, &input)
+                };
                 if done_tx.send((i, input, stage)).is_err() {
                     break;
                 }

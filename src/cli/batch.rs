@@ -122,10 +122,21 @@ fn image_paths(inp: &ImageInputs, o: &BatchOut) -> anyhow::Result<(Box<dyn Itera
 /// `verify --pairs FILE.csv`: rows `image,subject` (a header row `image,subject` is skipped).
 fn pairs(file: &Path) -> anyhow::Result<(Inputs, Option<u64>)> {
     let count = || -> anyhow::Result<u64> {
-        Ok(csv::ReaderBuilder::new().has_headers(false).flexible(true).from_path(file).with_context(|| format!("opening {}", file.display()))?.records().count() as u64)
+        Ok(csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_path(file)
+            .with_context(|| format!("opening {}", file.display()))?
+            .records()
+            .count() as u64)
     };
     let total = count()?;
-    let rd = csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_path(file).with_context(|| format!("opening {}", file.display()))?;
+    let rd = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .with_context(|| format!("opening {}", file.display()))?;
     let mut first = true;
     let it = rd.into_records().filter_map(move |r| {
         let header = std::mem::take(&mut first);
@@ -211,7 +222,13 @@ fn open_output(o: &BatchOut, header: &'static [&'static str], json_key: &str) ->
     let (w, file, need_header): (Box<dyn Write + Send>, Option<File>, bool) = match &o.out {
         None => (Box::new(std::io::stdout()), None, true),
         Some(p) => {
-            let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(!o.resume).open(p).with_context(|| format!("opening {}", p.display()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(!o.resume)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?;
             let mut keep = 0u64;
             if o.resume {
                 let mut text = Vec::new();
@@ -230,7 +247,15 @@ fn open_output(o: &BatchOut, header: &'static [&'static str], json_key: &str) ->
             (Box::new(f), Some(file), keep == 0)
         }
     };
-    let out = Output { w, file, buf: Vec::with_capacity(128 << 10), last_flush: Instant::now(), format: o.format, header, need_header: need_header && o.format == Format::Csv };
+    let out = Output {
+        w,
+        file,
+        buf: Vec::with_capacity(128 << 10),
+        last_flush: Instant::now(),
+        format: o.format,
+        header,
+        need_header: need_header && o.format == Format::Csv,
+    };
     Ok((out, answered))
 }
 
@@ -277,7 +302,12 @@ fn resume_csv(text: &[u8], answered: &mut HashMap<String, u32>) -> anyhow::Resul
 }
 
 /// Drop inputs already answered (the n-th occurrence of a key is skipped while FILE answers it n times).
-fn skip_answered<T, F>(it: Box<dyn Iterator<Item = T> + Send>, mut answered: HashMap<String, u32>, key: F, skipped: &std::sync::Arc<std::sync::atomic::AtomicU64>) -> Box<dyn Iterator<Item = T> + Send>
+fn skip_answered<T, F>(
+    it: Box<dyn Iterator<Item = T> + Send>,
+    mut answered: HashMap<String, u32>,
+    key: F,
+    skipped: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Box<dyn Iterator<Item = T> + Send>
 where
     T: 'static,
     F: Fn(&T) -> String + Send + 'static,
@@ -381,13 +411,59 @@ enum Kind {
 
 const FACES_HEADER: &[&str] = &["input", "rows", "status", "face", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "score", "embedding", "error"];
 const IDENTIFY_HEADER: &[&str] = &[
-    "input", "rows", "status", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "face_score", "decision", "subject", "template", "score", "threshold", "faces_found", "faces_discarded", "audit_seq", "error",
+    "input",
+    "rows",
+    "status",
+    "bbox_x",
+    "bbox_y",
+    "bbox_w",
+    "bbox_h",
+    "face_score",
+    "decision",
+    "subject",
+    "template",
+    "score",
+    "threshold",
+    "faces_found",
+    "faces_discarded",
+    "audit_seq",
+    "error",
 ];
 const VERIFY_HEADER: &[&str] = &[
-    "input", "rows", "status", "subject", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "face_score", "decision", "score", "threshold", "faces_found", "faces_discarded", "audit_seq", "error",
+    "input",
+    "rows",
+    "status",
+    "subject",
+    "bbox_x",
+    "bbox_y",
+    "bbox_w",
+    "bbox_h",
+    "face_score",
+    "decision",
+    "score",
+    "threshold",
+    "faces_found",
+    "faces_discarded",
+    "audit_seq",
+    "error",
 ];
-const ENROL_HEADER: &[&str] = &["input", "rows", "status", "subject", "template", "consent_id", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "face_score", "faces_discarded", "error"];
-const SEARCH_HEADER: &[&str] = &["input", "rows", "status", "rank", "subject", "template", "score", "decision", "threshold", "audit_seq", "error"];
+const ENROL_HEADER: &[&str] = &[
+    "input",
+    "rows",
+    "status",
+    "subject",
+    "template",
+    "consent_id",
+    "bbox_x",
+    "bbox_y",
+    "bbox_w",
+    "bbox_h",
+    "face_score",
+    "faces_discarded",
+    "error",
+];
+const SEARCH_HEADER: &[&str] =
+    &["input", "rows", "status", "rank", "subject", "template", "score", "decision", "threshold", "audit_seq", "error"];
 
 fn s<T: ToString>(v: T) -> String {
     v.to_string()
@@ -429,7 +505,16 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
     let key = path_key(&item.input.path);
     match out.format {
         Format::Jsonl => {
-            let mut line = ImageLine { image: &key, subject: None, faces: None, result: None, template: None, face: None, faces_discarded: None, error: None };
+            let mut line = ImageLine {
+                image: &key,
+                subject: None,
+                faces: None,
+                result: None,
+                template: None,
+                face: None,
+                faces_discarded: None,
+                error: None,
+            };
             if matches!(kind, Kind::Verify | Kind::Enrol) {
                 line.subject = item.input.subject.as_ref();
             }
@@ -471,7 +556,11 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
                             .enumerate()
                             .map(|(i, face)| {
                                 let [x, y, w, h] = bbox(&face.bbox);
-                                let emb = face.embedding.as_ref().map(|e| e.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+                                let emb = face
+                                    .embedding
+                                    .as_ref()
+                                    .map(|e| e.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" "))
+                                    .unwrap_or_default();
                                 vec!["ok".into(), s(i), x, y, w, h, s(face.score), emb, String::new()]
                             })
                             .collect()
@@ -480,7 +569,15 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
                 Ok(BatchOutput::Identified(r)) => {
                     let tail = [s(r.faces_found), s(r.faces_discarded)];
                     if r.matches.is_empty() {
-                        let mut row = vec!["ok".to_string(), String::new(), String::new(), String::new(), String::new(), String::new(), "no_match".into()];
+                        let mut row = vec![
+                            "ok".to_string(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            "no_match".into(),
+                        ];
                         row.extend([String::new(), String::new(), String::new(), String::new()]);
                         row.extend(tail.clone());
                         row.extend([String::new(), String::new()]);
@@ -523,7 +620,19 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
                 }
                 Ok(BatchOutput::Enrolled(r)) => {
                     let [x, y, w, h] = bbox(&r.face.bbox);
-                    vec![vec!["ok".into(), s(&r.subject), s(r.template), r.consent_id.clone(), x, y, w, h, s(r.face.score), s(r.faces_discarded), String::new()]]
+                    vec![vec![
+                        "ok".into(),
+                        s(&r.subject),
+                        s(r.template),
+                        r.consent_id.clone(),
+                        x,
+                        y,
+                        w,
+                        h,
+                        s(r.face.score),
+                        s(r.faces_discarded),
+                        String::new(),
+                    ]]
                 }
                 Ok(_) => bail!("unexpected result kind"),
             };
@@ -532,7 +641,14 @@ fn write_item(out: &mut Output, kind: Kind, item: &BatchItem) -> anyhow::Result<
     }
 }
 
-fn run_image_job(kind: Kind, job: &BatchJob, pipeline: &FacePipeline, inputs: Inputs, total: Option<u64>, o: &BatchOut) -> anyhow::Result<bool> {
+fn run_image_job(
+    kind: Kind,
+    job: &BatchJob,
+    pipeline: &FacePipeline,
+    inputs: Inputs,
+    total: Option<u64>,
+    o: &BatchOut,
+) -> anyhow::Result<bool> {
     let (header, what) = match kind {
         Kind::Faces => (FACES_HEADER, "faces"),
         Kind::Identify => (IDENTIFY_HEADER, "identify"),
@@ -579,7 +695,14 @@ pub fn run_identify(a: &super::IdentifyArgs, pcfg: &PipelineConfig) -> anyhow::R
     let e = a.g.open()?;
     let p = super::pipeline(pcfg)?;
     let ctx = facematch::engine::QueryContext::new(a.g.operator()?, facematch::compliance::Purpose::new(a.purpose.as_str())?);
-    let r = run_image_job(Kind::Identify, &BatchJob::Identify { engine: &e, ctx, k: a.k }, &p, Box::new(paths.map(BatchInput::new)), total, &a.out);
+    let r = run_image_job(
+        Kind::Identify,
+        &BatchJob::Identify { engine: &e, ctx, k: a.k },
+        &p,
+        Box::new(paths.map(BatchInput::new)),
+        total,
+        &a.out,
+    );
     e.close()?;
     r
 }
@@ -638,7 +761,12 @@ pub fn run_enrol(a: &super::EnrolArgs, pcfg: &PipelineConfig) -> anyhow::Result<
     };
     let e = a.g.open()?;
     let p = super::pipeline(pcfg)?;
-    let job = BatchJob::Enrol { engine: &e, operator: a.g.operator()?, purposes: super::purposes(&a.purposes)?, consent_id: a.consent_id.clone() };
+    let job = BatchJob::Enrol {
+        engine: &e,
+        operator: a.g.operator()?,
+        purposes: super::purposes(&a.purposes)?,
+        consent_id: a.consent_id.clone(),
+    };
     let r = run_image_job(Kind::Enrol, &job, &p, inputs, total, &a.out);
     super::print_notices(&e);
     e.close()?;
@@ -651,11 +779,18 @@ pub fn run_consent_csv(a: &super::ConsentArgs) -> anyhow::Result<bool> {
     let file = a.from_csv.as_ref().context("--from-csv")?;
     let e = a.g.open()?;
     let op = a.g.operator()?;
-    let mut rd = csv::ReaderBuilder::new().flexible(true).trim(csv::Trim::All).from_path(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut rd = csv::ReaderBuilder::new()
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .with_context(|| format!("opening {}", file.display()))?;
     let headers = rd.headers()?.clone();
     let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
     let (Some(c_subject), Some(c_id), Some(c_purposes)) = (col("subject"), col("consent_id"), col("purposes")) else {
-        bail!("{}: the header must name subject, consent_id and purposes (optional: basis, age, guardian, relationship, collected_by)", file.display());
+        bail!(
+            "{}: the header must name subject, consent_id and purposes (optional: basis, age, guardian, relationship, collected_by)",
+            file.display()
+        );
     };
     let (c_basis, c_age, c_guardian, c_rel, c_by) = (col("basis"), col("age"), col("guardian"), col("relationship"), col("collected_by"));
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -666,7 +801,8 @@ pub fn run_consent_csv(a: &super::ConsentArgs) -> anyhow::Result<bool> {
     };
     let parse = |r: &csv::StringRecord| -> anyhow::Result<ConsentRecord> {
         let get = |c: Option<usize>| c.and_then(|c| r.get(c)).filter(|v| !v.is_empty());
-        let purposes: Vec<String> = get(Some(c_purposes)).unwrap_or("").split([';', '|', ' ']).filter(|p| !p.is_empty()).map(String::from).collect();
+        let purposes: Vec<String> =
+            get(Some(c_purposes)).unwrap_or("").split([';', '|', ' ']).filter(|p| !p.is_empty()).map(String::from).collect();
         if purposes.is_empty() {
             bail!("no purposes");
         }
@@ -679,14 +815,19 @@ pub fn run_consent_csv(a: &super::ConsentArgs) -> anyhow::Result<bool> {
             get(c_by).unwrap_or(op.as_str()).to_string(),
             super::parse_age(get(c_age).unwrap_or("adult"))?,
         );
-        c.guardian = get(c_guardian).map(|g| GuardianConsent { guardian: g.to_string(), relationship: get(c_rel).unwrap_or("guardian").to_string() });
+        c.guardian = get(c_guardian)
+            .map(|g| GuardianConsent { guardian: g.to_string(), relationship: get(c_rel).unwrap_or("guardian").to_string() });
         Ok(c)
     };
     let (mut good, mut bad) = (0u64, 0u64);
     // Rows in line order: parsed, or why not.
     type Row = (u64, std::result::Result<ConsentRecord, String>);
     let mut chunk: Vec<Row> = Vec::new();
-    let flush = |chunk: &mut Vec<Row>, report: &mut dyn FnMut(serde_json::Value) -> anyhow::Result<()>, good: &mut u64, bad: &mut u64| -> anyhow::Result<()> {
+    let flush = |chunk: &mut Vec<Row>,
+                 report: &mut dyn FnMut(serde_json::Value) -> anyhow::Result<()>,
+                 good: &mut u64,
+                 bad: &mut u64|
+     -> anyhow::Result<()> {
         if chunk.is_empty() {
             return Ok(());
         }
@@ -757,14 +898,22 @@ pub fn run_search(a: &super::SearchArgs) -> anyhow::Result<bool> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads(&a.out)).build()?;
     let mut write_err: Option<anyhow::Error> = None;
     let r = pool.install(|| {
-        batch::run_embeddings(&e, &ctx, rows.map(|i| (i, q.row(i as usize).to_vec())), &opts, cancel, &mut |p| rep.update(p, skipped.load(Ordering::Relaxed)), &mut |item: EmbeddingItem| {
-            let r = write_query(&mut out, &item).and_then(|_| Ok(out.flush_if_due()?));
-            r.map_err(|err| {
-                let msg = format!("writing the output: {err:#}");
-                write_err = Some(err);
-                facematch::Error::config("output", msg)
-            })
-        })
+        batch::run_embeddings(
+            &e,
+            &ctx,
+            rows.map(|i| (i, q.row(i as usize).to_vec())),
+            &opts,
+            cancel,
+            &mut |p| rep.update(p, skipped.load(Ordering::Relaxed)),
+            &mut |item: EmbeddingItem| {
+                let r = write_query(&mut out, &item).and_then(|_| Ok(out.flush_if_due()?));
+                r.map_err(|err| {
+                    let msg = format!("writing the output: {err:#}");
+                    write_err = Some(err);
+                    facematch::Error::config("output", msg)
+                })
+            },
+        )
     });
     let flushed = out.finish();
     let p = match r {
@@ -788,17 +937,49 @@ fn write_query(out: &mut Output, item: &EmbeddingItem) -> anyhow::Result<()> {
         }
         Format::Csv => {
             let rows = match &item.result {
-                Err(e) => vec![vec!["error".into(), String::new(), String::new(), String::new(), String::new(), String::new(), String::new(), String::new(), e.to_string()]],
+                Err(e) => vec![vec![
+                    "error".into(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    e.to_string(),
+                ]],
                 Ok(r) => {
                     let d = r.decision.kind().to_string();
                     let t = s(r.threshold.value());
                     if r.candidates.is_empty() {
-                        vec![vec!["ok".into(), String::new(), String::new(), String::new(), String::new(), d, t, s(r.audit_seq), String::new()]]
+                        vec![vec![
+                            "ok".into(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            d,
+                            t,
+                            s(r.audit_seq),
+                            String::new(),
+                        ]]
                     } else {
                         r.candidates
                             .iter()
                             .enumerate()
-                            .map(|(i, c)| vec!["ok".into(), s(i + 1), s(&c.subject), s(c.template), s(c.score), d.clone(), t.clone(), s(r.audit_seq), String::new()])
+                            .map(|(i, c)| {
+                                vec![
+                                    "ok".into(),
+                                    s(i + 1),
+                                    s(&c.subject),
+                                    s(c.template),
+                                    s(c.score),
+                                    d.clone(),
+                                    t.clone(),
+                                    s(r.audit_seq),
+                                    String::new(),
+                                ]
+                            })
                             .collect()
                     }
                 }
@@ -840,7 +1021,8 @@ mod tests {
     fn answered_inputs_are_skipped_as_often_as_they_were_answered() {
         let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let it: Box<dyn Iterator<Item = String> + Send> = Box::new(["a", "b", "a", "a", "c"].into_iter().map(String::from));
-        let left: Vec<String> = skip_answered(it, HashMap::from([("a".to_string(), 2), ("c".to_string(), 1)]), |s: &String| s.clone(), &skipped).collect();
+        let left: Vec<String> =
+            skip_answered(it, HashMap::from([("a".to_string(), 2), ("c".to_string(), 1)]), |s: &String| s.clone(), &skipped).collect();
         assert_eq!(left, ["b", "a"]);
         assert_eq!(skipped.load(Ordering::Relaxed), 3);
     }

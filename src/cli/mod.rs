@@ -516,7 +516,12 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
         GalleryCommand::Keygen { out } => {
             use std::os::unix::fs::OpenOptionsExt;
             let k = MasterKey::generate();
-            let mut f = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(out).with_context(|| format!("creating {}", out.display()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(out)
+                .with_context(|| format!("creating {}", out.display()))?;
             writeln!(f, "{}", k.to_hex())?;
             eprintln!("wrote key {} (fingerprint {}); keep it outside the gallery", out.display(), k.fingerprint());
             Ok(true)
@@ -698,7 +703,11 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
             continue;
         }
         if line.trim() != line {
-            bail!("{} line {}: subject id {line:?} has leading or trailing whitespace (ids are taken exactly as written)", a.manifest.display(), i + 1);
+            bail!(
+                "{} line {}: subject id {line:?} has leading or trailing whitespace (ids are taken exactly as written)",
+                a.manifest.display(),
+                i + 1
+            );
         }
         let s = SubjectId::new(line).with_context(|| format!("{} line {}", a.manifest.display(), i + 1))?;
         subjects.push(s);
@@ -714,7 +723,10 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
     let e = a.g.open()?;
     let op = a.g.operator()?;
     let bar = indicatif::ProgressBar::new(m.rows as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     bar.set_message("import");
     let mut seen = std::collections::HashSet::new();
     let (mut imported, mut skipped) = (0u64, 0u64);
@@ -744,7 +756,9 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
             Err(err) => {
                 bar.finish_and_clear();
                 // Say exactly what is in: rows before this batch are committed, and a rerun skips them.
-                json_line(&serde_json::json!({"imported": imported, "skipped_already_imported": skipped, "failed_at_row": start, "error": format!("{err:#}")}))?;
+                json_line(
+                    &serde_json::json!({"imported": imported, "skipped_already_imported": skipped, "failed_at_row": start, "error": format!("{err:#}")}),
+                )?;
                 return Err(err.context(format!("import stopped at row {start}: rows 0..{start} are imported (a rerun skips them)")));
             }
         }

@@ -84,7 +84,15 @@ impl Engine {
     /// audit record says who calibrated what and the result (no scores); the
     /// probes are compared with the templates serving the purpose by exact
     /// scan (probes x templates dot products: seconds for 1,000 x 100k).
-    pub fn calibrate_threshold(&self, operator: &Operator, purpose: &Purpose, mode: Mode, probes: &[f32], labels: &[Option<SubjectId>], target: f64) -> Result<crate::calibration::ThresholdCalibration> {
+    pub fn calibrate_threshold(
+        &self,
+        operator: &Operator,
+        purpose: &Purpose,
+        mode: Mode,
+        probes: &[f32],
+        labels: &[Option<SubjectId>],
+        target: f64,
+    ) -> Result<crate::calibration::ThresholdCalibration> {
         use crate::calibration::{rate_at, threshold_above, ThresholdCalibration};
         use rayon::prelude::*;
         let policy = self.policy(purpose)?;
@@ -116,7 +124,10 @@ impl Engine {
         if subjects.is_empty() {
             return Err(Error::config("calibration", format!("no template serves purpose {purpose}")));
         }
-        let own: Vec<Option<u32>> = labels.iter().map(|l| l.as_ref().and_then(|s| st.subject_idx.get(s).copied()).filter(|si| subjects.iter().any(|(x, _)| x == si))).collect();
+        let own: Vec<Option<u32>> = labels
+            .iter()
+            .map(|l| l.as_ref().and_then(|s| st.subject_idx.get(s).copied()).filter(|si| subjects.iter().any(|(x, _)| x == si)))
+            .collect();
         // Upper tail of non-mated scores kept per probe (enough to place any threshold at the target).
         let trials: u64 = match mode {
             Mode::Identify => own.iter().filter(|o| o.is_none()).count() as u64,
@@ -136,7 +147,9 @@ impl Engine {
             .map(|(q, o)| {
                 let mut per_subject: Vec<(u32, f32)> = subjects
                     .iter()
-                    .map(|(si, slots)| (*si, slots.iter().filter_map(|&s| st.index.vector(s)).map(|v| dot(q, v)).fold(f32::NEG_INFINITY, f32::max)))
+                    .map(|(si, slots)| {
+                        (*si, slots.iter().filter_map(|&s| st.index.vector(s)).map(|v| dot(q, v)).fold(f32::NEG_INFINITY, f32::max))
+                    })
                     .collect();
                 let own_score = o.and_then(|o| per_subject.iter().find(|(si, _)| *si == o).map(|x| x.1));
                 let best = per_subject.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1));
@@ -228,7 +241,13 @@ impl Engine {
     /// subjects, into `dest` on this machine. An explicit, audited act.
     pub fn export(&self, operator: &Operator, purpose: Option<&Purpose>, dest: &Path) -> Result<u64> {
         let bit = match purpose {
-            Some(p) => Some(self.manifest.read().config.purpose_bit(p).ok_or_else(|| Error::PolicyViolation { rule: "specific-purpose", reason: format!("purpose {p} is not declared") })?),
+            Some(p) => Some(
+                self.manifest
+                    .read()
+                    .config
+                    .purpose_bit(p)
+                    .ok_or_else(|| Error::PolicyViolation { rule: "specific-purpose", reason: format!("purpose {p} is not declared") })?,
+            ),
             None => None,
         };
         let st = self.state.read();
@@ -246,7 +265,11 @@ impl Engine {
         }
         drop(st);
         let n = rows.len() as u64;
-        self.audit_append(AuditEvent::Export { operator: operator.as_str().into(), templates: n, destination: dest.display().to_string() })?;
+        self.audit_append(AuditEvent::Export {
+            operator: operator.as_str().into(),
+            templates: n,
+            destination: dest.display().to_string(),
+        })?;
         // Plaintext templates: a 0700 directory, 0600 files, whatever the umask.
         let out = Dir::create_or_open(dest)?;
         crate::npy::write_f32_matrix(dest.join("templates.npy"), &data, n as usize, dim)?;
@@ -292,7 +315,10 @@ impl Engine {
         let st = self.state.read();
         let Some(live) = st.subject_idx.get(subject).and_then(|si| st.live_by_subject.get(si)) else { return Ok(None) };
         Ok(live.iter().copied().find(|t| {
-            st.by_template.get(t).and_then(|&slot| st.index.vector(slot)).is_some_and(|x| x.iter().zip(&v).all(|(a, b)| (a - b).abs() <= 1e-6))
+            st.by_template
+                .get(t)
+                .and_then(|&slot| st.index.vector(slot))
+                .is_some_and(|x| x.iter().zip(&v).all(|(a, b)| (a - b).abs() <= 1e-6))
         }))
     }
 

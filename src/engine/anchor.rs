@@ -101,12 +101,18 @@ impl Engine {
         drop(m);
         let records = self.audit.read().as_ref().map(|l| l.records()).unwrap_or(0);
         if records < a.audit_records {
-            return Err(Error::AuditTampered { seq: records, reason: format!("the audit log holds {records} records, the anchor proves {}", a.audit_records) });
+            return Err(Error::AuditTampered {
+                seq: records,
+                reason: format!("the audit log holds {records} records, the anchor proves {}", a.audit_records),
+            });
         }
         if a.audit_records > 0 {
             if let Some(h) = AuditLog::record_hash(&self.audit_dir(), a.audit_records - 1)? {
                 if h != a.audit_hash {
-                    return Err(Error::AuditTampered { seq: a.audit_records - 1, reason: "the audit chain does not continue the one the anchor names".into() });
+                    return Err(Error::AuditTampered {
+                        seq: a.audit_records - 1,
+                        reason: "the audit chain does not continue the one the anchor names".into(),
+                    });
                 }
             }
         }
@@ -157,7 +163,8 @@ pub fn verify_audit(dir: &Path, key: &MasterKey, anchor: Option<&Anchor>) -> Res
         } else if records > 0 {
             if let Some(h) = AuditLog::record_hash(&adir, records - 1)? {
                 if h != hash {
-                    problems.push(format!("record {} differs from the one {what} names: not this gallery's chain, or rewritten", records - 1));
+                    problems
+                        .push(format!("record {} differs from the one {what} names: not this gallery's chain, or rewritten", records - 1));
                 }
             }
         }
@@ -171,7 +178,10 @@ pub fn verify_audit(dir: &Path, key: &MasterKey, anchor: Option<&Anchor>) -> Res
         if manifest.gallery_id.as_deref() != Some(a.gallery_id.as_str()) {
             problems.push("this is not the gallery the anchor names".into());
         } else if manifest.generation < a.generation {
-            problems.push(format!("the gallery is at generation {}, older than the anchor's {}: rolled back", manifest.generation, a.generation));
+            problems.push(format!(
+                "the gallery is at generation {}, older than the anchor's {}: rolled back",
+                manifest.generation, a.generation
+            ));
         }
         check(&mut problems, "the anchor", a.audit_records, &a.audit_hash)?;
     }

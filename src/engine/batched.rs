@@ -43,7 +43,13 @@ impl Engine {
     /// assert!(answers[0].decision.is_match());
     /// assert_eq!(answers[1].decision.kind(), "no_match");
     /// ```
-    pub fn identify_batch_deferred(&self, ctx: &QueryContext, probes: &[f32], k: usize, opts: SearchOptions) -> Result<Pending<Vec<Identification>>> {
+    pub fn identify_batch_deferred(
+        &self,
+        ctx: &QueryContext,
+        probes: &[f32],
+        k: usize,
+        opts: SearchOptions,
+    ) -> Result<Pending<Vec<Identification>>> {
         let dim = self.manifest.read().config.dim;
         if dim == 0 || !probes.len().is_multiple_of(dim) {
             return Err(Error::WrongDimension { expected: dim, got: probes.len() % dim.max(1) });
@@ -58,10 +64,18 @@ impl Engine {
     pub fn identify_faces_deferred(&self, ctx: &QueryContext, probes: &[Vec<f32>], k: usize) -> Result<Pending<Vec<Identification>>> {
         let found = probes.len() as u32;
         // One search per face, exactly as `identify_faces` (a batch may take another path).
-        self.identify_many_deferred(ctx, probes.len(), |i| &probes[i], k, SearchOptions::default(), false, |out| {
-            let discarded = out.iter().filter(|r| matches!(r.decision, Decision::NoMatch { .. })).count() as u32;
-            (found, discarded)
-        })
+        self.identify_many_deferred(
+            ctx,
+            probes.len(),
+            |i| &probes[i],
+            k,
+            SearchOptions::default(),
+            false,
+            |out| {
+                let discarded = out.iter().filter(|r| matches!(r.decision, Decision::NoMatch { .. })).count() as u32;
+                (found, discarded)
+            },
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -86,7 +100,9 @@ impl Engine {
         let counts = faces(&out);
         let events: Vec<AuditEvent> = out
             .iter()
-            .map(|r| self.query_event(ctx, Mode::Identify, r.threshold, k, &r.decision, r.candidates.first().map(|c| c.score), counts, started))
+            .map(|r| {
+                self.query_event(ctx, Mode::Identify, r.threshold, k, &r.decision, r.candidates.first().map(|c| c.score), counts, started)
+            })
             .collect();
         let ticket = match self.audit.read().as_ref() {
             Some(a) => a.submit_batch(events)?,
@@ -99,7 +115,15 @@ impl Engine {
     }
 
     /// [`Engine::search_candidates`] for `n` probes through [`crate::index::VectorIndex::search_batch`].
-    fn search_candidates_batch<'p>(&self, ctx: &QueryContext, n: usize, probe: impl Fn(usize) -> &'p [f32], k: usize, opts: SearchOptions, batched: bool) -> Result<Vec<Vec<Candidate>>> {
+    fn search_candidates_batch<'p>(
+        &self,
+        ctx: &QueryContext,
+        n: usize,
+        probe: impl Fn(usize) -> &'p [f32],
+        k: usize,
+        opts: SearchOptions,
+        batched: bool,
+    ) -> Result<Vec<Vec<Candidate>>> {
         let (dim, bit, max_k, retention_ms) = {
             let m = self.manifest.read();
             let bit = m.config.purpose_bit(&ctx.purpose).ok_or_else(|| Error::PolicyViolation {

@@ -133,7 +133,8 @@ impl Engine {
                 if h != b.audit_hash {
                     return Err(Error::AuditTampered {
                         seq,
-                        reason: "record differs from the one the manifest names: this audit log is not this gallery's (or was rewritten)".into(),
+                        reason: "record differs from the one the manifest names: this audit log is not this gallery's (or was rewritten)"
+                            .into(),
                     });
                 }
             }

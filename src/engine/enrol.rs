@@ -28,7 +28,10 @@ impl Engine {
             for c in &consents {
                 let owner = st.consents.get(&c.consent_id).map(|o| &o.subject).or(batch.get(c.consent_id.as_str()).copied());
                 if owner.is_some_and(|s| s != &c.subject) {
-                    return Err(Error::PolicyViolation { rule: "consent-record", reason: format!("consent id {} belongs to another subject", c.consent_id) });
+                    return Err(Error::PolicyViolation {
+                        rule: "consent-record",
+                        reason: format!("consent id {} belongs to another subject", c.consent_id),
+                    });
                 }
                 batch.insert(&c.consent_id, &c.subject);
             }
@@ -89,13 +92,19 @@ impl Engine {
             reason: format!("no consent record {} (record consent before enrolling)", e.consent_id),
         })?;
         if consent.subject != e.subject {
-            return Err(Error::PolicyViolation { rule: "consent-required", reason: format!("consent {} is not {}'s", e.consent_id, e.subject) });
+            return Err(Error::PolicyViolation {
+                rule: "consent-required",
+                reason: format!("consent {} is not {}'s", e.consent_id, e.subject),
+            });
         }
         consent.check_guardian()?;
         // Kept until its last purpose's retention ends (each purpose stops matching at its own).
         let mut retention = 0i64;
         for p in &e.purposes {
-            let pol = cfg.purpose(p).ok_or_else(|| Error::PolicyViolation { rule: "specific-purpose", reason: format!("purpose {p} is not declared by this gallery") })?;
+            let pol = cfg.purpose(p).ok_or_else(|| Error::PolicyViolation {
+                rule: "specific-purpose",
+                reason: format!("purpose {p} is not declared by this gallery"),
+            })?;
             if !consent.covers(p) {
                 return Err(Error::PolicyViolation {
                     rule: "consent-required",
@@ -264,7 +273,11 @@ impl Engine {
         store::write_manifest(&self.gdir, &mut m, &self.key.read())?;
         let threshold = m.config.filing_threshold;
         drop(m);
-        tracing::warn!(people, threshold, "stored people reached the filing threshold: file with the provincial cyberspace office within 30 working days");
+        tracing::warn!(
+            people,
+            threshold,
+            "stored people reached the filing threshold: file with the provincial cyberspace office within 30 working days"
+        );
         self.audit_append(AuditEvent::FilingNotice { distinct_subjects: people, threshold })?;
         self.notices.lock().push(Notice::FilingRequired { people, threshold, at_ms: at });
         Ok(())

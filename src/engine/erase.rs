@@ -69,7 +69,8 @@ impl Engine {
         let (templates, consents) = {
             let st = self.state.read();
             let templates = st.subject_idx.get(subject).and_then(|i| st.live_by_subject.get(i)).cloned().unwrap_or_default();
-            let consents: Vec<ConsentRecord> = st.consents.values().filter(|c| &c.subject == subject && c.withdrawn_at_ms.is_none()).cloned().collect();
+            let consents: Vec<ConsentRecord> =
+                st.consents.values().filter(|c| &c.subject == subject && c.withdrawn_at_ms.is_none()).cloned().collect();
             if templates.is_empty() && consents.is_empty() {
                 return Err(Error::UnknownSubject(subject.to_string()));
             }
@@ -79,7 +80,11 @@ impl Engine {
         // Write-ahead: the record first, then the withdrawal (see `reconcile`).
         let mut erased = templates.clone();
         erased.sort_unstable();
-        self.audit_intent(AuditEvent::ConsentWithdrawn { operator: operator.as_str().into(), subject: subject.to_string(), templates_erased: erased })?;
+        self.audit_intent(AuditEvent::ConsentWithdrawn {
+            operator: operator.as_str().into(),
+            subject: subject.to_string(),
+            templates_erased: erased,
+        })?;
         if crate::failpoints::hit("withdraw/recorded") {
             return Err(Error::Cancelled);
         }
@@ -123,7 +128,11 @@ impl Engine {
         }
         let mut expired = expired;
         expired.sort_unstable();
-        self.audit_intent(AuditEvent::Purge { operator: operator.as_str().into(), templates: expired.clone(), reason: "retention expired".into() })?;
+        self.audit_intent(AuditEvent::Purge {
+            operator: operator.as_str().into(),
+            templates: expired.clone(),
+            reason: "retention expired".into(),
+        })?;
         let mut r = self.erase(expired)?;
         r.templates.sort_unstable();
         self.rebind()?;

@@ -45,8 +45,8 @@ use crate::audit::{AuditConfig, AuditEvent, AuditKey, AuditLog, AuditTicket, Dec
 use crate::clock::{Clock, SystemClock};
 use crate::compliance::{ConsentRecord, Decision, Mode, Operator, Purpose, SubjectId, Threshold};
 use crate::config::GalleryConfig;
-use crate::index::{Hit, SearchParams, SearchStrategy, VectorIndex};
 use crate::fs::Dir;
+use crate::index::{Hit, SearchParams, SearchStrategy, VectorIndex};
 use crate::store::{self, snapshot, LogWriter, Manifest, MasterKey, Op, TemplateMeta, TornTail};
 use crate::{Error, Result};
 
@@ -59,8 +59,8 @@ const DAY_MS: i64 = 86_400_000;
 // stats). This file: the `Engine` itself and its audit plumbing.
 mod admin;
 // Batched queries (many probes per call): additive, kept apart.
-mod batched;
 mod anchor;
+mod batched;
 mod bind;
 mod enrol;
 mod erase;
@@ -70,10 +70,10 @@ mod state;
 mod types;
 
 pub use self::anchor::{verify_audit, Anchor, AuditVerification};
-pub use self::open::{core_dumps_allowed, forbid_core_dumps, EngineBuilder};
-pub use self::types::*;
 use self::open::{calibrate_index, CALIBRATION_PROBES, CALIBRATION_SEED, CALIBRATION_TARGET};
+pub use self::open::{core_dumps_allowed, forbid_core_dumps, EngineBuilder};
 use self::state::{Slot, State};
+pub use self::types::*;
 
 struct Writer {
     log: LogWriter,
@@ -146,12 +146,8 @@ impl Engine {
         };
         // A real directory, never a link planted in its place.
         gdir.create_subdir(store::AUDIT_DIR)?;
-        let (audit, _) = AuditLog::open(
-            &dir.join(store::AUDIT_DIR),
-            AuditKey::from_bytes(key.audit_key_bytes()),
-            cfg.audit.clone(),
-            clock.clone(),
-        )?;
+        let (audit, _) =
+            AuditLog::open(&dir.join(store::AUDIT_DIR), AuditKey::from_bytes(key.audit_key_bytes()), cfg.audit.clone(), clock.clone())?;
         let mut notices = Vec::new();
         if let Some(at) = manifest.filing_notice_ms {
             notices.push(Notice::FilingRequired { people: state.people(), threshold: cfg.filing_threshold, at_ms: at });

@@ -115,9 +115,7 @@ impl EngineBuilder {
                     manifest.config.audit.clone(),
                     self.clock.clone(),
                 )?;
-                audit
-                    .submit(AuditEvent::Admin { operator: operator.as_str().into(), action: "repair".into(), detail })?
-                    .wait()?;
+                audit.submit(AuditEvent::Admin { operator: operator.as_str().into(), action: "repair".into(), detail })?.wait()?;
                 audit.close()?;
                 report.repair_dir = Some(store::repair::apply(&gdir, &report.plan, self.clock.now_unix_ms())?);
             }
@@ -204,7 +202,9 @@ impl EngineBuilder {
                     Ok(_) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
                     Err(e) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
                 }
-            } else if h.log_id == log.file_id() && snapshot::read(&gdir, store::SNAPSHOT, &cipher, &h, |r| VectorIndex::read_from(r)).is_ok() {
+            } else if h.log_id == log.file_id()
+                && snapshot::read(&gdir, store::SNAPSHOT, &cipher, &h, |r| VectorIndex::read_from(r)).is_ok()
+            {
                 // An authentic snapshot of this very log covers frames the log no longer has:
                 // acknowledged writes (a deletion, a withdrawal) were lost. A crash only ever
                 // tears an unacknowledged last frame, so this is truncation or damage: serving
@@ -233,7 +233,10 @@ impl EngineBuilder {
             match op {
                 Op::Enrol { meta, vector } => {
                     if vector.len() != cfg.dim {
-                        return Err(Error::DataCorruption { path: logp.clone(), reason: format!("template {} has dimension {}", meta.template, vector.len()) });
+                        return Err(Error::DataCorruption {
+                            path: logp.clone(),
+                            reason: format!("template {} has dimension {}", meta.template, vector.len()),
+                        });
                     }
                     if enrol_ordinal >= have {
                         pending.extend_from_slice(&vector);
@@ -297,8 +300,12 @@ impl EngineBuilder {
         }
         if let Some(r) = rotation {
             let detail = match r {
-                store::RotationRecovery::Finished => "finished on open: the rotation had committed before the crash; the gallery is under the new key",
-                store::RotationRecovery::RolledBack => "rolled back on open: the crash came before the commit; the gallery stays under the previous key",
+                store::RotationRecovery::Finished => {
+                    "finished on open: the rotation had committed before the crash; the gallery is under the new key"
+                }
+                store::RotationRecovery::RolledBack => {
+                    "rolled back on open: the crash came before the commit; the gallery stays under the previous key"
+                }
             };
             engine.record_admin(&Operator::system(), "key-rotation-recovery", detail)?;
         }

@@ -39,16 +39,38 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn audit_query(&self, ctx: &QueryContext, mode: Mode, t: Threshold, k: usize, decision: &Decision, top: Option<f32>, faces: (u32, u32), started: Instant) -> Result<AuditTicket> {
+    pub(super) fn audit_query(
+        &self,
+        ctx: &QueryContext,
+        mode: Mode,
+        t: Threshold,
+        k: usize,
+        decision: &Decision,
+        top: Option<f32>,
+        faces: (u32, u32),
+        started: Instant,
+    ) -> Result<AuditTicket> {
         let ev = self.query_event(ctx, mode, t, k, decision, top, faces, started);
         self.audit_submit(ev)
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn query_event(&self, ctx: &QueryContext, mode: Mode, t: Threshold, k: usize, decision: &Decision, top: Option<f32>, faces: (u32, u32), started: Instant) -> AuditEvent {
+    pub(super) fn query_event(
+        &self,
+        ctx: &QueryContext,
+        mode: Mode,
+        t: Threshold,
+        k: usize,
+        decision: &Decision,
+        top: Option<f32>,
+        faces: (u32, u32),
+        started: Instant,
+    ) -> AuditEvent {
         let (kind, subject, template) = match decision {
             Decision::Match { subject, template, .. } => (DecisionKind::Match, Some(subject.to_string()), Some(*template)),
-            Decision::NeedsHumanReview { subject, template, .. } => (DecisionKind::NeedsHumanReview, Some(subject.to_string()), Some(*template)),
+            Decision::NeedsHumanReview { subject, template, .. } => {
+                (DecisionKind::NeedsHumanReview, Some(subject.to_string()), Some(*template))
+            }
             Decision::NoMatch { .. } => (DecisionKind::NoMatch, None, None),
         };
         let model_id = self.manifest.read().config.model_id.clone();
@@ -89,7 +111,13 @@ impl Engine {
     }
 
     /// [`Engine::verify_with_faces`] without waiting for the audit record: see [`Pending`].
-    pub fn verify_deferred_with_faces(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId, faces: (u32, u32)) -> Result<Pending<Verification>> {
+    pub fn verify_deferred_with_faces(
+        &self,
+        ctx: &QueryContext,
+        probe: &[f32],
+        subject: &SubjectId,
+        faces: (u32, u32),
+    ) -> Result<Pending<Verification>> {
         let started = Instant::now();
         let policy = self.query_policy(ctx, Mode::Verify)?;
         let dim = self.manifest.read().config.dim;
@@ -133,7 +161,14 @@ impl Engine {
     }
 
     /// [`Engine::identify`] with search options and face counts for the audit record.
-    pub fn identify_with(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions, faces: (u32, u32)) -> Result<Identification> {
+    pub fn identify_with(
+        &self,
+        ctx: &QueryContext,
+        probe: &[f32],
+        k: usize,
+        opts: SearchOptions,
+        faces: (u32, u32),
+    ) -> Result<Identification> {
         self.identify_deferred_with(ctx, probe, k, opts, faces)?.wait()
     }
 
@@ -143,7 +178,14 @@ impl Engine {
     }
 
     /// [`Engine::identify_with`] without waiting for the audit record: see [`Pending`].
-    pub fn identify_deferred_with(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions, faces: (u32, u32)) -> Result<Pending<Identification>> {
+    pub fn identify_deferred_with(
+        &self,
+        ctx: &QueryContext,
+        probe: &[f32],
+        k: usize,
+        opts: SearchOptions,
+        faces: (u32, u32),
+    ) -> Result<Pending<Identification>> {
         let started = Instant::now();
         let policy = self.query_policy(ctx, Mode::Identify)?;
         let candidates = self.search_candidates(ctx, probe, k, opts)?;
@@ -169,7 +211,18 @@ impl Engine {
         let discarded = out.iter().filter(|r| matches!(r.decision, Decision::NoMatch { .. })).count() as u32;
         let events: Vec<AuditEvent> = out
             .iter()
-            .map(|r| self.query_event(ctx, Mode::Identify, r.threshold, k, &r.decision, r.candidates.first().map(|c| c.score), (found, discarded), started))
+            .map(|r| {
+                self.query_event(
+                    ctx,
+                    Mode::Identify,
+                    r.threshold,
+                    k,
+                    &r.decision,
+                    r.candidates.first().map(|c| c.score),
+                    (found, discarded),
+                    started,
+                )
+            })
             .collect();
         if events.is_empty() {
             return Ok(out);

@@ -42,7 +42,15 @@ pub struct Enrolment {
 impl Enrolment {
     /// An enrolment with an engine-assigned template id.
     pub fn new(subject: SubjectId, consent_id: impl Into<String>, purposes: Vec<Purpose>, embedding: Vec<f32>) -> Self {
-        Enrolment { subject, consent_id: consent_id.into(), purposes, embedding: Zeroizing::new(embedding), template: None, model_id: None, force: false }
+        Enrolment {
+            subject,
+            consent_id: consent_id.into(),
+            purposes,
+            embedding: Zeroizing::new(embedding),
+            template: None,
+            model_id: None,
+            force: false,
+        }
     }
 }
 

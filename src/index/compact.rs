@@ -98,7 +98,12 @@ impl VectorIndex {
                         let scale = kernels::quantize_i8(&padded, &mut codes);
                         let words = ix.words_mut();
                         for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
-                            *w = u32::from_le_bytes([codes[4 * i] as u8, codes[4 * i + 1] as u8, codes[4 * i + 2] as u8, codes[4 * i + 3] as u8]);
+                            *w = u32::from_le_bytes([
+                                codes[4 * i] as u8,
+                                codes[4 * i + 1] as u8,
+                                codes[4 * i + 2] as u8,
+                                codes[4 * i + 3] as u8,
+                            ]);
                         }
                         words[base + cpad / 4] = scale.to_bits();
                     }

@@ -125,12 +125,8 @@ impl FlatCodes {
 
     /// Quantise `nq` unit queries (query `i` at `qs[i * stride..i * stride + dim]`).
     pub(crate) fn quantize_queries(&self, qs: &[f32], stride: usize, nq: usize) -> QueryCodes {
-        let mut out = QueryCodes {
-            groups: self.groups,
-            words: vec![0x8080_8080; nq * self.groups],
-            scale: vec![0.0; nq],
-            err: vec![0.0; nq],
-        };
+        let mut out =
+            QueryCodes { groups: self.groups, words: vec![0x8080_8080; nq * self.groups], scale: vec![0.0; nq], err: vec![0.0; nq] };
         let mut c = vec![0i8; self.dim];
         for i in 0..nq {
             let q = &qs[i * stride..i * stride + self.dim];
@@ -162,13 +158,7 @@ impl FlatCodes {
     /// admission threshold: `sink(i, slot, approx)` is called (in slot order
     /// per query) only for approximate scores `>= thr[i]` and returns the new
     /// threshold. Thresholds may only grow.
-    pub(crate) fn scan(
-        &self,
-        q: &QueryCodes,
-        level: SimdLevel,
-        thr: &mut [f32],
-        mut sink: impl FnMut(usize, u32, f32) -> f32,
-    ) {
+    pub(crate) fn scan(&self, q: &QueryCodes, level: SimdLevel, thr: &mut [f32], mut sink: impl FnMut(usize, u32, f32) -> f32) {
         debug_assert_eq!(q.groups, self.groups);
         let nq = q.len().min(thr.len());
         if nq == 0 || self.len == 0 {
@@ -205,10 +195,7 @@ impl FlatCodes {
                     let c = &codes[gi * 64..gi * 64 + 64];
                     for (lane, a) in acc.iter_mut().enumerate() {
                         let c = &c[lane * 4..lane * 4 + 4];
-                        *a += u[0] as i32 * c[0] as i32
-                            + u[1] as i32 * c[1] as i32
-                            + u[2] as i32 * c[2] as i32
-                            + u[3] as i32 * c[3] as i32;
+                        *a += u[0] as i32 * c[0] as i32 + u[1] as i32 * c[1] as i32 + u[2] as i32 * c[2] as i32 + u[3] as i32 * c[3] as i32;
                     }
                 }
                 for (lane, &a) in acc.iter().enumerate().take(lanes) {

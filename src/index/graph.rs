@@ -5,8 +5,8 @@ use std::collections::BinaryHeap;
 
 use rayon::prelude::*;
 
-use super::{ord, unord, VectorIndex, VectorStorage};
 use super::kernels;
+use super::{ord, unord, VectorIndex, VectorStorage};
 
 /// New nodes per build batch, as a fraction of the nodes already in the graph.
 const BATCH_FRAC: f64 = 0.05;

@@ -201,15 +201,7 @@ fn block_vectors(dim: usize) -> usize {
 /// on AVX-512. Scores can differ from [`dot_f32`] in the last bits (another
 /// summation order); rescore the few winners with [`dot_f32`] when bit
 /// equality matters. Out-of-range counts are clamped to what the slices hold.
-pub fn dot_many(
-    qs: &[f32],
-    nq: usize,
-    vs: &[f32],
-    stride: usize,
-    nv: usize,
-    dim: usize,
-    mut sink: impl FnMut(usize, usize, f32),
-) {
+pub fn dot_many(qs: &[f32], nq: usize, vs: &[f32], stride: usize, nv: usize, dim: usize, mut sink: impl FnMut(usize, usize, f32)) {
     if dim == 0 || stride < dim {
         return;
     }
@@ -248,9 +240,7 @@ pub fn prefetch(ptr: *const u8, bytes: usize) {
         let lines = bytes.div_ceil(64).min(8);
         for l in 0..lines {
             // SAFETY: prefetch never faults, whatever the address.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch(ptr.wrapping_add(l * 64) as *const i8, std::arch::x86_64::_MM_HINT_T0)
-            };
+            unsafe { std::arch::x86_64::_mm_prefetch(ptr.wrapping_add(l * 64) as *const i8, std::arch::x86_64::_MM_HINT_T0) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -458,12 +448,8 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 4]; 4];
         let mut d = 0;
         while d < dim {
-            let qv = [
-                _mm512_loadu_ps(q[0].add(d)),
-                _mm512_loadu_ps(q[1].add(d)),
-                _mm512_loadu_ps(q[2].add(d)),
-                _mm512_loadu_ps(q[3].add(d)),
-            ];
+            let qv =
+                [_mm512_loadu_ps(q[0].add(d)), _mm512_loadu_ps(q[1].add(d)), _mm512_loadu_ps(q[2].add(d)), _mm512_loadu_ps(q[3].add(d))];
             for j in 0..4 {
                 let x = _mm512_loadu_ps(v[j].add(d));
                 for i in 0..4 {

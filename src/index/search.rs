@@ -18,7 +18,15 @@ pub(super) const GRAPH_INT8_FACTOR: f64 = 0.5;
 
 /// [`kernels::dot_many`] (kept as a seam for the exact path).
 #[inline]
-pub(super) fn dot_many_dispatch(qs: &[f32], nq: usize, vs: &[f32], stride: usize, nv: usize, dim: usize, sink: impl FnMut(usize, usize, f32)) {
+pub(super) fn dot_many_dispatch(
+    qs: &[f32],
+    nq: usize,
+    vs: &[f32],
+    stride: usize,
+    nv: usize,
+    dim: usize,
+    sink: impl FnMut(usize, usize, f32),
+) {
     kernels::dot_many(qs, nq, vs, stride, nv, dim, sink)
 }
 
@@ -128,10 +136,8 @@ impl VectorIndex {
             _ => {
                 let threads = rayon::current_num_threads().max(1);
                 let chunk = nq.div_ceil(threads).clamp(4, 64);
-                let parts: Vec<Vec<Vec<Hit>>> = qp
-                    .par_chunks(chunk * self.dpad)
-                    .map(|c| self.exact_many(c, c.len() / self.dpad, p))
-                    .collect();
+                let parts: Vec<Vec<Vec<Hit>>> =
+                    qp.par_chunks(chunk * self.dpad).map(|c| self.exact_many(c, c.len() / self.dpad, p)).collect();
                 Ok(parts.into_iter().flatten().collect())
             }
         }
@@ -285,10 +291,7 @@ impl VectorIndex {
                 VectorStorage::F32 => cands.iter().map(|&(score, slot)| Hit { slot, score }).collect(),
                 VectorStorage::Int8 => {
                     let r = self.cfg.rerank.max(k).min(cands.len());
-                    cands[..r]
-                        .iter()
-                        .map(|&(_, slot)| Hit { slot, score: kernels::dot_f32(qp, self.exact_vec(slot)) })
-                        .collect()
+                    cands[..r].iter().map(|&(_, slot)| Hit { slot, score: kernels::dot_f32(qp, self.exact_vec(slot)) }).collect()
                 }
             };
             sort_hits(&mut hits);

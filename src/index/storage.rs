@@ -196,9 +196,7 @@ impl VectorIndex {
             VectorStorage::Int8 => (&self.f32s, self.dpad),
             VectorStorage::F32 => {
                 // SAFETY: Line holds only u32 words, any bit pattern is a valid f32.
-                let all = unsafe {
-                    std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.lines.len() * LINE_WORDS)
-                };
+                let all = unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.lines.len() * LINE_WORDS) };
                 (all, self.rec_words)
             }
         }
@@ -235,7 +233,12 @@ impl VectorIndex {
                     let scale = kernels::quantize_i8(&padded, &mut codes);
                     let words = self.words_mut();
                     for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
-                        *w = u32::from_le_bytes([codes[4 * i] as u8, codes[4 * i + 1] as u8, codes[4 * i + 2] as u8, codes[4 * i + 3] as u8]);
+                        *w = u32::from_le_bytes([
+                            codes[4 * i] as u8,
+                            codes[4 * i + 1] as u8,
+                            codes[4 * i + 2] as u8,
+                            codes[4 * i + 3] as u8,
+                        ]);
                     }
                     words[base + cpad / 4] = scale.to_bits();
                 }

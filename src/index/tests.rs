@@ -89,7 +89,8 @@ fn int8_exact_scan_equals_the_f32_scan() {
                 let fast = ix.exact_many(&qp, nq, &p);
                 let reference = ix.exact_f32(&qp, nq, &p);
                 assert_eq!(fast, reference, "k {k}");
-                let one: Vec<Vec<Hit>> = (0..nq).map(|i| ix.exact_many(&qp[i * ix.dpad..(i + 1) * ix.dpad], 1, &p).pop().unwrap()).collect();
+                let one: Vec<Vec<Hit>> =
+                    (0..nq).map(|i| ix.exact_many(&qp[i * ix.dpad..(i + 1) * ix.dpad], 1, &p).pop().unwrap()).collect();
                 assert_eq!(one, reference);
             }
         }

@@ -81,10 +81,7 @@ impl IndexConfig {
             return Err(Error::config("index.m", format!("must be in 2..=256, got {}", self.m)));
         }
         if self.ef_construction < self.m || self.ef_construction > 100_000 {
-            return Err(Error::config(
-                "index.ef_construction",
-                format!("must be in m..=100000, got {}", self.ef_construction),
-            ));
+            return Err(Error::config("index.ef_construction", format!("must be in m..=100000, got {}", self.ef_construction)));
         }
         if self.ef_search == 0 || self.ef_search > 1_000_000 {
             return Err(Error::config("index.ef_search", format!("must be in 1..=1000000, got {}", self.ef_search)));

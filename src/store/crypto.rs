@@ -71,7 +71,8 @@ impl MasterKey {
             k.copy_from_slice(&bytes);
             return Ok(MasterKey(k));
         }
-        let s = std::str::from_utf8(&bytes).map_err(|_| Error::Key(format!("key file {} is neither 32 raw bytes nor hex", path.display())))?;
+        let s =
+            std::str::from_utf8(&bytes).map_err(|_| Error::Key(format!("key file {} is neither 32 raw bytes nor hex", path.display())))?;
         Self::from_hex(s)
     }
     /// From the environment variable [`KEY_ENV`] (hex).

@@ -266,11 +266,8 @@ impl LogWriter {
             return Err(Error::io(&self.path, std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
         let first = self.frames;
-        let sealed: Vec<Vec<u8>> = plaintexts
-            .par_iter()
-            .enumerate()
-            .map(|(i, p)| self.cipher.seal(&aad(&self.file_id, first + i as u64), p))
-            .collect();
+        let sealed: Vec<Vec<u8>> =
+            plaintexts.par_iter().enumerate().map(|(i, p)| self.cipher.seal(&aad(&self.file_id, first + i as u64), p)).collect();
         let mut buf = Vec::with_capacity(sealed.iter().map(|s| s.len() + FRAME_HEAD).sum());
         for s in &sealed {
             buf.extend_from_slice(&(s.len() as u32).to_le_bytes());

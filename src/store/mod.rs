@@ -26,10 +26,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::crypto::{MasterKey, KEY_ENV};
 pub(crate) use self::crypto::Cipher;
-pub(crate) use self::log::{good_prefix, LogWriter};
+pub use self::crypto::{MasterKey, KEY_ENV};
 pub use self::log::TornTail;
+pub(crate) use self::log::{good_prefix, LogWriter};
 pub use self::recover::RotationRecovery;
 use crate::compliance::{ConsentRecord, Purpose, SubjectId};
 use crate::config::GalleryConfig;
@@ -308,7 +308,8 @@ pub(crate) fn new_gallery_id() -> String {
 
 /// Check that `key` opens this gallery.
 pub(crate) fn check_key(dir: &Dir, m: &Manifest, key: &MasterKey) -> Result<()> {
-    let sealed = hex::decode(&m.key_check).map_err(|_| Error::DataCorruption { path: dir.join(MANIFEST), reason: "bad key_check".into() })?;
+    let sealed =
+        hex::decode(&m.key_check).map_err(|_| Error::DataCorruption { path: dir.join(MANIFEST), reason: "bad key_check".into() })?;
     match key.store_cipher().open(b"key-check", &sealed) {
         Some(p) if &p[..] == KEY_CHECK_PLAINTEXT => Ok(()),
         _ => Err(Error::Key(format!("the key (fingerprint {}) does not open the gallery at {}", key.fingerprint(), dir.path().display()))),

@@ -177,7 +177,13 @@ pub(crate) fn read_header(dir: &Dir, name: &str) -> Result<Option<SnapshotHeader
 }
 
 /// Stream a snapshot's decrypted body into `body`.
-pub(crate) fn read<T>(dir: &Dir, name: &str, cipher: &Cipher, header: &SnapshotHeader, body: impl FnOnce(&mut dyn Read) -> Result<T>) -> Result<T> {
+pub(crate) fn read<T>(
+    dir: &Dir,
+    name: &str,
+    cipher: &Cipher,
+    header: &SnapshotHeader,
+    body: impl FnOnce(&mut dyn Read) -> Result<T>,
+) -> Result<T> {
     let path = &dir.join(name);
     let f = dir.open_read(name)?.ok_or_else(|| Error::io(path, std::io::ErrorKind::NotFound.into()))?;
     let mut inp = BufReader::with_capacity(CHUNK + 64, f);

@@ -11,13 +11,7 @@ use crate::{Error, Result};
 
 /// The standard ArcFace 112x112 five-point template (right eye, left eye, nose
 /// tip, right mouth corner, left mouth corner, as seen in the image).
-pub const ARCFACE_112: [[f32; 2]; 5] = [
-    [38.2946, 51.6963],
-    [73.5318, 51.5014],
-    [56.0252, 71.7366],
-    [41.5493, 92.3655],
-    [70.7299, 92.2041],
-];
+pub const ARCFACE_112: [[f32; 2]; 5] = [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]];
 
 /// A 2-D similarity transform `p' = s R p + t`, stored as
 /// `x' = a x - b y + tx`, `y' = b x + a y + ty`.
@@ -168,13 +162,7 @@ pub fn warp_similarity(img: &DecodedImage, m: &Similarity, width: u32, height: u
 /// assert_eq!(crop.data.len(), 112 * 112 * 3);
 /// assert_eq!(crop.data[3 * (56 * 112 + 56)], 128);
 /// ```
-pub fn align_face(
-    img: &DecodedImage,
-    landmarks: &[[f32; 2]],
-    template: &[[f32; 2]],
-    width: u32,
-    height: u32,
-) -> Result<AlignedFace> {
+pub fn align_face(img: &DecodedImage, landmarks: &[[f32; 2]], template: &[[f32; 2]], width: u32, height: u32) -> Result<AlignedFace> {
     let m = umeyama(landmarks, template)?;
     warp_similarity(img, &m, width, height)
 }

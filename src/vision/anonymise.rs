@@ -87,7 +87,10 @@ impl AnonymiseConfig {
         }
         if let Redaction::Mosaic { cells } = self.redaction {
             if !(1..=8).contains(&cells) {
-                return Err(Error::config("anonymise.redaction.cells", format!("must be in 1..=8 (more cells keep a face recognisable), got {cells}")));
+                return Err(Error::config(
+                    "anonymise.redaction.cells",
+                    format!("must be in 1..=8 (more cells keep a face recognisable), got {cells}"),
+                ));
             }
         }
         Ok(())
@@ -163,7 +166,8 @@ mod tests {
     use super::*;
 
     fn gradient(w: u32, h: u32) -> DecodedImage {
-        let data = (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x * 7 % 256) as u8, (y * 5 % 256) as u8, ((x + y) % 256) as u8])).collect();
+        let data =
+            (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x * 7 % 256) as u8, (y * 5 % 256) as u8, ((x + y) % 256) as u8])).collect();
         DecodedImage::from_rgb8(w, h, data).unwrap()
     }
 
@@ -211,13 +215,23 @@ mod tests {
         let orig = gradient(20, 20);
         let mut img = orig.clone();
         let cfg = AnonymiseConfig::default();
-        let odd = [face(f32::NAN, 0.0, 5.0, 5.0), face(100.0, 100.0, 5.0, 5.0), face(-50.0, -50.0, 10.0, 10.0), face(5.0, 5.0, -3.0, 4.0), face(0.0, 0.0, f32::INFINITY, 3.0)];
+        let odd = [
+            face(f32::NAN, 0.0, 5.0, 5.0),
+            face(100.0, 100.0, 5.0, 5.0),
+            face(-50.0, -50.0, 10.0, 10.0),
+            face(5.0, 5.0, -3.0, 4.0),
+            face(0.0, 0.0, f32::INFINITY, 3.0),
+        ];
         redact(&mut img, &odd, &cfg).unwrap();
         assert_eq!(img, orig);
         // A box hanging over the edge is clamped.
         redact(&mut img, &[face(15.0, 15.0, 20.0, 20.0)], &cfg).unwrap();
         assert_eq!(&img.as_raw()[(19 * 20 + 19) * 3..(19 * 20 + 19) * 3 + 3], &[0, 0, 0]);
-        for bad in [AnonymiseConfig { margin: -1.0, ..cfg }, AnonymiseConfig { margin: f32::NAN, ..cfg }, AnonymiseConfig { redaction: Redaction::Mosaic { cells: 0 }, ..cfg }] {
+        for bad in [
+            AnonymiseConfig { margin: -1.0, ..cfg },
+            AnonymiseConfig { margin: f32::NAN, ..cfg },
+            AnonymiseConfig { redaction: Redaction::Mosaic { cells: 0 }, ..cfg },
+        ] {
             assert!(redact(&mut img, &[], &bad).is_err());
         }
     }

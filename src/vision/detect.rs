@@ -403,11 +403,10 @@ impl Detector {
         let shape = spec.shape(1);
         let model_err = |reason: String| Error::Model { model: self.pool.model().to_string(), reason };
         let candidates = self.pool.with(|session| {
-            let tensor = ort::value::TensorRef::from_array_view((shape, input.as_slice()))
-                .map_err(|e| model_err(format!("input tensor: {e}")))?;
-            let outputs = session
-                .run(ort::inputs![spec.name.as_str() => tensor])
-                .map_err(|e| model_err(format!("inference failed: {e}")))?;
+            let tensor =
+                ort::value::TensorRef::from_array_view((shape, input.as_slice())).map_err(|e| model_err(format!("input tensor: {e}")))?;
+            let outputs =
+                session.run(ort::inputs![spec.name.as_str() => tensor]).map_err(|e| model_err(format!("inference failed: {e}")))?;
             let mut names = Vec::new();
             for s in &self.config.strides {
                 let o = &self.config.outputs;

@@ -176,14 +176,11 @@ impl Recognizer {
         let shape = spec.shape(faces.len());
         let dim = self.config.dimension;
         let mut embeddings = self.pool.with(|session| {
-            let tensor = ort::value::TensorRef::from_array_view((shape, input.as_slice()))
-                .map_err(|e| model_err(format!("input tensor: {e}")))?;
-            let outputs = session
-                .run(ort::inputs![spec.name.as_str() => tensor])
-                .map_err(|e| model_err(format!("inference failed: {e}")))?;
-            let value = outputs
-                .get(&self.config.output)
-                .ok_or_else(|| model_err(format!("missing output {}", self.config.output)))?;
+            let tensor =
+                ort::value::TensorRef::from_array_view((shape, input.as_slice())).map_err(|e| model_err(format!("input tensor: {e}")))?;
+            let outputs =
+                session.run(ort::inputs![spec.name.as_str() => tensor]).map_err(|e| model_err(format!("inference failed: {e}")))?;
+            let value = outputs.get(&self.config.output).ok_or_else(|| model_err(format!("missing output {}", self.config.output)))?;
             let (_, data) = value.try_extract_tensor::<f32>().map_err(|e| model_err(format!("output: {e}")))?;
             if data.len() != faces.len() * dim {
                 return Err(Error::WrongDimension { expected: dim, got: data.len() / faces.len().max(1) });

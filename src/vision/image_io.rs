@@ -186,12 +186,8 @@ pub fn decode_bytes(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage> 
     if bytes.len() as u64 > limits.max_file_bytes {
         return Err(bad(format!("{} bytes, more than the limit of {}", bytes.len(), limits.max_file_bytes)));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read: {e}")))?;
-    let format = reader
-        .format()
-        .ok_or_else(|| bad("not a recognised image: the content is not JPEG, PNG, BMP, WebP or TIFF".into()))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| bad(format!("cannot read: {e}")))?;
+    let format = reader.format().ok_or_else(|| bad("not a recognised image: the content is not JPEG, PNG, BMP, WebP or TIFF".into()))?;
     if format == image::ImageFormat::Jpeg {
         // The JPEG decoder fills missing data with grey; a cut file must not pass as a photo.
         check_jpeg_structure(bytes).map_err(|r| bad(format!("truncated or corrupt JPEG: {r}")))?;

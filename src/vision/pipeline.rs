@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use crate::detect::Face;
 use crate::align::{align_face, AlignedFace};
+pub use crate::detect::Face;
 use crate::detect::{Detector, DetectorConfig};
 use crate::embed::{Recognizer, RecognizerConfig};
 use crate::image_io::{self, DecodedImage, ImageLimits};

@@ -182,8 +182,7 @@ pub fn runtime(config: &RuntimeConfig) -> Result<&'static Runtime> {
     }
     let library = resolve_library(config.ort_library.as_deref())?;
     let model_err = |reason: String| Error::Model { model: "onnxruntime".into(), reason };
-    let builder = ort::init_from(&library)
-        .map_err(|e| model_err(format!("cannot load {}: {e}", library.display())))?;
+    let builder = ort::init_from(&library).map_err(|e| model_err(format!("cannot load {}: {e}", library.display())))?;
     let env = builder
         .with_name("facematch")
         .with_telemetry(false)

@@ -24,16 +24,7 @@ pub(super) struct HeadWriter {
 
 impl HeadWriter {
     pub(super) fn start(shared: Arc<Shared>, written: u64) -> Result<HeadWriter> {
-        let state = Arc::new((
-            Mutex::new(HeadState {
-                want: None,
-                written,
-                urgent: false,
-                error: None,
-                closing: false,
-            }),
-            Condvar::new(),
-        ));
+        let state = Arc::new((Mutex::new(HeadState { want: None, written, urgent: false, error: None, closing: false }), Condvar::new()));
         let st = Arc::clone(&state);
         let handle = std::thread::Builder::new()
             .name("facematch-audit-head".into())
@@ -80,10 +71,7 @@ impl HeadWriter {
                 }
             })
             .map_err(|e| Error::Audit(format!("starting the audit HEAD thread: {e}")))?;
-        Ok(HeadWriter {
-            state,
-            handle: Some(handle),
-        })
+        Ok(HeadWriter { state, handle: Some(handle) })
     }
 
     /// Ask for `HEAD` to say (segment, records, hash); newer requests replace older ones.

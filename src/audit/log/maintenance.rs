@@ -43,11 +43,7 @@ impl AuditLog {
         let mut retired_bytes = Vec::new();
         let mut prev_mac = format::zero_mac();
         for r in &scan.retired {
-            let t = Retired {
-                key_id: new.id(),
-                mac: None,
-                ..r.clone()
-            };
+            let t = Retired { key_id: new.id(), mac: None, ..r.clone() };
             retired_bytes.extend_from_slice(&seal_control(new, RETIRED_DOMAIN, &t)?.0);
             prev_mac = r.closing_mac.clone();
         }
@@ -68,11 +64,8 @@ impl AuditLog {
             for line in raw.split_inclusive(|&b| b == b'\n') {
                 let l = line.strip_suffix(b"\n").unwrap_or(line);
                 if l.starts_with(b"{\"type\":\"header\"") {
-                    let (mut h, _, _) =
-                        parse_control::<Header>(l).ok_or_else(|| Error::AuditTampered {
-                            seq: s.first_seq,
-                            reason: "unreadable header".into(),
-                        })?;
+                    let (mut h, _, _) = parse_control::<Header>(l)
+                        .ok_or_else(|| Error::AuditTampered { seq: s.first_seq, reason: "unreadable header".into() })?;
                     h.mac = None;
                     h.key_id = new.id();
                     h.prev_mac = prev_mac.clone();
@@ -80,12 +73,8 @@ impl AuditLog {
                     out.extend_from_slice(&hl);
                     prev_mac = hex::encode(m);
                 } else if l.starts_with(b"{\"type\":\"checkpoint\"") {
-                    let (c, _, _) = parse_control::<format::Checkpoint>(l).ok_or_else(|| {
-                        Error::AuditTampered {
-                            seq: s.first_seq,
-                            reason: "unreadable checkpoint".into(),
-                        }
-                    })?;
+                    let (c, _, _) = parse_control::<format::Checkpoint>(l)
+                        .ok_or_else(|| Error::AuditTampered { seq: s.first_seq, reason: "unreadable checkpoint".into() })?;
                     let (cl, m) = checkpoint_line(new, c.segment, c.seq, &c.hash, &prev_mac)?;
                     out.extend_from_slice(&cl);
                     prev_mac = hex::encode(m);
@@ -94,9 +83,7 @@ impl AuditLog {
                 }
             }
             let mut f = crate::fs::create_output(&tmp)?;
-            f.write_all(&out)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
         }
         if !scan.retired.is_empty() {
             format::atomic_write(out_dir, RETIRED_FILE, &retired_bytes, true)?;
@@ -112,10 +99,7 @@ impl AuditLog {
         write_head(out_dir, new, seg, records, &last_hash, true)?;
         let check = AuditLog::verify(out_dir, new)?;
         if let Some(b) = check.first_bad {
-            return Err(Error::AuditTampered {
-                seq: b.seq,
-                reason: format!("after rekey: {}", b.reason),
-            });
+            return Err(Error::AuditTampered { seq: b.seq, reason: format!("after rekey: {}", b.reason) });
         }
         Ok(())
     }
@@ -152,15 +136,7 @@ impl AuditLog {
                 Some(t) => t,
                 None => {
                     let path = sh.dir.join(segment_name(m.index));
-                    let t = verify_closed_segment(
-                        &path,
-                        m.index,
-                        &sh.key,
-                        &expect,
-                        m.last_seq,
-                        &m.last_hash,
-                        &m.closing_mac,
-                    )?;
+                    let t = verify_closed_segment(&path, m.index, &sh.key, &expect, m.last_seq, &m.last_hash, &m.closing_mac)?;
                     learned.push((m.index, t));
                     t
                 }

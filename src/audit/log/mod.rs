@@ -25,18 +25,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::direct::{self, DirectTail};
 use super::event::{AuditEvent, AuditFilter, AuditRecord};
 use super::format::{
-    self, checkpoint_line, genesis_hash, parse_control, record_hash, seal_control, seal_into,
-    data_len, segment_name, sync_dir, write_head, Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN,
-    RETIRED_FILE,
+    self, checkpoint_line, data_len, genesis_hash, parse_control, record_hash, seal_control, seal_into, segment_name, sync_dir, write_head,
+    Header, Retired, HEADER_DOMAIN, LOCK_FILE, RETIRED_DOMAIN, RETIRED_FILE,
 };
-use super::direct::{self, DirectTail};
+use super::scan::{scan, scan_for_open, verify_closed_segment, Expect, OpenReport, Scan, SegState, TornTail, VerifyReport};
 use super::space::Space;
-use super::scan::{
-    scan, scan_for_open, verify_closed_segment, Expect, OpenReport, Scan, SegState, TornTail,
-    VerifyReport,
-};
 use super::{AuditConfig, AuditKey, Durability, MIN_RETENTION_DAYS};
 use crate::clock::Clock;
 use crate::{Error, Result};
@@ -45,9 +41,9 @@ mod head;
 mod maintenance;
 mod open;
 mod read;
-mod writer;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use self::head::*;
 use self::open::*;
@@ -71,10 +67,7 @@ pub struct AuditLog {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog")
-            .field("dir", &self.shared.dir)
-            .field("cfg", &self.shared.cfg)
-            .finish_non_exhaustive()
+        f.debug_struct("AuditLog").field("dir", &self.shared.dir).field("cfg", &self.shared.cfg).finish_non_exhaustive()
     }
 }
 
@@ -131,10 +124,7 @@ impl AuditTicket {
                 if !registered {
                     // Woken (unparked) once these records are durable, or
                     // when it is this caller's turn to commit them.
-                    d.waiters.push(Waiter {
-                        end: range.end,
-                        thread: std::thread::current(),
-                    });
+                    d.waiters.push(Waiter { end: range.end, thread: std::thread::current() });
                     registered = true;
                 }
             }
@@ -259,26 +249,14 @@ struct Shared {
     _lock: File,
 }
 
-
-
-
-
-
-
 /// Check and serialize an event on the appender's thread.
 fn encode_event(event: &AuditEvent) -> Result<String> {
     if let Some(field) = event.non_finite_field() {
-        return Err(Error::Audit(format!(
-            "event field {field} is NaN or infinite"
-        )));
+        return Err(Error::Audit(format!("event field {field} is NaN or infinite")));
     }
-    let json = serde_json::to_string(event)
-        .map_err(|e| Error::Audit(format!("serialising audit event: {e}")))?;
+    let json = serde_json::to_string(event).map_err(|e| Error::Audit(format!("serialising audit event: {e}")))?;
     if json.len() > MAX_EVENT_BYTES {
-        return Err(Error::Audit(format!(
-            "audit event of {} bytes exceeds the {MAX_EVENT_BYTES}-byte limit",
-            json.len()
-        )));
+        return Err(Error::Audit(format!("audit event of {} bytes exceeds the {MAX_EVENT_BYTES}-byte limit", json.len())));
     }
     Ok(json)
 }
@@ -340,12 +318,7 @@ impl AuditLog {
             for (event, event_json) in events {
                 let seq = q.next_seq;
                 q.next_seq += 1;
-                q.items.push(Pending {
-                    seq,
-                    time_ms,
-                    event_json,
-                    event,
-                });
+                q.items.push(Pending { seq, time_ms, event_json, event });
             }
             // The writer only needs waking when work appears or a batch is
             // full; while it lingers, each submit need not wake it.
@@ -355,11 +328,7 @@ impl AuditLog {
         if wake && !range.is_empty() {
             self.shared.queue_cv.notify_one();
         }
-        Ok(AuditTicket {
-            range,
-            shared: Arc::clone(&self.shared),
-            submitted: Instant::now(),
-        })
+        Ok(AuditTicket { range, shared: Arc::clone(&self.shared), submitted: Instant::now() })
     }
 
     /// Make everything appended so far durable (fsync log and `HEAD`), also

@@ -21,10 +21,8 @@ pub(super) fn repair(scan: &mut Scan) -> Result<Option<TornTail>> {
     if torn.is_some() {
         if let Some(last) = scan.segments.last() {
             if last.has_header {
-                let f = crate::fs::open_write_nofollow(&last.path)
-                    .map_err(|e| Error::io(&last.path, e))?;
-                f.set_len(last.auth_end)
-                    .map_err(|e| Error::io(&last.path, e))?;
+                let f = crate::fs::open_write_nofollow(&last.path).map_err(|e| Error::io(&last.path, e))?;
+                f.set_len(last.auth_end).map_err(|e| Error::io(&last.path, e))?;
                 f.sync_all().map_err(|e| Error::io(&last.path, e))?;
                 if let Some(l) = scan.segments.last_mut() {
                     l.file_len = l.auth_end;
@@ -69,13 +67,7 @@ pub(super) fn after_retired(scan: &Scan) -> Expect {
 /// Create a segment file holding only its header; returns it (positioned
 /// after the header), the header's MAC (the first checkpoint chains to it)
 /// and the header's length.
-pub(super) fn create_segment(
-    dir: &Path,
-    key: &AuditKey,
-    e: &Expect,
-    now_ms: i64,
-    sync: bool,
-) -> Result<(File, String, u64)> {
+pub(super) fn create_segment(dir: &Path, key: &AuditKey, e: &Expect, now_ms: i64, sync: bool) -> Result<(File, String, u64)> {
     let h = Header {
         kind: "header".into(),
         format: format::FORMAT,
@@ -127,12 +119,7 @@ impl AuditLog {
     /// so nothing is appended onto a broken chain; a log signed with
     /// another key gives [`Error::Key`]; a log held by another process
     /// gives [`Error::Locked`].
-    pub fn open(
-        dir: &Path,
-        key: AuditKey,
-        cfg: AuditConfig,
-        clock: Arc<dyn Clock>,
-    ) -> Result<(AuditLog, OpenReport)> {
+    pub fn open(dir: &Path, key: AuditKey, cfg: AuditConfig, clock: Arc<dyn Clock>) -> Result<(AuditLog, OpenReport)> {
         cfg.validate()?;
         crate::fs::Dir::create_or_open(dir)?;
         let lock = lock_dir(dir)?;
@@ -180,11 +167,8 @@ impl AuditLog {
             }
         };
         // Append at the end of the data, before any zeroed free space.
-        let mut file = crate::fs::open_write_nofollow(&current.path)
-            .map_err(|e| Error::io(&current.path, e))?;
-        let pos = data_len(&mut file)
-            .and_then(|n| file.seek(SeekFrom::Start(n)))
-            .map_err(|e| Error::io(&current.path, e))?;
+        let mut file = crate::fs::open_write_nofollow(&current.path).map_err(|e| Error::io(&current.path, e))?;
+        let pos = data_len(&mut file).and_then(|n| file.seek(SeekFrom::Start(n))).map_err(|e| Error::io(&current.path, e))?;
         let direct = start_direct(&file, pos, sync && cfg.direct_io, &current.path)?;
         let records = current.first_seq + current.records;
         // HEAD may lag after a crash between the log fsync and its rename.
@@ -230,13 +214,7 @@ impl AuditLog {
                 closing: false,
             }),
             queue_cv: Condvar::new(),
-            done: Mutex::new(Done {
-                next: records,
-                last_hash: current.last_hash.clone(),
-                synced: 0,
-                error: None,
-                waiters: Vec::new(),
-            }),
+            done: Mutex::new(Done { next: records, last_hash: current.last_hash.clone(), synced: 0, error: None, waiters: Vec::new() }),
             done_cv: Condvar::new(),
             subscribers: Mutex::new(Vec::new()),
             stats: Mutex::new(AuditStats::default()),
@@ -277,10 +255,7 @@ impl AuditLog {
         };
         *shared.committer.lock() = Some(writer);
         let sh = Arc::clone(&shared);
-        let handle = match std::thread::Builder::new()
-            .name("facematch-audit".into())
-            .spawn(move || run_writer(sh))
-        {
+        let handle = match std::thread::Builder::new().name("facematch-audit".into()).spawn(move || run_writer(sh)) {
             Ok(h) => h,
             Err(e) => {
                 // Break the Shared -> Writer -> Shared cycle so the lock is released.
@@ -290,12 +265,6 @@ impl AuditLog {
                 return Err(Error::Audit(format!("starting the audit writer thread: {e}")));
             }
         };
-        Ok((
-            AuditLog {
-                shared,
-                writer: Mutex::new(Some(handle)),
-            },
-            report,
-        ))
+        Ok((AuditLog { shared, writer: Mutex::new(Some(handle)) }, report))
     }
 }

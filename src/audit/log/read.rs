@@ -71,8 +71,8 @@ impl AuditLog {
             for line in lines {
                 let line = line.map_err(|e| Error::io(path, e))?;
                 if line.starts_with(&prefix) {
-                    let v: serde_json::Value = serde_json::from_str(&line)
-                        .map_err(|e| Error::AuditTampered { seq, reason: format!("unreadable record: {e}") })?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&line).map_err(|e| Error::AuditTampered { seq, reason: format!("unreadable record: {e}") })?;
                     return Ok(v.get("hash").and_then(|h| h.as_str()).map(str::to_string));
                 }
             }
@@ -113,16 +113,13 @@ impl AuditLog {
         let mut n = 0u64;
         let mut visit = |r: AuditRecord, raw: &[u8]| -> Result<()> {
             if filter.matches(&r) {
-                w.write_all(raw)
-                    .and_then(|_| w.write_all(b"\n"))
-                    .map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
+                w.write_all(raw).and_then(|_| w.write_all(b"\n")).map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
                 n += 1;
             }
             Ok(())
         };
         scan(dir, None, Some(&mut visit))?.into_ok()?;
-        w.flush()
-            .map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
+        w.flush().map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
         Ok(n)
     }
 }

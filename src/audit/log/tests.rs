@@ -6,17 +6,11 @@ use crate::clock::ManualClock;
 use std::time::UNIX_EPOCH;
 
 fn clock() -> Arc<ManualClock> {
-    Arc::new(ManualClock::new(
-        UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-    ))
+    Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000)))
 }
 
 fn admin(i: u64) -> AuditEvent {
-    AuditEvent::Admin {
-        operator: "t".into(),
-        action: "a".into(),
-        detail: format!("{i}"),
-    }
+    AuditEvent::Admin { operator: "t".into(), action: "a".into(), detail: format!("{i}") }
 }
 
 #[test]
@@ -26,14 +20,7 @@ fn log_is_send_and_sync() {
 }
 
 fn lingering(linger_us: u64) -> AuditConfig {
-    AuditConfig {
-        durability: Durability::GroupCommit {
-            max_delay_us: 0,
-            max_batch: 4096,
-            linger_us,
-        },
-        ..Default::default()
-    }
+    AuditConfig { durability: Durability::GroupCommit { max_delay_us: 0, max_batch: 4096, linger_us }, ..Default::default() }
 }
 
 #[test]
@@ -74,11 +61,7 @@ fn records_nobody_waits_for_still_reach_disk_and_subscribers() {
 fn append_reopen_continue() {
     let d = tempfile::tempdir().unwrap();
     let key = AuditKey::from_bytes([1; 32]);
-    let cfg = AuditConfig {
-        segment_max_records: 3,
-        checkpoint_every: 2,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { segment_max_records: 3, checkpoint_every: 2, ..Default::default() };
     {
         let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
         assert_eq!(rep.records, 0);
@@ -96,10 +79,7 @@ fn append_reopen_continue() {
     assert!(v.ok(), "{v:?}");
     assert_eq!(v.records, 8);
     let all = AuditLog::read(d.path(), &AuditFilter::default()).unwrap();
-    assert_eq!(
-        all.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        (0..8).collect::<Vec<_>>()
-    );
+    assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
     assert_eq!(all[0].prev, genesis_hash());
     for w in all.windows(2) {
         assert_eq!(w[1].prev, w[0].hash);
@@ -115,13 +95,8 @@ fn direct_and_buffered_writes_leave_the_same_bytes() {
     let mut dirs = Vec::new();
     for direct_io in [true, false] {
         let d = tempfile::tempdir().unwrap();
-        let cfg = AuditConfig {
-            segment_max_records: 40,
-            checkpoint_every: 7,
-            preallocate_bytes: 64 * 1024,
-            direct_io,
-            ..Default::default()
-        };
+        let cfg =
+            AuditConfig { segment_max_records: 40, checkpoint_every: 7, preallocate_bytes: 64 * 1024, direct_io, ..Default::default() };
         let clk = clock();
         let mut i = 0u64;
         for round in 0..2 {
@@ -158,36 +133,22 @@ fn direct_and_buffered_writes_leave_the_same_bytes() {
 fn second_open_is_locked_and_wrong_key_refused() {
     let d = tempfile::tempdir().unwrap();
     let key = AuditKey::from_bytes([1; 32]);
-    let (log, _) =
-        AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()).unwrap();
+    let (log, _) = AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()).unwrap();
     log.append(admin(0)).unwrap();
-    assert!(matches!(
-        AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()),
-        Err(Error::Locked(_))
-    ));
+    assert!(matches!(AuditLog::open(d.path(), key.clone(), AuditConfig::default(), clock()), Err(Error::Locked(_))));
     drop(log);
     let other = AuditKey::from_bytes([2; 32]);
-    assert!(matches!(
-        AuditLog::open(d.path(), other.clone(), AuditConfig::default(), clock()),
-        Err(Error::Key(_))
-    ));
-    assert!(matches!(
-        AuditLog::verify(d.path(), &other),
-        Err(Error::Key(_))
-    ));
+    assert!(matches!(AuditLog::open(d.path(), other.clone(), AuditConfig::default(), clock()), Err(Error::Key(_))));
+    assert!(matches!(AuditLog::verify(d.path(), &other), Err(Error::Key(_))));
 }
 
 #[test]
 fn a_failed_write_stops_all_further_appends() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("audit");
-    let (log, _) = AuditLog::open(
-        &dir,
-        AuditKey::from_bytes([1; 32]),
-        AuditConfig { head_interval_ms: 0, ..AuditConfig::default() },
-        clock(),
-    )
-    .unwrap();
+    let (log, _) =
+        AuditLog::open(&dir, AuditKey::from_bytes([1; 32]), AuditConfig { head_interval_ms: 0, ..AuditConfig::default() }, clock())
+            .unwrap();
     log.append(admin(0)).unwrap();
     log.flush().unwrap(); // nothing in flight while the directory goes
                           // HEAD can no longer be replaced once the directory is gone.
@@ -199,10 +160,7 @@ fn a_failed_write_stops_all_further_appends() {
             break;
         }
     }
-    assert!(
-        failed,
-        "appends kept succeeding although HEAD cannot be written"
-    );
+    assert!(failed, "appends kept succeeding although HEAD cannot be written");
     assert!(matches!(log.append(admin(99)), Err(Error::Audit(_))));
     assert!(log.flush().is_err());
 }
@@ -227,11 +185,7 @@ fn segment_paths(dir: &Path) -> Vec<PathBuf> {
 fn zeroed_space_runs_ahead_of_the_writer_and_is_trimmed_on_close() {
     let d = tempfile::tempdir().unwrap();
     let key = AuditKey::from_bytes([1; 32]);
-    let cfg = AuditConfig {
-        preallocate_bytes: 64 * 1024,
-        segment_max_records: 200,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { preallocate_bytes: 64 * 1024, segment_max_records: 200, ..Default::default() };
     let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
     for i in 0..150 {
         log.append(admin(i)).unwrap();
@@ -272,10 +226,7 @@ fn zeroed_space_runs_ahead_of_the_writer_and_is_trimmed_on_close() {
 fn zeros_a_crash_leaves_after_the_data_are_free_space() {
     let d = tempfile::tempdir().unwrap();
     let key = AuditKey::from_bytes([1; 32]);
-    let cfg = AuditConfig {
-        segment_max_records: 5,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { segment_max_records: 5, ..Default::default() };
     {
         let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
         for i in 0..12 {
@@ -312,10 +263,7 @@ fn zeros_a_crash_leaves_after_the_data_are_free_space() {
 fn bytes_behind_a_hole_are_an_unfinished_commit() {
     let d = tempfile::tempdir().unwrap();
     let key = AuditKey::from_bytes([1; 32]);
-    let cfg = AuditConfig {
-        head_interval_ms: 0,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { head_interval_ms: 0, ..Default::default() };
     let line = {
         let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
         for i in 0..5 {
@@ -351,21 +299,13 @@ fn bytes_behind_a_hole_are_an_unfinished_commit() {
     fs::write(&p, &b).unwrap();
     let v = AuditLog::verify(d.path(), &key).unwrap();
     assert!(!v.ok(), "{v:?}");
-    assert!(matches!(
-        AuditLog::open(d.path(), key, cfg, clock()),
-        Err(Error::AuditTampered { .. })
-    ));
+    assert!(matches!(AuditLog::open(d.path(), key, cfg, clock()), Err(Error::AuditTampered { .. })));
 }
 
 /// A closed log of `n` records in segments of `seg` records, the first
 /// `old` of them a year before the rest.
 fn build(dir: &Path, key: &AuditKey, seg: u64, n: u64, old: u64, clk: &Arc<ManualClock>) {
-    let cfg = AuditConfig {
-        segment_max_records: seg,
-        checkpoint_every: 4,
-        durability: Durability::Off,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { segment_max_records: seg, checkpoint_every: 4, durability: Durability::Off, ..Default::default() };
     let (log, _) = AuditLog::open(dir, key.clone(), cfg, clk.clone()).unwrap();
     for i in 0..n {
         if i == old {
@@ -385,14 +325,7 @@ fn seg_path(dir: &Path, i: u32) -> PathBuf {
 fn flip_in_body(dir: &Path, i: u32) {
     let p = seg_path(dir, i);
     let mut b = fs::read(&p).unwrap();
-    let line_starts: Vec<usize> = std::iter::once(0)
-        .chain(
-            b.iter()
-                .enumerate()
-                .filter(|(_, &c)| c == b'\n')
-                .map(|(k, _)| k + 1),
-        )
-        .collect();
+    let line_starts: Vec<usize> = std::iter::once(0).chain(b.iter().enumerate().filter(|(_, &c)| c == b'\n').map(|(k, _)| k + 1)).collect();
     // Line 2 is a record well inside the segment.
     let at = line_starts[2] + 20;
     b[at] ^= 0x01;
@@ -405,10 +338,7 @@ fn open_reads_closed_segments_only_at_their_ends() {
     let key = AuditKey::from_bytes([1; 32]);
     let clk = clock();
     build(d.path(), &key, 10, 45, 45, &clk);
-    let cfg = AuditConfig {
-        segment_max_records: 10,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { segment_max_records: 10, ..Default::default() };
     let scan = scan_for_open(d.path(), &key).unwrap().unwrap();
     assert_eq!(scan.segments.len(), 5);
     assert!(scan.segments[..4].iter().all(|s| !s.body_verified));
@@ -434,10 +364,7 @@ fn open_reads_closed_segments_only_at_their_ends() {
     let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clk.clone()).unwrap();
     assert_eq!(rep.records, 45);
     clk.advance(Duration::from_secs(1200 * 86_400));
-    assert!(matches!(
-        log.enforce_retention(),
-        Err(Error::AuditTampered { .. })
-    ));
+    assert!(matches!(log.enforce_retention(), Err(Error::AuditTampered { .. })));
     drop(log);
     assert!(seg_path(d.path(), 0).exists() && seg_path(d.path(), 1).exists());
     assert!(!d.path().join(RETIRED_FILE).exists());
@@ -448,10 +375,7 @@ fn open_reads_closed_segments_only_at_their_ends() {
     let cases: [(&str, Mutation); 4] = [
         ("delete", |d| fs::remove_file(seg_path(d, 2)).unwrap()),
         ("swap", |d| {
-            let (a, b) = (
-                fs::read(seg_path(d, 2)).unwrap(),
-                fs::read(seg_path(d, 3)).unwrap(),
-            );
+            let (a, b) = (fs::read(seg_path(d, 2)).unwrap(), fs::read(seg_path(d, 3)).unwrap());
             fs::write(seg_path(d, 2), b).unwrap();
             fs::write(seg_path(d, 3), a).unwrap();
         }),
@@ -477,13 +401,7 @@ fn open_reads_closed_segments_only_at_their_ends() {
         assert!(AuditLog::verify(m.path(), &key).unwrap().ok());
         mutate(m.path());
         assert!(scan_for_open(m.path(), &key).unwrap().is_none(), "{what}");
-        assert!(
-            matches!(
-                AuditLog::open(m.path(), key.clone(), cfg.clone(), clk.clone()),
-                Err(Error::AuditTampered { .. })
-            ),
-            "{what}"
-        );
+        assert!(matches!(AuditLog::open(m.path(), key.clone(), cfg.clone(), clk.clone()), Err(Error::AuditTampered { .. })), "{what}");
     }
 }
 
@@ -494,10 +412,7 @@ fn retention_after_reopen_verifies_and_retires_unread_segments() {
     let clk = clock();
     let t0 = clk.now_unix_ms();
     build(d.path(), &key, 10, 50, 30, &clk);
-    let cfg = AuditConfig {
-        segment_max_records: 10,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { segment_max_records: 10, ..Default::default() };
     let (log, rep) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clk.clone()).unwrap();
     assert_eq!((rep.records, rep.segments), (50, 5));
     // Inside three years of the oldest records: nothing goes (and the
@@ -522,12 +437,7 @@ fn head_lagging_into_a_closed_segment_falls_back_to_the_full_scan() {
     // pointing into the middle of a segment that is closed by now.
     let d = tempfile::tempdir().unwrap();
     let key = AuditKey::from_bytes([1; 32]);
-    let cfg = AuditConfig {
-        segment_max_records: 4,
-        checkpoint_every: 2,
-        durability: Durability::Off,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { segment_max_records: 4, checkpoint_every: 2, durability: Durability::Off, ..Default::default() };
     let (log, _) = AuditLog::open(d.path(), key.clone(), cfg.clone(), clock()).unwrap();
     for i in 0..6 {
         log.append(admin(i)).unwrap();
@@ -554,10 +464,7 @@ fn crash_while_creating_a_segment_is_repaired_by_open() {
     let key = AuditKey::from_bytes([1; 32]);
     let clk = clock();
     build(d.path(), &key, 5, 10, 10, &clk);
-    let cfg = AuditConfig {
-        segment_max_records: 5,
-        ..Default::default()
-    };
+    let cfg = AuditConfig { segment_max_records: 5, ..Default::default() };
     // Rotation wrote the next header, then the process died.
     let full = scan::scan(d.path(), Some(&key), None).unwrap();
     let e = next_expect(&full);
@@ -589,13 +496,7 @@ fn crash_while_creating_a_segment_is_repaired_by_open() {
 #[test]
 fn non_finite_scores_are_refused() {
     let d = tempfile::tempdir().unwrap();
-    let (log, _) = AuditLog::open(
-        d.path(),
-        AuditKey::from_bytes([1; 32]),
-        AuditConfig::default(),
-        clock(),
-    )
-    .unwrap();
+    let (log, _) = AuditLog::open(d.path(), AuditKey::from_bytes([1; 32]), AuditConfig::default(), clock()).unwrap();
     let e = AuditEvent::ThresholdChange {
         operator: "o".into(),
         purpose: "p".into(),

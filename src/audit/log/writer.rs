@@ -47,10 +47,7 @@ pub(super) struct Pace {
 
 impl Pace {
     pub(super) fn new(linger: Duration) -> Pace {
-        Pace {
-            wait_ns: AtomicU64::new(4 * linger.as_nanos() as u64),
-            sync_ns: AtomicU64::new(0),
-        }
+        Pace { wait_ns: AtomicU64::new(4 * linger.as_nanos() as u64), sync_ns: AtomicU64::new(0) }
     }
 
     pub(super) fn linger(&self, max: Duration) -> Duration {
@@ -87,23 +84,13 @@ pub(super) struct Limits {
 impl Limits {
     pub(super) fn of(d: Durability) -> Limits {
         match d {
-            Durability::GroupCommit {
-                max_delay_us,
-                max_batch,
-                linger_us,
-            } => Limits {
-                max_batch,
-                max_delay: Duration::from_micros(max_delay_us),
-                linger: Duration::from_micros(linger_us),
-            },
+            Durability::GroupCommit { max_delay_us, max_batch, linger_us } => {
+                Limits { max_batch, max_delay: Duration::from_micros(max_delay_us), linger: Duration::from_micros(linger_us) }
+            }
             // Batched exactly like the default group commit, minus the fsync:
             // the baseline that isolates what durability costs.
             Durability::Off => Limits::of(Durability::default()),
-            Durability::EveryRecord => Limits {
-                max_batch: usize::MAX,
-                max_delay: Duration::ZERO,
-                linger: Duration::ZERO,
-            },
+            Durability::EveryRecord => Limits { max_batch: usize::MAX, max_delay: Duration::ZERO, linger: Duration::ZERO },
         }
     }
 }
@@ -229,11 +216,7 @@ pub(super) fn run_writer(sh: Arc<Shared>) {
                     let _ = sh.queue_cv.wait_until(&mut q, deadline);
                 }
             }
-            if !limits.max_delay.is_zero()
-                && !q.items.is_empty()
-                && q.items.len() < limits.max_batch
-                && !q.closing
-            {
+            if !limits.max_delay.is_zero() && !q.items.is_empty() && q.items.len() < limits.max_batch && !q.closing {
                 let deadline = Instant::now() + limits.max_delay;
                 while q.items.len() < limits.max_batch && !q.closing {
                     if sh.queue_cv.wait_until(&mut q, deadline).timed_out() {
@@ -335,19 +318,12 @@ impl Writer {
             self.wake = wake;
         }
         if self.sync {
-            self.head
-                .post(self.seg_index, self.next_seq, &self.last_hash);
+            self.head.post(self.seg_index, self.next_seq, &self.last_hash);
         }
     }
 
     pub(super) fn push_checkpoint(&mut self) -> Result<()> {
-        let (line, m) = checkpoint_line(
-            &self.shared.key,
-            self.seg_index,
-            self.next_seq - 1,
-            &self.last_hash,
-            &self.last_mac,
-        )?;
+        let (line, m) = checkpoint_line(&self.shared.key, self.seg_index, self.next_seq - 1, &self.last_hash, &self.last_mac)?;
         self.buf.extend_from_slice(&line);
         self.last_mac = hex::encode(m);
         self.since_ckpt = 0;
@@ -367,17 +343,13 @@ impl Writer {
                     direct::disable(&self.file);
                     self.direct = None;
                     self.space.buffered();
-                    self.file
-                        .write_all_at(&self.buf, self.pos)
-                        .map_err(|e| Error::io(path(), e))?;
+                    self.file.write_all_at(&self.buf, self.pos).map_err(|e| Error::io(path(), e))?;
                 }
                 Err(e) => return Err(Error::io(path(), e)),
             }
         } else {
             self.space.reserve(self.seg_index, end);
-            self.file
-                .write_all_at(&self.buf, self.pos)
-                .map_err(|e| Error::io(path(), e))?;
+            self.file.write_all_at(&self.buf, self.pos).map_err(|e| Error::io(path(), e))?;
         }
         self.pos = end;
         self.buf.clear();
@@ -388,9 +360,7 @@ impl Writer {
     pub(super) fn trim(&mut self) -> Result<()> {
         self.space.switch(None);
         let path = self.shared.dir.join(segment_name(self.seg_index));
-        self.file
-            .set_len(self.pos)
-            .map_err(|e| Error::io(&path, e))
+        self.file.set_len(self.pos).map_err(|e| Error::io(&path, e))
     }
 
     /// Close the current segment (already checkpointed) and start the next.
@@ -418,13 +388,7 @@ impl Writer {
             prev_hash: self.last_hash.clone(),
             prev_mac: self.last_mac.clone(),
         };
-        let (file, header_mac, pos) = create_segment(
-            &self.shared.dir,
-            &self.shared.key,
-            &e,
-            self.shared.clock.now_unix_ms(),
-            self.sync,
-        )?;
+        let (file, header_mac, pos) = create_segment(&self.shared.dir, &self.shared.key, &e, self.shared.clock.now_unix_ms(), self.sync)?;
         let path = self.shared.dir.join(segment_name(e.segment));
         if self.direct.is_some() {
             self.direct = start_direct(&file, pos, true, &path)?;
@@ -449,10 +413,7 @@ impl Writer {
         self.buf.clear();
         for p in items {
             if p.seq != self.next_seq {
-                return Err(Error::Audit(format!(
-                    "internal: expected seq {}, got {}",
-                    self.next_seq, p.seq
-                )));
+                return Err(Error::Audit(format!("internal: expected seq {}, got {}", self.next_seq, p.seq)));
             }
             if self.seg_records >= seg_max {
                 if self.since_ckpt > 0 {
@@ -525,7 +486,6 @@ impl Writer {
     pub(super) fn sync_all(&mut self) -> Result<()> {
         let path = self.shared.dir.join(segment_name(self.seg_index));
         self.file.sync_all().map_err(|e| Error::io(&path, e))?;
-        self.head
-            .ensure(self.seg_index, self.next_seq, &self.last_hash)
+        self.head.ensure(self.seg_index, self.next_seq, &self.last_hash)
     }
 }
