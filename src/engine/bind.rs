@@ -29,10 +29,8 @@ impl Engine {
                     }
                     owner.insert(template, subject);
                 }
-                AuditEvent::ConsentRecorded { consent_id, .. } => {
-                    if !self.has_consent(&consent_id) {
-                        not_consented.push(consent_id);
-                    }
+                AuditEvent::ConsentRecorded { consent_id, .. } if !self.has_consent(&consent_id) => {
+                    not_consented.push(consent_id);
                 }
                 AuditEvent::ConsentWithdrawn { subject, templates_erased, .. } => {
                     erase.extend(templates_erased.into_iter().filter(|t| self.template(*t).is_ok_and(|m| m.subject.as_str() == subject)));
