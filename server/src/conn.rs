@@ -108,31 +108,56 @@ pub(crate) async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: 
     Ok(())
 }
 
-/// When a connection last moved bytes, and whether a request is in progress.
+/// When a connection last moved bytes, whether a request is in progress,
+/// and since when a request header has been arriving.
 struct Activity {
     start: Instant,
     /// Milliseconds after `start` of the last read or write.
     last_ms: AtomicU64,
+    /// Milliseconds after `start` of the first byte read while no request
+    /// was in progress (a header begun); `NONE` when no header is pending.
+    header_ms: AtomicU64,
     in_flight: AtomicUsize,
     requests: AtomicU64,
 }
 
+const NONE: u64 = u64::MAX;
+
 impl Activity {
-    fn touch(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
 
-    /// Whether the connection should be closed: no request in progress and
-    /// silent for `idle` (or, before its first request, for `header`).
+    fn read(&self) {
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ = self.header_ms.compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    fn wrote(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the connection should be closed: a header begun and not done
+    /// within the header timeout; no first request within it; or no request
+    /// in progress and silence for the idle timeout. (hyper's own header
+    /// timeout also runs while a keep-alive connection idles, so it is not used.)
     fn expired(&self, limits: &Limits) -> bool {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return false;
         }
-        let now = self.start.elapsed();
-        if self.requests.load(Ordering::Relaxed) == 0 {
-            return now >= limits.header_read_timeout;
+        let now = self.now_ms();
+        let header = limits.header_read_timeout.as_millis() as u64;
+        let begun = self.header_ms.load(Ordering::Relaxed);
+        if begun != NONE && now.saturating_sub(begun) >= header {
+            return true;
         }
-        now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed))) >= limits.idle_timeout
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return now >= header;
+        }
+        now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) >= limits.idle_timeout.as_millis() as u64
     }
 }
 
@@ -142,7 +167,7 @@ struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        self.0.wrote();
     }
 }
 
@@ -157,7 +182,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.read();
         }
         r
     }
@@ -167,7 +192,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         r
     }
@@ -180,7 +205,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         r
     }
@@ -195,12 +220,13 @@ async fn connection<S>(stream: S, app: Router, limits: Limits, metrics: &Metrics
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0), requests: AtomicU64::new(0) });
+    let activity = Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0), header_ms: AtomicU64::new(NONE), in_flight: AtomicUsize::new(0), requests: AtomicU64::new(0) });
     let io = TokioIo::new(Tracked { inner: stream, activity: Arc::clone(&activity) });
     let act = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         act.in_flight.fetch_add(1, Ordering::Relaxed);
         act.requests.fetch_add(1, Ordering::Relaxed);
+        act.header_ms.store(NONE, Ordering::Relaxed);
         let guard = InFlight(Arc::clone(&act));
         let app = app.clone();
         async move {
@@ -210,7 +236,7 @@ where
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    builder.timer(TokioTimer::new()).header_read_timeout(None).keep_alive(true);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));

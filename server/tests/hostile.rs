@@ -180,3 +180,44 @@ fn one_operator_cannot_take_every_slot() {
     assert_eq!(r.status, 200, "{:?}", r.json());
     stop(server, g.engine);
 }
+
+#[test]
+fn a_keep_alive_connection_idles_up_to_the_idle_timeout_not_the_header_timeout() {
+    let g = gallery(0);
+    let cfg = ServerConfig { header_read_timeout: Duration::from_millis(300), idle_timeout: Duration::from_secs(3), ..Default::default() };
+    let server = serve(Arc::clone(&g.engine), None, cfg);
+    let mut s = connect(server.addr());
+    let mut buf = [0u8; 512];
+    for _ in 0..2 {
+        s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        std::thread::sleep(Duration::from_millis(900));
+    }
+    stop(server, g.engine);
+}
+
+#[test]
+fn a_header_dripped_a_byte_at_a_time_after_a_first_request_is_cut_at_the_header_timeout() {
+    let g = gallery(0);
+    let cfg = ServerConfig { header_read_timeout: Duration::from_millis(500), idle_timeout: Duration::from_secs(30), ..Default::default() };
+    let server = serve(Arc::clone(&g.engine), None, cfg);
+    let mut s = connect(server.addr());
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut buf = [0u8; 512];
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let started = Instant::now();
+    let mut cut = false;
+    for b in b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+        if s.write_all(&[*b]).is_err() || closed_now(&mut s) {
+            cut = true;
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(4), "the dripped header was never cut");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(cut || closed_within(&mut s, Duration::from_secs(2)), "the dripped header was never cut");
+    stop(server, g.engine);
+}
