@@ -130,6 +130,10 @@ impl ServerConfig {
     /// let mut cfg = facematch_server::ServerConfig::default();
     /// cfg.workers = 0;
     /// assert!(cfg.validate().is_err());
+    /// // Durations are seconds in JSON; TLS needs both files.
+    /// let cfg: facematch_server::ServerConfig = serde_json::from_str(r#"{"header_read_timeout": 0.5, "tls_cert": "cert.pem"}"#).unwrap();
+    /// assert_eq!(cfg.header_read_timeout, std::time::Duration::from_millis(500));
+    /// assert!(cfg.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<(), ServerError> {
         let bad = |field: &str, reason: &str| Err(ServerError::Config(format!("{field}: {reason}")));
