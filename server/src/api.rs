@@ -17,6 +17,7 @@ use facematch::probe;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
+use crate::metrics::{route_label, Metrics};
 use crate::{ApiError, ServerConfig};
 
 /// Header naming the declared purpose of a query or enrolment.
@@ -48,16 +49,50 @@ pub(crate) struct AppState {
     /// CPU slots: at most `workers` requests compute at once.
     cpu: tokio::sync::Semaphore,
     jobs: tokio::sync::mpsc::Sender<Job>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Requests in progress per operator (entries leave at zero), for
+    /// [`ServerConfig::per_operator_concurrency`].
+    per_operator: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl AppState {
-    pub(crate) fn new(engine: Arc<Engine>, pipeline: Option<Arc<FacePipeline>>, cfg: ServerConfig, jobs: tokio::sync::mpsc::Sender<Job>) -> Arc<AppState> {
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        pipeline: Option<Arc<FacePipeline>>,
+        cfg: ServerConfig,
+        jobs: tokio::sync::mpsc::Sender<Job>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<AppState> {
         let cpu = tokio::sync::Semaphore::new(cfg.workers);
-        Arc::new(AppState { engine, pipeline, cfg, cpu, jobs })
+        Arc::new(AppState { engine, pipeline, cfg, cpu, jobs, metrics, per_operator: Default::default() })
+    }
+
+    /// The operator a request would be recorded under, if it names one (for
+    /// the per-operator limit; the handler still checks the credentials).
+    fn operator_key(&self, headers: &HeaderMap) -> Option<String> {
+        if self.cfg.tokens.is_empty() {
+            return header_str(headers, OPERATOR_HEADER).ok().flatten().map(str::to_owned);
+        }
+        let auth = header_str(headers, header::AUTHORIZATION.as_str()).ok().flatten()?;
+        self.cfg.tokens.get(auth.strip_prefix("Bearer ")?.trim()).cloned()
+    }
+
+    /// Take one of `operator`'s request slots, or `None` when all are taken.
+    fn operator_slot(self: &Arc<Self>, operator: String, limit: usize) -> Option<OperatorSlot> {
+        let mut m = self.per_operator.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(operator.clone()).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(OperatorSlot { st: Arc::clone(self), operator })
     }
 
     /// Run `f` (engine or pipeline work) on a blocking thread once a CPU slot is free.
-    async fn compute<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    async fn compute<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
         let _slot = self.cpu.acquire().await.map_err(|_| unavailable())?;
         let st = Arc::clone(self);
         tokio::task::spawn_blocking(move || f(&st)).await.map_err(|e| {
@@ -78,7 +113,8 @@ impl AppState {
 
     fn operator(&self, headers: &HeaderMap) -> Result<Operator, ApiError> {
         if self.cfg.tokens.is_empty() {
-            let name = header_str(headers, OPERATOR_HEADER)?.ok_or_else(|| ApiError::bad_request(format!("missing {OPERATOR_HEADER} header")))?;
+            let name =
+                header_str(headers, OPERATOR_HEADER)?.ok_or_else(|| ApiError::bad_request(format!("missing {OPERATOR_HEADER} header")))?;
             return Ok(Operator::new(name)?);
         }
         let auth = header_str(headers, header::AUTHORIZATION.as_str())?.ok_or_else(ApiError::unauthorized)?;
@@ -89,12 +125,15 @@ impl AppState {
 
     fn context(&self, headers: &HeaderMap) -> Result<QueryContext, ApiError> {
         let operator = self.operator(headers)?;
-        let purpose = header_str(headers, PURPOSE_HEADER)?.ok_or_else(|| ApiError::bad_request(format!("missing {PURPOSE_HEADER} header")))?;
+        let purpose =
+            header_str(headers, PURPOSE_HEADER)?.ok_or_else(|| ApiError::bad_request(format!("missing {PURPOSE_HEADER} header")))?;
         Ok(QueryContext::new(operator, Purpose::new(purpose)?))
     }
 
     fn pipeline(&self) -> Result<Arc<FacePipeline>, ApiError> {
-        self.pipeline.clone().ok_or_else(|| ApiError::new(415, "unsupported_media_type", "this server runs without the face models: send embeddings as JSON"))
+        self.pipeline.clone().ok_or_else(|| {
+            ApiError::new(415, "unsupported_media_type", "this server runs without the face models: send embeddings as JSON")
+        })
     }
 
     fn k(&self, k: Option<usize>) -> Result<usize, ApiError> {
@@ -104,6 +143,76 @@ impl AppState {
         }
         Ok(k)
     }
+}
+
+/// One request's slot under its operator's limit, given back when dropped.
+struct OperatorSlot {
+    st: Arc<AppState>,
+    operator: String,
+}
+
+impl Drop for OperatorSlot {
+    fn drop(&mut self) {
+        let mut m = self.st.per_operator.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.operator) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.operator);
+            }
+        }
+    }
+}
+
+/// Around every request: the per-operator limit, the body read within
+/// `body_timeout` (408 and the connection closed otherwise), and the metrics
+/// (route template, status, latency, requests in flight).
+async fn admission(State(st): State<Arc<AppState>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let start = std::time::Instant::now();
+    let route = route_label(req.uri().path());
+    st.metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let response = admit(&st, req, next).await;
+    st.metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    st.metrics.record(route, response.status().as_u16(), start.elapsed());
+    response
+}
+
+async fn admit(st: &Arc<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let _slot = match (st.cfg.per_operator_concurrency, st.operator_key(req.headers())) {
+        (Some(limit), Some(op)) => match st.operator_slot(op, limit) {
+            Some(slot) => Some(slot),
+            None => {
+                st.metrics.operator_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return close(
+                    ApiError::new(429, "too_many_requests", format!("this operator already has {limit} requests in progress"))
+                        .into_response(),
+                );
+            }
+        },
+        _ => None,
+    };
+    let limit = st.cfg.max_body_bytes;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return close(ApiError::too_large(limit).into_response());
+    }
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let bytes = match tokio::time::timeout(st.cfg.body_timeout, http_body_util::BodyExt::collect(limited)).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return close(ApiError::too_large(limit).into_response()),
+        Ok(Err(_)) => return close(ApiError::bad_request("the request body could not be read").into_response()),
+        Err(_) => {
+            st.metrics.body_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return close(ApiError::new(408, "request_timeout", "the request body did not arrive in time").into_response());
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// Ask for the connection to be closed after this response (its body may be unread).
+fn close(mut r: Response) -> Response {
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 fn unavailable() -> ApiError {
@@ -184,6 +293,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     let limit = usize::try_from(state.cfg.max_body_bytes).unwrap_or(usize::MAX);
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
         .route("/v1/identify", post(identify))
         .route("/v1/verify", post(verify))
@@ -193,7 +304,41 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/subjects/{subject}/withdraw", post(withdraw))
         .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), admission))
         .with_state(state)
+}
+
+/// `GET /metrics` alone, without credentials: for a separate listen address.
+pub(crate) fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(open_metrics))
+        .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
+        .with_state(state)
+}
+
+fn render_metrics(st: &AppState) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], st.metrics.render(&st.engine))
+        .into_response()
+}
+
+async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if st.cfg.metrics_listen.is_some() {
+        return Err(ApiError::not_found("/metrics"));
+    }
+    st.operator(&headers)?;
+    Ok(render_metrics(&st))
+}
+
+async fn open_metrics(State(st): State<Arc<AppState>>) -> Response {
+    render_metrics(&st)
+}
+
+/// Ready to answer: the gallery is open and its audit log takes records.
+async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    match st.engine.audit_stats() {
+        Ok(_) => json(&serde_json::json!({"status": "ready"})),
+        Err(_) => ApiError::new(503, "not_ready", "the audit log is not open: queries cannot be answered").into_response(),
+    }
 }
 
 async fn health() -> Response {
@@ -224,7 +369,12 @@ struct KParam {
     k: Option<usize>,
 }
 
-async fn identify(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<KParam>, QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn identify(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<KParam>, QueryRejection>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let ctx = st.context(&headers)?;
     let q = query(q)?;
     match body(&headers, raw)? {
@@ -261,7 +411,12 @@ struct SubjectParam {
     subject: Option<String>,
 }
 
-async fn verify(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<SubjectParam>, QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn verify(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<SubjectParam>, QueryRejection>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let ctx = st.context(&headers)?;
     let q = query(q)?;
     match body(&headers, raw)? {
@@ -298,7 +453,14 @@ async fn anonymise(State(st): State<Arc<AppState>>, headers: HeaderMap, raw: Res
             Ok((encode(&img, OutputFormat::Png)?, boxes.len()))
         })
         .await?;
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("image/png")), (header::HeaderName::from_static("x-facematch-faces"), HeaderValue::from(faces))], png).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
+            (header::HeaderName::from_static("x-facematch-faces"), HeaderValue::from(faces)),
+        ],
+        png,
+    )
+        .into_response())
 }
 
 async fn consent(State(st): State<Arc<AppState>>, headers: HeaderMap, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -331,20 +493,34 @@ struct EnrolParams {
 }
 
 fn purposes<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<Vec<Purpose>, ApiError> {
-    let v = names.into_iter().filter(|s| !s.as_ref().trim().is_empty()).map(|s| Purpose::new(s.as_ref().trim()).map_err(ApiError::from)).collect::<Result<Vec<_>, _>>()?;
+    let v = names
+        .into_iter()
+        .filter(|s| !s.as_ref().trim().is_empty())
+        .map(|s| Purpose::new(s.as_ref().trim()).map_err(ApiError::from))
+        .collect::<Result<Vec<_>, _>>()?;
     if v.is_empty() {
         return Err(ApiError::bad_request("an enrolment needs at least one purpose"));
     }
     Ok(v)
 }
 
-async fn enrol(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Query<EnrolParams>, QueryRejection>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn enrol(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<EnrolParams>, QueryRejection>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let op = st.operator(&headers)?;
     let q = query(q)?;
     match body(&headers, raw)? {
         Body::Json(bytes) => {
             let mut req: EnrolJson = parse_probe(bytes)?;
-            let mut e = Enrolment::new(SubjectId::new(std::mem::take(&mut req.subject))?, std::mem::take(&mut req.consent_id), purposes(&req.purposes)?, std::mem::take(&mut req.embedding));
+            let mut e = Enrolment::new(
+                SubjectId::new(std::mem::take(&mut req.subject))?,
+                std::mem::take(&mut req.consent_id),
+                purposes(&req.purposes)?,
+                std::mem::take(&mut req.embedding),
+            );
             e.template = req.template;
             let template = st
                 .compute(move |st| {
@@ -362,9 +538,12 @@ async fn enrol(State(st): State<Arc<AppState>>, headers: HeaderMap, q: Result<Qu
             let purposes = purposes(need(q.purposes, "purposes")?.split(','))?;
             let pipeline = st.pipeline()?;
             let (template, face, discarded) = st
-                .compute(move |st| Ok(probe::enrol_image(&st.engine, &pipeline, &op, &bytes, Enrolment::new(subject, consent_id, purposes, Vec::new()))?))
+                .compute(move |st| {
+                    Ok(probe::enrol_image(&st.engine, &pipeline, &op, &bytes, Enrolment::new(subject, consent_id, purposes, Vec::new()))?)
+                })
                 .await?;
-            Ok((StatusCode::CREATED, Json(serde_json::json!({"template": template, "face": face, "faces_discarded": discarded}))).into_response())
+            Ok((StatusCode::CREATED, Json(serde_json::json!({"template": template, "face": face, "faces_discarded": discarded})))
+                .into_response())
         }
     }
 }

@@ -1,10 +1,62 @@
 //! A minimal blocking HTTP/1.1 client over one keep-alive connection: for
 //! the server's tests, the crash test and the load generator (no client
 //! library needed). Not a general client: it reads `Content-Length` bodies only.
+//! Speaks TLS too ([`Client::tls`]), for the load generator's TLS runs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_rustls::rustls;
+
+/// A connection, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stream::Plain(_) => "plain",
+            Stream::Tls(_) => "tls",
+        })
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
 
 /// One response.
 #[derive(Clone, Debug)]
@@ -32,7 +84,8 @@ impl Reply {
 #[derive(Debug)]
 pub struct Client {
     addr: SocketAddr,
-    conn: Option<BufReader<TcpStream>>,
+    conn: Option<BufReader<Stream>>,
+    tls: Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
     /// Headers sent with every request (e.g. operator, purpose).
     pub headers: Vec<(String, String)>,
 }
@@ -40,7 +93,13 @@ pub struct Client {
 impl Client {
     /// A client for `addr` (connects on first use).
     pub fn new(addr: SocketAddr) -> Self {
-        Client { addr, conn: None, headers: Vec::new() }
+        Client { addr, conn: None, tls: None, headers: Vec::new() }
+    }
+
+    /// A client speaking TLS to `addr`, checking the server's certificate
+    /// for `server_name` against `config`'s roots.
+    pub fn tls(addr: SocketAddr, config: Arc<rustls::ClientConfig>, server_name: rustls::pki_types::ServerName<'static>) -> Self {
+        Client { addr, conn: None, tls: Some((config, server_name)), headers: Vec::new() }
     }
 
     /// Add a header sent with every request.
@@ -49,11 +108,18 @@ impl Client {
         self
     }
 
-    fn connect(&mut self) -> std::io::Result<&mut BufReader<TcpStream>> {
+    fn connect(&mut self) -> std::io::Result<&mut BufReader<Stream>> {
         if self.conn.is_none() {
             let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let s = match &self.tls {
+                None => Stream::Plain(s),
+                Some((cfg, name)) => {
+                    let c = rustls::ClientConnection::new(Arc::clone(cfg), name.clone()).map_err(std::io::Error::other)?;
+                    Stream::Tls(Box::new(rustls::StreamOwned::new(c, s)))
+                }
+            };
             self.conn = Some(BufReader::new(s));
         }
         Ok(self.conn.as_mut().expect("connected above"))
@@ -82,9 +148,10 @@ impl Client {
     pub fn raw(&mut self, bytes: &[u8]) -> std::io::Result<Reply> {
         self.conn = None;
         let conn = self.connect()?.get_mut();
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.tcp().set_read_timeout(Some(Duration::from_secs(2)))?;
         conn.write_all(bytes)?;
-        conn.shutdown(std::net::Shutdown::Write)?;
+        conn.flush()?;
+        conn.tcp().shutdown(std::net::Shutdown::Write)?;
         let r = self.exchange(&[], &[]);
         self.conn = None;
         r
@@ -92,8 +159,18 @@ impl Client {
 
     fn exchange(&mut self, head: &[u8], body: &[u8]) -> std::io::Result<Reply> {
         let conn = self.connect()?;
-        conn.get_mut().write_all(head)?;
-        conn.get_mut().write_all(body)?;
+        let w = conn.get_mut();
+        if body.len() <= 64 << 10 {
+            // One write (one TLS record) for head and body.
+            let mut all = Vec::with_capacity(head.len() + body.len());
+            all.extend_from_slice(head);
+            all.extend_from_slice(body);
+            w.write_all(&all)?;
+        } else {
+            w.write_all(head)?;
+            w.write_all(body)?;
+        }
+        w.flush()?;
         let mut line = String::new();
         conn.read_line(&mut line)?;
         let status = line

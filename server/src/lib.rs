@@ -11,6 +11,8 @@
 //! | route | does |
 //! |---|---|
 //! | `GET /v1/health` | liveness, no credentials needed |
+//! | `GET /v1/ready` | readiness (gallery open, audit log taking records), no credentials needed |
+//! | `GET /metrics` | Prometheus text: requests, latency, connections, audit commits, gallery size (or on [`ServerConfig::metrics_listen`]) |
 //! | `GET /v1/stats` | gallery and audit counters, operator notices |
 //! | `POST /v1/identify` | 1:N: JSON `{"embedding": [...], "k": 5}`, or an image body (`?k=`) |
 //! | `POST /v1/verify` | 1:1: JSON `{"embedding": [...], "subject": "..."}`, or an image body (`?subject=`) |
@@ -24,6 +26,11 @@
 //! ([`ServerConfig::tokens`]) or, without tokens, from `X-Facematch-Operator`.
 //! Errors are `{"error": kind, "message": ...}` with a matching status
 //! ([`ApiError`]). Nothing a request carries (images, embeddings) is logged.
+//!
+//! Connections are bounded ([`ServerConfig::max_connections`]; past it new
+//! ones are closed at once) and timed (header, body, idle); with
+//! [`ServerConfig::tls_cert`] and [`ServerConfig::tls_key`] the server speaks
+//! HTTPS (rustls) only.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -42,7 +49,9 @@
 mod api;
 pub mod client;
 mod config;
+mod conn;
 mod error;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,9 +70,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A running server. Dropping it without [`Server::shutdown`] stops it too.
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     runtime: Option<tokio::runtime::Runtime>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    serving: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    serving: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     durability: Option<JoinHandle<()>>,
 }
 
@@ -78,9 +88,36 @@ impl Server {
     /// `pipeline` is given; without it they get 415).
     pub fn start(engine: Arc<Engine>, pipeline: Option<Arc<FacePipeline>>, config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
-        let listener = std::net::TcpListener::bind(&config.listen).map_err(|e| ServerError::Listen { addr: config.listen.clone(), reason: e.to_string() })?;
-        listener.set_nonblocking(true)?;
+        let bind = |listen: &str| -> Result<std::net::TcpListener, ServerError> {
+            let l =
+                std::net::TcpListener::bind(listen).map_err(|e| ServerError::Listen { addr: listen.to_owned(), reason: e.to_string() })?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(conn::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        if !config.tokens.is_empty() && tls.is_none() && !config.allow_plaintext_tokens {
+            use std::net::ToSocketAddrs;
+            let addrs =
+                config.listen.to_socket_addrs().map_err(|e| ServerError::Listen { addr: config.listen.clone(), reason: e.to_string() })?;
+            if addrs.into_iter().any(|a| !a.ip().is_loopback()) {
+                return Err(ServerError::Config(format!(
+                    "bearer tokens would travel in clear text to {}: set tls_cert and tls_key, listen on loopback, or set allow_plaintext_tokens behind a TLS proxy",
+                    config.listen
+                )));
+            }
+        }
+        let listener = bind(&config.listen)?;
         let addr = listener.local_addr()?;
+        let metrics_listener = config.metrics_listen.as_deref().map(bind).transpose()?;
+        let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let limits = conn::Limits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers)
             .thread_name("facematch-http")
@@ -88,18 +125,36 @@ impl Server {
             .enable_time()
             .build()?;
         let (jobs, durability) = api::durability_thread(config.max_in_flight)?;
-        let app = api::router(api::AppState::new(engine, pipeline, config, jobs));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = runtime.spawn(async move {
+        let counters = Arc::new(metrics::Metrics::default());
+        let state = api::AppState::new(engine, pipeline, config, jobs, Arc::clone(&counters));
+        let app = api::router(Arc::clone(&state));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut serving = Vec::new();
+        {
+            let _guard = runtime.enter();
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+            serving.push(runtime.spawn(conn::serve(listener, tls, app, limits, Arc::clone(&counters), stopped.clone())));
+            if let Some(ml) = metrics_listener {
+                let ml = tokio::net::TcpListener::from_std(ml)?;
+                let limits = conn::Limits { max_connections: 64, ..limits };
+                serving.push(runtime.spawn(conn::serve(
+                    ml,
+                    None,
+                    api::metrics_router(state),
+                    limits,
+                    Arc::new(metrics::Metrics::default()),
+                    stopped,
+                )));
+            }
+        }
         tracing::info!(%addr, "facematch server listening");
-        Ok(Server { addr, runtime: Some(runtime), stop: Some(stop), serving: Some(serving), durability: Some(durability) })
+        Ok(Server { addr, metrics_addr, runtime: Some(runtime), stop: Some(stop), serving, durability: Some(durability) })
+    }
+
+    /// The address `GET /metrics` is served on without credentials, when
+    /// [`ServerConfig::metrics_listen`] is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address it listens on (the real port when `listen` asked for port 0).
@@ -117,11 +172,13 @@ impl Server {
     fn stop_now(&mut self) -> Result<(), ServerError> {
         let Some(runtime) = self.runtime.take() else { return Ok(()) };
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
         let mut result = Ok(());
-        if let Some(serving) = self.serving.take() {
-            match runtime.block_on(async { tokio::time::timeout(SHUTDOWN_GRACE, serving).await }) {
+        let serving = std::mem::take(&mut self.serving);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for s in serving {
+            match runtime.block_on(async { tokio::time::timeout_at(deadline, s).await }) {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => result = Err(ServerError::Io(e)),
                 Ok(Err(e)) => result = Err(ServerError::Io(std::io::Error::other(e.to_string()))),

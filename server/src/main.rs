@@ -3,6 +3,9 @@
 //! ```text
 //! facematch-server --gallery DIR [--key-file FILE] [--config server.json] [--listen ADDR]
 //!                  [--workers N] [--no-images] [--pipeline-config pipeline.json]
+//!                  [--tls-cert cert.pem --tls-key key.pem] [--metrics-listen ADDR]
+//!                  [--max-connections N] [--header-timeout SECS] [--body-timeout SECS]
+//!                  [--idle-timeout SECS] [--per-operator-concurrency N]
 //! ```
 //! Prints `listening on ADDR` on stdout once it accepts requests; stops on
 //! SIGINT or SIGTERM after answering what is in flight, then closes the gallery.
@@ -42,6 +45,37 @@ struct Args {
     /// Pipeline configuration (JSON, `PipelineConfig`) for image requests.
     #[arg(long, value_name = "FILE")]
     pipeline_config: Option<PathBuf>,
+    /// PEM certificate chain: serve HTTPS only (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve GET /metrics on this separate address, without credentials.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
+    /// Open connections at most (default: half the fd limit, at most 4096).
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Seconds a request header (or TLS handshake) may take (default 10).
+    #[arg(long, value_name = "SECS")]
+    header_timeout: Option<f64>,
+    /// Seconds a request body may take after its header (default 30).
+    #[arg(long, value_name = "SECS")]
+    body_timeout: Option<f64>,
+    /// Seconds an idle keep-alive connection is kept (default 60).
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<f64>,
+    /// Requests one operator may have in progress at once (default: no limit).
+    #[arg(long, value_name = "N")]
+    per_operator_concurrency: Option<usize>,
+    /// Accept bearer tokens over plain HTTP on a non-loopback address (behind a TLS proxy only).
+    #[arg(long)]
+    allow_plaintext_tokens: bool,
+}
+
+fn secs(v: f64, flag: &str) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v).map_err(|_| anyhow::anyhow!("{flag}: seconds, 0 or more"))
 }
 
 fn read_json<T: for<'de> serde::Deserialize<'de>>(path: &PathBuf) -> anyhow::Result<T> {
@@ -87,14 +121,42 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(w) = args.workers {
         cfg.workers = w;
     }
+    if args.tls_cert.is_some() {
+        cfg.tls_cert = args.tls_cert;
+        cfg.tls_key = args.tls_key;
+    }
+    if let Some(m) = args.metrics_listen {
+        cfg.metrics_listen = Some(m);
+    }
+    if let Some(n) = args.max_connections {
+        cfg.max_connections = n;
+    }
+    if let Some(t) = args.header_timeout {
+        cfg.header_read_timeout = secs(t, "--header-timeout")?;
+    }
+    if let Some(t) = args.body_timeout {
+        cfg.body_timeout = secs(t, "--body-timeout")?;
+    }
+    if let Some(t) = args.idle_timeout {
+        cfg.idle_timeout = secs(t, "--idle-timeout")?;
+    }
+    if let Some(n) = args.per_operator_concurrency {
+        cfg.per_operator_concurrency = Some(n);
+    }
+    cfg.allow_plaintext_tokens |= args.allow_plaintext_tokens;
     cfg.validate()?;
     let key = match &args.key_file {
         Some(p) => MasterKey::from_file(p)?,
         None => MasterKey::from_env().with_context(|| format!("no --key-file and no {KEY_ENV}"))?,
     };
-    let engine = EngineBuilder::new(&args.gallery).key(key).open().with_context(|| format!("opening gallery {}", args.gallery.display()))?;
+    let engine =
+        EngineBuilder::new(&args.gallery).key(key).open().with_context(|| format!("opening gallery {}", args.gallery.display()))?;
     if let Some(t) = &engine.open_report().torn_log_tail {
-        tracing::warn!(bytes = t.bytes_dropped, at = t.at, "a torn write at the end of the template log is ignored (cut at the next write)");
+        tracing::warn!(
+            bytes = t.bytes_dropped,
+            at = t.at,
+            "a torn write at the end of the template log is ignored (cut at the next write)"
+        );
     }
     for n in engine.notices() {
         tracing::warn!(notice = ?n, "operator notice");
@@ -111,6 +173,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let engine = Arc::new(engine);
     let server = Server::start(Arc::clone(&engine), pipeline, cfg)?;
     println!("listening on {}", server.addr());
+    if let Some(m) = server.metrics_addr() {
+        println!("metrics on {m}");
+    }
     use std::io::Write;
     std::io::stdout().flush()?;
     let sig = signals.wait();

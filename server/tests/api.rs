@@ -34,7 +34,8 @@ fn consent_enrol_identify_verify_withdraw_over_http_each_answer_audited() {
     let r = c.post_json("/v1/consents", &consent).unwrap();
     assert_eq!(r.status, 201, "{:?}", r.json());
     let alice = vector(1);
-    let r = c.post_json("/v1/enrol", &json!({"subject": "alice", "consent_id": "form-9", "purposes": [PURPOSE], "embedding": alice})).unwrap();
+    let r =
+        c.post_json("/v1/enrol", &json!({"subject": "alice", "consent_id": "form-9", "purposes": [PURPOSE], "embedding": alice})).unwrap();
     assert_eq!(r.status, 201, "{:?}", r.json());
     let template = r.json()["template"].as_u64().unwrap();
 
@@ -133,7 +134,8 @@ fn bad_requests_get_clear_errors_and_nothing_of_the_probe_back() {
     let (s, _, msg) = status(no_purpose.post_json("/v1/identify", &json!({"embedding": vector(1)})));
     assert_eq!(s, 400);
     assert!(msg.contains("purpose"), "{msg}");
-    let mut undeclared = Client::new(server.addr()).with_header("X-Facematch-Operator", "officer-7").with_header("X-Facematch-Purpose", "marketing");
+    let mut undeclared =
+        Client::new(server.addr()).with_header("X-Facematch-Operator", "officer-7").with_header("X-Facematch-Purpose", "marketing");
     let (s, kind, _) = status(undeclared.post_json("/v1/identify", &json!({"embedding": vector(1)})));
     assert_eq!((s, kind.as_str()), (403, "policy_violation"));
 
@@ -156,11 +158,14 @@ fn bearer_tokens_name_the_operator_in_the_audit_log() {
     // The operator header is ignored when tokens are configured.
     let mut c = Client::new(server.addr()).with_header("X-Facematch-Purpose", PURPOSE).with_header("X-Facematch-Operator", "mallory");
     assert_eq!(c.post_json("/v1/identify", &probe).unwrap().status, 401);
-    let mut wrong = Client::new(server.addr()).with_header("X-Facematch-Purpose", PURPOSE).with_header("Authorization", "Bearer not-a-token-at-all");
+    let mut wrong =
+        Client::new(server.addr()).with_header("X-Facematch-Purpose", PURPOSE).with_header("Authorization", "Bearer not-a-token-at-all");
     assert_eq!(wrong.post_json("/v1/identify", &probe).unwrap().status, 401);
     assert_eq!(wrong.get("/v1/stats").unwrap().status, 401);
     assert_eq!(wrong.get("/v1/health").unwrap().status, 200, "health needs no credentials");
-    let mut gate = Client::new(server.addr()).with_header("X-Facematch-Purpose", PURPOSE).with_header("Authorization", "Bearer t0k3n-for-gate-3-abcdef");
+    let mut gate = Client::new(server.addr())
+        .with_header("X-Facematch-Purpose", PURPOSE)
+        .with_header("Authorization", "Bearer t0k3n-for-gate-3-abcdef");
     let r = gate.post_json("/v1/identify", &probe).unwrap();
     assert_eq!(r.status, 200, "{}", r.json());
     let seq = r.json()["audit_seq"].as_u64().unwrap();
@@ -212,18 +217,30 @@ fn concurrent_clients_share_commits_and_every_answer_is_durable() {
 fn image_requests_enrol_identify_verify_and_anonymise_with_the_face_models() {
     use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord, Operator, Purpose, PurposePolicy};
     use facematch::pipeline::{FacePipeline, PipelineConfig};
-    let sample = |name: &str| std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/samples").join(name)).expect("samples missing: run scripts/setup.sh");
+    let sample = |name: &str| {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/samples").join(name))
+            .expect("samples missing: run scripts/setup.sh")
+    };
     let tmp = tempfile::tempdir().unwrap();
     let door = Purpose::new(PURPOSE).unwrap();
     let mut cfg = facematch::config::GalleryConfig::default(); // the pipeline's model and dimension
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
-    let engine = Arc::new(facematch::engine::EngineBuilder::new(tmp.path().join("g")).key(MasterKey::generate()).allow_core_dumps(true).create(cfg).unwrap());
-    engine.record_consent(&Operator::new("clerk").unwrap(), ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door], "clerk", AgeBracket::Adult)).unwrap();
+    let engine = Arc::new(
+        facematch::engine::EngineBuilder::new(tmp.path().join("g")).key(MasterKey::generate()).allow_core_dumps(true).create(cfg).unwrap(),
+    );
+    engine
+        .record_consent(
+            &Operator::new("clerk").unwrap(),
+            ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door], "clerk", AgeBracket::Adult),
+        )
+        .unwrap();
     let pipeline = Arc::new(FacePipeline::new(PipelineConfig::default()).expect("models missing: run scripts/setup.sh"));
     let server = serve(Arc::clone(&engine), Some(pipeline), ServerConfig::default());
     let mut c = client(&server);
 
-    let r = c.request("POST", &format!("/v1/enrol?subject=barack&consent_id=f1&purposes={PURPOSE}"), Some("image/jpeg"), &sample("obama.jpg")).unwrap();
+    let r = c
+        .request("POST", &format!("/v1/enrol?subject=barack&consent_id=f1&purposes={PURPOSE}"), Some("image/jpeg"), &sample("obama.jpg"))
+        .unwrap();
     assert_eq!(r.status, 201, "{}", r.json());
     let r = c.request("POST", "/v1/identify?k=3", Some("image/jpeg"), &sample("obama3.jpg")).unwrap();
     assert_eq!(r.status, 200, "{}", r.json());

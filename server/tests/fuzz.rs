@@ -30,7 +30,10 @@ fn server() -> SocketAddr {
 }
 
 fn runner(cases: u32, seed: u8) -> TestRunner {
-    TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]))
+    TestRunner::new_with_rng(
+        Config { cases, failure_persistence: None, ..Config::default() },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
+    )
 }
 
 fn assert_clean(r: &facematch_server::client::Reply) -> Result<(), TestCaseError> {
@@ -43,10 +46,23 @@ fn assert_clean(r: &facematch_server::client::Reply) -> Result<(), TestCaseError
 
 /// A JSON body close to a real request: right or wrong field names, embeddings of any length and values.
 fn json_body() -> impl Strategy<Value = Vec<u8>> {
-    let number = prop_oneof![any::<f32>().prop_map(|x| x.to_string()), Just("1e39".to_string()), Just("-0".to_string()), Just("null".to_string()), Just("\"x\"".to_string())];
+    let number = prop_oneof![
+        any::<f32>().prop_map(|x| x.to_string()),
+        Just("1e39".to_string()),
+        Just("-0".to_string()),
+        Just("null".to_string()),
+        Just("\"x\"".to_string())
+    ];
     let embedding = prop::collection::vec(number, 0..40).prop_map(|v| format!("[{}]", v.join(",")));
-    let field = prop_oneof![Just("embedding"), Just("k"), Just("subject"), Just("consent_id"), Just("purposes"), Just("template"), Just("bogus")];
-    let value = prop_oneof![embedding, any::<i64>().prop_map(|k| k.to_string()), Just("\"p1\"".to_string()), Just("[\"door-access\"]".to_string()), Just("{}".to_string())];
+    let field =
+        prop_oneof![Just("embedding"), Just("k"), Just("subject"), Just("consent_id"), Just("purposes"), Just("template"), Just("bogus")];
+    let value = prop_oneof![
+        embedding,
+        any::<i64>().prop_map(|k| k.to_string()),
+        Just("\"p1\"".to_string()),
+        Just("[\"door-access\"]".to_string()),
+        Just("{}".to_string())
+    ];
     prop::collection::vec((field, value), 0..5).prop_map(|kv| {
         let inner: Vec<String> = kv.into_iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
         format!("{{{}}}", inner.join(",")).into_bytes()
@@ -68,13 +84,22 @@ fn any_request_gets_a_clean_answer() {
         Just("/v1/subjects/%00/withdraw"),
         Just("/v1/stats"),
     ];
-    let ctype = prop_oneof![Just(Some("application/json")), Just(Some("image/jpeg")), Just(Some("application/octet-stream")), Just(Some("text/plain")), Just(None)];
+    let ctype = prop_oneof![
+        Just(Some("application/json")),
+        Just(Some("image/jpeg")),
+        Just(Some("application/octet-stream")),
+        Just(Some("text/plain")),
+        Just(None)
+    ];
     let body = prop_oneof![json_body(), prop::collection::vec(any::<u8>(), 0..4096)];
-    let headers = prop_oneof![Just(("door-access", "officer")), Just(("marketing", "officer")), Just(("door-access", "")), Just(("", "op\u{e9}"))];
+    let headers =
+        prop_oneof![Just(("door-access", "officer")), Just(("marketing", "officer")), Just(("door-access", "")), Just(("", "op\u{e9}"))];
     runner(300, 11)
         .run(&(path, ctype, body, headers, any::<bool>()), |(path, ct, body, (purpose, operator), post)| {
             let mut c = Client::new(addr).with_header("X-Facematch-Purpose", purpose).with_header("X-Facematch-Operator", operator);
-            let r = c.request(if post { "POST" } else { "GET" }, path, ct, &body).map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
+            let r = c
+                .request(if post { "POST" } else { "GET" }, path, ct, &body)
+                .map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
             assert_clean(&r)
         })
         .unwrap();

@@ -54,9 +54,24 @@ pub fn near(v: &[f32], seed: u64) -> Vec<f32> {
 pub fn enrol_people(e: &Engine, n: u64) {
     let op = Operator::new("registrar").unwrap();
     let door = Purpose::new(PURPOSE).unwrap();
-    let consents = (0..n).map(|i| ConsentRecord::new(format!("c{i}"), &format!("p{i}"), ConsentBasis::SeparateConsent, vec![door.clone()], "registrar", AgeBracket::Adult)).collect();
+    let consents = (0..n)
+        .map(|i| {
+            ConsentRecord::new(
+                format!("c{i}"),
+                &format!("p{i}"),
+                ConsentBasis::SeparateConsent,
+                vec![door.clone()],
+                "registrar",
+                AgeBracket::Adult,
+            )
+        })
+        .collect();
     e.record_consents(&op, consents).unwrap();
-    let batch = (0..n).map(|i| facematch::engine::Enrolment::new(SubjectId::new(format!("p{i}")).unwrap(), format!("c{i}"), vec![door.clone()], vector(i))).collect();
+    let batch = (0..n)
+        .map(|i| {
+            facematch::engine::Enrolment::new(SubjectId::new(format!("p{i}")).unwrap(), format!("c{i}"), vec![door.clone()], vector(i))
+        })
+        .collect();
     e.enrol_batch(&op, batch).unwrap();
 }
 
@@ -97,4 +112,61 @@ pub fn client(server: &Server) -> Client {
 
 pub fn embedding_json(v: &[f32]) -> serde_json::Value {
     serde_json::json!(v)
+}
+
+/// Raise this process's soft file-descriptor limit towards `want` (up to the
+/// hard limit); returns the soft limit now in force.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a valid, initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < want {
+            let raised = libc::rlimit { rlim_cur: want.min(lim.rlim_max), rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = raised.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Whether the server has closed `s` (EOF or reset), reading and dropping
+/// anything it sent first; `false` if it is still open after `wait`.
+pub fn closed_within(s: &mut std::net::TcpStream, wait: std::time::Duration) -> bool {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whether `s` is already closed by the server, without waiting.
+pub fn closed_now(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    let r = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    r
 }
