@@ -49,22 +49,7 @@ impl Engine {
         for s in withdrawn {
             let open: Vec<ConsentRecord> = self.consents_of(&s).into_iter().filter(|c| c.withdrawn_at_ms.is_none()).collect();
             if !open.is_empty() {
-                let frames: Vec<Vec<u8>> = open
-                    .iter()
-                    .map(|c| {
-                        let mut c = c.clone();
-                        c.withdrawn_at_ms = Some(now);
-                        Op::Consent(c).encode()
-                    })
-                    .collect();
-                let mut w = self.writer.lock();
-                w.log.append_durable(&frames)?;
-                let mut st = self.state.write();
-                for c in open {
-                    if let Some(x) = st.consents.get_mut(&c.consent_id) {
-                        x.withdrawn_at_ms = Some(now);
-                    }
-                }
+                self.mark_withdrawn(&open, now)?;
                 done.push(format!("withdrawal of {s}'s consent completed"));
             }
         }

@@ -88,24 +88,7 @@ impl Engine {
         if crate::failpoints::hit("withdraw/recorded") {
             return Err(Error::Cancelled);
         }
-        {
-            let mut w = self.writer.lock();
-            let frames: Vec<Vec<u8>> = consents
-                .iter()
-                .map(|c| {
-                    let mut c = c.clone();
-                    c.withdrawn_at_ms = Some(now);
-                    Op::Consent(c).encode()
-                })
-                .collect();
-            w.log.append_durable(&frames)?;
-            let mut st = self.state.write();
-            for c in consents {
-                if let Some(x) = st.consents.get_mut(&c.consent_id) {
-                    x.withdrawn_at_ms = Some(now);
-                }
-            }
-        }
+        self.mark_withdrawn(&consents, now)?;
         let mut r = self.erase(templates)?;
         r.subjects = vec![subject.to_string()];
         self.rebind()?;
@@ -237,5 +220,29 @@ impl Engine {
         let key = self.key.read();
         let header = snapshot::SnapshotHeader { log_id: w.log.file_id(), frames: w.log.frames(), slots: st.index.slots() as u64 };
         snapshot::write(&self.gdir, store::SNAPSHOT, &key.store_cipher(), header, |out| st.index.write_to(out))
+    }
+
+    /// Mark consents withdrawn at `now`: durable frames, then memory.
+    pub(super) fn mark_withdrawn(&self, consents: &[ConsentRecord], now: i64) -> Result<()> {
+        if consents.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.writer.lock();
+        let frames: Vec<Vec<u8>> = consents
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                c.withdrawn_at_ms = Some(now);
+                Op::Consent(c).encode()
+            })
+            .collect();
+        w.log.append_durable(&frames)?;
+        let mut st = self.state.write();
+        for c in consents {
+            if let Some(x) = st.consents.get_mut(&c.consent_id) {
+                x.withdrawn_at_ms = Some(now);
+            }
+        }
+        Ok(())
     }
 }

@@ -6,14 +6,7 @@ impl AuditLog {
     /// Every record from `seq` on, in order, read from the segments that hold
     /// them (the newest ones: cheap when `seq` is recent). Reads only.
     pub fn read_from(dir: &Path, seq: u64) -> Result<Vec<AuditRecord>> {
-        let mut segs: Vec<(u32, PathBuf)> = Vec::new();
-        for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let e = e.map_err(|e| Error::io(dir, e))?;
-            if let Some(i) = e.file_name().to_str().and_then(format::parse_segment_name) {
-                segs.push((i, e.path()));
-            }
-        }
-        segs.sort();
+        let segs = segment_files(dir)?;
         // From the newest segment back to the one whose first record is at or before `seq`.
         let mut from = 0;
         for (k, (_, path)) in segs.iter().enumerate().rev() {
@@ -48,14 +41,7 @@ impl AuditLog {
     /// segment still holds it (retired by retention, or missing). Reads only;
     /// the chain itself is checked by [`AuditLog::open`] and [`AuditLog::verify`].
     pub fn record_hash(dir: &Path, seq: u64) -> Result<Option<String>> {
-        let mut segs: Vec<(u32, PathBuf)> = Vec::new();
-        for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let e = e.map_err(|e| Error::io(dir, e))?;
-            if let Some(i) = e.file_name().to_str().and_then(format::parse_segment_name) {
-                segs.push((i, e.path()));
-            }
-        }
-        segs.sort();
+        let segs = segment_files(dir)?;
         let prefix = format!("{{\"seq\":{seq},");
         for (_, path) in segs.iter().rev() {
             let f = crate::fs::open_read_nofollow(path).map_err(|e| Error::io(path, e))?;
@@ -122,4 +108,17 @@ impl AuditLog {
         w.flush().map_err(|e| Error::Audit(format!("writing the export: {e}")))?;
         Ok(n)
     }
+}
+
+/// The segment files of a log directory, oldest first.
+fn segment_files(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+    let mut segs: Vec<(u32, PathBuf)> = Vec::new();
+    for e in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        if let Some(i) = e.file_name().to_str().and_then(format::parse_segment_name) {
+            segs.push((i, e.path()));
+        }
+    }
+    segs.sort();
+    Ok(segs)
 }
