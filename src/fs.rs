@@ -276,6 +276,9 @@ impl Dir {
         self.remove_stale(&tmp)?;
         let mut f = self.create_new(&tmp)?;
         f.write_all(bytes).map_err(|e| Error::io(self.join(&tmp), e))?;
+        if crate::failpoints::hit("fs/write-atomic") {
+            return Err(Error::io(self.join(&tmp), std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         if sync {
             f.sync_all().map_err(|e| Error::io(self.join(&tmp), e))?;
         }
@@ -305,6 +308,9 @@ impl Dir {
 
     /// Rename an entry of this directory into `to_dir`.
     pub(crate) fn rename_to(&self, from: &str, to_dir: &Dir, to: &str) -> Result<()> {
+        if crate::failpoints::hit("fs/rename") {
+            return Err(Error::io(self.join(from), std::io::Error::from_raw_os_error(libc::EIO)));
+        }
         let (a, b) = (cstr(OsStr::new(from)), cstr(OsStr::new(to)));
         let (a, b) = (a.map_err(|e| Error::io(self.join(from), e))?, b.map_err(|e| Error::io(to_dir.join(to), e))?);
         // SAFETY: both names are NUL-terminated; both fds are live directories.

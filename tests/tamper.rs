@@ -395,3 +395,106 @@ fn the_command_line_checks_bindings_and_anchors() {
     let (_, _, err) = fm(&["stats", "-g", "/nonexistent/gallery", "--key-file", k]);
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+/// The crash matrix: every gallery operation, with a failure injected at the template log's
+/// append, at an atomic replace or at a rename (as a full disk or a crash there would), then the
+/// process "crashes" (the engine is dropped) and the gallery is opened again. Whatever happened:
+/// it opens, the audit log verifies against the manifest, every erasure the audit log records
+/// holds, every live template has its enrolment record, and what an operation acknowledged is there.
+#[test]
+fn crash_matrix_every_operation_and_failure_point() {
+    type Op = fn(&facematch::engine::Engine) -> facematch::Result<()>;
+    let ops: Vec<(&str, Op)> = vec![
+        ("enrol", |e| {
+            consent(e, "new", &["payment"], facematch::compliance::AgeBracket::Adult)?;
+            e.enrol(&op(), facematch::engine::Enrolment::new(subject("new"), "consent-new", vec![purpose("payment")], vector(500)))
+                .map(|_| ())
+        }),
+        ("delete", |e| {
+            let t = e.templates_of(&subject("s2"));
+            e.delete(&op(), &t, "test").map(|_| ())
+        }),
+        ("withdraw", |e| e.withdraw(&op(), &subject("s3")).map(|_| ())),
+        ("compact", |e| {
+            e.withdraw(&op(), &subject("s4"))?;
+            e.compact(&op()).map(|_| ())
+        }),
+        ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
+        ("rotate-key", |e| e.rotate_key(&op(), MasterKey::from_bytes([7; 32]))),
+        ("checkpoint", |e| e.checkpoint()),
+    ];
+    let points = ["log/enospc", "fs/write-atomic", "fs/rename"];
+    let mut refused = Vec::new();
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key);
+    for (name, f) in &ops {
+        for point in points {
+            let t = tempfile::tempdir().unwrap();
+            let g = t.path().join("g");
+            copy_dir(&g0, &g);
+            let e = open(&g, &key, clock()).unwrap();
+            facematch::failpoints::enable(point);
+            let result = f(&e);
+            facematch::failpoints::disable_all();
+            drop(e); // the crash
+            let what = format!("{name} failing at {point} ({})", if result.is_ok() { "acknowledged" } else { "refused" });
+            if result.is_err() {
+                refused.push(format!("{name}@{point}"));
+            }
+            // Whichever key the gallery is under now (a rotation may have completed).
+            let rotated = MasterKey::from_bytes([7; 32]);
+            let (e, k) = match open(&g, &key, clock()) {
+                Ok(e) => (e, key.clone()),
+                Err(Error::Key(_)) => (open(&g, &rotated, clock()).unwrap_or_else(|err| panic!("{what}: {err}")), rotated.clone()),
+                Err(err) => panic!("{what}: reopen refused: {err}"),
+            };
+            if result.is_ok() {
+                match *name {
+                    "enrol" => assert_eq!(e.templates_of(&subject("new")).len(), 1, "{what}"),
+                    "delete" => assert!(e.templates_of(&subject("s2")).is_empty(), "{what}"),
+                    "withdraw" => assert!(e.templates_of(&subject("s3")).is_empty(), "{what}"),
+                    "rotate-key" => assert_eq!(k.fingerprint(), rotated.fingerprint(), "{what}"),
+                    _ => {}
+                }
+            }
+            let templates = e.stats().templates;
+            e.close().unwrap_or_else(|err| panic!("{what}: close: {err}"));
+            let v = facematch::engine::verify_audit(&g, &k, None).unwrap();
+            assert!(v.ok(), "{what}: {v:?}");
+            let recs = AuditLog::read(&g.join("audit"), &Default::default()).unwrap();
+            let e = open(&g, &k, clock()).unwrap();
+            let mut enrolled = std::collections::HashSet::new();
+            for r in &recs {
+                match &r.event {
+                    AuditEvent::Enrolment { template, .. } => {
+                        enrolled.insert(*template);
+                    }
+                    AuditEvent::Deletion { templates, .. } | AuditEvent::Purge { templates, .. } => {
+                        for t in templates {
+                            assert!(e.template(*t).is_err(), "{what}: recorded erasure of {t} does not hold");
+                        }
+                    }
+                    AuditEvent::ConsentWithdrawn { templates_erased, .. } => {
+                        for t in templates_erased {
+                            assert!(e.template(*t).is_err(), "{what}: recorded withdrawal of {t} does not hold");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for i in 0..21u64 {
+                for tpl in e.templates_of(&subject(&format!("s{i}"))).into_iter().chain(e.templates_of(&subject("new"))) {
+                    assert!(enrolled.contains(&tpl), "{what}: template {tpl} has no enrolment record");
+                }
+            }
+            assert_eq!(e.stats().templates, templates, "{what}: the second open disagrees with the first");
+        }
+    }
+    // The injected failures did hit: every operation fails at one point at least.
+    eprintln!("refused: {refused:?}");
+    for (name, _) in &ops {
+        assert!(refused.iter().any(|r| r.starts_with(&format!("{name}@"))), "{name} never failed: {refused:?}");
+    }
+}

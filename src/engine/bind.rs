@@ -93,8 +93,13 @@ impl Engine {
         let mut nm = m.clone();
         nm.bound = Some(bound);
         nm.generation += 1;
-        store::write_manifest(&self.gdir, &mut nm, &self.key.read())?;
-        *m = nm;
+        // The change and its record are durable already: a manifest that
+        // cannot be rewritten (a full disk) only lags, which open accepts
+        // (it proves less, never more). The caller's change stands.
+        match store::write_manifest(&self.gdir, &mut nm, &self.key.read()) {
+            Ok(()) => *m = nm,
+            Err(e) => tracing::warn!(error = %e, "the manifest could not be rebound after a change; it lags until the next change"),
+        }
         Ok(())
     }
 
