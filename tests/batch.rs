@@ -451,9 +451,10 @@ fn ctrl_c_stops_intake_flushes_and_resume_carries_on() {
         "--format",
         "csv",
     ];
-    let child = Command::new(env!("CARGO_BIN_EXE_facematch"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_facematch"))
         .args(args)
         .env("FACEMATCH_KEY", std::fs::read_to_string(d.path().join("key")).unwrap().trim())
+        .env("FACEMATCH_OPERATOR", "batch-test")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -461,6 +462,7 @@ fn ctrl_c_stops_intake_flushes_and_resume_carries_on() {
     let started = std::time::Instant::now();
     while std::fs::read(&out).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0) < 10
         && started.elapsed() < std::time::Duration::from_secs(120)
+        && child.try_wait().unwrap().is_none()
     {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
