@@ -260,11 +260,20 @@ impl Dir {
             Err(e) => return Err(self.refuse(name, e)),
         };
         self.check_regular(name, &f, true)?;
-        #[allow(clippy::incompatible_msrv)]
-        match f.try_lock() {
-            Ok(()) => Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(self.path.clone())),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(self.join(name), e)),
+        // A lock this process just released can look held for a moment: a child
+        // between fork and exec still has a copy of the descriptor. Another
+        // process holding it for real is still refused, a quarter second later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(250);
+        loop {
+            #[allow(clippy::incompatible_msrv)]
+            match f.try_lock() {
+                Ok(()) => return Ok(f),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked(self.path.clone())),
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(self.join(name), e)),
+            }
         }
     }
 

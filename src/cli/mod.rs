@@ -67,6 +67,13 @@ impl GalleryOpts {
         }
         let e = b.key(key).open().with_context(|| format!("opening gallery {}", self.gallery.display()))?;
         let r = e.open_report();
+        match r.key_rotation_recovered {
+            Some(true) => eprintln!("note: a key rotation interrupted after its commit was finished: the gallery is under the new key"),
+            Some(false) => {
+                eprintln!("note: a key rotation interrupted before its commit was rolled back: the gallery stays under the previous key")
+            }
+            None => {}
+        }
         if let Some(v) = r.upgraded_from {
             eprintln!("note: the gallery was upgraded from format {v} to format 2 (authenticated manifest bound to the template and audit logs); recorded in the audit log");
         }

@@ -221,12 +221,8 @@ impl Engine {
         };
         p.threshold_version += 1;
         cfg.validate()?;
-        let mut nm = m.clone();
-        nm.config = cfg;
-        store::write_manifest(&self.gdir, &mut nm, &self.key.read())?;
-        *m = nm;
-        drop(m);
-        self.audit_append(AuditEvent::ThresholdChange {
+        // Write-ahead: the record first, then the manifest (see `reconcile`).
+        self.audit_intent(AuditEvent::ThresholdChange {
             operator: operator.as_str().into(),
             purpose: purpose.to_string(),
             mode: mode.as_str().into(),
@@ -234,6 +230,12 @@ impl Engine {
             new: value,
             version: t.version(),
         })?;
+        let mut nm = m.clone();
+        nm.config = cfg;
+        store::write_manifest(&self.gdir, &mut nm, &self.key.read())?;
+        *m = nm;
+        drop(m);
+        self.rebind()?;
         Ok(t)
     }
 

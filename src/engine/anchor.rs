@@ -147,6 +147,12 @@ impl AuditVerification {
 /// not older than `anchor`.
 pub fn verify_audit(dir: &Path, key: &MasterKey, anchor: Option<&Anchor>) -> Result<AuditVerification> {
     let gdir = Dir::open(dir)?;
+    if gdir.subdir(store::recover::ROTATION_DIR).ok().flatten().is_some() {
+        return Err(Error::config(
+            "audit verify",
+            "a key rotation was interrupted by a crash: open the gallery once (any command) to finish or roll it back, then verify",
+        ));
+    }
     let manifest = store::recover::effective_manifest(&gdir)?;
     store::check_key(&gdir, &manifest, key)?;
     let authenticated = store::verify_manifest(&gdir, &manifest, key)?;

@@ -21,6 +21,7 @@ impl Engine {
         let mut withdrawn: Vec<SubjectId> = Vec::new();
         let mut not_enrolled: Vec<u64> = Vec::new();
         let mut not_consented: Vec<String> = Vec::new();
+        let mut not_changed: Vec<String> = Vec::new();
         for r in records {
             match r.event {
                 AuditEvent::Enrolment { subject, template, .. } => {
@@ -36,6 +37,15 @@ impl Engine {
                     erase.extend(templates_erased.into_iter().filter(|t| self.template(*t).is_ok_and(|m| m.subject.as_str() == subject)));
                     if let Ok(s) = SubjectId::new(subject) {
                         withdrawn.push(s);
+                    }
+                }
+                AuditEvent::ThresholdChange { purpose, mode, version, .. } => {
+                    let applied = Purpose::new(purpose.as_str())
+                        .ok()
+                        .and_then(|p| self.manifest.read().config.purpose(&p).map(|x| x.threshold_version >= version))
+                        .unwrap_or(true);
+                    if !applied {
+                        not_changed.push(format!("{purpose} {mode} version {version}"));
                     }
                 }
                 AuditEvent::Deletion { templates, .. } | AuditEvent::Purge { templates, .. } => {
@@ -62,6 +72,9 @@ impl Engine {
         not_enrolled.retain(|t| self.template(*t).is_err());
         if !not_enrolled.is_empty() {
             done.push(format!("recorded enrolment of templates {not_enrolled:?} was not stored (the write failed or a crash came first): they are not enrolled"));
+        }
+        if !not_changed.is_empty() {
+            done.push(format!("recorded threshold changes {not_changed:?} were not stored: the previous thresholds stay in force"));
         }
         if !not_consented.is_empty() {
             done.push(format!("recorded consents {not_consented:?} were not stored: they are not recorded"));

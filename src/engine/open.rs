@@ -165,7 +165,10 @@ impl EngineBuilder {
         let mut left_alone = Vec::new();
         let rotation = store::recover::recover_rotation(&gdir, &mut left_alone)?;
         if let Some(r) = rotation {
-            tracing::warn!(?r, "an interrupted key rotation was completed on open");
+            match r {
+                store::RotationRecovery::Finished => tracing::warn!("a key rotation a crash interrupted after its commit was finished on open: the gallery is under the new key"),
+                store::RotationRecovery::RolledBack => tracing::warn!("a key rotation a crash interrupted before its commit was rolled back on open: the gallery stays under the previous key"),
+            }
         }
         // Leftovers of a compaction or snapshot a crash cut short hold template ciphertext.
         left_alone.extend(store::recover::clear_leftovers(&gdir)?);
