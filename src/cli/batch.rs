@@ -125,18 +125,13 @@ fn pairs(file: &Path) -> anyhow::Result<(Inputs, Option<u64>)> {
         Ok(csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
-            .from_path(file)
-            .with_context(|| format!("opening {}", file.display()))?
+            // A regular file (read twice: counted, then read), never a FIFO that could block.
+            .from_reader(facematch::fs::open_input(file)?)
             .records()
             .count() as u64)
     };
     let total = count()?;
-    let rd = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_path(file)
-        .with_context(|| format!("opening {}", file.display()))?;
+    let rd = csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_reader(facematch::fs::open_input(file)?);
     let mut first = true;
     let it = rd.into_records().filter_map(move |r| {
         let header = std::mem::take(&mut first);
@@ -779,11 +774,7 @@ pub fn run_consent_csv(a: &super::ConsentArgs) -> anyhow::Result<bool> {
     let file = a.from_csv.as_ref().context("--from-csv")?;
     let e = a.g.open()?;
     let op = a.g.operator()?;
-    let mut rd = csv::ReaderBuilder::new()
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_path(file)
-        .with_context(|| format!("opening {}", file.display()))?;
+    let mut rd = csv::ReaderBuilder::new().flexible(true).trim(csv::Trim::All).from_reader(facematch::fs::open_input(file)?);
     let headers = rd.headers()?.clone();
     let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
     let (Some(c_subject), Some(c_id), Some(c_purposes)) = (col("subject"), col("consent_id"), col("purposes")) else {
