@@ -56,7 +56,8 @@ impl Kind {
             _ => Kind::Other,
         }
     }
-    fn describe(self) -> &'static str {
+    /// "a regular file", "a symbolic link", ...: for messages.
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Kind::File => "a regular file",
             Kind::Dir => "a directory",

@@ -22,41 +22,11 @@ fn gallery(dir: &Path, key: &MasterKey) {
     e.close().unwrap();
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if e.file_name() != "LOCK" {
-                out.push((e.path(), std::fs::read(e.path()).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Open must fail and leave every file as it was.
 fn refused(dir: &Path, key: &MasterKey) -> Error {
-    let before = files(dir);
+    let before = snapshot(dir);
     let r = open(dir, key, clock());
-    let after = files(dir);
-    assert!(before == after, "a refused open changed files");
+    assert_eq!(changed(&before, &snapshot(dir)), Vec::<std::path::PathBuf>::new(), "a refused open changed files");
     match r {
         Err(e) => e,
         Ok(e) => panic!("opened with {} templates", e.stats().templates),

@@ -8,7 +8,6 @@
 //! its generation and its audit head, and a gallery older than that (or
 //! another gallery, or a rewritten audit chain) is refused.
 
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 
 use super::*;
@@ -39,10 +38,7 @@ fn anchor_mac(a: &Anchor, key: &MasterKey) -> Result<String> {
     let mut body = a.clone();
     body.mac = String::new();
     let bytes = serde_json::to_vec(&body).map_err(|e| Error::config("anchor", e.to_string()))?;
-    let k = key.derive(b"facematch/anchor/v1");
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&k[..]).map_err(|e| Error::Key(e.to_string()))?;
-    mac.update(&bytes);
-    Ok(hex::encode(mac.finalize().into_bytes()))
+    Ok(key.mac_hex(b"facematch/anchor/v1", &bytes))
 }
 
 impl Anchor {
@@ -52,10 +48,24 @@ impl Anchor {
         if a.format != ANCHOR_FORMAT {
             return Err(Error::config("anchor", "not a facematch anchor"));
         }
-        if anchor_mac(&a, key)? != a.mac {
+        if !crate::store::ct_eq(anchor_mac(&a, key)?.as_bytes(), a.mac.as_bytes()) {
             return Err(Error::Key("the anchor's signature does not verify under this key (edited, or made with another key)".into()));
         }
         Ok(a)
+    }
+
+    /// Why a gallery with manifest `m` is not this anchor's gallery at this
+    /// anchor's generation or later, if it is not.
+    fn older_or_other(&self, m: &Manifest) -> Option<String> {
+        if m.gallery_id.as_deref() != Some(self.gallery_id.as_str()) {
+            return Some("this is not the gallery the anchor names".into());
+        }
+        (m.generation < self.generation).then(|| {
+            format!(
+                "the gallery is at generation {}, older than the anchor's {} (made at unix ms {}): the directory was rolled back",
+                m.generation, self.generation, self.created_ms
+            )
+        })
     }
 
     /// The anchor as one line of JSON.
@@ -87,34 +97,12 @@ impl Engine {
     /// Refuse a gallery older than `a`, another gallery, or an audit chain
     /// that does not continue the one `a` names.
     pub fn check_anchor(&self, a: &Anchor) -> Result<()> {
-        let m = self.manifest.read();
-        let stale = |reason: String| Error::DataCorruption { path: self.dir.join(store::MANIFEST), reason };
-        if m.gallery_id.as_deref() != Some(a.gallery_id.as_str()) {
-            return Err(stale("this is not the gallery the anchor names".into()));
+        if let Some(reason) = a.older_or_other(&self.manifest.read()) {
+            return Err(Error::DataCorruption { path: self.dir.join(store::MANIFEST), reason });
         }
-        if m.generation < a.generation {
-            return Err(stale(format!(
-                "the gallery is at generation {}, older than the anchor's {} (made at unix ms {}): the directory was rolled back",
-                m.generation, a.generation, a.created_ms
-            )));
-        }
-        drop(m);
-        let records = self.audit.read().as_ref().map(|l| l.records()).unwrap_or(0);
-        if records < a.audit_records {
-            return Err(Error::AuditTampered {
-                seq: records,
-                reason: format!("the audit log holds {records} records, the anchor proves {}", a.audit_records),
-            });
-        }
-        if a.audit_records > 0 {
-            if let Some(h) = AuditLog::record_hash(&self.audit_dir(), a.audit_records - 1)? {
-                if h != a.audit_hash {
-                    return Err(Error::AuditTampered {
-                        seq: a.audit_records - 1,
-                        reason: "the audit chain does not continue the one the anchor names".into(),
-                    });
-                }
-            }
+        let held = self.audit.read().as_ref().map(|l| l.records()).unwrap_or(0);
+        if let Some((seq, reason)) = super::bind::audit_shortfall(&self.audit_dir(), held, a.audit_records, &a.audit_hash, "the anchor")? {
+            return Err(Error::AuditTampered { seq, reason });
         }
         Ok(())
     }
@@ -163,33 +151,14 @@ pub fn verify_audit(dir: &Path, key: &MasterKey, anchor: Option<&Anchor>) -> Res
         crate::audit::VerifyReport::default()
     };
     let mut problems = Vec::new();
-    let check = |problems: &mut Vec<String>, what: &str, records: u64, hash: &str| -> Result<()> {
-        if chain.records < records {
-            problems.push(format!("the audit log holds {} records, {what} proves {records}: deleted, cut or rolled back", chain.records));
-        } else if records > 0 {
-            if let Some(h) = AuditLog::record_hash(&adir, records - 1)? {
-                if h != hash {
-                    problems
-                        .push(format!("record {} differs from the one {what} names: not this gallery's chain, or rewritten", records - 1));
-                }
-            }
-        }
-        Ok(())
-    };
+    let shortfall = |what: &str, records: u64, hash: &str| super::bind::audit_shortfall(&adir, chain.records, records, hash, what);
     let proven = manifest.bound.as_ref().filter(|_| authenticated).map(|b| b.audit_records);
     if let (Some(b), true) = (&manifest.bound, authenticated) {
-        check(&mut problems, "the manifest", b.audit_records, &b.audit_hash)?;
+        problems.extend(shortfall("the manifest", b.audit_records, &b.audit_hash)?.map(|(_, r)| r));
     }
     if let Some(a) = anchor {
-        if manifest.gallery_id.as_deref() != Some(a.gallery_id.as_str()) {
-            problems.push("this is not the gallery the anchor names".into());
-        } else if manifest.generation < a.generation {
-            problems.push(format!(
-                "the gallery is at generation {}, older than the anchor's {}: rolled back",
-                manifest.generation, a.generation
-            ));
-        }
-        check(&mut problems, "the anchor", a.audit_records, &a.audit_hash)?;
+        problems.extend(a.older_or_other(&manifest));
+        problems.extend(shortfall("the anchor", a.audit_records, &a.audit_hash)?.map(|(_, r)| r));
     }
     Ok(AuditVerification { chain, proven_records: proven, problems })
 }

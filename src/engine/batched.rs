@@ -7,10 +7,9 @@
 
 use std::time::Instant;
 
-use super::{normalise, Candidate, Engine, Identification, Pending, QueryContext, SearchOptions, DAY_MS};
+use super::{Engine, Identification, Pending, QueryContext, SearchOptions};
 use crate::audit::AuditEvent;
 use crate::compliance::{Decision, Mode};
-use crate::index::{Hit, SearchParams, SearchStrategy};
 use crate::{Error, Result};
 
 impl Engine {
@@ -91,7 +90,7 @@ impl Engine {
     ) -> Result<Pending<Vec<Identification>>> {
         let started = Instant::now();
         let policy = self.query_policy(ctx, Mode::Identify)?;
-        let hits = self.search_candidates_batch(ctx, n, probe, k, opts, batched)?;
+        let hits = self.search_candidates_many(ctx, n, probe, k, opts, batched)?;
         let mut out = Vec::with_capacity(n);
         for candidates in hits {
             let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
@@ -112,71 +111,5 @@ impl Engine {
             r.audit_seq = s;
         }
         Ok(Pending { value: out, ticket })
-    }
-
-    /// [`Engine::search_candidates`] for `n` probes through [`crate::index::VectorIndex::search_batch`].
-    fn search_candidates_batch<'p>(
-        &self,
-        ctx: &QueryContext,
-        n: usize,
-        probe: impl Fn(usize) -> &'p [f32],
-        k: usize,
-        opts: SearchOptions,
-        batched: bool,
-    ) -> Result<Vec<Vec<Candidate>>> {
-        let (dim, bit, max_k, retention_ms) = {
-            let m = self.manifest.read();
-            let bit = m.config.purpose_bit(&ctx.purpose).ok_or_else(|| Error::PolicyViolation {
-                rule: "specific-purpose",
-                reason: format!("purpose {} is not declared by this gallery", ctx.purpose),
-            })?;
-            let retention_ms = m.config.purpose(&ctx.purpose).map_or(0, |p| p.retention_days as i64 * DAY_MS);
-            (m.config.dim, bit, m.config.max_k, retention_ms)
-        };
-        if k == 0 || k > max_k {
-            return Err(Error::config("k", format!("must be in 1..={max_k}, got {k}")));
-        }
-        let mut qs = Vec::with_capacity(n * dim);
-        for i in 0..n {
-            qs.extend_from_slice(&normalise(dim, probe(i))?);
-        }
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let now = self.clock.now_unix_ms();
-        let st = self.state.read();
-        if st.index.is_empty() {
-            return Ok(vec![Vec::new(); n]);
-        }
-        let live = st.index.len() as u64;
-        let for_purpose = st.per_purpose[bit as usize];
-        let slots = &st.slots;
-        let mask = 1u64 << bit;
-        let cutoff = now.saturating_sub(retention_ms);
-        let filter = move |slot: u32| slots.get(slot as usize).is_some_and(|s| s.mask & mask != 0 && s.enrolled_at_ms > cutoff);
-        let needs_filter = for_purpose < live || st.min_enrolled_ms <= cutoff;
-        let mut strategy = opts.strategy;
-        if needs_filter && strategy == SearchStrategy::Auto && (for_purpose as f64) < 0.3 * live as f64 {
-            strategy = SearchStrategy::Exact;
-        }
-        let params = SearchParams { k, ef: opts.ef, strategy, filter: if needs_filter { Some(&filter) } else { None } };
-        let hits: Vec<Vec<Hit>> = if batched && n > 1 {
-            st.index.search_batch(&qs, &params)?
-        } else {
-            qs.chunks_exact(dim).map(|q| st.index.search(q, &params)).collect::<Result<_>>()?
-        };
-        use zeroize::Zeroize;
-        qs.zeroize();
-        Ok(hits
-            .into_iter()
-            .map(|hs| {
-                hs.into_iter()
-                    .filter_map(|h| {
-                        let s = st.slots.get(h.slot as usize)?;
-                        Some(Candidate { subject: st.subject_ids[s.subject as usize].clone(), template: s.template, score: h.score })
-                    })
-                    .collect()
-            })
-            .collect())
     }
 }

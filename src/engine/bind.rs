@@ -118,29 +118,11 @@ impl Engine {
 
     /// The audit log holds at least what the manifest proves, and it is this gallery's.
     pub(super) fn check_audit_binding(&self, b: &store::Bound) -> Result<()> {
-        let records = self.audit.read().as_ref().map(|a| a.records()).unwrap_or(0);
-        if records < b.audit_records {
-            return Err(Error::AuditTampered {
-                seq: records,
-                reason: format!(
-                    "the audit log holds {records} records, the manifest proves {} were written: it was rolled back or cut; restore it from a backup",
-                    b.audit_records
-                ),
-            });
+        let held = self.audit.read().as_ref().map(|a| a.records()).unwrap_or(0);
+        match audit_shortfall(&self.audit_dir(), held, b.audit_records, &b.audit_hash, "the manifest")? {
+            Some((seq, reason)) => Err(Error::AuditTampered { seq, reason }),
+            None => Ok(()),
         }
-        if b.audit_records > 0 {
-            let seq = b.audit_records - 1;
-            if let Some(h) = AuditLog::record_hash(&self.audit_dir(), seq)? {
-                if h != b.audit_hash {
-                    return Err(Error::AuditTampered {
-                        seq,
-                        reason: "record differs from the one the manifest names: this audit log is not this gallery's (or was rewritten)"
-                            .into(),
-                    });
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Erase again every live template whose erasure the audit log records
@@ -181,4 +163,28 @@ impl Engine {
         }
         Ok(again)
     }
+}
+
+/// What is wrong, if anything, with an audit log in `adir` holding `held`
+/// records, against what `what` (the manifest, an anchor) proves: at least
+/// `records` records, the last of which has `hash` (a record retention has
+/// retired cannot be checked). Returns the first bad seq and why.
+pub(super) fn audit_shortfall(adir: &Path, held: u64, records: u64, hash: &str, what: &str) -> Result<Option<(u64, String)>> {
+    if held < records {
+        return Ok(Some((
+            held,
+            format!("the audit log holds {held} records, {what} proves {records}: deleted, cut or rolled back; restore it from a backup"),
+        )));
+    }
+    if records > 0 {
+        if let Some(h) = AuditLog::record_hash(adir, records - 1)? {
+            if h != hash {
+                return Ok(Some((
+                    records - 1,
+                    format!("record {} differs from the one {what} names: not this gallery's audit log, or rewritten", records - 1),
+                )));
+            }
+        }
+    }
+    Ok(None)
 }

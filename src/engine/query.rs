@@ -235,6 +235,19 @@ impl Engine {
     }
 
     pub(super) fn search_candidates(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions) -> Result<Vec<Candidate>> {
+        Ok(self.search_candidates_many(ctx, 1, |_| probe, k, opts, false)?.pop().unwrap_or_default())
+    }
+
+    /// [`Engine::search_candidates`] for `n` probes through [`crate::index::VectorIndex::search_batch`].
+    pub(super) fn search_candidates_many<'p>(
+        &self,
+        ctx: &QueryContext,
+        n: usize,
+        probe: impl Fn(usize) -> &'p [f32],
+        k: usize,
+        opts: SearchOptions,
+        batched: bool,
+    ) -> Result<Vec<Vec<Candidate>>> {
         let (dim, bit, max_k, retention_ms) = {
             let m = self.manifest.read();
             let bit = m.config.purpose_bit(&ctx.purpose).ok_or_else(|| Error::PolicyViolation {
@@ -247,11 +260,17 @@ impl Engine {
         if k == 0 || k > max_k {
             return Err(Error::config("k", format!("must be in 1..={max_k}, got {k}")));
         }
-        let q = normalise(dim, probe)?;
+        let mut qs = Vec::with_capacity(n * dim);
+        for i in 0..n {
+            qs.extend_from_slice(&normalise(dim, probe(i))?);
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let now = self.clock.now_unix_ms();
         let st = self.state.read();
         if st.index.is_empty() {
-            return Ok(Vec::new());
+            return Ok(vec![Vec::new(); n]);
         }
         let live = st.index.len() as u64;
         let for_purpose = st.per_purpose[bit as usize];
@@ -267,12 +286,22 @@ impl Engine {
             strategy = SearchStrategy::Exact;
         }
         let params = SearchParams { k, ef: opts.ef, strategy, filter: if needs_filter { Some(&filter) } else { None } };
-        let hits: Vec<Hit> = st.index.search(&q, &params)?;
+        let hits: Vec<Vec<Hit>> = if batched && n > 1 {
+            st.index.search_batch(&qs, &params)?
+        } else {
+            qs.chunks_exact(dim).map(|q| st.index.search(q, &params)).collect::<Result<_>>()?
+        };
+        use zeroize::Zeroize;
+        qs.zeroize();
         Ok(hits
             .into_iter()
-            .filter_map(|h| {
-                let s = st.slots.get(h.slot as usize)?;
-                Some(Candidate { subject: st.subject_ids[s.subject as usize].clone(), template: s.template, score: h.score })
+            .map(|hs| {
+                hs.into_iter()
+                    .filter_map(|h| {
+                        let s = st.slots.get(h.slot as usize)?;
+                        Some(Candidate { subject: st.subject_ids[s.subject as usize].clone(), template: s.template, score: h.score })
+                    })
+                    .collect()
             })
             .collect())
     }

@@ -95,6 +95,14 @@ impl MasterKey {
         out.copy_from_slice(&mac.finalize().into_bytes());
         out
     }
+    /// Hex HMAC-SHA256 of `bytes` under the key derived for `label`: what
+    /// authenticates the manifest and anchors.
+    pub(crate) fn mac_hex(&self, label: &[u8], bytes: &[u8]) -> String {
+        let k = self.derive(label);
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&k[..]).expect("HMAC accepts any key length");
+        mac.update(bytes);
+        hex::encode(mac.finalize().into_bytes())
+    }
     /// The store cipher.
     pub(crate) fn store_cipher(&self) -> Cipher {
         let k = self.derive(b"facematch/store/v1");
@@ -139,6 +147,11 @@ impl Cipher {
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
         self.aead.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad }).ok().map(Zeroizing::new)
     }
+}
+
+/// Constant-time comparison of two byte strings of public length (MACs).
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use self::crypto::Cipher;
+pub(crate) use self::crypto::{ct_eq, Cipher};
 pub use self::crypto::{MasterKey, KEY_ENV};
 pub use self::log::TornTail;
 pub(crate) use self::log::{good_prefix, LogWriter};
@@ -245,14 +245,10 @@ pub(crate) fn write_manifest(dir: &Dir, m: &mut Manifest, key: &MasterKey) -> Re
 
 /// The MAC of a manifest: HMAC-SHA256 of its JSON without the `mac` field.
 fn manifest_mac(m: &Manifest, key: &MasterKey) -> Result<String> {
-    use hmac::{Hmac, Mac};
     let mut body = m.clone();
     body.mac = None;
     let bytes = serde_json::to_vec(&body).map_err(|e| Error::config("manifest", e.to_string()))?;
-    let k = key.derive(b"facematch/manifest-mac/v2");
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&k[..]).map_err(|e| Error::Key(e.to_string()))?;
-    mac.update(&bytes);
-    Ok(hex::encode(mac.finalize().into_bytes()))
+    Ok(key.mac_hex(b"facematch/manifest-mac/v2", &bytes))
 }
 
 /// Check a format-2 manifest's MAC (the key has been checked already).
@@ -262,10 +258,7 @@ pub(crate) fn verify_manifest(dir: &Dir, m: &Manifest, key: &MasterKey) -> Resul
         return Ok(false);
     }
     let want = manifest_mac(m, key)?;
-    let ok = m.mac.as_deref().is_some_and(|got| {
-        use subtle_eq::ct_eq;
-        ct_eq(got.as_bytes(), want.as_bytes())
-    });
+    let ok = m.mac.as_deref().is_some_and(|got| crypto::ct_eq(got.as_bytes(), want.as_bytes()));
     if !ok || m.gallery_id.is_none() || m.bound.is_none() {
         return Err(Error::DataCorruption {
             path: dir.join(MANIFEST),
@@ -273,13 +266,6 @@ pub(crate) fn verify_manifest(dir: &Dir, m: &Manifest, key: &MasterKey) -> Resul
         });
     }
     Ok(true)
-}
-
-mod subtle_eq {
-    /// Constant-time comparison of two byte strings of public length.
-    pub(super) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
 }
 
 /// Make a new manifest for `config` sealed with `key`.

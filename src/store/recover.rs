@@ -45,7 +45,7 @@ pub(crate) fn magic_of(name: &str) -> Option<&'static [u8]> {
 pub(crate) fn not_ours(dir: &Dir, name: &str, magic: Option<&[u8]>) -> Result<Option<String>> {
     let Some(e) = dir.stat(name)? else { return Ok(None) };
     if e.kind != Kind::File {
-        return Ok(Some(format!("is {}", describe(e.kind))));
+        return Ok(Some(format!("is {}", e.kind.describe())));
     }
     if e.nlink > 1 {
         return Ok(Some(format!("has {} hard links", e.nlink)));
@@ -66,15 +66,6 @@ pub(crate) fn not_ours(dir: &Dir, name: &str, magic: Option<&[u8]>) -> Result<Op
         }
     }
     Ok(None)
-}
-
-fn describe(k: Kind) -> &'static str {
-    match k {
-        Kind::File => "a regular file",
-        Kind::Dir => "a directory",
-        Kind::Symlink => "a symbolic link",
-        Kind::Other => "a FIFO, device or socket",
-    }
 }
 
 /// Shred and remove the leftover `name` if it is provably ours; refuse
