@@ -145,6 +145,8 @@ pub enum GalleryCommand {
     Purge(GalleryOnly),
     /// Remove deleted templates' bytes from disk and repair the index.
     Compact(GalleryOnly),
+    /// Build the search graph over the templates a bulk import left out of it (searches scan until then).
+    BuildGraph(GalleryOnly),
     /// Gallery statistics (people count against the filing threshold).
     Stats(GalleryOnly),
     /// Export templates to local files (explicit, audited).
@@ -265,6 +267,9 @@ pub struct ImportArgs {
     /// Rows per durable batch.
     #[arg(long, default_value_t = 50_000)]
     batch: usize,
+    /// Build the search graph at the end (else `build-graph` does it later; searches scan until then).
+    #[arg(long)]
+    build_graph: bool,
 }
 
 /// `search`.
@@ -606,6 +611,14 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
             e.close()?;
             Ok(true)
         }
+        GalleryCommand::BuildGraph(a) => {
+            let e = a.g.open()?;
+            let t = std::time::Instant::now();
+            let n = e.build_graph()?;
+            json_line(&serde_json::json!({"added_to_graph": n, "seconds": t.elapsed().as_secs_f64()}))?;
+            e.close()?;
+            Ok(true)
+        }
         GalleryCommand::Compact(a) => {
             let e = a.g.open()?;
             let r = e.compact(&a.g.operator()?)?;
@@ -756,7 +769,7 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
         }
         let done = (|| -> anyhow::Result<u64> {
             e.record_consents(&op, consents)?;
-            Ok(e.enrol_batch(&op, reqs)?.len() as u64)
+            Ok(e.import_batch(&op, reqs)?.len() as u64)
         })();
         match done {
             Ok(n) => imported += n,
@@ -772,7 +785,11 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
         bar.set_position(end as u64);
     }
     bar.finish_and_clear();
-    e.checkpoint()?;
+    if a.build_graph {
+        e.build_graph()?;
+    } else {
+        e.checkpoint()?;
+    }
     json_line(&serde_json::json!({"imported": imported, "skipped_already_imported": skipped, "stats": e.stats()}))?;
     print_notices(&e);
     e.close()?;

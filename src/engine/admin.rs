@@ -298,6 +298,7 @@ impl Engine {
             consents: st.consents.len() as u64,
             log_bytes: w.log.len(),
             index_memory_bytes: st.index.memory_bytes() as u64,
+            graph_pending: st.index.graph_pending() as u64,
             dim: m.config.dim,
             model_id: m.config.model_id.clone(),
         }

@@ -36,7 +36,7 @@ impl Engine {
                 batch.insert(&c.consent_id, &c.subject);
             }
         }
-        let frames: Vec<Vec<u8>> = consents.iter().map(|c| Op::Consent(c.clone()).encode()).collect();
+        let frames: Vec<Vec<u8>> = consents.chunks(store::OPS_PER_FRAME).map(|c| Op::Consents(c.to_vec()).encode()).collect();
         // Write-ahead: the records first, then the consents (see `reconcile`).
         let events = consents
             .iter()
@@ -165,6 +165,38 @@ impl Engine {
 
     /// Enrol many templates with one fsync (import, migration). All are checked first; nothing is written if one fails.
     pub fn enrol_batch(&self, operator: &Operator, batch: Vec<Enrolment>) -> Result<Vec<u64>> {
+        self.enrol_many(operator, batch, false)
+    }
+
+    /// [`Engine::enrol_batch`] for bulk loads: the templates are stored,
+    /// audited and matched at once (by the exact scan), but the graph is
+    /// not extended until [`Engine::build_graph`]. Building it once after
+    /// millions of rows costs what building it row by row would, without
+    /// slowing the load itself; until then `Auto` and `Graph` searches scan.
+    pub fn import_batch(&self, operator: &Operator, batch: Vec<Enrolment>) -> Result<Vec<u64>> {
+        self.enrol_many(operator, batch, true)
+    }
+
+    /// Put every template a bulk load left out ([`Engine::import_batch`])
+    /// into the graph, calibrate it and write a snapshot (so the next open
+    /// loads it). Holds the gallery's write lock meanwhile: searches wait.
+    /// Returns how many templates were added to the graph.
+    pub fn build_graph(&self) -> Result<usize> {
+        let n = {
+            let mut st = self.state.write();
+            let n = st.index.graph_pending();
+            if n == 0 {
+                return Ok(0);
+            }
+            st.index.build_graph();
+            calibrate_index(&mut st.index);
+            n
+        };
+        self.checkpoint()?;
+        Ok(n)
+    }
+
+    fn enrol_many(&self, operator: &Operator, batch: Vec<Enrolment>, defer_graph: bool) -> Result<Vec<u64>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -206,7 +238,10 @@ impl Engine {
                 planned.push((meta, v));
             }
         }
-        let frames: Vec<Vec<u8>> = planned.iter().map(|(m, v)| Op::Enrol { meta: m.clone(), vector: v.clone() }.encode()).collect();
+        let frames: Vec<Vec<u8>> = planned
+            .chunks(store::OPS_PER_FRAME)
+            .map(|c| store::encode_enrolments(&c.iter().map(|(m, v)| (m, v.as_slice())).collect::<Vec<_>>()))
+            .collect();
         let ids: Vec<u64> = planned.iter().map(|(m, _)| m.template).collect();
         // Write-ahead: the records first, then the templates (see `reconcile`).
         let events: Vec<AuditEvent> = planned
@@ -235,7 +270,7 @@ impl Engine {
         {
             let mut st = self.state.write();
             let flat: Vec<f32> = planned.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-            let range = st.index.add_batch(&flat)?;
+            let range = if defer_graph { st.index.add_batch_deferred(&flat)? } else { st.index.add_batch(&flat)? };
             for ((meta, _), slot) in planned.iter().zip(range) {
                 st.note_enrol(&cfg, meta.clone(), slot);
             }

@@ -195,13 +195,19 @@ impl Engine {
 
         store::recover::clear_leftover(dir, log_name)?;
         let mut nl = LogWriter::create(dir, log_name, key.store_cipher())?;
-        let mut frames: Vec<Vec<u8>> = st.consents.values().map(|c| Op::Consent(c.clone()).encode()).collect();
-        frames.sort();
-        for (i, s) in st.slots.iter().enumerate() {
-            let meta = st.metas.get(&s.template).cloned().ok_or(Error::UnknownTemplate(s.template))?;
-            let v = st.index.vector(i as u32).ok_or(Error::UnknownTemplate(s.template))?.to_vec();
-            frames.push(Op::Enrol { meta, vector: v }.encode());
-            if frames.len() >= 8192 {
+        let mut consents: Vec<&ConsentRecord> = st.consents.values().collect();
+        consents.sort_by(|a, b| a.consent_id.cmp(&b.consent_id));
+        let mut frames: Vec<Vec<u8>> =
+            consents.chunks(store::OPS_PER_FRAME).map(|c| Op::Consents(c.iter().map(|&r| r.clone()).collect()).encode()).collect();
+        for (ci, chunk) in st.slots.chunks(store::OPS_PER_FRAME).enumerate() {
+            let mut items = Vec::with_capacity(chunk.len());
+            for (j, s) in chunk.iter().enumerate() {
+                let meta = st.metas.get(&s.template).ok_or(Error::UnknownTemplate(s.template))?;
+                let v = st.index.vector((ci * store::OPS_PER_FRAME + j) as u32).ok_or(Error::UnknownTemplate(s.template))?;
+                items.push((meta, v));
+            }
+            frames.push(store::encode_enrolments(&items));
+            if frames.len() >= 8 {
                 nl.append_durable(&frames)?;
                 frames.clear();
             }

@@ -176,77 +176,61 @@ impl EngineBuilder {
         let cfg = &manifest.config;
         let cipher = key.store_cipher();
 
-        let mut ops: Vec<Op> = Vec::new();
+        // The snapshot first (when it belongs to this log), so the replay
+        // below converts only the vectors it does not hold.
         let logp = dir.join(store::LOG);
-        let (log, torn) = LogWriter::open(&gdir, store::LOG, cipher.clone(), |i, b| {
-            let op = Op::decode(b).map_err(|e| Error::DataCorruption { path: logp.clone(), reason: format!("frame {i}: {e}") })?;
-            ops.push(op);
-            Ok(())
-        })?;
-        if let (Some(b), false) = (&manifest.bound, self.rebind) {
-            check_log_binding(&logp, b, &log)?;
-        }
-        let mut report = OpenReport {
-            upgraded_from: (!authenticated).then_some(manifest.version),
-            torn_log_tail: torn,
-            key_rotation_recovered: rotation.map(|r| r == store::RotationRecovery::Finished),
-            left_alone,
-            modes_tightened,
-            ..Default::default()
-        };
-
-        // Load the snapshot when it belongs to this log.
         let snapp = dir.join(store::SNAPSHOT);
+        let snap_header = snapshot::read_header(&gdir, store::SNAPSHOT)?;
         let mut index = None;
-        if let Some(h) = snapshot::read_header(&gdir, store::SNAPSHOT)? {
-            if h.log_id == log.file_id() && h.frames <= log.frames() {
+        if let (Some(h), Some(id)) = (snap_header, store::peek_file_id(&gdir, store::LOG)?) {
+            if h.log_id == id {
                 match snapshot::read(&gdir, store::SNAPSHOT, &cipher, &h, |r| VectorIndex::read_from(r)) {
-                    Ok(ix) if ix.dim() == cfg.dim && ix.slots() as u64 == h.slots => index = Some(ix),
+                    Ok(ix) if ix.dim() == cfg.dim && ix.slots() as u64 == h.slots => index = Some((ix, h.frames)),
                     Ok(_) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
                     Err(e) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
                 }
-            } else if h.log_id == log.file_id()
-                && snapshot::read(&gdir, store::SNAPSHOT, &cipher, &h, |r| VectorIndex::read_from(r)).is_ok()
-            {
-                // An authentic snapshot of this very log covers frames the log no longer has:
-                // acknowledged writes (a deletion, a withdrawal) were lost. A crash only ever
-                // tears an unacknowledged last frame, so this is truncation or damage: serving
-                // the shorter log would bring erased templates back.
-                return Err(Error::DataCorruption {
-                    path: logp.clone(),
-                    reason: format!(
-                        "the template log ends at frame {} but the index snapshot proves {} frames were written: acknowledged writes were lost (truncation or damage); restore the gallery from a backup",
-                        log.frames(),
-                        h.frames
-                    ),
-                });
             }
         }
-        report.snapshot_used = index.is_some();
-        let index = match index {
-            Some(ix) => ix,
+        let snapshot_frames = index.as_ref().map(|(_, f)| *f);
+        let mut st = State::new(match index {
+            Some((ix, _)) => ix,
             None => VectorIndex::new(cfg.dim, cfg.index.clone())?,
-        };
-        let mut st = State::new(index);
+        });
         let have = st.index.slots();
+
+        // Replay every frame in order, straight into the state.
         let mut pending: Vec<f32> = Vec::new();
         let mut enrol_ordinal = 0usize;
         let mut deletes: Vec<u64> = Vec::new();
-        for op in ops {
-            match op {
+        let corrupt = |i: u64, e: String| Error::DataCorruption { path: logp.clone(), reason: format!("frame {i}: {e}") };
+        let mut enrol = |st: &mut State, meta: TemplateMeta, vector: &[u8], pending: &mut Vec<f32>| -> std::result::Result<(), String> {
+            if vector.len() != cfg.dim * 4 {
+                return Err(format!("template {} has dimension {}", meta.template, vector.len() / 4));
+            }
+            if enrol_ordinal >= have {
+                store::f32s_from_le(vector, pending);
+            }
+            st.note_enrol(cfg, meta, enrol_ordinal as u32);
+            enrol_ordinal += 1;
+            Ok(())
+        };
+        let (log, torn) = LogWriter::open(&gdir, store::LOG, cipher.clone(), |i, b| {
+            if let Some(rest) = store::enrolments_frame(b) {
+                let mut err = None;
+                store::visit_enrolments(rest, |meta, v| {
+                    if err.is_none() {
+                        err = enrol(&mut st, meta, v, &mut pending).err();
+                    }
+                })
+                .map_err(|e| corrupt(i, e))?;
+                return err.map_or(Ok(()), |e| Err(corrupt(i, e)));
+            }
+            match Op::decode(b).map_err(|e| corrupt(i, e))? {
                 Op::Enrol { meta, vector } => {
-                    if vector.len() != cfg.dim {
-                        return Err(Error::DataCorruption {
-                            path: logp.clone(),
-                            reason: format!("template {} has dimension {}", meta.template, vector.len()),
-                        });
-                    }
-                    if enrol_ordinal >= have {
-                        pending.extend_from_slice(&vector);
-                    }
-                    st.note_enrol(cfg, meta, enrol_ordinal as u32);
-                    enrol_ordinal += 1;
+                    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    enrol(&mut st, meta, &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
                 }
+                Op::EnrolMany(_) => unreachable!("batched enrolments are visited above"),
                 Op::Delete { templates } => {
                     for t in templates {
                         if let Some(slot) = st.note_delete(t) {
@@ -257,8 +241,39 @@ impl EngineBuilder {
                 Op::Consent(c) => {
                     st.consents.insert(c.consent_id.clone(), c);
                 }
+                Op::Consents(cs) => {
+                    for c in cs {
+                        st.consents.insert(c.consent_id.clone(), c);
+                    }
+                }
             }
+            Ok(())
+        })?;
+        if let (Some(b), false) = (&manifest.bound, self.rebind) {
+            check_log_binding(&logp, b, &log)?;
         }
+        if let Some(f) = snapshot_frames.filter(|&f| f > log.frames()) {
+            // An authentic snapshot of this very log covers frames the log no longer has:
+            // acknowledged writes (a deletion, a withdrawal) were lost. A crash only ever
+            // tears an unacknowledged last frame, so this is truncation or damage: serving
+            // the shorter log would bring erased templates back.
+            return Err(Error::DataCorruption {
+                path: logp.clone(),
+                reason: format!(
+                    "the template log ends at frame {} but the index snapshot proves {f} frames were written: acknowledged writes were lost (truncation or damage); restore the gallery from a backup",
+                    log.frames()
+                ),
+            });
+        }
+        let mut report = OpenReport {
+            upgraded_from: (!authenticated).then_some(manifest.version),
+            torn_log_tail: torn,
+            key_rotation_recovered: rotation.map(|r| r == store::RotationRecovery::Finished),
+            left_alone,
+            modes_tightened,
+            ..Default::default()
+        };
+        report.snapshot_used = snapshot_frames.is_some();
         if have > enrol_ordinal {
             return Err(Error::DataCorruption { path: snapp, reason: "snapshot holds more templates than the log".into() });
         }
@@ -269,7 +284,7 @@ impl EngineBuilder {
             st.index.remove(slot as u32)?;
         }
         calibrate_index(&mut st.index);
-        let stale = log.frames().saturating_sub(snapshot::read_header(&gdir, store::SNAPSHOT)?.map(|h| h.frames).unwrap_or(0));
+        let stale = log.frames().saturating_sub(snapshot_frames.unwrap_or(0));
         let bound = if self.rebind { None } else { manifest.bound.clone() };
         let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, Some(st))?;
         let mut engine = engine;
@@ -384,7 +399,7 @@ pub fn core_dumps_allowed() -> Option<bool> {
 /// exact scan finds (top-1 on 99% of 200 probes); with no affordable width,
 /// `Auto` scans. Skipped where `Auto` scans anyway.
 pub(super) fn calibrate_index(index: &mut VectorIndex) {
-    if index.len() >= index.config().exact_below && index.config().graph {
+    if index.needs_calibration() {
         let c = index.calibrate(CALIBRATION_TARGET, CALIBRATION_PROBES, CALIBRATION_SEED);
         tracing::debug!(ef = ?c.ef, agreement = c.agreement, live = c.live, "index calibrated");
     }

@@ -230,6 +230,10 @@ pub struct Stats {
     pub log_bytes: u64,
     /// Index memory.
     pub index_memory_bytes: u64,
+    /// Templates stored but not yet in the graph (a bulk import defers the
+    /// build; [`crate::engine::Engine::build_graph`]); searches scan until then.
+    #[serde(default)]
+    pub graph_pending: u64,
     /// Embedding dimension.
     pub dim: usize,
     /// Model id.

@@ -44,7 +44,7 @@ impl VectorIndex {
         use rand::{Rng, SeedableRng};
         let live: Vec<u32> = (0..self.slots as u32).filter(|&s| !self.is_deleted(s)).collect();
         let mut c = Calibration { ef: None, agreement: 0.0, live: live.len() };
-        if self.entry.is_none() || live.is_empty() || probes == 0 {
+        if !self.graph_ready() || live.is_empty() || probes == 0 {
             return c;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -96,6 +96,6 @@ impl VectorIndex {
     /// measured at about the current size is in force (never measured, or
     /// the index has since grown or shrunk more than 2x).
     pub fn needs_calibration(&self) -> bool {
-        self.cfg.graph && self.len() >= self.cfg.exact_below && self.calibration_in_force().is_none()
+        self.graph_ready() && self.len() >= self.cfg.exact_below && self.calibration_in_force().is_none()
     }
 }

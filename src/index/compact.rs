@@ -14,6 +14,8 @@ pub(crate) struct Parts {
     /// Upper lists per slot, layout as in `VectorIndex::upper`.
     pub upper: Vec<Box<[u32]>>,
     pub entry: Option<u32>,
+    /// Slots `0..graph_len` are in the graph.
+    pub graph_len: usize,
 }
 
 impl VectorIndex {
@@ -68,49 +70,57 @@ impl VectorIndex {
         }
         let m = ix.cfg.m;
         ix.lines = vec![Line([0; 16]); n * ix.rec_words / LINE_WORDS];
-        if ix.cfg.storage == VectorStorage::Int8 {
+        if ix.cfg.storage == VectorStorage::Int8 && ix.dpad != dim {
             ix.f32s.reserve_exact(n * ix.dpad);
         }
         ix.flat.reserve(n);
         ix.levels = p.levels;
         ix.deleted = p.deleted;
         ix.slots = n;
-        // storage
-        let mut padded = vec![0.0f32; ix.dpad];
-        let mut codes = vec![0i8; ix.cpad];
-        for s in 0..n {
-            let v = &p.vectors[s * dim..(s + 1) * dim];
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(bad(format!("vector {s} is not finite")));
-            }
-            padded[..dim].copy_from_slice(v);
-            let base = s * ix.rec_words;
-            let (vec_words, cpad) = (ix.vec_words, ix.cpad);
-            match ix.cfg.storage {
-                VectorStorage::F32 => {
-                    let words = ix.words_mut();
-                    for (w, x) in words[base..base + vec_words].iter_mut().zip(&padded) {
+        // storage: the int8 codes of every vector in parallel, then laid out.
+        if let Some(s) = p.vectors.par_chunks(dim).position_first(|v| v.iter().any(|x| !x.is_finite())) {
+            return Err(bad(format!("vector {s} is not finite")));
+        }
+        let cs = dim.div_ceil(64) * 64;
+        let mut codes = vec![0i8; n * cs];
+        let mut scales = vec![0.0f32; n];
+        codes.par_chunks_mut(cs).zip(scales.par_iter_mut()).zip(p.vectors.par_chunks(dim)).for_each(|((c, s), v)| {
+            *s = kernels::quantize_i8(v, &mut c[..dim]);
+        });
+        let (vec_words, cpad, rec_words, dpad) = (ix.vec_words, ix.cpad, ix.rec_words, ix.dpad);
+        match ix.cfg.storage {
+            VectorStorage::F32 => {
+                ix.words_mut().par_chunks_mut(rec_words).zip(p.vectors.par_chunks(dim)).for_each(|(w, v)| {
+                    for (w, x) in w[..vec_words].iter_mut().zip(v) {
                         *w = x.to_bits();
                     }
-                }
-                VectorStorage::Int8 => {
-                    if vec_words > 0 {
-                        let scale = kernels::quantize_i8(&padded, &mut codes);
-                        let words = ix.words_mut();
-                        for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
-                            *w = u32::from_le_bytes([
-                                codes[4 * i] as u8,
-                                codes[4 * i + 1] as u8,
-                                codes[4 * i + 2] as u8,
-                                codes[4 * i + 3] as u8,
-                            ]);
+                });
+            }
+            VectorStorage::Int8 => {
+                if vec_words > 0 {
+                    ix.words_mut().par_chunks_mut(rec_words).zip(codes.par_chunks(cs)).zip(&scales).for_each(|((w, c), s)| {
+                        for (i, w) in w[..cpad / 4].iter_mut().enumerate() {
+                            *w = u32::from_le_bytes([c[4 * i] as u8, c[4 * i + 1] as u8, c[4 * i + 2] as u8, c[4 * i + 3] as u8]);
                         }
-                        words[base + cpad / 4] = scale.to_bits();
-                    }
-                    ix.f32s.extend_from_slice(&padded);
+                        w[cpad / 4] = s.to_bits();
+                    });
                 }
             }
-            ix.flat.push(&padded);
+        }
+        for (s, v) in p.vectors.chunks_exact(dim).enumerate() {
+            ix.flat.push_coded(v, &codes[s * cs..s * cs + dim], scales[s]);
+        }
+        drop(codes);
+        if ix.cfg.storage == VectorStorage::Int8 {
+            if dpad == dim {
+                // The exact copy is the vectors as they are: moved, not copied.
+                ix.f32s = p.vectors;
+            } else {
+                for v in p.vectors.chunks_exact(dim) {
+                    ix.f32s.extend_from_slice(v);
+                    ix.f32s.extend(std::iter::repeat_n(0.0, dpad - dim));
+                }
+            }
         }
         // tombstones beyond n must be clear
         if !n.is_multiple_of(64) {
@@ -141,15 +151,19 @@ impl VectorIndex {
             }
         }
         ix.upper = p.upper;
+        if p.graph_len > n || (!ix.cfg.graph && p.graph_len > 0) || (p.graph_len > 0) != p.entry.is_some() {
+            return Err(bad(format!("graph covers {} of {n} slots with entry {:?}", p.graph_len, p.entry)));
+        }
+        ix.graph_len = p.graph_len;
         match p.entry {
-            Some(e) if (e as usize) < n => {
+            Some(e) if (e as usize) < p.graph_len => {
                 ix.entry = Some(e);
                 ix.max_level = ix.levels[e as usize] as usize;
-                if ix.levels.iter().any(|&l| l as usize > ix.max_level) {
+                if ix.levels[..p.graph_len].iter().any(|&l| l as usize > ix.max_level) {
                     return Err(bad("entry point is not on the top level".into()));
                 }
             }
-            None if n == 0 || !ix.cfg.graph => {}
+            None if p.graph_len == 0 => {}
             _ => return Err(bad("invalid entry point".into())),
         }
         Ok(ix)
@@ -196,12 +210,14 @@ impl VectorIndex {
             }
             upper.push(up);
         }
-        // entry: the live node with the highest level (the old entry if live)
+        // Live slots in the graph keep their order, so they stay a prefix.
+        let graph_len = live.iter().take_while(|&&s| (s as usize) < self.graph_len).count();
+        // entry: the live graph node with the highest level (the old entry if live)
         let entry = match self.entry {
             Some(e) if !self.is_deleted(e) => map[e as usize],
             _ => {
                 let mut best: Option<(u8, u32)> = None;
-                for (i, &l) in levels.iter().enumerate() {
+                for (i, &l) in levels.iter().enumerate().take(graph_len) {
                     if best.is_none_or(|(bl, _)| l > bl) {
                         best = Some((l, i as u32));
                     }
@@ -220,6 +236,6 @@ impl VectorIndex {
             }
         }
         let n = live.len();
-        Parts { vectors, deleted: vec![0; n.div_ceil(64)], levels, l0, upper, entry }
+        Parts { vectors, deleted: vec![0; n.div_ceil(64)], levels, l0, upper, entry, graph_len }
     }
 }

@@ -100,18 +100,25 @@ impl FlatCodes {
     /// Append the codes of a unit vector (`v.len() >= dim`; extra entries ignored).
     pub(crate) fn push(&mut self, v: &[f32]) {
         let v = &v[..self.dim];
+        let mut c = vec![0i8; self.dim];
+        let s = kernels::quantize_i8(v, &mut c);
+        self.push_coded(v, &c, s);
+    }
+
+    /// Append a unit vector whose codes `c` (`dim` of them) and scale `s`
+    /// [`kernels::quantize_i8`] already computed.
+    pub(crate) fn push_coded(&mut self, v: &[f32], c: &[i8], s: f32) {
+        let v = &v[..self.dim];
         let (block, lane) = (self.len / LANES, self.len % LANES);
         if lane == 0 {
             self.codes.resize((block + 1) * self.groups * 64, 0);
             self.scale.resize((block + 1) * LANES, 0.0);
             self.bias.resize((block + 1) * LANES, 0);
         }
-        let mut c = vec![0i8; self.dim];
-        let s = kernels::quantize_i8(v, &mut c);
         let base = block * self.groups * 64 + lane * 4;
         let mut sum = 0i32;
         let mut err = 0.0f64;
-        for (d, (&x, &ci)) in v.iter().zip(&c).enumerate() {
+        for (d, (&x, &ci)) in v.iter().zip(c).enumerate() {
             self.codes[base + (d / 4) * 64 + d % 4] = ci;
             sum += ci as i32;
             let e = x as f64 - s as f64 * ci as f64;

@@ -268,12 +268,14 @@ impl VectorIndex {
                 self.entry = Some(cur as u32);
                 self.max_level = self.levels[cur] as usize;
                 cur += 1;
+                self.graph_len = cur;
                 continue;
             }
             let b = ((cur as f64 * BATCH_FRAC) as usize).clamp(1, MAX_BATCH).min(end - cur);
             self.insert_batch(cur, cur + b);
             cur += b;
         }
+        self.graph_len = end;
     }
 
     /// Link the nodes `s..e` against the frozen graph, then add reverse links.

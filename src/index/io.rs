@@ -2,7 +2,8 @@
 //!
 //! Little-endian: magic `FMVINDEX`, format version (u32), dim (u32), config
 //! (u32 length + JSON), slots (u64), entry (u32, `u32::MAX` = none),
-//! tombstone bitset (u64 words), levels (1 byte per slot), vectors (slots x
+//! (version 2:) slots in the graph (u64), the calibration in force (u32 ef,
+//! 0 = scan, `u32::MAX` = none; f32 agreement; u64 live), tombstone bitset (u64 words), levels (1 byte per slot), vectors (slots x
 //! dim f32, normalised), level-0 lists (count + ids per slot), upper lists
 //! (per slot with level >= 1, per level: count + ids), then a CRC-32 of all
 //! the bytes before it. Int8 codes are derived from the vectors on load.
@@ -17,8 +18,10 @@ use super::{IndexConfig, Parts, VectorIndex, MAX_LEVEL};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"FMVINDEX";
-/// Current format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version. 2: the graph may cover a prefix of the slots (a
+/// deferred build) and the calibration is saved, so opening does not
+/// measure it again. Version 1 is still read.
+pub const FORMAT_VERSION: u32 = 2;
 const MAX_CONFIG_BYTES: usize = 64 * 1024;
 const CHUNK: usize = 1 << 16;
 
@@ -108,6 +111,14 @@ impl VectorIndex {
         cw.put(&cfg)?;
         cw.put(&(self.slots as u64).to_le_bytes())?;
         cw.u32(self.entry.unwrap_or(u32::MAX))?;
+        cw.put(&(self.graph_len as u64).to_le_bytes())?;
+        let c = self.calibration_in_force();
+        cw.u32(match c {
+            None => u32::MAX,
+            Some(c) => c.ef.map_or(0, |e| e.min(u32::MAX as usize - 1) as u32),
+        })?;
+        cw.put(&c.map_or(0.0, |c| c.agreement).to_le_bytes())?;
+        cw.put(&(c.map_or(0, |c| c.live) as u64).to_le_bytes())?;
         for w in &self.deleted {
             cw.put(&w.to_le_bytes())?;
         }
@@ -150,7 +161,7 @@ impl VectorIndex {
             return Err(Error::IncompatibleStore { path: path(), reason: "not a facematch index (bad magic)".into() });
         }
         let version = cr.u32()?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != 1 {
             return Err(Error::IncompatibleStore {
                 path: path(),
                 reason: format!("index format version {version}, this build reads {FORMAT_VERSION}"),
@@ -176,6 +187,20 @@ impl VectorIndex {
         let entry = match cr.u32()? {
             u32::MAX => None,
             e => Some(e),
+        };
+        let (graph_len, calibration) = if version >= 2 {
+            let graph_len = cr.u64()?;
+            if graph_len > slots {
+                return Err(corrupt("graph covers more slots than there are"));
+            }
+            let ef = cr.u32()?;
+            let agreement = f32::from_bits(cr.u32()?);
+            let live = cr.u64()? as usize;
+            let c = (ef != u32::MAX).then_some(super::Calibration { ef: (ef != 0).then_some(ef as usize), agreement, live });
+            (graph_len as usize, c)
+        } else {
+            // Version 1 built the graph over every slot as it was added.
+            (if cfg.graph && entry.is_some() { n } else { 0 }, None)
         };
         let deleted = cr.chunked(n.div_ceil(64), 8, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))?;
         let levels = cr.chunked(n, 1, |b| b[0])?;
@@ -215,6 +240,8 @@ impl VectorIndex {
         if u32::from_le_bytes(crc) != want {
             return Err(corrupt("checksum mismatch"));
         }
-        VectorIndex::from_parts(dim, cfg, Parts { vectors, deleted, levels, l0, upper, entry })
+        let mut ix = VectorIndex::from_parts(dim, cfg, Parts { vectors, deleted, levels, l0, upper, entry, graph_len })?;
+        ix.calibration = calibration;
+        Ok(ix)
     }
 }

@@ -103,6 +103,10 @@ pub struct VectorIndex {
     deleted: Vec<u64>,
     n_deleted: usize,
     slots: usize,
+    /// Slots `0..graph_len` are in the graph; later ones wait for
+    /// [`VectorIndex::build_graph`] (a bulk load defers the build), and
+    /// until then every search is the exact scan.
+    graph_len: usize,
     /// Blocked int8 copy of every slot for the exact scan.
     flat: flat::FlatCodes,
     /// What the last [`VectorIndex::calibrate`] found (not serialised).

@@ -63,7 +63,7 @@ impl VectorIndex {
         let s = match p.strategy {
             SearchStrategy::Auto => {
                 if self.len() < self.cfg.exact_below
-                    || self.entry.is_none()
+                    || !self.graph_ready()
                     || frac < FILTER_EXACT_FRACTION
                     || self.calibration_in_force().is_some_and(|c| c.ef.is_none())
                     || self.exact_single_cost() <= self.graph_cost(p)
@@ -90,7 +90,7 @@ impl VectorIndex {
         }
         let (strategy, frac) = self.resolve(p);
         match strategy {
-            SearchStrategy::Graph if self.entry.is_some() => {
+            SearchStrategy::Graph if self.graph_ready() => {
                 let hits = self.graph_search(&qp, p, frac);
                 if p.strategy == SearchStrategy::Auto && hits.len() < p.k.min(self.len()) {
                     return Ok(self.exact_many(&qp, 1, p).pop().unwrap_or_default());
@@ -122,7 +122,7 @@ impl VectorIndex {
             strategy = SearchStrategy::Exact;
         }
         match strategy {
-            SearchStrategy::Graph if self.entry.is_some() => Ok(qp
+            SearchStrategy::Graph if self.graph_ready() => Ok(qp
                 .par_chunks_exact(self.dpad)
                 .map(|q| {
                     let hits = self.graph_search(q, p, frac);

@@ -42,6 +42,7 @@ impl VectorIndex {
             deleted: Vec::new(),
             n_deleted: 0,
             slots: 0,
+            graph_len: 0,
             flat: flat::FlatCodes::new(dim),
             calibration: None,
         })
@@ -268,13 +269,29 @@ impl VectorIndex {
         }
         let slot = self.slots;
         self.push_storage(v, norm);
-        self.insert_range(slot, slot + 1);
+        if self.graph_pending() == 1 {
+            self.insert_range(slot, slot + 1);
+        }
         Ok(slot as u32)
     }
 
     /// Add `vs.len() / dim` vectors, all validated before any is added; the
-    /// graph is built in parallel (`build_threads`). Returns the new slots.
+    /// graph is built in parallel (`build_threads`), unless its build is
+    /// deferred (see [`VectorIndex::add_batch_deferred`]). Returns the new slots.
     pub fn add_batch(&mut self, vs: &[f32]) -> Result<std::ops::Range<u32>> {
+        let pending = self.graph_pending();
+        let r = self.add_batch_deferred(vs)?;
+        if pending == 0 {
+            self.build_graph();
+        }
+        Ok(r)
+    }
+
+    /// Add vectors like [`VectorIndex::add_batch`] but leave them out of the
+    /// graph until [`VectorIndex::build_graph`]: a bulk load stores millions
+    /// of vectors at memory speed and builds the graph once, later. Searches
+    /// are exact scans while the graph is behind (never a partial graph).
+    pub fn add_batch_deferred(&mut self, vs: &[f32]) -> Result<std::ops::Range<u32>> {
         if !vs.len().is_multiple_of(self.dim) {
             // not a whole number of vectors: report the length received
             return Err(Error::WrongDimension { expected: self.dim, got: vs.len() });
@@ -293,13 +310,38 @@ impl VectorIndex {
         for (v, &norm) in vs.chunks_exact(self.dim).zip(&norms) {
             self.push_storage(v, norm);
         }
+        Ok(start as u32..(start + n) as u32)
+    }
+
+    /// Slots stored but not yet in the graph (0 when the graph is complete
+    /// or the index has no graph).
+    pub fn graph_pending(&self) -> usize {
+        if self.cfg.graph {
+            self.slots - self.graph_len
+        } else {
+            0
+        }
+    }
+
+    /// Whether graph searches can run: the graph exists and holds every slot.
+    pub(crate) fn graph_ready(&self) -> bool {
+        self.entry.is_some() && self.graph_pending() == 0
+    }
+
+    /// Insert every pending slot into the graph, in parallel (`build_threads`).
+    pub fn build_graph(&mut self) {
+        let (start, end) = (self.graph_len, self.slots);
+        if !self.cfg.graph || start == end {
+            return;
+        }
+        // A calibration measured while searches scanned says nothing about the graph.
+        self.calibration = None;
         let threads = self.cfg.build_threads;
         let pool = if threads > 0 { rayon::ThreadPoolBuilder::new().num_threads(threads).build().ok() } else { None };
         match pool {
-            Some(p) => p.install(|| self.insert_range(start, start + n)),
-            None => self.insert_range(start, start + n),
+            Some(p) => p.install(|| self.insert_range(start, end)),
+            None => self.insert_range(start, end),
         }
-        Ok(start as u32..(start + n) as u32)
     }
 
     /// Tombstone a slot: from now on no search returns it. `Ok(false)` if it

@@ -109,6 +109,20 @@ pub(crate) fn good_prefix(dir: &Dir, name: &str, cipher: &Cipher) -> Result<(u64
     Ok((pos as u64, frames, len, file_id))
 }
 
+/// The file id in a log's header, without reading further (`None` when
+/// there is no log or its header is not one: opening reports that).
+pub(crate) fn peek_file_id(dir: &Dir, name: &str) -> Result<Option<[u8; 16]>> {
+    use std::io::Read;
+    let Some(mut f) = dir.open_read(name)? else { return Ok(None) };
+    let mut h = [0u8; HEADER_LEN];
+    if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC {
+        return Ok(None);
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h[16..32]);
+    Ok(Some(id))
+}
+
 /// An open log, positioned at its end, ready to append.
 pub(crate) struct LogWriter {
     file: File,
@@ -223,10 +237,21 @@ impl LogWriter {
             }
         }
 
-        // Pass 2: authenticate + decrypt in parallel chunks, apply in order.
+        // Pass 2: authenticate + decrypt in parallel chunks (bounded in
+        // frames and in bytes, so memory stays small), apply in order.
         const CHUNK: usize = 16_384;
-        for (ci, chunk) in spans.chunks(CHUNK).enumerate() {
-            let base = (ci * CHUNK) as u64;
+        const CHUNK_BYTES: usize = 16 << 20;
+        let mut next = 0usize;
+        while next < spans.len() {
+            let mut end = next;
+            let mut bytes = 0usize;
+            while end < spans.len() && end - next < CHUNK && (bytes < CHUNK_BYTES || end == next) {
+                bytes += spans[end].1;
+                end += 1;
+            }
+            let chunk = &spans[next..end];
+            let base = next as u64;
+            next = end;
             let plain: Vec<Option<Zeroizing<Vec<u8>>>> = chunk
                 .par_iter()
                 .enumerate()

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) use self::crypto::{ct_eq, Cipher};
 pub use self::crypto::{MasterKey, KEY_ENV};
 pub use self::log::TornTail;
-pub(crate) use self::log::{good_prefix, LogWriter};
+pub(crate) use self::log::{good_prefix, peek_file_id, LogWriter};
 pub use self::recover::RotationRecovery;
 use crate::compliance::{ConsentRecord, Purpose, SubjectId};
 use crate::config::GalleryConfig;
@@ -127,22 +127,154 @@ pub struct TemplateMeta {
 }
 
 /// One operation in the template log.
+///
+/// Frames written since format 3 hold enrolments and consents in batches
+/// (one frame per up to [`OPS_PER_FRAME`]): one seal, one checksum and one
+/// frame header per batch instead of per template, and enrolments in a
+/// compact binary layout (the vector as raw little-endian f32, the metadata
+/// as length-prefixed fields) instead of JSON. Older frames (one JSON
+/// enrolment or consent per frame) are still read.
 #[derive(Clone, Debug)]
 pub(crate) enum Op {
-    Enrol { meta: TemplateMeta, vector: Vec<f32> },
-    Delete { templates: Vec<u64> },
+    Enrol {
+        meta: TemplateMeta,
+        vector: Vec<f32>,
+    },
+    /// Several enrolments in one frame (binary).
+    EnrolMany(Vec<(TemplateMeta, Vec<f32>)>),
+    Delete {
+        templates: Vec<u64>,
+    },
     Consent(ConsentRecord),
+    /// Several consent records in one frame.
+    Consents(Vec<ConsentRecord>),
 }
+
+/// Enrolments or consents per batched frame.
+pub(crate) const OPS_PER_FRAME: usize = 1024;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum JsonOp {
     Delete { templates: Vec<u64> },
     Consent { record: ConsentRecord },
+    Consents { records: Vec<ConsentRecord> },
 }
 
 const TAG_ENROL: u8 = 1;
 const TAG_JSON: u8 = 2;
+const TAG_ENROL_MANY: u8 = 3;
+
+/// Little-endian field reader over a frame (every read bounds-checked).
+struct Fields<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let s = self.b.get(self.at..self.at.checked_add(n).ok_or("length overflow")?).ok_or("short enrolment frame")?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> std::result::Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> std::result::Result<u16, String> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn str16(&mut self) -> std::result::Result<&'a str, String> {
+        let n = self.u16()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| "field is not UTF-8".to_string())
+    }
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Encode enrolments as one binary frame:
+/// `3 | u32 count | u32 dim | per enrolment: u64 template | i64 enrolled | i64 expires | str16 subject | str16 consent | str16 model | u8 n purposes | str16 each | dim x f32`.
+pub(crate) fn encode_enrolments(items: &[(&TemplateMeta, &[f32])]) -> Vec<u8> {
+    let dim = items.first().map_or(0, |(_, v)| v.len());
+    let mut out = Vec::with_capacity(9 + items.len() * (64 + dim * 4));
+    out.push(TAG_ENROL_MANY);
+    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(dim as u32).to_le_bytes());
+    for (m, v) in items {
+        out.extend_from_slice(&m.template.to_le_bytes());
+        out.extend_from_slice(&m.enrolled_at_ms.to_le_bytes());
+        out.extend_from_slice(&m.expires_at_ms.to_le_bytes());
+        put_str16(&mut out, m.subject.as_str());
+        put_str16(&mut out, &m.consent_id);
+        put_str16(&mut out, &m.model_id);
+        out.push(m.purposes.len().min(255) as u8);
+        for p in m.purposes.iter().take(255) {
+            put_str16(&mut out, p.as_str());
+        }
+        debug_assert_eq!(v.len(), dim);
+        for x in v.iter() {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Walk the enrolments of a batched frame body (after its tag): `f` gets
+/// each one's metadata and its vector's raw bytes (little-endian f32), so a
+/// caller that already holds the vectors (a snapshot) need not convert them.
+pub(crate) fn visit_enrolments(rest: &[u8], mut f: impl FnMut(TemplateMeta, &[u8])) -> std::result::Result<(), String> {
+    let mut r = Fields { b: rest, at: 0 };
+    let count = r.u32()? as usize;
+    let dim = r.u32()? as usize;
+    if dim == 0 || dim > 65_536 {
+        return Err(format!("enrolment dimension {dim} out of range"));
+    }
+    for _ in 0..count {
+        let template = r.u64()?;
+        let enrolled_at_ms = r.u64()? as i64;
+        let expires_at_ms = r.u64()? as i64;
+        let subject = SubjectId::new(r.str16()?).map_err(|e| format!("subject: {e}"))?;
+        let consent_id = r.str16()?.to_string();
+        let model_id = r.str16()?.to_string();
+        let np = r.u8()? as usize;
+        let mut purposes = Vec::with_capacity(np);
+        for _ in 0..np {
+            purposes.push(Purpose::new(r.str16()?).map_err(|e| format!("purpose: {e}"))?);
+        }
+        let v = r.take(dim * 4)?;
+        f(TemplateMeta { template, subject, purposes, enrolled_at_ms, expires_at_ms, consent_id, model_id }, v);
+    }
+    if r.at != rest.len() {
+        return Err("trailing bytes after the enrolments".into());
+    }
+    Ok(())
+}
+
+/// The body of a batched enrolment frame (after its tag), if `b` is one.
+pub(crate) fn enrolments_frame(b: &[u8]) -> Option<&[u8]> {
+    match b.split_first() {
+        Some((&TAG_ENROL_MANY, rest)) => Some(rest),
+        _ => None,
+    }
+}
+
+/// Little-endian f32 bytes to floats.
+pub(crate) fn f32s_from_le(b: &[u8], out: &mut Vec<f32>) {
+    out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+}
 
 impl Op {
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -159,8 +291,10 @@ impl Op {
                 }
                 out
             }
+            Op::EnrolMany(items) => encode_enrolments(&items.iter().map(|(m, v)| (m, v.as_slice())).collect::<Vec<_>>()),
             Op::Delete { templates } => json_frame(&JsonOp::Delete { templates: templates.clone() }),
             Op::Consent(record) => json_frame(&JsonOp::Consent { record: record.clone() }),
+            Op::Consents(records) => json_frame(&JsonOp::Consents { records: records.clone() }),
         }
     }
 
@@ -179,9 +313,19 @@ impl Op {
                 let vector = vb.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                 Ok(Op::Enrol { meta, vector })
             }
+            TAG_ENROL_MANY => {
+                let mut items = Vec::new();
+                visit_enrolments(rest, |m, v| {
+                    let mut x = Vec::with_capacity(v.len() / 4);
+                    f32s_from_le(v, &mut x);
+                    items.push((m, x));
+                })?;
+                Ok(Op::EnrolMany(items))
+            }
             TAG_JSON => match serde_json::from_slice::<JsonOp>(rest).map_err(|e| format!("op: {e}"))? {
                 JsonOp::Delete { templates } => Ok(Op::Delete { templates }),
                 JsonOp::Consent { record } => Ok(Op::Consent(record)),
+                JsonOp::Consents { records } => Ok(Op::Consents(records)),
             },
             t => Err(format!("unknown op tag {t}")),
         }
@@ -364,6 +508,20 @@ mod tests {
                 assert_eq!(vector, vec![0.5, -0.25]);
             }
             _ => panic!("wrong op"),
+        }
+        let two = Op::EnrolMany(vec![(meta.clone(), vec![0.5, -0.25]), (TemplateMeta { template: 8, ..meta.clone() }, vec![1.0, 0.0])]);
+        match Op::decode(&two.encode()).unwrap() {
+            Op::EnrolMany(items) => {
+                assert_eq!(items.len(), 2);
+                assert_eq!(items[0], (meta.clone(), vec![0.5, -0.25]));
+                assert_eq!((items[1].0.template, items[1].1.clone()), (8, vec![1.0, 0.0]));
+            }
+            _ => panic!("wrong op"),
+        }
+        // Every truncation of a batched frame is an error, never a panic.
+        let bytes = two.encode();
+        for cut in 0..bytes.len() {
+            assert!(Op::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         assert!(Op::decode(&[]).is_err());
         assert!(Op::decode(&[1, 200, 0, 0, 0]).is_err());
