@@ -79,6 +79,12 @@ macro_rules! string_id {
                 &self.0
             }
         }
+        // Hashes and compares as its string: maps keyed by it are looked up by `&str`.
+        impl std::borrow::Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 string_id!(Purpose);

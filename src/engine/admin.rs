@@ -298,6 +298,7 @@ impl Engine {
             consents: st.consents.len() as u64,
             log_bytes: w.log.len(),
             index_memory_bytes: st.index.memory_bytes() as u64,
+            metadata_memory_bytes: st.memory_bytes() as u64,
             graph_pending: st.index.graph_pending() as u64,
             dim: m.config.dim,
             model_id: m.config.model_id.clone(),
@@ -306,7 +307,7 @@ impl Engine {
 
     /// Metadata of a live template.
     pub fn template(&self, template: u64) -> Result<TemplateMeta> {
-        self.state.read().metas.get(&template).cloned().ok_or(Error::UnknownTemplate(template))
+        self.state.read().meta_of(template).ok_or(Error::UnknownTemplate(template))
     }
 
     /// The live template of `subject` that holds exactly this embedding (after

@@ -116,7 +116,7 @@ impl Engine {
         let vector = normalise(cfg.dim, &e.embedding)?;
         let template = match e.template {
             Some(t) => {
-                if st.by_template.contains_key(&t) || st.metas.contains_key(&t) {
+                if st.by_template.contains_key(&t) {
                     return Err(Error::DuplicateTemplate(t));
                 }
                 t
@@ -272,7 +272,7 @@ impl Engine {
             let flat: Vec<f32> = planned.iter().flat_map(|(_, v)| v.iter().copied()).collect();
             let range = if defer_graph { st.index.add_batch_deferred(&flat)? } else { st.index.add_batch(&flat)? };
             for ((meta, _), slot) in planned.iter().zip(range) {
-                st.note_enrol(&cfg, meta.clone(), slot);
+                st.note_enrol(&cfg, meta, slot);
             }
             people_after = st.people();
         }

@@ -202,11 +202,12 @@ impl Engine {
         for (ci, chunk) in st.slots.chunks(store::OPS_PER_FRAME).enumerate() {
             let mut items = Vec::with_capacity(chunk.len());
             for (j, s) in chunk.iter().enumerate() {
-                let meta = st.metas.get(&s.template).ok_or(Error::UnknownTemplate(s.template))?;
-                let v = st.index.vector((ci * store::OPS_PER_FRAME + j) as u32).ok_or(Error::UnknownTemplate(s.template))?;
+                let slot = (ci * store::OPS_PER_FRAME + j) as u32;
+                let meta = st.meta(slot).ok_or(Error::UnknownTemplate(s.template))?;
+                let v = st.index.vector(slot).ok_or(Error::UnknownTemplate(s.template))?;
                 items.push((meta, v));
             }
-            frames.push(store::encode_enrolments(&items));
+            frames.push(store::encode_enrolments(&items.iter().map(|(m, v)| (m, *v)).collect::<Vec<_>>()));
             if frames.len() >= 8 {
                 nl.append_durable(&frames)?;
                 frames.clear();

@@ -180,6 +180,7 @@ impl EngineBuilder {
         // below converts only the vectors it does not hold.
         let logp = dir.join(store::LOG);
         let snapp = dir.join(store::SNAPSHOT);
+        let t0 = Instant::now();
         let snap_header = snapshot::read_header(&gdir, store::SNAPSHOT)?;
         let mut index = None;
         if let (Some(h), Some(id)) = (snap_header, store::peek_file_id(&gdir, store::LOG)?) {
@@ -191,6 +192,7 @@ impl EngineBuilder {
                 }
             }
         }
+        let t_snapshot = t0.elapsed();
         let snapshot_frames = index.as_ref().map(|(_, f)| *f);
         let mut st = State::new(match index {
             Some((ix, _)) => ix,
@@ -203,32 +205,32 @@ impl EngineBuilder {
         let mut enrol_ordinal = 0usize;
         let mut deletes: Vec<u64> = Vec::new();
         let corrupt = |i: u64, e: String| Error::DataCorruption { path: logp.clone(), reason: format!("frame {i}: {e}") };
-        let mut enrol = |st: &mut State, meta: TemplateMeta, vector: &[u8], pending: &mut Vec<f32>| -> std::result::Result<(), String> {
+        let mut enrol = |st: &mut State, meta: Meta<'_>, vector: &[u8], pending: &mut Vec<f32>| -> std::result::Result<(), String> {
+            let template = match &meta {
+                Meta::Owned(m) => m.template,
+                Meta::Ref(m) => m.template,
+            };
             if vector.len() != cfg.dim * 4 {
-                return Err(format!("template {} has dimension {}", meta.template, vector.len() / 4));
+                return Err(format!("template {template} has dimension {}", vector.len() / 4));
             }
             if enrol_ordinal >= have {
                 store::f32s_from_le(vector, pending);
             }
-            st.note_enrol(cfg, meta, enrol_ordinal as u32);
+            match meta {
+                Meta::Owned(m) => st.note_enrol(cfg, &m, enrol_ordinal as u32),
+                Meta::Ref(m) => st.note_enrol_ref(cfg, m, enrol_ordinal as u32)?,
+            }
             enrol_ordinal += 1;
             Ok(())
         };
         let (log, torn) = LogWriter::open(&gdir, store::LOG, cipher.clone(), |i, b| {
             if let Some(rest) = store::enrolments_frame(b) {
-                let mut err = None;
-                store::visit_enrolments(rest, |meta, v| {
-                    if err.is_none() {
-                        err = enrol(&mut st, meta, v, &mut pending).err();
-                    }
-                })
-                .map_err(|e| corrupt(i, e))?;
-                return err.map_or(Ok(()), |e| Err(corrupt(i, e)));
+                return store::visit_enrolments(rest, |meta, v| enrol(&mut st, Meta::Ref(meta), v, &mut pending)).map_err(|e| corrupt(i, e));
             }
             match Op::decode(b).map_err(|e| corrupt(i, e))? {
                 Op::Enrol { meta, vector } => {
                     let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    enrol(&mut st, meta, &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
+                    enrol(&mut st, Meta::Owned(meta), &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
                 }
                 Op::EnrolMany(_) => unreachable!("batched enrolments are visited above"),
                 Op::Delete { templates } => {
@@ -249,6 +251,7 @@ impl EngineBuilder {
             }
             Ok(())
         })?;
+        let t_replay = t0.elapsed() - t_snapshot;
         if let (Some(b), false) = (&manifest.bound, self.rebind) {
             check_log_binding(&logp, b, &log)?;
         }
@@ -284,6 +287,7 @@ impl EngineBuilder {
             st.index.remove(slot as u32)?;
         }
         calibrate_index(&mut st.index);
+        let t_index = t0.elapsed() - t_replay - t_snapshot;
         let stale = log.frames().saturating_sub(snapshot_frames.unwrap_or(0));
         let bound = if self.rebind { None } else { manifest.bound.clone() };
         let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, Some(st))?;
@@ -328,10 +332,23 @@ impl EngineBuilder {
             engine.record_admin(&Operator::system(), "key-rotation-recovery", detail)?;
         }
         let purged = engine.purge_expired(&Operator::system())?;
+        tracing::debug!(
+            snapshot_ms = t_snapshot.as_millis() as u64,
+            replay_ms = t_replay.as_millis() as u64,
+            index_ms = t_index.as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "gallery opened"
+        );
         let mut engine = engine;
         engine.open_report.purged_on_open = purged.templates.len();
         Ok(engine)
     }
+}
+
+/// An enrolment's metadata in replay: from an old one-per-frame JSON frame, or borrowed from a batched frame.
+enum Meta<'a> {
+    Owned(TemplateMeta),
+    Ref(&'a store::MetaRef<'a>),
 }
 
 /// The template log is the one the manifest names (or a compaction's new

@@ -228,8 +228,12 @@ pub struct Stats {
     pub consents: u64,
     /// Template log bytes on disk.
     pub log_bytes: u64,
-    /// Index memory.
+    /// Index memory (vectors, int8 codes, graph).
     pub index_memory_bytes: u64,
+    /// Memory of the per-template metadata, subjects and consents (an
+    /// estimate from capacities and string lengths).
+    #[serde(default)]
+    pub metadata_memory_bytes: u64,
     /// Templates stored but not yet in the graph (a bulk import defers the
     /// build; [`crate::engine::Engine::build_graph`]); searches scan until then.
     #[serde(default)]

@@ -232,10 +232,53 @@ pub(crate) fn encode_enrolments(items: &[(&TemplateMeta, &[f32])]) -> Vec<u8> {
     out
 }
 
+/// One enrolment's metadata as it lies in a batched frame (borrowed, not
+/// yet validated): replaying millions of them allocates only for what the
+/// state keeps.
+pub(crate) struct MetaRef<'a> {
+    pub template: u64,
+    pub enrolled_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub subject: &'a str,
+    pub consent_id: &'a str,
+    pub model_id: &'a str,
+    /// `u8 count | str16 each`.
+    pub purposes_raw: &'a [u8],
+}
+
+impl MetaRef<'_> {
+    /// The purposes, validated.
+    pub(crate) fn purposes(&self) -> std::result::Result<Vec<Purpose>, String> {
+        let mut r = Fields { b: self.purposes_raw, at: 0 };
+        let n = r.u8()? as usize;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(Purpose::new(r.str16()?).map_err(|e| format!("purpose: {e}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Owned and validated.
+    pub(crate) fn to_meta(&self) -> std::result::Result<TemplateMeta, String> {
+        Ok(TemplateMeta {
+            template: self.template,
+            subject: SubjectId::new(self.subject).map_err(|e| format!("subject: {e}"))?,
+            purposes: self.purposes()?,
+            enrolled_at_ms: self.enrolled_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            consent_id: self.consent_id.to_string(),
+            model_id: self.model_id.to_string(),
+        })
+    }
+}
+
 /// Walk the enrolments of a batched frame body (after its tag): `f` gets
 /// each one's metadata and its vector's raw bytes (little-endian f32), so a
 /// caller that already holds the vectors (a snapshot) need not convert them.
-pub(crate) fn visit_enrolments(rest: &[u8], mut f: impl FnMut(TemplateMeta, &[u8])) -> std::result::Result<(), String> {
+pub(crate) fn visit_enrolments(
+    rest: &[u8],
+    mut f: impl FnMut(&MetaRef<'_>, &[u8]) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
     let mut r = Fields { b: rest, at: 0 };
     let count = r.u32()? as usize;
     let dim = r.u32()? as usize;
@@ -246,16 +289,17 @@ pub(crate) fn visit_enrolments(rest: &[u8], mut f: impl FnMut(TemplateMeta, &[u8
         let template = r.u64()?;
         let enrolled_at_ms = r.u64()? as i64;
         let expires_at_ms = r.u64()? as i64;
-        let subject = SubjectId::new(r.str16()?).map_err(|e| format!("subject: {e}"))?;
-        let consent_id = r.str16()?.to_string();
-        let model_id = r.str16()?.to_string();
+        let subject = r.str16()?;
+        let consent_id = r.str16()?;
+        let model_id = r.str16()?;
+        let p0 = r.at;
         let np = r.u8()? as usize;
-        let mut purposes = Vec::with_capacity(np);
         for _ in 0..np {
-            purposes.push(Purpose::new(r.str16()?).map_err(|e| format!("purpose: {e}"))?);
+            r.str16()?;
         }
+        let purposes_raw = &rest[p0..r.at];
         let v = r.take(dim * 4)?;
-        f(TemplateMeta { template, subject, purposes, enrolled_at_ms, expires_at_ms, consent_id, model_id }, v);
+        f(&MetaRef { template, enrolled_at_ms, expires_at_ms, subject, consent_id, model_id, purposes_raw }, v)?;
     }
     if r.at != rest.len() {
         return Err("trailing bytes after the enrolments".into());
@@ -318,7 +362,8 @@ impl Op {
                 visit_enrolments(rest, |m, v| {
                     let mut x = Vec::with_capacity(v.len() / 4);
                     f32s_from_le(v, &mut x);
-                    items.push((m, x));
+                    items.push((m.to_meta()?, x));
+                    Ok(())
                 })?;
                 Ok(Op::EnrolMany(items))
             }
