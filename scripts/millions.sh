@@ -28,6 +28,7 @@ step() { # step NAME CMD...: one timed run; prints "NAME: S s, RSS MB"
     printf '%-28s %8.2f s  %8.0f MB peak RSS\n' "$name" "$secs" "$(echo "$kb / 1024" | bc -l)"
 }
 rm -rf "$W/gallery"
+rm -f "$W/key.hex"
 $FM keygen --out "$W/key.hex" > /dev/null
 echo "# millions harness: $N x 128 face-like, $Q probes, $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 step init $FM init "${G[@]}" --dim 128 --model-id synthetic --purpose door-access:365

@@ -105,6 +105,11 @@ fn load_config(cli: &Cli) -> anyhow::Result<PipelineConfig> {
     Ok(cfg)
 }
 
+/// mimalloc: opening and closing a gallery of millions allocates and frees
+/// millions of small strings across threads (see docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -136,7 +136,9 @@ fn links_at_every_leftover_and_temporary_name_are_never_followed() {
     assert!(matches!(r, Err(Error::UnsafePath { .. })), "{r:?}");
     // HEAD and the manifest are rewritten through their temporary names: the links there are unlinked.
     e.set_threshold(&op(), &purpose("payment"), facematch::compliance::Mode::Identify, 0.5).unwrap();
-    // The snapshot written at close needs index.snap.tmp: refused, the audit log still closed cleanly.
+    // A snapshot needs index.snap.tmp: refused; the one tried again at close
+    // too, and the audit log is still closed cleanly.
+    assert!(matches!(e.checkpoint(), Err(Error::UnsafePath { .. })));
     assert!(matches!(e.close(), Err(Error::UnsafePath { .. })));
     assert_eq!(changed(&before, &snapshot(&victims)), Vec::<PathBuf>::new(), "a file outside the gallery changed");
 
@@ -149,6 +151,7 @@ fn links_at_every_leftover_and_temporary_name_are_never_followed() {
     let e = open(&g, &key, clock()).unwrap();
     assert_eq!(e.open_report().left_alone.len(), 2, "{:?}", e.open_report().left_alone);
     assert!(matches!(e.compact(&op()), Err(Error::UnsafePath { .. })));
+    assert!(matches!(e.checkpoint(), Err(Error::UnsafePath { .. })));
     assert!(matches!(e.close(), Err(Error::UnsafePath { .. })));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     // The store's own files as links or hard links: refused, not followed.

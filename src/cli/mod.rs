@@ -639,6 +639,7 @@ pub fn run(cmd: &GalleryCommand, pcfg: &PipelineConfig) -> anyhow::Result<bool> 
         GalleryCommand::Stats(a) => {
             let e = a.g.open()?;
             json_line(&e.stats())?;
+            e.close()?;
             Ok(true)
         }
         GalleryCommand::Export(a) => {

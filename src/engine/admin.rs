@@ -345,7 +345,7 @@ impl Engine {
     /// Flush the audit log and write a snapshot if many frames are not in it.
     pub fn close(self) -> Result<()> {
         // The audit log is closed cleanly even if the snapshot cannot be written.
-        let snap = self.checkpoint();
+        let snap = self.checkpoint_if_stale();
         if let Some(a) = self.audit.write().take() {
             a.close()?;
         }

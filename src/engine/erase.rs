@@ -222,11 +222,34 @@ impl Engine {
 
     /// Write an index snapshot so the next open loads instead of rebuilding.
     pub fn checkpoint(&self) -> Result<()> {
-        let w = self.writer.lock();
+        let mut w = self.writer.lock();
         let st = self.state.read();
         let key = self.key.read();
         let header = snapshot::SnapshotHeader { log_id: w.log.file_id(), frames: w.log.frames(), slots: st.index.slots() as u64 };
-        snapshot::write(&self.gdir, store::SNAPSHOT, &key.store_cipher(), header, |out| st.index.write_to(out))
+        w.snapshot_at = None;
+        snapshot::write(&self.gdir, store::SNAPSHOT, &key.store_cipher(), header, |out| st.index.write_to(out))?;
+        w.snapshot_at = Some((header.log_id, header.frames));
+        Ok(())
+    }
+
+    /// [`Engine::checkpoint`] unless the snapshot on disk already reflects
+    /// the gallery (a read-only command then closes without rewriting it).
+    pub(super) fn checkpoint_if_stale(&self) -> Result<()> {
+        {
+            let w = self.writer.lock();
+            if w.snapshot_at == Some((w.log.file_id(), w.log.frames())) {
+                return Ok(());
+            }
+        }
+        self.checkpoint()
+    }
+
+    /// Note that the snapshot on disk reflects the state as opened.
+    pub(super) fn snapshot_is_current(&self, frames: u64) {
+        let mut w = self.writer.lock();
+        if w.log.frames() == frames {
+            w.snapshot_at = Some((w.log.file_id(), frames));
+        }
     }
 
     /// Mark consents withdrawn at `now`: durable frames, then memory.

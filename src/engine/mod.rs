@@ -77,6 +77,9 @@ pub use self::types::*;
 
 struct Writer {
     log: LogWriter,
+    /// What the snapshot on disk reflects: (log id, frames), when it is
+    /// known to match the state in memory (then closing need not write it).
+    snapshot_at: Option<([u8; 16], u64)>,
 }
 
 /// The engine. `Send + Sync`: share it in an `Arc`.
@@ -160,7 +163,7 @@ impl Engine {
             clock,
             manifest: RwLock::new(manifest),
             state: RwLock::new(state),
-            writer: Mutex::new(Writer { log }),
+            writer: Mutex::new(Writer { log, snapshot_at: None }),
             audit: RwLock::new(Some(audit)),
             notices: Mutex::new(notices),
             open_report: report,

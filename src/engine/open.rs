@@ -199,6 +199,9 @@ impl EngineBuilder {
             None => VectorIndex::new(cfg.dim, cfg.index.clone())?,
         });
         let have = st.index.slots();
+        // About as many templates as the snapshot holds, or as the log's size suggests.
+        let log_bytes = gdir.open_read(store::LOG)?.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+        st.reserve(have.max((log_bytes / 1024) as usize).min(1 << 26));
 
         // Replay every frame in order, straight into the state.
         let mut pending: Vec<f32> = Vec::new();
@@ -223,11 +226,24 @@ impl EngineBuilder {
             enrol_ordinal += 1;
             Ok(())
         };
-        let (log, torn) = LogWriter::open(&gdir, store::LOG, cipher.clone(), |i, b| {
-            if let Some(rest) = store::enrolments_frame(b) {
-                return store::visit_enrolments(rest, |meta, v| enrol(&mut st, Meta::Ref(meta), v, &mut pending)).map_err(|e| corrupt(i, e));
+        // Frames other than batched enrolments (consents in JSON, deletions)
+        // are parsed on the decrypting threads; enrolments are visited in order.
+        let decode = |i: u64, b: Zeroizing<Vec<u8>>| -> Result<Frame> {
+            if store::enrolments_frame(&b).is_some() {
+                return Ok(Frame::Enrolments(b));
             }
-            match Op::decode(b).map_err(|e| corrupt(i, e))? {
+            Op::decode(&b).map(Frame::Op).map_err(|e| corrupt(i, e))
+        };
+        let (log, torn) = LogWriter::open_decoded(&gdir, store::LOG, cipher.clone(), decode, |i, f| {
+            let op = match f {
+                Frame::Enrolments(b) => {
+                    let rest = store::enrolments_frame(&b).unwrap_or_default();
+                    return store::visit_enrolments(rest, |meta, v| enrol(&mut st, Meta::Ref(meta), v, &mut pending))
+                        .map_err(|e| corrupt(i, e));
+                }
+                Frame::Op(op) => op,
+            };
+            match op {
                 Op::Enrol { meta, vector } => {
                     let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
                     enrol(&mut st, Meta::Owned(meta), &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
@@ -286,7 +302,7 @@ impl EngineBuilder {
         for slot in deletes {
             st.index.remove(slot as u32)?;
         }
-        calibrate_index(&mut st.index);
+        let calibrated = calibrate_index(&mut st.index);
         let t_index = t0.elapsed() - t_replay - t_snapshot;
         let stale = log.frames().saturating_sub(snapshot_frames.unwrap_or(0));
         let bound = if self.rebind { None } else { manifest.bound.clone() };
@@ -319,6 +335,9 @@ impl EngineBuilder {
         }
         if !engine.open_report.snapshot_used || stale > 10_000 {
             engine.checkpoint()?;
+        } else if let (0, false, Some(f)) = (stale, calibrated, snapshot_frames) {
+            // The snapshot is the state as opened: closing need not rewrite it.
+            engine.snapshot_is_current(f);
         }
         if let Some(r) = rotation {
             let detail = match r {
@@ -343,6 +362,13 @@ impl EngineBuilder {
         engine.open_report.purged_on_open = purged.templates.len();
         Ok(engine)
     }
+}
+
+/// A decrypted frame, decoded on the decrypting threads.
+enum Frame {
+    /// Batched enrolments, visited in order from the plaintext.
+    Enrolments(Zeroizing<Vec<u8>>),
+    Op(Op),
 }
 
 /// An enrolment's metadata in replay: from an old one-per-frame JSON frame, or borrowed from a batched frame.
@@ -415,11 +441,15 @@ pub fn core_dumps_allowed() -> Option<bool> {
 /// Let the index measure how wide a graph search must be to find what the
 /// exact scan finds (top-1 on 99% of 200 probes); with no affordable width,
 /// `Auto` scans. Skipped where `Auto` scans anyway.
-pub(super) fn calibrate_index(index: &mut VectorIndex) {
-    if index.needs_calibration() {
+pub(super) fn calibrate_index(index: &mut VectorIndex) -> bool {
+    if !index.needs_calibration() {
+        return false;
+    }
+    {
         let c = index.calibrate(CALIBRATION_TARGET, CALIBRATION_PROBES, CALIBRATION_SEED);
         tracing::debug!(ef = ?c.ef, agreement = c.agreement, live = c.live, "index calibrated");
     }
+    true
 }
 
 pub(super) const CALIBRATION_TARGET: f32 = 0.99;

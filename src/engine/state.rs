@@ -96,6 +96,19 @@ impl State {
         }
     }
 
+    /// Room for about `n` more templates, subjects and consents at once (a
+    /// replay that grows the maps step by step rehashes and re-faults them).
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.slots.reserve(n);
+        self.by_template.reserve(n);
+        self.subject_ids.reserve(n);
+        self.subject_idx.reserve(n);
+        self.live_by_subject.reserve(n);
+        self.consents.reserve(n);
+        self.consent_ids.items.reserve(n);
+        self.consent_ids.index.reserve(n);
+    }
+
     pub(super) fn subject(&mut self, s: &SubjectId) -> u32 {
         if let Some(&i) = self.subject_idx.get(s) {
             return i;
@@ -133,7 +146,17 @@ impl State {
     pub(super) fn note_enrol(&mut self, cfg: &GalleryConfig, meta: &TemplateMeta, slot: u32) {
         let subject = self.subject(&meta.subject);
         let purposes = self.purpose_sets.get_or_insert(meta.purposes.as_slice());
-        self.push_slot(cfg, meta.template, subject, purposes, meta.consent_id.as_str(), meta.model_id.as_str(), meta.enrolled_at_ms, meta.expires_at_ms, slot);
+        self.push_slot(
+            cfg,
+            meta.template,
+            subject,
+            purposes,
+            meta.consent_id.as_str(),
+            meta.model_id.as_str(),
+            meta.enrolled_at_ms,
+            meta.expires_at_ms,
+            slot,
+        );
     }
 
     /// [`State::note_enrol`] from a frame's borrowed metadata: validates and

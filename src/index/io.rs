@@ -24,6 +24,7 @@ const MAGIC: &[u8; 8] = b"FMVINDEX";
 pub const FORMAT_VERSION: u32 = 2;
 const MAX_CONFIG_BYTES: usize = 64 * 1024;
 const CHUNK: usize = 1 << 16;
+const RESERVE_BYTES: usize = 2 << 30;
 
 fn path() -> std::path::PathBuf {
     "<index>".into()
@@ -86,7 +87,10 @@ impl CrcReader<'_> {
     }
     /// `n` items of `size` bytes, read chunk by chunk and decoded by `f`.
     fn chunked<T>(&mut self, n: usize, size: usize, mut f: impl FnMut(&[u8]) -> T) -> Result<Vec<T>> {
-        let mut out = Vec::with_capacity(n.min(CHUNK));
+        // Reserving is not touching: up to RESERVE_BYTES of address space is
+        // reserved at once (no copies as the section grows); a lying count
+        // above that still ends at the end of the input, not in an allocation.
+        let mut out = Vec::with_capacity(if n.saturating_mul(size) <= RESERVE_BYTES { n } else { n.min(CHUNK) });
         let mut buf = vec![0u8; CHUNK.min(n.max(1)) * size];
         let mut left = n;
         while left > 0 {

@@ -75,6 +75,23 @@ fn tail_holds_a_frame(tail: &[u8], cipher: &Cipher, file_id: &[u8; 16], index: u
     None
 }
 
+/// Release the mapped pages of `from..to` (rounded to whole pages): they
+/// were read and are not needed again, and a mapping's resident pages count
+/// against the process. The file is only read, so a later access simply
+/// faults the page in again from the page cache.
+const RELEASE_EVERY: usize = 64 << 20;
+fn release_pages(map: &memmap2::Mmap, from: usize, to: usize) {
+    const PAGE: usize = 4096;
+    let (start, end) = (from / PAGE * PAGE, (to / PAGE * PAGE).min(map.len()));
+    if end > start {
+        // SAFETY: the range lies inside the mapping and is page-aligned; the
+        // mapping is read-only, so MADV_DONTNEED only drops resident pages.
+        unsafe {
+            libc::madvise(map.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
 /// The longest prefix of a log that is whole and authentic, for an explicit
 /// repair: `(bytes, frames, file length, file id)`. Reads only.
 pub(crate) fn good_prefix(dir: &Dir, name: &str, cipher: &Cipher) -> Result<(u64, u64, u64, [u8; 16])> {
@@ -162,11 +179,26 @@ impl LogWriter {
     /// authenticate as the next frame with a damaged length); anything else
     /// is [`Error::DataCorruption`] with the byte offset, and the file is left
     /// exactly as it was (see `facematch repair`).
+    #[cfg(any(test, feature = "failpoints"))]
     pub(crate) fn open(
         dir: &Dir,
         name: &str,
         cipher: Cipher,
         mut apply: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<(Self, Option<TornTail>)> {
+        Self::open_decoded(dir, name, cipher, |_, p| Ok(p), |i, p: Zeroizing<Vec<u8>>| apply(i, &p))
+    }
+
+    /// [`LogWriter::open`] with a decoding step that runs in parallel
+    /// (`decode`, per frame, on the decrypting threads) before the in-order
+    /// `apply`. The mapped file's pages are released as replay moves on, so
+    /// opening a large log does not hold it all in memory.
+    pub(crate) fn open_decoded<T: Send>(
+        dir: &Dir,
+        name: &str,
+        cipher: Cipher,
+        decode: impl Fn(u64, Zeroizing<Vec<u8>>) -> Result<T> + Sync,
+        mut apply: impl FnMut(u64, T) -> Result<()>,
     ) -> Result<(Self, Option<TornTail>)> {
         let path = &dir.join(name);
         let file = dir.open_write(name)?;
@@ -196,6 +228,7 @@ impl LogWriter {
         let mut pos = HEADER_LEN;
         let mut torn = false;
         let mut largest = 0usize;
+        let mut released = 0usize;
         while pos < data.len() {
             let rest = data.len() - pos;
             if rest < FRAME_HEAD {
@@ -224,6 +257,10 @@ impl LogWriter {
             largest = largest.max(blen);
             spans.push((pos + FRAME_HEAD, blen));
             pos += FRAME_HEAD + blen;
+            if pos - released > RELEASE_EVERY {
+                release_pages(&map, released, pos);
+                released = pos;
+            }
         }
         if torn {
             if let Some(reason) = tail_holds_a_frame(&data[pos..], &cipher, &file_id, spans.len() as u64, largest) {
@@ -252,22 +289,25 @@ impl LogWriter {
             let chunk = &spans[next..end];
             let base = next as u64;
             next = end;
-            let plain: Vec<Option<Zeroizing<Vec<u8>>>> = chunk
+            let decoded: Vec<Result<T>> = chunk
                 .par_iter()
                 .enumerate()
-                .map(|(i, &(off, len))| cipher.open(&aad(&file_id, base + i as u64), &data[off..off + len]))
-                .collect();
-            for (i, p) in plain.into_iter().enumerate() {
-                let idx = base + i as u64;
-                match p {
-                    Some(p) => apply(idx, &p)?,
-                    None => {
-                        return Err(Error::DataCorruption {
+                .map(|(i, &(off, len))| {
+                    let idx = base + i as u64;
+                    match cipher.open(&aad(&file_id, idx), &data[off..off + len]) {
+                        Some(p) => decode(idx, p),
+                        None => Err(Error::DataCorruption {
                             path: path.into(),
                             reason: format!("frame {idx} fails authentication (tampered, or written with another key)"),
-                        })
+                        }),
                     }
-                }
+                })
+                .collect();
+            if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
+                release_pages(&map, first.0, last.0 + last.1);
+            }
+            for (i, d) in decoded.into_iter().enumerate() {
+                apply(base + i as u64, d?)?;
             }
         }
         let frames = spans.len() as u64;

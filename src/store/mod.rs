@@ -164,6 +164,102 @@ enum JsonOp {
 const TAG_ENROL: u8 = 1;
 const TAG_JSON: u8 = 2;
 const TAG_ENROL_MANY: u8 = 3;
+const TAG_CONSENTS: u8 = 4;
+
+/// Encode consent records as one binary frame (`str`: u32 length + UTF-8):
+/// `4 | u32 count | per record: str id | str subject | u8 basis (0 separate, 1 written, 2 legal + str) |
+/// u32 n purposes | str each | i64 given | str collected by | u8 age (0 under 14, 1 14-17, 2 adult) |
+/// u8 guardian (0, or 1 + str guardian + str relationship) | u8 withdrawn (0, or 1 + i64)`.
+fn encode_consents(records: &[ConsentRecord]) -> Vec<u8> {
+    use crate::compliance::{AgeBracket, ConsentBasis};
+    let mut out = Vec::with_capacity(5 + records.len() * 96);
+    out.push(TAG_CONSENTS);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    for c in records {
+        put_str32(&mut out, &c.consent_id);
+        put_str32(&mut out, c.subject.as_str());
+        match &c.basis {
+            ConsentBasis::SeparateConsent => out.push(0),
+            ConsentBasis::WrittenConsent => out.push(1),
+            ConsentBasis::LegalBasis(b) => {
+                out.push(2);
+                put_str32(&mut out, b);
+            }
+        }
+        put_count(&mut out, c.purposes.len());
+        for p in &c.purposes {
+            put_str32(&mut out, p.as_str());
+        }
+        out.extend_from_slice(&c.given_at_ms.to_le_bytes());
+        put_str32(&mut out, &c.collected_by);
+        out.push(match c.age_bracket {
+            AgeBracket::Under14 => 0,
+            AgeBracket::Minor14To17 => 1,
+            AgeBracket::Adult => 2,
+        });
+        match &c.guardian {
+            None => out.push(0),
+            Some(g) => {
+                out.push(1);
+                put_str32(&mut out, &g.guardian);
+                put_str32(&mut out, &g.relationship);
+            }
+        }
+        match c.withdrawn_at_ms {
+            None => out.push(0),
+            Some(t) => {
+                out.push(1);
+                out.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+fn decode_consents(rest: &[u8]) -> std::result::Result<Vec<ConsentRecord>, String> {
+    use crate::compliance::{AgeBracket, ConsentBasis, GuardianConsent};
+    let mut r = Fields { b: rest, at: 0 };
+    let n = r.u32()? as usize;
+    let mut out = Vec::with_capacity(n.min(rest.len() / 16));
+    for _ in 0..n {
+        let consent_id = r.str32()?.to_string();
+        let subject = SubjectId::new(r.str32()?).map_err(|e| format!("consent subject: {e}"))?;
+        let basis = match r.u8()? {
+            0 => ConsentBasis::SeparateConsent,
+            1 => ConsentBasis::WrittenConsent,
+            2 => ConsentBasis::LegalBasis(r.str32()?.to_string()),
+            b => return Err(format!("unknown consent basis {b}")),
+        };
+        let np = r.u32()? as usize;
+        let mut purposes = Vec::with_capacity(np.min(64));
+        for _ in 0..np {
+            purposes.push(Purpose::new(r.str32()?).map_err(|e| format!("consent purpose: {e}"))?);
+        }
+        let given_at_ms = r.u64()? as i64;
+        let collected_by = r.str32()?.to_string();
+        let age_bracket = match r.u8()? {
+            0 => AgeBracket::Under14,
+            1 => AgeBracket::Minor14To17,
+            2 => AgeBracket::Adult,
+            a => return Err(format!("unknown age bracket {a}")),
+        };
+        let guardian = match r.u8()? {
+            0 => None,
+            1 => Some(GuardianConsent { guardian: r.str32()?.to_string(), relationship: r.str32()?.to_string() }),
+            g => return Err(format!("bad guardian flag {g}")),
+        };
+        let withdrawn_at_ms = match r.u8()? {
+            0 => None,
+            1 => Some(r.u64()? as i64),
+            w => return Err(format!("bad withdrawal flag {w}")),
+        };
+        out.push(ConsentRecord { consent_id, subject, basis, purposes, given_at_ms, collected_by, age_bracket, guardian, withdrawn_at_ms });
+    }
+    if r.at != rest.len() {
+        return Err("trailing bytes after the consents".into());
+    }
+    Ok(out)
+}
 
 /// Little-endian field reader over a frame (every read bounds-checked).
 struct Fields<'a> {
@@ -180,10 +276,6 @@ impl<'a> Fields<'a> {
     fn u8(&mut self) -> std::result::Result<u8, String> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> std::result::Result<u16, String> {
-        let s = self.take(2)?;
-        Ok(u16::from_le_bytes([s[0], s[1]]))
-    }
     fn u32(&mut self) -> std::result::Result<u32, String> {
         let s = self.take(4)?;
         Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
@@ -193,20 +285,24 @@ impl<'a> Fields<'a> {
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
     }
-    fn str16(&mut self) -> std::result::Result<&'a str, String> {
-        let n = self.u16()? as usize;
+    fn str32(&mut self) -> std::result::Result<&'a str, String> {
+        let n = self.u32()? as usize;
         std::str::from_utf8(self.take(n)?).map_err(|_| "field is not UTF-8".to_string())
     }
 }
 
-fn put_str16(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
-    out.extend_from_slice(b);
+fn put_str32(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_count(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u32).to_le_bytes());
 }
 
 /// Encode enrolments as one binary frame:
-/// `3 | u32 count | u32 dim | per enrolment: u64 template | i64 enrolled | i64 expires | str16 subject | str16 consent | str16 model | u8 n purposes | str16 each | dim x f32`.
+/// `3 | u32 count | u32 dim | per enrolment: u64 template | i64 enrolled | i64 expires | str subject | str consent | str model | u32 n purposes | str each | dim x f32`
+/// (`str`: u32 length + UTF-8 bytes).
 pub(crate) fn encode_enrolments(items: &[(&TemplateMeta, &[f32])]) -> Vec<u8> {
     let dim = items.first().map_or(0, |(_, v)| v.len());
     let mut out = Vec::with_capacity(9 + items.len() * (64 + dim * 4));
@@ -217,12 +313,12 @@ pub(crate) fn encode_enrolments(items: &[(&TemplateMeta, &[f32])]) -> Vec<u8> {
         out.extend_from_slice(&m.template.to_le_bytes());
         out.extend_from_slice(&m.enrolled_at_ms.to_le_bytes());
         out.extend_from_slice(&m.expires_at_ms.to_le_bytes());
-        put_str16(&mut out, m.subject.as_str());
-        put_str16(&mut out, &m.consent_id);
-        put_str16(&mut out, &m.model_id);
-        out.push(m.purposes.len().min(255) as u8);
-        for p in m.purposes.iter().take(255) {
-            put_str16(&mut out, p.as_str());
+        put_str32(&mut out, m.subject.as_str());
+        put_str32(&mut out, &m.consent_id);
+        put_str32(&mut out, &m.model_id);
+        put_count(&mut out, m.purposes.len());
+        for p in &m.purposes {
+            put_str32(&mut out, p.as_str());
         }
         debug_assert_eq!(v.len(), dim);
         for x in v.iter() {
@@ -242,7 +338,7 @@ pub(crate) struct MetaRef<'a> {
     pub subject: &'a str,
     pub consent_id: &'a str,
     pub model_id: &'a str,
-    /// `u8 count | str16 each`.
+    /// `u32 count | str each`.
     pub purposes_raw: &'a [u8],
 }
 
@@ -250,10 +346,10 @@ impl MetaRef<'_> {
     /// The purposes, validated.
     pub(crate) fn purposes(&self) -> std::result::Result<Vec<Purpose>, String> {
         let mut r = Fields { b: self.purposes_raw, at: 0 };
-        let n = r.u8()? as usize;
-        let mut out = Vec::with_capacity(n);
+        let n = r.u32()? as usize;
+        let mut out = Vec::with_capacity(n.min(64));
         for _ in 0..n {
-            out.push(Purpose::new(r.str16()?).map_err(|e| format!("purpose: {e}"))?);
+            out.push(Purpose::new(r.str32()?).map_err(|e| format!("purpose: {e}"))?);
         }
         Ok(out)
     }
@@ -289,13 +385,13 @@ pub(crate) fn visit_enrolments(
         let template = r.u64()?;
         let enrolled_at_ms = r.u64()? as i64;
         let expires_at_ms = r.u64()? as i64;
-        let subject = r.str16()?;
-        let consent_id = r.str16()?;
-        let model_id = r.str16()?;
+        let subject = r.str32()?;
+        let consent_id = r.str32()?;
+        let model_id = r.str32()?;
         let p0 = r.at;
-        let np = r.u8()? as usize;
+        let np = r.u32()? as usize;
         for _ in 0..np {
-            r.str16()?;
+            r.str32()?;
         }
         let purposes_raw = &rest[p0..r.at];
         let v = r.take(dim * 4)?;
@@ -338,7 +434,7 @@ impl Op {
             Op::EnrolMany(items) => encode_enrolments(&items.iter().map(|(m, v)| (m, v.as_slice())).collect::<Vec<_>>()),
             Op::Delete { templates } => json_frame(&JsonOp::Delete { templates: templates.clone() }),
             Op::Consent(record) => json_frame(&JsonOp::Consent { record: record.clone() }),
-            Op::Consents(records) => json_frame(&JsonOp::Consents { records: records.clone() }),
+            Op::Consents(records) => encode_consents(records),
         }
     }
 
@@ -367,6 +463,7 @@ impl Op {
                 })?;
                 Ok(Op::EnrolMany(items))
             }
+            TAG_CONSENTS => Ok(Op::Consents(decode_consents(rest)?)),
             TAG_JSON => match serde_json::from_slice::<JsonOp>(rest).map_err(|e| format!("op: {e}"))? {
                 JsonOp::Delete { templates } => Ok(Op::Delete { templates }),
                 JsonOp::Consent { record } => Ok(Op::Consent(record)),
@@ -562,6 +659,25 @@ mod tests {
                 assert_eq!((items[1].0.template, items[1].1.clone()), (8, vec![1.0, 0.0]));
             }
             _ => panic!("wrong op"),
+        }
+        let mut c = ConsentRecord::new(
+            "c1",
+            "s",
+            crate::compliance::ConsentBasis::LegalBasis("art. 13".into()),
+            vec![Purpose::new("a").unwrap()],
+            "op",
+            crate::compliance::AgeBracket::Under14,
+        );
+        c.guardian = Some(crate::compliance::GuardianConsent { guardian: "g".into(), relationship: "parent".into() });
+        let plain = ConsentRecord { consent_id: "c2".into(), guardian: None, withdrawn_at_ms: Some(5), ..c.clone() };
+        let cs = Op::Consents(vec![c.clone(), plain.clone()]);
+        match Op::decode(&cs.encode()).unwrap() {
+            Op::Consents(got) => assert_eq!(got, vec![c, plain]),
+            _ => panic!("wrong op"),
+        }
+        let bytes = cs.encode();
+        for cut in 0..bytes.len() {
+            assert!(Op::decode(&bytes[..cut]).is_err(), "consents cut at {cut}");
         }
         // Every truncation of a batched frame is an error, never a panic.
         let bytes = two.encode();

@@ -121,6 +121,8 @@ struct OpeningReader<'a, R: Read> {
     cipher: &'a Cipher,
     header: SnapshotHeader,
     buf: Zeroizing<Vec<u8>>,
+    /// The sealed chunk being read (ciphertext; reused).
+    sealed: Vec<u8>,
     pos: usize,
     idx: u64,
     done: bool,
@@ -138,12 +140,13 @@ impl<R: Read> Read for OpeningReader<'_, R> {
             if !(NONCE_LEN + TAG_LEN..=CHUNK + NONCE_LEN + TAG_LEN).contains(&len) {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad snapshot chunk length"));
             }
-            let mut sealed = vec![0u8; len];
-            self.inp.read_exact(&mut sealed)?;
+            let sealed = &mut self.sealed;
+            sealed.resize(len, 0);
+            self.inp.read_exact(sealed)?;
             // A chunk opens either as a middle chunk or as the last one.
-            let (plain, last) = match self.cipher.open(&chunk_aad(&self.header, self.idx, false), &sealed) {
+            let (plain, last) = match self.cipher.open(&chunk_aad(&self.header, self.idx, false), sealed) {
                 Some(p) => (p, false),
-                None => match self.cipher.open(&chunk_aad(&self.header, self.idx, true), &sealed) {
+                None => match self.cipher.open(&chunk_aad(&self.header, self.idx, true), sealed) {
                     Some(p) => (p, true),
                     None => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot chunk fails authentication")),
                 },
@@ -189,7 +192,8 @@ pub(crate) fn read<T>(
     let mut inp = BufReader::with_capacity(CHUNK + 64, f);
     let mut h = [0u8; HEADER_LEN];
     inp.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
-    let mut r = OpeningReader { inp, cipher, header: *header, buf: Zeroizing::new(Vec::new()), pos: 0, idx: 0, done: false };
+    let mut r =
+        OpeningReader { inp, cipher, header: *header, buf: Zeroizing::new(Vec::new()), sealed: Vec::new(), pos: 0, idx: 0, done: false };
     let v = body(&mut r)?;
     // The body must have consumed the whole stream up to the last chunk.
     let mut probe = [0u8; 1];
