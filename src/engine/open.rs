@@ -176,98 +176,43 @@ impl EngineBuilder {
         let cfg = &manifest.config;
         let cipher = key.store_cipher();
 
-        // The snapshot first (when it belongs to this log), so the replay
-        // below converts only the vectors it does not hold.
+        // The snapshot (when it belongs to this log) loads on one thread while
+        // the log replays into the state on this one; the replay converts only
+        // the vectors the snapshot's header says it does not hold.
         let logp = dir.join(store::LOG);
         let snapp = dir.join(store::SNAPSHOT);
         let t0 = Instant::now();
-        let snap_header = snapshot::read_header(&gdir, store::SNAPSHOT)?;
-        let mut index = None;
-        if let (Some(h), Some(id)) = (snap_header, store::peek_file_id(&gdir, store::LOG)?) {
-            if h.log_id == id {
-                match snapshot::read(&gdir, store::SNAPSHOT, &cipher, &h, |r| VectorIndex::read_from(r)) {
-                    Ok(ix) if ix.dim() == cfg.dim && ix.slots() as u64 == h.slots => index = Some((ix, h.frames)),
-                    Ok(_) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
-                    Err(e) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
-                }
-            }
-        }
-        let t_snapshot = t0.elapsed();
-        let snapshot_frames = index.as_ref().map(|(_, f)| *f);
-        let mut st = State::new(match index {
-            Some((ix, _)) => ix,
-            None => VectorIndex::new(cfg.dim, cfg.index.clone())?,
+        let file_id = store::peek_file_id(&gdir, store::LOG)?;
+        let candidate = snapshot::read_header(&gdir, store::SNAPSHOT)?.filter(|h| Some(h.log_id) == file_id);
+        let hint = candidate.map_or(0, |h| h.slots as usize);
+        let (loaded, replayed) = std::thread::scope(|s| {
+            let job = candidate.map(|h| {
+                let (gdir, cipher) = (&gdir, &cipher);
+                s.spawn(move || (snapshot::read(gdir, store::SNAPSHOT, cipher, &h, |r| VectorIndex::read_from(r)), h))
+            });
+            let replayed = replay(&gdir, &cipher, cfg, &logp, hint);
+            (job.map(|j| j.join()), replayed)
         });
-        let have = st.index.slots();
-        // About as many templates as the snapshot holds, or as the log's size suggests.
-        let log_bytes = gdir.open_read(store::LOG)?.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
-        st.reserve(have.max((log_bytes / 1024) as usize).min(1 << 26));
-
-        // Replay every frame in order, straight into the state.
-        let mut pending: Vec<f32> = Vec::new();
-        let mut enrol_ordinal = 0usize;
-        let mut deletes: Vec<u64> = Vec::new();
-        let corrupt = |i: u64, e: String| Error::DataCorruption { path: logp.clone(), reason: format!("frame {i}: {e}") };
-        let mut enrol = |st: &mut State, meta: Meta<'_>, vector: &[u8], pending: &mut Vec<f32>| -> std::result::Result<(), String> {
-            let template = match &meta {
-                Meta::Owned(m) => m.template,
-                Meta::Ref(m) => m.template,
-            };
-            if vector.len() != cfg.dim * 4 {
-                return Err(format!("template {template} has dimension {}", vector.len() / 4));
-            }
-            if enrol_ordinal >= have {
-                store::f32s_from_le(vector, pending);
-            }
-            match meta {
-                Meta::Owned(m) => st.note_enrol(cfg, &m, enrol_ordinal as u32),
-                Meta::Ref(m) => st.note_enrol_ref(cfg, m, enrol_ordinal as u32)?,
-            }
-            enrol_ordinal += 1;
-            Ok(())
-        };
-        // Frames other than batched enrolments (consents in JSON, deletions)
-        // are parsed on the decrypting threads; enrolments are visited in order.
-        let decode = |i: u64, b: Zeroizing<Vec<u8>>| -> Result<Frame> {
-            if store::enrolments_frame(&b).is_some() {
-                return Ok(Frame::Enrolments(b));
-            }
-            Op::decode(&b).map(Frame::Op).map_err(|e| corrupt(i, e))
-        };
-        let (log, torn) = LogWriter::open_decoded(&gdir, store::LOG, cipher.clone(), decode, |i, f| {
-            let op = match f {
-                Frame::Enrolments(b) => {
-                    let rest = store::enrolments_frame(&b).unwrap_or_default();
-                    return store::visit_enrolments(rest, |meta, v| enrol(&mut st, Meta::Ref(meta), v, &mut pending))
-                        .map_err(|e| corrupt(i, e));
-                }
-                Frame::Op(op) => op,
-            };
-            match op {
-                Op::Enrol { meta, vector } => {
-                    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    enrol(&mut st, Meta::Owned(meta), &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
-                }
-                Op::EnrolMany(_) => unreachable!("batched enrolments are visited above"),
-                Op::Delete { templates } => {
-                    for t in templates {
-                        if let Some(slot) = st.note_delete(t) {
-                            deletes.push(slot as u64);
-                        }
-                    }
-                }
-                Op::Consent(c) => {
-                    st.consents.insert(c.consent_id.clone(), c);
-                }
-                Op::Consents(cs) => {
-                    for c in cs {
-                        st.consents.insert(c.consent_id.clone(), c);
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        let t_replay = t0.elapsed() - t_snapshot;
+        let mut index = None;
+        match loaded {
+            Some(Ok((Ok(ix), h))) if ix.dim() == cfg.dim && ix.slots() as u64 == h.slots => index = Some((ix, h.frames)),
+            Some(Ok((Ok(_), _))) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
+            Some(Ok((Err(e), _))) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
+            Some(Err(_)) => tracing::warn!("reading the index snapshot failed; rebuilding"),
+            None => {}
+        }
+        let mut r = replayed?;
+        if index.is_none() && hint > 0 {
+            // The replay left the snapshot's vectors out: replay again, keeping them all.
+            r = replay(&gdir, &cipher, cfg, &logp, 0)?;
+        }
+        let t_load = t0.elapsed();
+        let snapshot_frames = index.as_ref().map(|(_, f)| *f);
+        let have = index.as_ref().map_or(0, |(ix, _)| ix.slots());
+        let Replay { log, torn, mut st, pending, deletes, enrolments } = r;
+        if let Some((ix, _)) = index {
+            st.index = ix;
+        }
         if let (Some(b), false) = (&manifest.bound, self.rebind) {
             check_log_binding(&logp, b, &log)?;
         }
@@ -293,7 +238,7 @@ impl EngineBuilder {
             ..Default::default()
         };
         report.snapshot_used = snapshot_frames.is_some();
-        if have > enrol_ordinal {
+        if have > enrolments {
             return Err(Error::DataCorruption { path: snapp, reason: "snapshot holds more templates than the log".into() });
         }
         if !pending.is_empty() {
@@ -303,7 +248,7 @@ impl EngineBuilder {
             st.index.remove(slot as u32)?;
         }
         let calibrated = calibrate_index(&mut st.index);
-        let t_index = t0.elapsed() - t_replay - t_snapshot;
+        let t_index = t0.elapsed() - t_load;
         let stale = log.frames().saturating_sub(snapshot_frames.unwrap_or(0));
         let bound = if self.rebind { None } else { manifest.bound.clone() };
         let engine = Engine::assemble(dir, gdir, lock, key, self.clock, manifest, log, report, Some(st))?;
@@ -352,8 +297,7 @@ impl EngineBuilder {
         }
         let purged = engine.purge_expired(&Operator::system())?;
         tracing::debug!(
-            snapshot_ms = t_snapshot.as_millis() as u64,
-            replay_ms = t_replay.as_millis() as u64,
+            load_ms = t_load.as_millis() as u64,
             index_ms = t_index.as_millis() as u64,
             total_ms = t0.elapsed().as_millis() as u64,
             "gallery opened"
@@ -362,6 +306,94 @@ impl EngineBuilder {
         engine.open_report.purged_on_open = purged.templates.len();
         Ok(engine)
     }
+}
+
+/// What replaying the template log gave.
+struct Replay {
+    log: LogWriter,
+    torn: Option<TornTail>,
+    /// Metadata, subjects and consents (its index is empty: the caller sets it).
+    st: State,
+    /// Vectors of the enrolments from the `have`-th on, in order.
+    pending: Vec<f32>,
+    /// Slots erased by the log.
+    deletes: Vec<u64>,
+    /// Enrolments in the log.
+    enrolments: usize,
+}
+
+/// Replay every frame of the template log in order, straight into a new
+/// state; vectors of the first `have` enrolments (a snapshot holds them)
+/// are not converted.
+fn replay(gdir: &Dir, cipher: &store::Cipher, cfg: &GalleryConfig, logp: &Path, have: usize) -> Result<Replay> {
+    let mut st = State::new(VectorIndex::new(cfg.dim, cfg.index.clone())?);
+    // About as many templates as the snapshot holds, or as the log's size suggests.
+    let log_bytes = gdir.open_read(store::LOG)?.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+    st.reserve(have.max((log_bytes / 1024) as usize).min(1 << 26));
+    let mut pending: Vec<f32> = Vec::new();
+    let mut enrol_ordinal = 0usize;
+    let mut deletes: Vec<u64> = Vec::new();
+    let corrupt = |i: u64, e: String| Error::DataCorruption { path: logp.to_path_buf(), reason: format!("frame {i}: {e}") };
+    let mut enrol = |st: &mut State, meta: Meta<'_>, vector: &[u8], pending: &mut Vec<f32>| -> std::result::Result<(), String> {
+        let template = match &meta {
+            Meta::Owned(m) => m.template,
+            Meta::Ref(m) => m.template,
+        };
+        if vector.len() != cfg.dim * 4 {
+            return Err(format!("template {template} has dimension {}", vector.len() / 4));
+        }
+        if enrol_ordinal >= have {
+            store::f32s_from_le(vector, pending);
+        }
+        match meta {
+            Meta::Owned(m) => st.note_enrol(cfg, &m, enrol_ordinal as u32),
+            Meta::Ref(m) => st.note_enrol_ref(cfg, m, enrol_ordinal as u32)?,
+        }
+        enrol_ordinal += 1;
+        Ok(())
+    };
+    // Frames other than batched enrolments (consents, deletions) are parsed
+    // on the decrypting threads; enrolments are visited in order.
+    let decode = |i: u64, b: Zeroizing<Vec<u8>>| -> Result<Frame> {
+        if store::enrolments_frame(&b).is_some() {
+            return Ok(Frame::Enrolments(b));
+        }
+        Op::decode(&b).map(Frame::Op).map_err(|e| corrupt(i, e))
+    };
+    let (log, torn) = LogWriter::open_decoded(gdir, store::LOG, cipher.clone(), decode, |i, f| {
+        let op = match f {
+            Frame::Enrolments(b) => {
+                let rest = store::enrolments_frame(&b).unwrap_or_default();
+                return store::visit_enrolments(rest, |meta, v| enrol(&mut st, Meta::Ref(meta), v, &mut pending))
+                    .map_err(|e| corrupt(i, e));
+            }
+            Frame::Op(op) => op,
+        };
+        match op {
+            Op::Enrol { meta, vector } => {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                enrol(&mut st, Meta::Owned(meta), &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
+            }
+            Op::EnrolMany(_) => unreachable!("batched enrolments are visited above"),
+            Op::Delete { templates } => {
+                for t in templates {
+                    if let Some(slot) = st.note_delete(t) {
+                        deletes.push(slot as u64);
+                    }
+                }
+            }
+            Op::Consent(c) => {
+                st.consents.insert(c.consent_id.clone(), c);
+            }
+            Op::Consents(cs) => {
+                for c in cs {
+                    st.consents.insert(c.consent_id.clone(), c);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(Replay { log, torn, st, pending, deletes, enrolments: enrol_ordinal })
 }
 
 /// A decrypted frame, decoded on the decrypting threads.
