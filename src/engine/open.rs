@@ -188,9 +188,16 @@ impl EngineBuilder {
         let (loaded, replayed) = std::thread::scope(|s| {
             let job = candidate.map(|h| {
                 let (gdir, cipher) = (&gdir, &cipher);
-                s.spawn(move || (snapshot::read(gdir, store::SNAPSHOT, cipher, &h, |r| VectorIndex::read_from(r)), h))
+                s.spawn(move || {
+                    let t = Instant::now();
+                    let r = snapshot::read(gdir, store::SNAPSHOT, cipher, &h, |r| VectorIndex::read_from(r));
+                    tracing::debug!(ms = t.elapsed().as_millis() as u64, "index snapshot read");
+                    (r, h)
+                })
             });
+            let t = Instant::now();
             let replayed = replay(&gdir, &cipher, cfg, &logp, hint);
+            tracing::debug!(ms = t.elapsed().as_millis() as u64, "template log replayed");
             (job.map(|j| j.join()), replayed)
         });
         let mut index = None;
