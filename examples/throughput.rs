@@ -3,7 +3,7 @@
 //! `scripts/bench_opencv.py` for the side-by-side with OpenCV.
 //!
 //! ```text
-//! cargo run --release --example throughput -- [--intra N] [--threads N] [--pool N] [--rounds R] IMAGE...
+//! cargo run --release --example throughput -- [--intra N] [--threads N] [--pool N] [--rounds R] [--precision f32|int8] [--det-precision f32|int8] IMAGE...
 //! ```
 //! Defaults: intra-op threads 1, rayon threads = cores, session pool = cores, 3 rounds
 //! (after one warm-up round), the sample photos when no image is given.
@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rounds = 3usize;
     let mut stages = false;
     let mut opt: Option<facematch::runtime::GraphOptimization> = None;
+    let mut precision = facematch::runtime::Precision::F32;
+    let mut det_precision = None;
     let mut images: Vec<PathBuf> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -31,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--pool" => pool = num("--pool")?,
             "--rounds" => rounds = num("--rounds")?,
             "--stages" => stages = true,
+            "--precision" => precision = args.next().ok_or("--precision needs a value")?.parse()?,
+            "--det-precision" => det_precision = Some(args.next().ok_or("--det-precision needs a value")?.parse()?),
             "--opt" => opt = Some(serde_json::from_str(&format!("{:?}", args.next().ok_or("--opt needs a value")?))?),
             _ => images.push(PathBuf::from(a)),
         }
@@ -48,6 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }
     let mut cfg = PipelineConfig::default();
+    cfg.set_precision(precision);
+    if let Some(p) = det_precision {
+        cfg.detector = facematch::detect::DetectorConfig::yunet(p);
+    }
     cfg.detector.session.intra_threads = intra;
     cfg.recognizer.session.intra_threads = intra;
     cfg.detector.session.pool_size = pool;
@@ -102,7 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{{\"engine\":\"facematch\",\"images\":{},\"faces\":{},\"seconds\":{:.4},\"faces_per_s\":{:.2},\"images_per_s\":{:.2},\"intra_threads\":{},\"rayon_threads\":{},\"pool\":{}}}",
+        "{{\"engine\":\"facematch\",\"images\":{},\"faces\":{},\"seconds\":{:.4},\"faces_per_s\":{:.2},\"images_per_s\":{:.2},\"intra_threads\":{},\"rayon_threads\":{},\"pool\":{},\"precision\":\"{}\",\"detector_precision\":\"{}\",\"ort\":{:?}}}",
         images.len() * rounds,
         faces,
         secs,
@@ -111,6 +119,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         intra,
         rayon::current_num_threads(),
         if pool == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { pool },
+        precision,
+        det_precision.unwrap_or(precision),
+        facematch::runtime::runtime(&Default::default())?.library().display().to_string(),
     );
     Ok(())
 }

@@ -26,6 +26,10 @@ struct Cli {
     /// Explicit path to libonnxruntime (overrides the configuration and the search).
     #[arg(long, global = true, value_name = "FILE")]
     ort_lib: Option<PathBuf>,
+    /// Model precision: f32 (the reference) or int8 (about twice as fast; its
+    /// own model id, so a gallery stays with the precision it was enrolled with).
+    #[arg(long, global = true, value_name = "f32|int8")]
+    precision: Option<facematch::runtime::Precision>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +104,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<PipelineConfig> {
     };
     if let Some(lib) = &cli.ort_lib {
         cfg.runtime.ort_library = Some(lib.clone());
+    }
+    if let Some(p) = cli.precision {
+        cfg.set_precision(p);
     }
     cfg.validate()?;
     Ok(cfg)

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::image_io::DecodedImage;
-use crate::runtime::{ChannelOrder, ImageInput, Layout, Runtime, SessionPool, SessionSettings};
+use crate::runtime::{ChannelOrder, ImageInput, Layout, Precision, Runtime, SessionPool, SessionSettings};
 use crate::{Error, Result};
 
 /// Where a face is, without anything biometric.
@@ -76,14 +76,24 @@ pub struct DetectorOutputs {
 
 /// Description of the detector model and its post-processing.
 ///
+/// The file follows `precision` unless given: `{"precision": "int8"}` is the
+/// int8 YuNet set-up quantises.
+///
 /// ```
-/// let cfg = facematch::detect::DetectorConfig::default();
-/// assert_eq!(cfg.input.width, 640);
+/// use facematch::detect::DetectorConfig;
+/// use facematch::runtime::Precision;
+/// let cfg = DetectorConfig::default();
+/// assert_eq!((cfg.input.width, cfg.precision), (640, Precision::F32));
 /// cfg.validate().unwrap();
+/// let int8: DetectorConfig = serde_json::from_str(r#"{"precision": "int8", "score_threshold": 0.7}"#).unwrap();
+/// assert_eq!(int8.model.to_str(), Some("models/yunet-int8.onnx"));
+/// assert_eq!(int8.score_threshold, 0.7);
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "DetectorConfigRepr")]
 pub struct DetectorConfig {
+    /// Numeric precision of the model file (sets the default file).
+    pub precision: Precision,
     /// ONNX file; a relative path is searched like the ORT library (see [`crate::runtime`]).
     pub model: PathBuf,
     /// Input tensor description (YuNet: `input`, 640x640, NCHW, BGR, 0..255).
@@ -106,8 +116,55 @@ pub struct DetectorConfig {
 
 impl Default for DetectorConfig {
     fn default() -> Self {
+        DetectorConfig::yunet(Precision::F32)
+    }
+}
+
+/// The serialised form: every field optional, the model file defaulting from `precision`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetectorConfigRepr {
+    #[serde(default)]
+    precision: Precision,
+    model: Option<PathBuf>,
+    input: Option<ImageInput>,
+    strides: Option<Vec<u32>>,
+    outputs: Option<DetectorOutputs>,
+    score_threshold: Option<f32>,
+    nms_iou: Option<f32>,
+    top_k: Option<usize>,
+    upscale: Option<bool>,
+    session: Option<SessionSettings>,
+}
+
+impl From<DetectorConfigRepr> for DetectorConfig {
+    fn from(r: DetectorConfigRepr) -> Self {
+        let d = DetectorConfig::yunet(r.precision);
         DetectorConfig {
-            model: PathBuf::from("models/yunet.onnx"),
+            precision: r.precision,
+            model: r.model.unwrap_or(d.model),
+            input: r.input.unwrap_or(d.input),
+            strides: r.strides.unwrap_or(d.strides),
+            outputs: r.outputs.unwrap_or(d.outputs),
+            score_threshold: r.score_threshold.unwrap_or(d.score_threshold),
+            nms_iou: r.nms_iou.unwrap_or(d.nms_iou),
+            top_k: r.top_k.unwrap_or(d.top_k),
+            upscale: r.upscale.unwrap_or(d.upscale),
+            session: r.session.unwrap_or(d.session),
+        }
+    }
+}
+
+impl DetectorConfig {
+    /// YuNet as set-up provides it: `models/yunet.onnx` (f32) or `models/yunet-int8.onnx` (int8).
+    pub fn yunet(precision: Precision) -> Self {
+        let model = match precision {
+            Precision::F32 => "models/yunet.onnx",
+            Precision::Int8 => "models/yunet-int8.onnx",
+        };
+        DetectorConfig {
+            precision,
+            model: PathBuf::from(model),
             input: ImageInput {
                 name: "input".into(),
                 width: 640,
