@@ -52,10 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }
     let mut cfg = PipelineConfig::default();
-    cfg.set_precision(precision);
-    if let Some(p) = det_precision {
-        cfg.detector = facematch::detect::DetectorConfig::yunet(p);
-    }
+    cfg.set_precision(precision, det_precision.unwrap_or(facematch::runtime::Precision::F32));
     cfg.detector.session.intra_threads = intra;
     cfg.recognizer.session.intra_threads = intra;
     cfg.detector.session.pool_size = pool;
@@ -120,7 +117,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rayon::current_num_threads(),
         if pool == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { pool },
         precision,
-        det_precision.unwrap_or(precision),
+        det_precision.unwrap_or(facematch::runtime::Precision::F32),
         facematch::runtime::runtime(&Default::default())?.library().display().to_string(),
     );
     Ok(())

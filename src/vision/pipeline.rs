@@ -52,23 +52,27 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// Both models at `precision` (the set-up's files), everything else as configured:
+    /// The set-up's files at these precisions, everything else as configured:
     /// sets each model's `precision` and file, and the recogniser's model id
-    /// ([`RecognizerConfig::sface`], [`DetectorConfig::yunet`]).
+    /// ([`RecognizerConfig::sface`], [`DetectorConfig::yunet`]). The fast
+    /// accurate choice is an int8 recogniser behind the f32 detector: the int8
+    /// detector is no faster and moves landmarks by up to ~10% of the eye
+    /// distance (`docs/MODELS.md`).
     ///
     /// ```
     /// use facematch::pipeline::PipelineConfig;
     /// use facematch::runtime::Precision;
     /// let mut cfg = PipelineConfig::default();
     /// cfg.detector.score_threshold = 0.7;
-    /// cfg.set_precision(Precision::Int8);
+    /// cfg.set_precision(Precision::Int8, Precision::F32);
     /// assert_eq!((cfg.recognizer.model_id.as_str(), cfg.detector.score_threshold), ("sface-2021dec-int8", 0.7));
+    /// assert_eq!(cfg.detector.model.to_str(), Some("models/yunet.onnx"));
     /// ```
-    pub fn set_precision(&mut self, precision: Precision) {
-        let (d, r) = (DetectorConfig::yunet(precision), RecognizerConfig::sface(precision));
-        self.detector.precision = precision;
+    pub fn set_precision(&mut self, recognizer: Precision, detector: Precision) {
+        let (d, r) = (DetectorConfig::yunet(detector), RecognizerConfig::sface(recognizer));
+        self.detector.precision = detector;
         self.detector.model = d.model;
-        self.recognizer.precision = precision;
+        self.recognizer.precision = recognizer;
         self.recognizer.model = r.model;
         self.recognizer.model_id = r.model_id;
     }
