@@ -323,7 +323,10 @@ def fold_batchnorm(src, dst, into_gemm_input=True):
                     drop.append(n)
         else:
             continue
-        rewire(bn.output[0], bn.input[0])
+        if bn.output[0] in {o.name for o in g.output}:
+            prev.output[0] = bn.output[0]  # keep the graph's output name (SFace: fc1)
+        else:
+            rewire(bn.output[0], bn.input[0])
         drop.append(bn)
     for n in drop:
         g.node.remove(n)

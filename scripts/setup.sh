@@ -62,7 +62,7 @@ IF_SDIST_SHA=776cbd36b70f5f2ae1a026101cfb80387f0b2280a0dbaf073f8d3ed69f554e01
 PY_PINS=(onnx==1.23.2 numpy==2.3.5 protobuf==7.36.2 onnxruntime==1.26.0 pillow==13.0.0 sympy==1.14.0)
 # sha256 of the int8 models (scripts/quantize_models.py with the pins above)
 YUNET_INT8_SHA=7c6923956664d796ebc2b74588b4ccbb704f883e3f890974953d312698aea2ce
-SFACE_INT8_SHA=bce1dfdd1af7bd92e582101a5a58a8f4c7891b50d8db6880382ba888f0fb9894
+SFACE_INT8_SHA=5de94b331ed5f1e469104d41a8d04df313a623cd8346aedf5c408391ad7049a2
 
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
 check_sha() {
