@@ -65,7 +65,9 @@ fn bench(c: &mut Criterion) {
             g.sample_size(20);
             for n in [1usize, 6] {
                 g.throughput(Throughput::Elements(n as u64));
-                g.bench_with_input(BenchmarkId::new("batch", n), &n, |b, &n| b.iter(|| pipeline.embed_aligned(&crops[..n]).expect("embed")));
+                g.bench_with_input(BenchmarkId::new("batch", n), &n, |b, &n| {
+                    b.iter(|| pipeline.embed_aligned(&crops[..n]).expect("embed"))
+                });
             }
             g.finish();
         }

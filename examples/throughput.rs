@@ -100,14 +100,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(faces)
     };
     run()?; // warm-up
+    let cpu0 = cpu_seconds();
     let start = Instant::now();
     let mut faces = 0;
     for _ in 0..rounds {
         faces += run()?;
     }
     let secs = start.elapsed().as_secs_f64();
+    // Process CPU time per face: unlike wall time, barely moved by other load on the machine.
+    let cpu_ms_per_face = 1e3 * (cpu_seconds() - cpu0) / faces.max(1) as f64;
     println!(
-        "{{\"engine\":\"facematch\",\"images\":{},\"faces\":{},\"seconds\":{:.4},\"faces_per_s\":{:.2},\"images_per_s\":{:.2},\"intra_threads\":{},\"rayon_threads\":{},\"pool\":{},\"precision\":\"{}\",\"detector_precision\":\"{}\",\"ort\":{:?}}}",
+        "{{\"engine\":\"facematch\",\"images\":{},\"faces\":{},\"seconds\":{:.4},\"faces_per_s\":{:.2},\"images_per_s\":{:.2},\"intra_threads\":{},\"rayon_threads\":{},\"pool\":{},\"precision\":\"{}\",\"detector_precision\":\"{}\",\"ort\":{:?},\"cpu_ms_per_face\":{:.2}}}",
         images.len() * rounds,
         faces,
         secs,
@@ -119,6 +122,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         precision,
         det_precision.unwrap_or(facematch::runtime::Precision::F32),
         facematch::runtime::runtime(&Default::default())?.library().display().to_string(),
+        cpu_ms_per_face,
     );
     Ok(())
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let u = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        u.assume_init()
+    };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
 }

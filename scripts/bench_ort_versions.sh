@@ -41,14 +41,14 @@ done
 
 read -r -a PRECS <<< "${PRECISIONS:-f32 int8/f32 int8}"
 echo "# $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# version precision(recogniser/detector) round faces/s"
+echo "# version precision(recogniser/detector) round faces/s cpu-ms/face"
 for r in $(seq "$ROUNDS"); do
   for v in "${VERSIONS[@]}"; do
     for p in "${PRECS[@]}"; do
       rec=${p%%/*}
       det=${p#*/}
       out=$(ORT_DYLIB_PATH="$PWD/.cache/ort/$v/libonnxruntime.so" "$T" --rounds 3 --precision "$rec" --det-precision "$det" | tail -1)
-      echo "$v $p $r $(echo "$out" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["faces_per_s"])')"
+      echo "$v $p $r $(echo "$out" | python3 -c 'import json,sys; d = json.loads(sys.stdin.read()); print(d["faces_per_s"], d["cpu_ms_per_face"])')"
     done
   done
 done

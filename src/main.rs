@@ -110,10 +110,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<PipelineConfig> {
         cfg.runtime.ort_library = Some(lib.clone());
     }
     if cli.precision.is_some() || cli.detector_precision.is_some() {
-        cfg.set_precision(
-            cli.precision.unwrap_or(cfg.recognizer.precision),
-            cli.detector_precision.unwrap_or(cfg.detector.precision),
-        );
+        cfg.set_precision(cli.precision.unwrap_or(cfg.recognizer.precision), cli.detector_precision.unwrap_or(cfg.detector.precision));
     }
     cfg.validate()?;
     Ok(cfg)

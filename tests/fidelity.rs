@@ -131,7 +131,11 @@ fn int8_embeddings_stay_close_to_f32_on_the_same_crops() {
     eprintln!("int8 SFace vs f32 over 18 faces: median {median:.4}, min {min:.4}");
     if min < DEFAULT_COSINE {
         // Not interchangeable: int8 stays opt-in, under its own model id (galleries refuse mixing).
-        assert_eq!(RecognizerConfig::default().precision, Precision::F32, "int8 may be the default only if every face reaches {DEFAULT_COSINE}");
+        assert_eq!(
+            RecognizerConfig::default().precision,
+            Precision::F32,
+            "int8 may be the default only if every face reaches {DEFAULT_COSINE}"
+        );
         assert_ne!(RecognizerConfig::sface(Precision::Int8).model_id, RecognizerConfig::sface(Precision::F32).model_id);
     }
 }
@@ -147,14 +151,23 @@ fn int8_detector_finds_the_same_faces_with_close_landmarks() {
             let fb = b.iter().min_by(|x, y| landmark_delta(fa, x).total_cmp(&landmark_delta(fa, y))).expect("a face");
             let d = landmark_delta(fa, fb);
             let eye = ((fa.landmarks[0][0] - fa.landmarks[1][0]).powi(2) + (fa.landmarks[0][1] - fa.landmarks[1][1]).powi(2)).sqrt();
-            eprintln!("{name} face {i}: landmarks {d:.2} px ({:.1}% of the eye distance), score {:.3} -> {:.3}", 100.0 * d / eye, fa.score, fb.score);
+            eprintln!(
+                "{name} face {i}: landmarks {d:.2} px ({:.1}% of the eye distance), score {:.3} -> {:.3}",
+                100.0 * d / eye,
+                fa.score,
+                fb.score
+            );
             assert!(d <= INT8_LANDMARK_EYE_SHARE * eye, "{name} face {i}: int8 landmarks {d} px off (eye distance {eye})");
             worst_px = worst_px.max(d);
         }
     }
     eprintln!("int8 YuNet vs f32: largest landmark difference {worst_px:.2} px");
     if worst_px > DEFAULT_LANDMARK_PX {
-        assert_eq!(DetectorConfig::default().precision, Precision::F32, "the int8 detector may be the default only within {DEFAULT_LANDMARK_PX} px");
+        assert_eq!(
+            DetectorConfig::default().precision,
+            Precision::F32,
+            "the int8 detector may be the default only within {DEFAULT_LANDMARK_PX} px"
+        );
     }
 }
 
