@@ -79,9 +79,12 @@ fn pipeline(s: Setup) -> &'static FacePipeline {
     &all[&s]
 }
 
+/// (file name, faces with embeddings) for every sample photo, in name order.
+type Samples = Vec<(String, Vec<Face>)>;
+
 /// Faces with embeddings for every sample, per setup.
-fn results(s: Setup) -> &'static Vec<(String, Vec<Face>)> {
-    static R: OnceLock<HashMap<Setup, Vec<(String, Vec<Face>)>>> = OnceLock::new();
+fn results(s: Setup) -> &'static Samples {
+    static R: OnceLock<HashMap<Setup, Samples>> = OnceLock::new();
     let all = R.get_or_init(|| {
         let samples = samples();
         let paths: Vec<PathBuf> = samples.iter().map(|(_, p)| p.clone()).collect();
