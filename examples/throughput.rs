@@ -66,11 +66,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if stages {
         // Sequential per-stage timing (one thread), to see where the time goes.
         let (mut t_dec, mut t_det, mut t_align, mut t_emb, mut n_faces) = (0.0, 0.0, 0.0, 0.0, 0usize);
+        let mut t_lb = 0.0;
+        let spec = &pipeline.config().detector.input;
+        let mut lb_buf = vec![0f32; spec.plane_len()];
         for _ in 0..rounds {
             for p in &images {
                 let t = Instant::now();
                 let img = pipeline.decode_path(p)?;
                 t_dec += t.elapsed().as_secs_f64();
+                // The letterbox alone (detect does it again, inside its time).
+                let t = Instant::now();
+                facematch::detect::letterbox_into(&img, spec, pipeline.config().detector.upscale, &mut lb_buf);
+                t_lb += t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 let faces = pipeline.detect(&img)?;
                 t_det += t.elapsed().as_secs_f64();
@@ -85,8 +92,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let n_img = (images.len() * rounds) as f64;
         println!(
-            "{{\"stages_ms\":{{\"decode_per_image\":{:.2},\"detect_per_image\":{:.2},\"align_per_face\":{:.3},\"embed_per_face\":{:.2}}}}}",
+            "{{\"stages_ms\":{{\"decode_per_image\":{:.2},\"letterbox_per_image\":{:.2},\"detect_per_image\":{:.2},\"align_per_face\":{:.3},\"embed_per_face\":{:.2}}}}}",
             1e3 * t_dec / n_img,
+            1e3 * t_lb / n_img,
             1e3 * t_det / n_img,
             1e3 * t_align / n_faces as f64,
             1e3 * t_emb / n_faces as f64
