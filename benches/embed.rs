@@ -3,7 +3,8 @@
 //! image), `align` (Umeyama + bilinear warp, one face), `embed/{f32,int8}`
 //! (SFace, batches of 1 and 6 faces) and `end_to_end/{f32,int8rec,int8}`
 //! (decode + detect + align + embed over all sample photos, parallel across
-//! images; `int8rec` = int8 SFace behind the f32 YuNet). Needs `scripts/setup.sh`.
+//! images; `int8rec` = int8 SFace behind the f32 YuNet; `int8rec_fit` = the same
+//! with the detector run at the letterboxed size, `fit_input`). Needs `scripts/setup.sh`.
 //!
 //! `cargo bench --bench embed`
 
@@ -32,7 +33,9 @@ fn setups() -> Vec<(&'static str, PipelineConfig)> {
     int8_rec.set_precision(Precision::Int8, Precision::F32);
     let mut int8 = PipelineConfig::default();
     int8.set_precision(Precision::Int8, Precision::Int8);
-    vec![("f32", f32), ("int8rec", int8_rec), ("int8", int8)]
+    let mut fit = int8_rec.clone();
+    fit.detector.fit_input = true;
+    vec![("f32", f32), ("int8rec", int8_rec), ("int8", int8), ("int8rec_fit", fit)]
 }
 
 fn bench(c: &mut Criterion) {
@@ -44,7 +47,7 @@ fn bench(c: &mut Criterion) {
         let faces = pipeline.detect(&group_photo).expect("detect");
         assert_eq!(faces.len(), 6);
 
-        if name != "int8rec" {
+        if name == "f32" || name == "int8" || name == "int8rec_fit" {
             let mut g = c.benchmark_group(format!("detect/{name}"));
             g.sample_size(20);
             g.throughput(Throughput::Elements(faces.len() as u64));
@@ -59,7 +62,7 @@ fn bench(c: &mut Criterion) {
             g.finish();
         }
 
-        if name != "int8" {
+        if name == "f32" || name == "int8rec" {
             let crops: Vec<_> = faces.iter().map(|f| pipeline.align(&group_photo, f).expect("align")).collect();
             let mut g = c.benchmark_group(format!("embed/{}", pipeline.config().recognizer.precision));
             g.sample_size(20);

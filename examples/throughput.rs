@@ -3,7 +3,7 @@
 //! `scripts/bench_opencv.py` for the side-by-side with OpenCV.
 //!
 //! ```text
-//! cargo run --release --example throughput -- [--intra N] [--threads N] [--pool N] [--rounds R] [--precision f32|int8] [--det-precision f32|int8] IMAGE...
+//! cargo run --release --example throughput -- [--intra N] [--threads N] [--pool N] [--rounds R] [--precision f32|int8] [--det-precision f32|int8] [--fit] IMAGE...
 //! ```
 //! Defaults: intra-op threads 1, rayon threads = cores, session pool = cores, 3 rounds
 //! (after one warm-up round), the sample photos when no image is given.
@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opt: Option<facematch::runtime::GraphOptimization> = None;
     let mut precision = facematch::runtime::Precision::F32;
     let mut det_precision = None;
+    let mut fit = false;
     let mut images: Vec<PathBuf> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -33,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--pool" => pool = num("--pool")?,
             "--rounds" => rounds = num("--rounds")?,
             "--stages" => stages = true,
+            "--fit" => fit = true,
             "--precision" => precision = args.next().ok_or("--precision needs a value")?.parse()?,
             "--det-precision" => det_precision = Some(args.next().ok_or("--det-precision needs a value")?.parse()?),
             "--opt" => opt = Some(serde_json::from_str(&format!("{:?}", args.next().ok_or("--opt needs a value")?))?),
@@ -53,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut cfg = PipelineConfig::default();
     cfg.set_precision(precision, det_precision.unwrap_or(facematch::runtime::Precision::F32));
+    cfg.detector.fit_input = fit;
     cfg.detector.session.intra_threads = intra;
     cfg.recognizer.session.intra_threads = intra;
     cfg.detector.session.pool_size = pool;
@@ -118,7 +121,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Process CPU time per face: unlike wall time, barely moved by other load on the machine.
     let cpu_ms_per_face = 1e3 * (cpu_seconds() - cpu0) / faces.max(1) as f64;
     println!(
-        "{{\"engine\":\"facematch\",\"images\":{},\"faces\":{},\"seconds\":{:.4},\"faces_per_s\":{:.2},\"images_per_s\":{:.2},\"intra_threads\":{},\"rayon_threads\":{},\"pool\":{},\"precision\":\"{}\",\"detector_precision\":\"{}\",\"ort\":{:?},\"cpu_ms_per_face\":{:.2}}}",
+        "{{\"engine\":\"facematch\",\"images\":{},\"faces\":{},\"seconds\":{:.4},\"faces_per_s\":{:.2},\"images_per_s\":{:.2},\"intra_threads\":{},\"rayon_threads\":{},\"pool\":{},\"precision\":\"{}\",\"detector_precision\":\"{}\",\"ort\":{:?},\"cpu_ms_per_face\":{:.2},\"fit_input\":{}}}",
         images.len() * rounds,
         faces,
         secs,
@@ -131,6 +134,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         det_precision.unwrap_or(facematch::runtime::Precision::F32),
         facematch::runtime::runtime(&Default::default())?.library().display().to_string(),
         cpu_ms_per_face,
+        fit,
     );
     Ok(())
 }

