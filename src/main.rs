@@ -26,6 +26,14 @@ struct Cli {
     /// Explicit path to libonnxruntime (overrides the configuration and the search).
     #[arg(long, global = true, value_name = "FILE")]
     ort_lib: Option<PathBuf>,
+    /// Recogniser precision: f32 (the reference) or int8 (faster; its own model
+    /// id, so a gallery stays with the precision it was enrolled with).
+    #[arg(long, global = true, value_name = "f32|int8")]
+    precision: Option<facematch::runtime::Precision>,
+    /// Detector precision (default f32: the int8 detector is no faster here and
+    /// moves landmarks more).
+    #[arg(long, global = true, value_name = "f32|int8")]
+    detector_precision: Option<facematch::runtime::Precision>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +108,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<PipelineConfig> {
     };
     if let Some(lib) = &cli.ort_lib {
         cfg.runtime.ort_library = Some(lib.clone());
+    }
+    if cli.precision.is_some() || cli.detector_precision.is_some() {
+        cfg.set_precision(cli.precision.unwrap_or(cfg.recognizer.precision), cli.detector_precision.unwrap_or(cfg.detector.precision));
     }
     cfg.validate()?;
     Ok(cfg)

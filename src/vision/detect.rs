@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::image_io::DecodedImage;
-use crate::runtime::{ChannelOrder, ImageInput, Layout, Runtime, SessionPool, SessionSettings};
+use crate::runtime::{ChannelOrder, ImageInput, Layout, Precision, Runtime, SessionPool, SessionSettings};
 use crate::{Error, Result};
 
 /// Where a face is, without anything biometric.
@@ -76,14 +76,24 @@ pub struct DetectorOutputs {
 
 /// Description of the detector model and its post-processing.
 ///
+/// The file follows `precision` unless given: `{"precision": "int8"}` is the
+/// int8 YuNet set-up quantises.
+///
 /// ```
-/// let cfg = facematch::detect::DetectorConfig::default();
-/// assert_eq!(cfg.input.width, 640);
+/// use facematch::detect::DetectorConfig;
+/// use facematch::runtime::Precision;
+/// let cfg = DetectorConfig::default();
+/// assert_eq!((cfg.input.width, cfg.precision), (640, Precision::F32));
 /// cfg.validate().unwrap();
+/// let int8: DetectorConfig = serde_json::from_str(r#"{"precision": "int8", "score_threshold": 0.7}"#).unwrap();
+/// assert_eq!(int8.model.to_str(), Some("models/yunet-int8.onnx"));
+/// assert_eq!(int8.score_threshold, 0.7);
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "DetectorConfigRepr")]
 pub struct DetectorConfig {
+    /// Numeric precision of the model file (sets the default file).
+    pub precision: Precision,
     /// ONNX file; a relative path is searched like the ORT library (see [`crate::runtime`]).
     pub model: PathBuf,
     /// Input tensor description (YuNet: `input`, 640x640, NCHW, BGR, 0..255).
@@ -100,14 +110,68 @@ pub struct DetectorConfig {
     pub top_k: usize,
     /// Enlarge images smaller than the input (off: small images run at native scale).
     pub upscale: bool,
+    /// Run the model at the letterboxed image's size rounded up to a multiple of
+    /// the largest stride (e.g. 640x480 for a 4:3 photo) instead of always the
+    /// full input size: less work for images that are not square or are small.
+    /// Needs a model with symbolic height and width (set-up's YuNet has them).
+    pub fit_input: bool,
     /// ORT session settings.
     pub session: SessionSettings,
 }
 
 impl Default for DetectorConfig {
     fn default() -> Self {
+        DetectorConfig::yunet(Precision::F32)
+    }
+}
+
+/// The serialised form: every field optional, the model file defaulting from `precision`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetectorConfigRepr {
+    #[serde(default)]
+    precision: Precision,
+    model: Option<PathBuf>,
+    input: Option<ImageInput>,
+    strides: Option<Vec<u32>>,
+    outputs: Option<DetectorOutputs>,
+    score_threshold: Option<f32>,
+    nms_iou: Option<f32>,
+    top_k: Option<usize>,
+    upscale: Option<bool>,
+    fit_input: Option<bool>,
+    session: Option<SessionSettings>,
+}
+
+impl From<DetectorConfigRepr> for DetectorConfig {
+    fn from(r: DetectorConfigRepr) -> Self {
+        let d = DetectorConfig::yunet(r.precision);
         DetectorConfig {
-            model: PathBuf::from("models/yunet.onnx"),
+            precision: r.precision,
+            model: r.model.unwrap_or(d.model),
+            input: r.input.unwrap_or(d.input),
+            strides: r.strides.unwrap_or(d.strides),
+            outputs: r.outputs.unwrap_or(d.outputs),
+            score_threshold: r.score_threshold.unwrap_or(d.score_threshold),
+            nms_iou: r.nms_iou.unwrap_or(d.nms_iou),
+            top_k: r.top_k.unwrap_or(d.top_k),
+            upscale: r.upscale.unwrap_or(d.upscale),
+            fit_input: r.fit_input.unwrap_or(d.fit_input),
+            session: r.session.unwrap_or(d.session),
+        }
+    }
+}
+
+impl DetectorConfig {
+    /// YuNet as set-up provides it: `models/yunet.onnx` (f32) or `models/yunet-int8.onnx` (int8).
+    pub fn yunet(precision: Precision) -> Self {
+        let model = match precision {
+            Precision::F32 => "models/yunet.onnx",
+            Precision::Int8 => "models/yunet-int8.onnx",
+        };
+        DetectorConfig {
+            precision,
+            model: PathBuf::from(model),
             input: ImageInput {
                 name: "input".into(),
                 width: 640,
@@ -128,6 +192,7 @@ impl Default for DetectorConfig {
             nms_iou: 0.3,
             top_k: 5000,
             upscale: false,
+            fit_input: false,
             session: SessionSettings::default(),
         }
     }
@@ -208,6 +273,12 @@ impl Letterbox {
 /// does; padding is black).
 pub fn letterbox_into(img: &DecodedImage, spec: &ImageInput, upscale: bool, out: &mut [f32]) -> Letterbox {
     let lb = Letterbox::fit(img.width(), img.height(), spec.width, spec.height, upscale);
+    fill_letterbox(img, spec, lb, out);
+    lb
+}
+
+/// [`letterbox_into`] with the fit already chosen (`lb` no larger than `spec`).
+fn fill_letterbox(img: &DecodedImage, spec: &ImageInput, lb: Letterbox, out: &mut [f32]) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
     for c in 0..3 {
@@ -260,7 +331,6 @@ pub fn letterbox_into(img: &DecodedImage, spec: &ImageInput, upscale: bool, out:
             }
         }
     }
-    lb
 }
 
 /// Raw outputs of one stride, as flat slices (`cls`, `obj`: N; `bbox`: 4N; `kps`: 10N).
@@ -397,9 +467,19 @@ impl Detector {
 
     /// Detect faces in `img`; sorted by decreasing score, in original coordinates.
     pub fn detect(&self, img: &DecodedImage) -> Result<Vec<Face>> {
-        let spec = &self.config.input;
+        let full = &self.config.input;
+        let lb = Letterbox::fit(img.width(), img.height(), full.width, full.height, self.config.upscale);
+        let fitted;
+        let spec = if self.config.fit_input {
+            let m = self.config.strides.iter().copied().max().unwrap_or(1);
+            let up = |v: u32, cap: u32| v.div_ceil(m).saturating_mul(m).clamp(m, cap);
+            fitted = ImageInput { width: up(lb.width, full.width), height: up(lb.height, full.height), ..full.clone() };
+            &fitted
+        } else {
+            full
+        };
         let mut input = vec![0f32; spec.plane_len()];
-        let lb = letterbox_into(img, spec, self.config.upscale, &mut input);
+        fill_letterbox(img, spec, lb, &mut input);
         let shape = spec.shape(1);
         let model_err = |reason: String| Error::Model { model: self.pool.model().to_string(), reason };
         let candidates = self.pool.with(|session| {

@@ -10,21 +10,38 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::align::{AlignedFace, ARCFACE_112};
-use crate::runtime::{ChannelOrder, ImageInput, Layout, Runtime, SessionPool, SessionSettings};
+use crate::runtime::{ChannelOrder, ImageInput, Layout, Precision, Runtime, SessionPool, SessionSettings};
 use crate::{Error, Result};
+
+/// Model id of the f32 SFace set-up prepares.
+pub const SFACE_F32_ID: &str = "sface-2021dec";
+/// Model id of the int8 SFace set-up quantises: its embeddings are not
+/// interchangeable with the f32 ones (cosine to them 0.97-0.99, `docs/MODELS.md`),
+/// so a gallery enrolled with one refuses probes and enrolments from the other.
+pub const SFACE_INT8_ID: &str = "sface-2021dec-int8";
 
 /// Description of the recognition model.
 ///
+/// The file and model id follow `precision` unless given: a configuration of
+/// just `{"precision": "int8"}` is the int8 SFace.
+///
 /// ```
-/// let cfg = facematch::embed::RecognizerConfig::default();
-/// assert_eq!((cfg.model_id.as_str(), cfg.dimension), ("sface-2021dec", 128));
+/// use facematch::embed::RecognizerConfig;
+/// use facematch::runtime::Precision;
+/// let cfg = RecognizerConfig::default();
+/// assert_eq!((cfg.model_id.as_str(), cfg.dimension, cfg.precision), ("sface-2021dec", 128, Precision::F32));
 /// cfg.validate().unwrap();
+/// let int8: RecognizerConfig = serde_json::from_str(r#"{"precision": "int8"}"#).unwrap();
+/// assert_eq!(int8, RecognizerConfig::sface(Precision::Int8));
+/// assert_eq!((int8.model_id.as_str(), int8.model.to_str()), ("sface-2021dec-int8", Some("models/sface-int8.onnx")));
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "RecognizerConfigRepr")]
 pub struct RecognizerConfig {
     /// Identifier stored with every template (galleries refuse mixing models).
     pub model_id: String,
+    /// Numeric precision of the model file (sets the default file and model id).
+    pub precision: Precision,
     /// ONNX file; a relative path is searched like the ORT library (see [`crate::runtime`]).
     pub model: PathBuf,
     /// Input tensor description (SFace: `data`, 112x112, NCHW, RGB, 0..255).
@@ -43,9 +60,55 @@ pub struct RecognizerConfig {
 
 impl Default for RecognizerConfig {
     fn default() -> Self {
+        RecognizerConfig::sface(Precision::F32)
+    }
+}
+
+/// The serialised form: every field optional, the model file and id defaulting from `precision`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecognizerConfigRepr {
+    model_id: Option<String>,
+    #[serde(default)]
+    precision: Precision,
+    model: Option<PathBuf>,
+    input: Option<ImageInput>,
+    output: Option<String>,
+    dimension: Option<usize>,
+    template: Option<[[f32; 2]; 5]>,
+    max_batch: Option<usize>,
+    session: Option<SessionSettings>,
+}
+
+impl From<RecognizerConfigRepr> for RecognizerConfig {
+    fn from(r: RecognizerConfigRepr) -> Self {
+        let d = RecognizerConfig::sface(r.precision);
         RecognizerConfig {
-            model_id: "sface-2021dec".into(),
-            model: PathBuf::from("models/sface.onnx"),
+            model_id: r.model_id.unwrap_or(d.model_id),
+            precision: r.precision,
+            model: r.model.unwrap_or(d.model),
+            input: r.input.unwrap_or(d.input),
+            output: r.output.unwrap_or(d.output),
+            dimension: r.dimension.unwrap_or(d.dimension),
+            template: r.template.unwrap_or(d.template),
+            max_batch: r.max_batch.unwrap_or(d.max_batch),
+            session: r.session.unwrap_or(d.session),
+        }
+    }
+}
+
+impl RecognizerConfig {
+    /// SFace as set-up provides it: `models/sface.onnx` (f32, model id
+    /// [`SFACE_F32_ID`]) or `models/sface-int8.onnx` (int8, [`SFACE_INT8_ID`]).
+    pub fn sface(precision: Precision) -> Self {
+        let (model_id, model) = match precision {
+            Precision::F32 => (SFACE_F32_ID, "models/sface.onnx"),
+            Precision::Int8 => (SFACE_INT8_ID, "models/sface-int8.onnx"),
+        };
+        RecognizerConfig {
+            model_id: model_id.into(),
+            precision,
+            model: PathBuf::from(model),
             input: ImageInput {
                 name: "data".into(),
                 width: 112,

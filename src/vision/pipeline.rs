@@ -26,7 +26,7 @@ pub use crate::detect::Face;
 use crate::detect::{Detector, DetectorConfig};
 use crate::embed::{Recognizer, RecognizerConfig};
 use crate::image_io::{self, DecodedImage, ImageLimits};
-use crate::runtime::{self, RuntimeConfig};
+use crate::runtime::{self, Precision, RuntimeConfig};
 use crate::{Error, Result};
 
 /// Everything the spine needs, with defaults that describe the set-up's files.
@@ -52,6 +52,31 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
+    /// The set-up's files at these precisions, everything else as configured:
+    /// sets each model's `precision` and file, and the recogniser's model id
+    /// ([`RecognizerConfig::sface`], [`DetectorConfig::yunet`]). The fast
+    /// accurate choice is an int8 recogniser behind the f32 detector: the int8
+    /// detector is no faster and moves landmarks by up to ~10% of the eye
+    /// distance (`docs/MODELS.md`).
+    ///
+    /// ```
+    /// use facematch::pipeline::PipelineConfig;
+    /// use facematch::runtime::Precision;
+    /// let mut cfg = PipelineConfig::default();
+    /// cfg.detector.score_threshold = 0.7;
+    /// cfg.set_precision(Precision::Int8, Precision::F32);
+    /// assert_eq!((cfg.recognizer.model_id.as_str(), cfg.detector.score_threshold), ("sface-2021dec-int8", 0.7));
+    /// assert_eq!(cfg.detector.model.to_str(), Some("models/yunet.onnx"));
+    /// ```
+    pub fn set_precision(&mut self, recognizer: Precision, detector: Precision) {
+        let (d, r) = (DetectorConfig::yunet(detector), RecognizerConfig::sface(recognizer));
+        self.detector.precision = detector;
+        self.detector.model = d.model;
+        self.recognizer.precision = recognizer;
+        self.recognizer.model = r.model;
+        self.recognizer.model_id = r.model_id;
+    }
+
     /// Validate every part.
     pub fn validate(&self) -> Result<()> {
         self.runtime.validate()?;

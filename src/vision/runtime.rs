@@ -220,6 +220,52 @@ pub enum ChannelOrder {
     Bgr,
 }
 
+/// Numeric precision of a model file: the f32 file set-up prepares, or the
+/// int8 (QDQ, per-channel weights) one it quantises from it, calibrated on
+/// faces (`scripts/quantize_models.py`, figures in `docs/MODELS.md`).
+///
+/// ```
+/// use facematch::runtime::Precision;
+/// assert_eq!(serde_json::to_string(&Precision::Int8).unwrap(), "\"int8\"");
+/// assert_eq!("f32".parse::<Precision>().unwrap(), Precision::F32);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floating point (the reference).
+    #[default]
+    F32,
+    /// 8-bit integer weights and activations (about twice as fast on CPUs with VNNI).
+    Int8,
+}
+
+impl Precision {
+    /// `"f32"` or `"int8"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "int8" => Ok(Precision::Int8),
+            other => Err(Error::config("precision", format!("{other:?} is not f32 or int8"))),
+        }
+    }
+}
+
 /// Memory layout of an image input tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
