@@ -334,9 +334,11 @@ struct Replay {
 /// are not converted.
 fn replay(gdir: &Dir, cipher: &store::Cipher, cfg: &GalleryConfig, logp: &Path, have: usize) -> Result<Replay> {
     let mut st = State::new(VectorIndex::new(cfg.dim, cfg.index.clone())?);
-    // About as many templates as the snapshot holds, or as the log's size suggests.
-    let log_bytes = gdir.open_read(store::LOG)?.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
-    st.reserve(have.max((log_bytes / 1024) as usize).min(1 << 26));
+    // About as many templates as the snapshot's header says, or as the log's
+    // size suggests; never more than the log's bytes could hold (the header
+    // is not authenticated yet).
+    let log_bytes = gdir.open_read(store::LOG)?.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len()) as usize;
+    st.reserve(have.max(log_bytes / 1024).min(log_bytes / (40 + 4 * cfg.dim)));
     let mut pending: Vec<f32> = Vec::new();
     let mut enrol_ordinal = 0usize;
     let mut deletes: Vec<u64> = Vec::new();
