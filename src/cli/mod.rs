@@ -791,7 +791,14 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
     } else {
         e.checkpoint()?;
     }
-    json_line(&serde_json::json!({"imported": imported, "skipped_already_imported": skipped, "stats": e.stats()}))?;
+    let stats = e.stats();
+    if stats.graph_pending >= 10_000 {
+        eprintln!(
+            "import: {} templates are not in the search graph yet (searches scan them exactly); `facematch build-graph` builds it (minutes per million)",
+            stats.graph_pending
+        );
+    }
+    json_line(&serde_json::json!({"imported": imported, "skipped_already_imported": skipped, "stats": stats}))?;
     print_notices(&e);
     e.close()?;
     Ok(true)
