@@ -383,7 +383,8 @@ fn replay(gdir: &Dir, cipher: &store::Cipher, cfg: &GalleryConfig, logp: &Path, 
                 let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
                 enrol(&mut st, Meta::Owned(meta), &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
             }
-            Op::EnrolMany(_) => unreachable!("batched enrolments are visited above"),
+            // Batched enrolments are visited above; a decoder that disagreed would be a bug, reported as such.
+            Op::EnrolMany(_) => return Err(corrupt(i, "batched enrolments decoded out of order".into())),
             Op::Delete { templates } => {
                 for t in templates {
                     if let Some(slot) = st.note_delete(t) {
