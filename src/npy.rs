@@ -525,6 +525,76 @@ pub fn write_i64_vec(path: impl AsRef<Path>, data: &[i64]) -> Result<()> {
     write_array(path, &[data.len()], data)
 }
 
+/// A 2-D `<f4` file read a block of rows at a time: a bulk import of
+/// millions of rows holds one block, not the file (`facematch import`).
+#[derive(Debug)]
+pub struct F32Rows {
+    file: File,
+    path: PathBuf,
+    data_offset: u64,
+    rows: usize,
+    cols: usize,
+    next: usize,
+    buf: Vec<u8>,
+}
+
+impl F32Rows {
+    /// Open `path` and validate its header (a regular file, `<f4`, 2-D, C order, long enough).
+    pub fn open(path: impl AsRef<Path>) -> Result<F32Rows> {
+        let path = path.as_ref();
+        let mut file = crate::fs::open_input(path)?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let h = read_header_from(&mut file, file_len, path)?;
+        if h.dtype != NpyDtype::F32 || h.shape.len() != 2 {
+            return Err(incompatible(path, format!("expected a 2-D '<f4' array, got {:?} with shape {:?}", h.dtype.descr(), h.shape)));
+        }
+        let mut r = F32Rows {
+            file,
+            path: path.to_path_buf(),
+            data_offset: h.data_offset as u64,
+            rows: h.shape[0],
+            cols: h.shape[1],
+            next: 0,
+            buf: Vec::new(),
+        };
+        r.rewind()?;
+        Ok(r)
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Back to the first row.
+    pub fn rewind(&mut self) -> Result<()> {
+        self.file.seek(SeekFrom::Start(self.data_offset)).map_err(|e| Error::io(&self.path, e))?;
+        self.next = 0;
+        Ok(())
+    }
+
+    /// The next up to `n` rows, row-major (empty at the end). A file cut
+    /// short since it was opened is [`Error::DataCorruption`].
+    pub fn next_block(&mut self, n: usize) -> Result<Vec<f32>> {
+        let take = n.min(self.rows - self.next);
+        let bytes = take * self.cols * 4;
+        self.buf.resize(bytes, 0);
+        self.file.read_exact(&mut self.buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                corrupt(&self.path, format!("the file ends before row {} (it changed while being read)", self.next + take))
+            } else {
+                Error::io(&self.path, e)
+            }
+        })?;
+        self.next += take;
+        Ok(self.buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
+
 /// A 2-D `<f4` file mapped into memory: gigabyte galleries without a copy.
 ///
 /// The mapping assumes nobody truncates or rewrites the file while it is

@@ -184,8 +184,21 @@ fn import_is_checked_first_and_resumable() {
     assert!(!ok && err.contains("line 4"), "{err}");
     let (_, out, _) = fm(&["stats", "-g", g], &key);
     assert!(out.contains("\"templates\":0"), "{out}");
-    // Imported, then imported again: the second run skips every row.
+    // A NaN in row 3, read in blocks of 2 rows: named, and nothing written.
     std::fs::write(&manifest, "a\nb\nc\nd\ne\n").unwrap();
+    let mut bad = rows.clone();
+    bad[3 * 8 + 2] = f32::NAN;
+    let bad_npy = d.path().join("bad.npy");
+    facematch::npy::write_f32_matrix(&bad_npy, &bad, 5, 8).unwrap();
+    let mut a3: Vec<String> = a2.iter().map(|s| s.replace(npy.to_str().unwrap(), bad_npy.to_str().unwrap())).collect();
+    a3.extend(["--batch".to_string(), "2".to_string()]);
+    let (ok, _, err) = fm(&a3.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &key);
+    assert!(!ok && err.contains("row 3"), "{err}");
+    let (_, out, _) = fm(&["stats", "-g", g], &key);
+    assert!(out.contains("\"templates\":0"), "{out}");
+    // Imported (in blocks of 2 rows), then imported again: the second run skips every row.
+    let mut a2 = a2.clone();
+    a2.extend(["--batch", "2"]);
     let (ok, out, err) = fm(&a2, &key);
     assert!(ok, "{err}");
     assert!(out.contains("\"imported\":5"), "{out}");

@@ -274,9 +274,15 @@ fn finish_erasure(e: Engine, op: &Operator, mut r: facematch::engine::ErasureRep
 
 fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
     // Everything is checked before anything is written: a bad row names its line.
-    let m = facematch::npy::read_f32_matrix(&a.embeddings)?;
+    // The .npy is read a batch of rows at a time (twice: checked, then imported).
+    let mut m = facematch::npy::F32Rows::open(&a.embeddings)?;
+    let (rows, cols) = (m.rows(), m.cols());
+    if cols == 0 && rows > 0 {
+        bail!("{}: rows of dimension 0", a.embeddings.display());
+    }
+    let batch = a.batch.max(1);
     let text = read_text(&a.manifest, MAX_LIST_BYTES)?;
-    let mut subjects: Vec<SubjectId> = Vec::with_capacity(m.rows);
+    let mut subjects: Vec<SubjectId> = Vec::with_capacity(rows);
     for (i, raw) in text.lines().enumerate() {
         let line = raw.strip_suffix('\r').unwrap_or(raw);
         if line.trim().is_empty() {
@@ -292,17 +298,21 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
         let s = SubjectId::new(line).with_context(|| format!("{} line {}", a.manifest.display(), i + 1))?;
         subjects.push(s);
     }
-    if subjects.len() != m.rows {
-        bail!("manifest has {} subject ids, the .npy has {} rows", subjects.len(), m.rows);
+    if subjects.len() != rows {
+        bail!("manifest has {} subject ids, the .npy has {rows} rows", subjects.len());
     }
-    for i in 0..m.rows {
-        facematch::engine::normalise(m.cols, m.row(i)).with_context(|| format!("{} row {i}", a.embeddings.display()))?;
+    for start in (0..rows).step_by(batch) {
+        let block = m.next_block(batch)?;
+        for (j, row) in block.chunks_exact(cols.max(1)).enumerate() {
+            facematch::engine::normalise(cols, row).with_context(|| format!("{} row {}", a.embeddings.display(), start + j))?;
+        }
     }
+    m.rewind()?;
     let ps = purposes(&a.purposes)?;
     let basis = parse_basis(&a.basis)?;
     let e = a.g.open()?;
     let op = a.g.operator()?;
-    let bar = indicatif::ProgressBar::new(m.rows as u64);
+    let bar = indicatif::ProgressBar::new(rows as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -310,14 +320,21 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
     bar.set_message("import");
     let mut seen = std::collections::HashSet::new();
     let (mut imported, mut skipped) = (0u64, 0u64);
-    let batch = a.batch.max(1);
-    for start in (0..m.rows).step_by(batch) {
-        let end = (start + batch).min(m.rows);
+    for start in (0..rows).step_by(batch) {
+        let end = (start + batch).min(rows);
+        let block = match m.next_block(batch) {
+            Ok(b) => b,
+            Err(err) => {
+                bar.finish_and_clear();
+                return Err(anyhow::Error::from(err)
+                    .context(format!("import stopped at row {start}: rows 0..{start} are imported (a rerun skips them)")));
+            }
+        };
         let mut reqs = Vec::with_capacity(end - start);
         let mut consents = Vec::new();
-        for (i, subject) in subjects.iter().enumerate().take(end).skip(start) {
+        for (subject, row) in subjects[start..end].iter().zip(block.chunks_exact(cols.max(1))) {
             // Rows an earlier, interrupted run stored already are recognised and skipped.
-            if e.enrolled_copy(subject, m.row(i))?.is_some() {
+            if e.enrolled_copy(subject, row)?.is_some() {
                 skipped += 1;
                 continue;
             }
@@ -325,7 +342,7 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
             if seen.insert(subject.clone()) && !e.has_consent(&cid) {
                 consents.push(ConsentRecord::new(cid.clone(), subject.as_str(), basis.clone(), ps.clone(), op.as_str(), AgeBracket::Adult));
             }
-            reqs.push(Enrolment::new(subject.clone(), cid, ps.clone(), m.row(i).to_vec()));
+            reqs.push(Enrolment::new(subject.clone(), cid, ps.clone(), row.to_vec()));
         }
         let done = (|| -> anyhow::Result<u64> {
             e.record_consents(&op, consents)?;
