@@ -525,6 +525,16 @@ pub fn write_i64_vec(path: impl AsRef<Path>, data: &[i64]) -> Result<()> {
     write_array(path, &[data.len()], data)
 }
 
+/// The header of an open `.npy` that must hold a 2-D `<f4` array, and the file's length.
+fn f32_matrix_header(f: &mut File, path: &Path) -> Result<(NpyHeader, u64)> {
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let h = read_header_from(f, file_len, path)?;
+    if h.dtype != NpyDtype::F32 || h.shape.len() != 2 {
+        return Err(incompatible(path, format!("expected a 2-D '<f4' array, got {:?} with shape {:?}", h.dtype.descr(), h.shape)));
+    }
+    Ok((h, file_len))
+}
+
 /// A 2-D `<f4` file read a block of rows at a time: a bulk import of
 /// millions of rows holds one block, not the file (`facematch import`).
 #[derive(Debug)]
@@ -543,11 +553,7 @@ impl F32Rows {
     pub fn open(path: impl AsRef<Path>) -> Result<F32Rows> {
         let path = path.as_ref();
         let mut file = crate::fs::open_input(path)?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let h = read_header_from(&mut file, file_len, path)?;
-        if h.dtype != NpyDtype::F32 || h.shape.len() != 2 {
-            return Err(incompatible(path, format!("expected a 2-D '<f4' array, got {:?} with shape {:?}", h.dtype.descr(), h.shape)));
-        }
+        let (h, _) = f32_matrix_header(&mut file, path)?;
         let mut r = F32Rows {
             file,
             path: path.to_path_buf(),
@@ -616,11 +622,7 @@ impl MmapMatrix {
             return Err(incompatible(path, "memory-mapping little-endian .npy needs a little-endian CPU"));
         }
         let mut f = crate::fs::open_input(path)?;
-        let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-        let h = read_header_from(&mut f, file_len, path)?;
-        if h.dtype != NpyDtype::F32 || h.shape.len() != 2 {
-            return Err(incompatible(path, format!("expected a 2-D '<f4' array, got {:?} with shape {:?}", h.dtype.descr(), h.shape)));
-        }
+        let (h, file_len) = f32_matrix_header(&mut f, path)?;
         // SAFETY: the file is opened read-only; see the type-level note on concurrent modification.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         if map.len() as u64 != file_len {

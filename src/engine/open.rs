@@ -182,7 +182,8 @@ impl EngineBuilder {
         let logp = dir.join(store::LOG);
         let snapp = dir.join(store::SNAPSHOT);
         let t0 = Instant::now();
-        let file_id = store::peek_file_id(&gdir, store::LOG)?;
+        let peeked = store::peek(&gdir, store::LOG)?;
+        let (file_id, log_bytes) = (peeked.map(|p| p.0), peeked.map_or(0, |p| p.1) as usize);
         let candidate = snapshot::read_header(&gdir, store::SNAPSHOT)?.filter(|h| Some(h.log_id) == file_id);
         let hint = candidate.map_or(0, |h| h.slots as usize);
         let (loaded, replayed) = std::thread::scope(|s| {
@@ -196,7 +197,7 @@ impl EngineBuilder {
                 })
             });
             let t = Instant::now();
-            let replayed = replay(&gdir, &cipher, cfg, &logp, hint);
+            let replayed = replay(&gdir, &cipher, cfg, &logp, hint, log_bytes);
             tracing::debug!(ms = t.elapsed().as_millis() as u64, "template log replayed");
             (job.map(|j| j.join()), replayed)
         });
@@ -211,7 +212,7 @@ impl EngineBuilder {
         let mut r = replayed?;
         if index.is_none() && hint > 0 {
             // The replay left the snapshot's vectors out: replay again, keeping them all.
-            r = replay(&gdir, &cipher, cfg, &logp, 0)?;
+            r = replay(&gdir, &cipher, cfg, &logp, 0, log_bytes)?;
         }
         let t_load = t0.elapsed();
         let snapshot_frames = index.as_ref().map(|(_, f)| *f);
@@ -331,13 +332,12 @@ struct Replay {
 
 /// Replay every frame of the template log in order, straight into a new
 /// state; vectors of the first `have` enrolments (a snapshot holds them)
-/// are not converted.
-fn replay(gdir: &Dir, cipher: &store::Cipher, cfg: &GalleryConfig, logp: &Path, have: usize) -> Result<Replay> {
+/// are not converted. `log_bytes` (the file's length) sizes the state.
+fn replay(gdir: &Dir, cipher: &store::Cipher, cfg: &GalleryConfig, logp: &Path, have: usize, log_bytes: usize) -> Result<Replay> {
     let mut st = State::new(VectorIndex::new(cfg.dim, cfg.index.clone())?);
     // About as many templates as the snapshot's header says, or as the log's
     // size suggests; never more than the log's bytes could hold (the header
     // is not authenticated yet).
-    let log_bytes = gdir.open_read(store::LOG)?.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len()) as usize;
     st.reserve(have.max(log_bytes / 1024).min(log_bytes / (40 + 4 * cfg.dim)));
     let mut pending: Vec<f32> = Vec::new();
     let mut enrol_ordinal = 0usize;
@@ -487,10 +487,8 @@ pub(super) fn calibrate_index(index: &mut VectorIndex) -> bool {
     if !index.needs_calibration() {
         return false;
     }
-    {
-        let c = index.calibrate(CALIBRATION_TARGET, CALIBRATION_PROBES, CALIBRATION_SEED);
-        tracing::debug!(ef = ?c.ef, agreement = c.agreement, live = c.live, "index calibrated");
-    }
+    let c = index.calibrate(CALIBRATION_TARGET, CALIBRATION_PROBES, CALIBRATION_SEED);
+    tracing::debug!(ef = ?c.ef, agreement = c.agreement, live = c.live, "index calibrated");
     true
 }
 

@@ -126,18 +126,19 @@ pub(crate) fn good_prefix(dir: &Dir, name: &str, cipher: &Cipher) -> Result<(u64
     Ok((pos as u64, frames, len, file_id))
 }
 
-/// The file id in a log's header, without reading further (`None` when
-/// there is no log or its header is not one: opening reports that).
-pub(crate) fn peek_file_id(dir: &Dir, name: &str) -> Result<Option<[u8; 16]>> {
+/// A log's file id and length, from its header, without reading further
+/// (`None` when there is no log or its header is not one: opening reports that).
+pub(crate) fn peek(dir: &Dir, name: &str) -> Result<Option<([u8; 16], u64)>> {
     use std::io::Read;
     let Some(mut f) = dir.open_read(name)? else { return Ok(None) };
+    let len = f.metadata().map_err(|e| Error::io(dir.join(name), e))?.len();
     let mut h = [0u8; HEADER_LEN];
     if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC {
         return Ok(None);
     }
     let mut id = [0u8; 16];
     id.copy_from_slice(&h[16..32]);
-    Ok(Some(id))
+    Ok(Some((id, len)))
 }
 
 /// An open log, positioned at its end, ready to append.
