@@ -103,6 +103,11 @@ impl SubjectId {
         check_name("subject", &id, 128)?;
         Ok(SubjectId(id))
     }
+
+    /// A subject id the gallery validated when it first stored it.
+    pub(crate) fn from_trusted(id: &str) -> Self {
+        SubjectId(id.to_string())
+    }
 }
 
 /// Who performs an operation (an operator account, a service identity).
@@ -268,7 +273,7 @@ impl PurposePolicy {
 }
 
 /// The legal ground for processing a person's face information.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", content = "detail", rename_all = "snake_case")]
 pub enum ConsentBasis {
     /// Separate, informed, voluntary consent.
@@ -314,7 +319,7 @@ impl AgeBracket {
 }
 
 /// A parent's or guardian's consent for a person under 14.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuardianConsent {
     /// Who the guardian is (an id or reference, as the operator records it).
     pub guardian: String,

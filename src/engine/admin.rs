@@ -108,10 +108,10 @@ impl Engine {
         let st = self.state.read();
         // Templates serving the purpose, grouped by subject.
         let mut subjects: Vec<(u32, Vec<u32>)> = Vec::new();
-        for (&si, ts) in &st.live_by_subject {
-            let slots: Vec<u32> = ts
-                .iter()
-                .filter_map(|t| st.by_template.get(t).copied())
+        for si in st.live_subjects() {
+            let slots: Vec<u32> = st
+                .live_slots(si)
+                .into_iter()
                 .filter(|&s| {
                     let sl = &st.slots[s as usize];
                     sl.mask & (1 << bit) != 0 && sl.enrolled_at_ms > cutoff
@@ -126,7 +126,7 @@ impl Engine {
         }
         let own: Vec<Option<u32>> = labels
             .iter()
-            .map(|l| l.as_ref().and_then(|s| st.subject_idx.get(s).copied()).filter(|si| subjects.iter().any(|(x, _)| x == si)))
+            .map(|l| l.as_ref().and_then(|s| st.subject_index(s)).filter(|si| subjects.iter().any(|(x, _)| x == si)))
             .collect();
         // Upper tail of non-mated scores kept per probe (enough to place any threshold at the target).
         let trials: u64 = match mode {
@@ -262,7 +262,7 @@ impl Engine {
             }
             if let Some(v) = st.index.vector(i as u32) {
                 data.extend_from_slice(v);
-                rows.push(serde_json::json!({"template": s.template, "subject": st.subject_ids[s.subject as usize]}));
+                rows.push(serde_json::json!({"template": s.template, "subject": st.subject_id(s.subject)}));
             }
         }
         drop(st);
@@ -295,7 +295,7 @@ impl Engine {
             slots: st.index.slots() as u64,
             deleted_fraction: st.index.deleted_fraction(),
             per_purpose,
-            consents: st.consents.len() as u64,
+            consents: st.consent_count(),
             log_bytes: w.log.len(),
             index_memory_bytes: st.index.memory_bytes() as u64,
             metadata_memory_bytes: st.memory_bytes() as u64,
@@ -317,29 +317,27 @@ impl Engine {
         let dim = self.manifest.read().config.dim;
         let v = normalise(dim, embedding)?;
         let st = self.state.read();
-        let Some(live) = st.subject_idx.get(subject).and_then(|si| st.live_by_subject.get(si)) else { return Ok(None) };
-        Ok(live.iter().copied().find(|t| {
-            st.by_template
-                .get(t)
-                .and_then(|&slot| st.index.vector(slot))
-                .is_some_and(|x| x.iter().zip(&v).all(|(a, b)| (a - b).abs() <= 1e-6))
-        }))
+        let Some(si) = st.subject_index(subject) else { return Ok(None) };
+        Ok(st
+            .live_slots(si)
+            .into_iter()
+            .find(|&slot| st.index.vector(slot).is_some_and(|x| x.iter().zip(&v).all(|(a, b)| (a - b).abs() <= 1e-6)))
+            .map(|slot| st.slots[slot as usize].template))
     }
 
     /// Live template ids of a subject.
     pub fn templates_of(&self, subject: &SubjectId) -> Vec<u64> {
-        let st = self.state.read();
-        st.subject_idx.get(subject).and_then(|i| st.live_by_subject.get(i)).cloned().unwrap_or_default()
+        self.state.read().templates_of(subject)
     }
 
     /// Whether a consent record with this id exists (withdrawn or not).
     pub fn has_consent(&self, consent_id: &str) -> bool {
-        self.state.read().consents.contains_key(consent_id)
+        self.state.read().has_consent(consent_id)
     }
 
     /// Consent records of a subject (kept for the audit trail, withdrawn ones included).
     pub fn consents_of(&self, subject: &SubjectId) -> Vec<ConsentRecord> {
-        self.state.read().consents.values().filter(|c| &c.subject == subject).cloned().collect()
+        self.state.read().consents_of(subject)
     }
 
     /// Flush the audit log and write a snapshot if many frames are not in it.

@@ -26,8 +26,8 @@ impl Engine {
             let st = self.state.read();
             let mut batch: HashMap<&str, &SubjectId> = HashMap::new();
             for c in &consents {
-                let owner = st.consents.get(&c.consent_id).map(|o| &o.subject).or(batch.get(c.consent_id.as_str()).copied());
-                if owner.is_some_and(|s| s != &c.subject) {
+                let owner = st.consent_owner(&c.consent_id).or(batch.get(c.consent_id.as_str()).map(|s| s.as_str()));
+                if owner.is_some_and(|s| s != c.subject.as_str()) {
                     return Err(Error::PolicyViolation {
                         rule: "consent-record",
                         reason: format!("consent id {} belongs to another subject", c.consent_id),
@@ -63,7 +63,7 @@ impl Engine {
         {
             let mut st = self.state.write();
             for c in &consents {
-                st.consents.insert(c.consent_id.clone(), c.clone());
+                st.put_consent(c);
             }
         }
         drop(w);
@@ -87,7 +87,7 @@ impl Engine {
         if e.purposes.is_empty() {
             return Err(Error::PolicyViolation { rule: "specific-purpose", reason: "enrolment names no purpose".into() });
         }
-        let consent = st.consents.get(&e.consent_id).ok_or_else(|| Error::PolicyViolation {
+        let consent = st.consent(&e.consent_id).ok_or_else(|| Error::PolicyViolation {
             rule: "consent-required",
             reason: format!("no consent record {} (record consent before enrolling)", e.consent_id),
         })?;
@@ -125,14 +125,9 @@ impl Engine {
         };
         if !e.force {
             // Another template of someone already enrolled must look like them.
-            let live = st.subject_idx.get(&e.subject).and_then(|si| st.live_by_subject.get(si));
-            if let Some(live) = live.filter(|l| !l.is_empty()) {
-                let best = live
-                    .iter()
-                    .filter_map(|t| st.by_template.get(t))
-                    .filter_map(|&slot| st.index.vector(slot))
-                    .map(|v| dot(v, &vector))
-                    .fold(f32::MIN, f32::max);
+            let live = st.subject_index(&e.subject).map(|si| st.live_slots(si)).unwrap_or_default();
+            if !live.is_empty() {
+                let best = live.iter().filter_map(|&slot| st.index.vector(slot)).map(|v| dot(v, &vector)).fold(f32::MIN, f32::max);
                 let need = e.purposes.iter().filter_map(|p| cfg.purpose(p)).map(|p| p.verify_threshold).fold(f32::MAX, f32::min);
                 if best < need {
                     return Err(Error::PolicyViolation {

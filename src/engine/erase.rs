@@ -23,8 +23,8 @@ impl Engine {
                     st.index.remove(slot)?;
                 }
                 if let Some(si) = subj {
-                    if st.live_by_subject.get(&si).is_none_or(|v| v.is_empty()) {
-                        subjects.push(st.subject_ids[si as usize].to_string());
+                    if st.subjects.live[si as usize] == 0 {
+                        subjects.push(st.subject_id(si).to_string());
                     }
                 }
             }
@@ -68,9 +68,8 @@ impl Engine {
     pub fn withdraw(&self, operator: &Operator, subject: &SubjectId) -> Result<ErasureReport> {
         let (templates, consents) = {
             let st = self.state.read();
-            let templates = st.subject_idx.get(subject).and_then(|i| st.live_by_subject.get(i)).cloned().unwrap_or_default();
-            let consents: Vec<ConsentRecord> =
-                st.consents.values().filter(|c| &c.subject == subject && c.withdrawn_at_ms.is_none()).cloned().collect();
+            let templates = st.templates_of(subject);
+            let consents: Vec<ConsentRecord> = st.consents_of(subject).into_iter().filter(|c| c.withdrawn_at_ms.is_none()).collect();
             if templates.is_empty() && consents.is_empty() {
                 return Err(Error::UnknownSubject(subject.to_string()));
             }
@@ -188,17 +187,12 @@ impl Engine {
             path: self.dir.clone(),
             reason: "index compaction map disagrees with the gallery metadata".into(),
         })?;
-        st.by_template = slots.iter().enumerate().map(|(i, s)| (s.template, i as u32)).collect();
-        st.min_expiry_ms = slots.iter().map(|s| s.expires_at_ms).min().unwrap_or(i64::MAX);
-        st.min_enrolled_ms = slots.iter().map(|s| s.enrolled_at_ms).min().unwrap_or(i64::MAX);
-        st.slots = slots;
+        st.renumber(slots);
 
         store::recover::clear_leftover(dir, log_name)?;
         let mut nl = LogWriter::create(dir, log_name, key.store_cipher())?;
-        let mut consents: Vec<&ConsentRecord> = st.consents.values().collect();
-        consents.sort_by(|a, b| a.consent_id.cmp(&b.consent_id));
-        let mut frames: Vec<Vec<u8>> =
-            consents.chunks(store::OPS_PER_FRAME).map(|c| Op::Consents(c.iter().map(|&r| r.clone()).collect()).encode()).collect();
+        let consents = st.all_consents();
+        let mut frames: Vec<Vec<u8>> = consents.chunks(store::OPS_PER_FRAME).map(|c| Op::Consents(c.to_vec()).encode()).collect();
         for (ci, chunk) in st.slots.chunks(store::OPS_PER_FRAME).enumerate() {
             let mut items = Vec::with_capacity(chunk.len());
             for (j, s) in chunk.iter().enumerate() {
@@ -269,9 +263,7 @@ impl Engine {
         w.log.append_durable(&frames)?;
         let mut st = self.state.write();
         for c in consents {
-            if let Some(x) = st.consents.get_mut(&c.consent_id) {
-                x.withdrawn_at_ms = Some(now);
-            }
+            st.set_withdrawn(&c.consent_id, now);
         }
         Ok(())
     }

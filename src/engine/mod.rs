@@ -67,6 +67,7 @@ mod erase;
 mod open;
 mod query;
 mod state;
+mod tables;
 mod types;
 
 pub use self::anchor::{verify_audit, Anchor, AuditVerification};

@@ -392,12 +392,10 @@ fn replay(gdir: &Dir, cipher: &store::Cipher, cfg: &GalleryConfig, logp: &Path, 
                     }
                 }
             }
-            Op::Consent(c) => {
-                st.consents.insert(c.consent_id.clone(), c);
-            }
+            Op::Consent(c) => st.put_consent(&c),
             Op::Consents(cs) => {
-                for c in cs {
-                    st.consents.insert(c.consent_id.clone(), c);
+                for c in &cs {
+                    st.put_consent(c);
                 }
             }
         }

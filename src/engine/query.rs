@@ -127,14 +127,13 @@ impl Engine {
         let cutoff = now.saturating_sub(policy.retention_days as i64 * DAY_MS);
         let best = {
             let st = self.state.read();
-            let si = *st.subject_idx.get(subject).ok_or_else(|| Error::UnknownSubject(subject.to_string()))?;
-            let templates = st.live_by_subject.get(&si).cloned().unwrap_or_default();
-            if templates.is_empty() {
+            let si = st.subject_index(subject).ok_or_else(|| Error::UnknownSubject(subject.to_string()))?;
+            let live = st.live_slots(si);
+            if live.is_empty() {
                 return Err(Error::UnknownSubject(subject.to_string()));
             }
             let mut best: Option<Candidate> = None;
-            for t in templates {
-                let Some(&slot) = st.by_template.get(&t) else { continue };
+            for slot in live {
                 let s = &st.slots[slot as usize];
                 if s.mask & (1 << bit) == 0 || s.enrolled_at_ms <= cutoff {
                     continue;
@@ -142,7 +141,7 @@ impl Engine {
                 if let Some(v) = st.index.vector(slot) {
                     let score = dot(&q, v);
                     if best.as_ref().is_none_or(|b| score > b.score) {
-                        best = Some(Candidate { subject: subject.clone(), template: t, score });
+                        best = Some(Candidate { subject: subject.clone(), template: s.template, score });
                     }
                 }
             }
@@ -299,7 +298,7 @@ impl Engine {
                 hs.into_iter()
                     .filter_map(|h| {
                         let s = st.slots.get(h.slot as usize)?;
-                        Some(Candidate { subject: st.subject_ids[s.subject as usize].clone(), template: s.template, score: h.score })
+                        Some(Candidate { subject: st.subject_id(s.subject), template: s.template, score: h.score })
                     })
                     .collect()
             })

@@ -5,6 +5,7 @@
 //! set and model) are interned once and referred to by index. Maps hash with
 //! foldhash (randomly seeded, so crafted ids cannot force collisions).
 
+use super::tables::{unlink, Consents, Interned, Linked, Subjects, NONE};
 use super::*;
 
 /// A `HashMap` with a fast, randomly seeded hasher.
@@ -13,7 +14,6 @@ pub(super) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 #[derive(Clone, Debug)]
 pub(super) struct Slot {
     pub(super) template: u64,
-    pub(super) subject: u32,
     pub(super) mask: u64,
     /// Enrolment time: the template serves purpose `p` while
     /// `enrolled_at_ms > now - retention(p)`.
@@ -22,35 +22,21 @@ pub(super) struct Slot {
     pub(super) expires_at_ms: i64,
     /// The expiry recorded at enrolment ([`TemplateMeta::expires_at_ms`]).
     pub(super) recorded_expiry_ms: i64,
-    /// Index into [`State::consent_ids`].
+    /// Index into [`State::subjects`].
+    pub(super) subject: u32,
+    /// Index into [`State::consents`] (its id table).
     pub(super) consent: u32,
     /// Index into [`State::purpose_sets`].
     pub(super) purposes: u32,
     /// Index into [`State::models`].
     pub(super) model: u32,
+    /// The subject's next live template's slot (its list), or [`NONE`].
+    pub(super) next: u32,
 }
 
-/// Distinct strings (or lists) by index.
-#[derive(Default)]
-pub(super) struct Interned<T: std::hash::Hash + Eq + Clone> {
-    pub(super) items: Vec<T>,
-    index: FastMap<T, u32>,
-}
-
-impl<T: std::hash::Hash + Eq + Clone> Interned<T> {
-    fn get_or_insert<Q>(&mut self, q: &Q) -> u32
-    where
-        T: std::borrow::Borrow<Q>,
-        Q: std::hash::Hash + Eq + ?Sized + ToOwned<Owned = T>,
-    {
-        if let Some(&i) = self.index.get(q) {
-            return i;
-        }
-        let i = self.items.len() as u32;
-        let owned = q.to_owned();
-        self.items.push(owned.clone());
-        self.index.insert(owned, i);
-        i
+impl Linked for Slot {
+    fn next_mut(&mut self) -> &mut u32 {
+        &mut self.next
     }
 }
 
@@ -58,11 +44,8 @@ pub(super) struct State {
     pub(super) index: VectorIndex,
     pub(super) slots: Vec<Slot>,
     pub(super) by_template: FastMap<u64, u32>,
-    pub(super) subject_ids: Vec<SubjectId>,
-    pub(super) subject_idx: FastMap<SubjectId, u32>,
-    pub(super) live_by_subject: FastMap<u32, Vec<u64>>,
-    pub(super) consents: FastMap<String, ConsentRecord>,
-    pub(super) consent_ids: Interned<String>,
+    pub(super) subjects: Subjects,
+    pub(super) consents: Consents,
     pub(super) purpose_sets: Interned<Vec<Purpose>>,
     /// Purpose sets by their encoding in a frame (replay skips re-validating them).
     purposes_by_bytes: FastMap<Vec<u8>, u32>,
@@ -81,11 +64,8 @@ impl State {
             index,
             slots: Vec::new(),
             by_template: FastMap::default(),
-            subject_ids: Vec::new(),
-            subject_idx: FastMap::default(),
-            live_by_subject: FastMap::default(),
-            consents: FastMap::default(),
-            consent_ids: Interned::default(),
+            subjects: Subjects::default(),
+            consents: Consents::default(),
             purpose_sets: Interned::default(),
             purposes_by_bytes: FastMap::default(),
             models: Interned::default(),
@@ -97,30 +77,58 @@ impl State {
     }
 
     /// Room for about `n` more templates, subjects and consents at once (a
-    /// replay that grows the maps step by step rehashes and re-faults them).
+    /// replay that grows the tables step by step rehashes and re-faults them).
     pub(super) fn reserve(&mut self, n: usize) {
         self.slots.reserve(n);
         self.by_template.reserve(n);
-        self.subject_ids.reserve(n);
-        self.subject_idx.reserve(n);
-        self.live_by_subject.reserve(n);
+        self.subjects.reserve(n);
         self.consents.reserve(n);
-        self.consent_ids.items.reserve(n);
-        self.consent_ids.index.reserve(n);
     }
 
+    /// The index of a subject, added if new.
     pub(super) fn subject(&mut self, s: &SubjectId) -> u32 {
-        if let Some(&i) = self.subject_idx.get(s) {
-            return i;
-        }
-        let i = self.subject_ids.len() as u32;
-        self.subject_ids.push(s.clone());
-        self.subject_idx.insert(s.clone(), i);
-        i
+        self.subjects.intern(s.as_str())
+    }
+
+    /// The index of a subject the gallery knows.
+    pub(super) fn subject_index(&self, s: &SubjectId) -> Option<u32> {
+        self.subjects.find(s.as_str())
+    }
+
+    /// The subject at index `i`.
+    pub(super) fn subject_id(&self, i: u32) -> SubjectId {
+        self.subjects.id(i)
     }
 
     pub(super) fn people(&self) -> u64 {
-        self.live_by_subject.values().filter(|v| !v.is_empty()).count() as u64
+        self.subjects.people
+    }
+
+    /// Live template ids of subject index `si`, oldest first.
+    pub(super) fn live_templates(&self, si: u32) -> Vec<u64> {
+        self.live_slots(si).into_iter().map(|s| self.slots[s as usize].template).collect()
+    }
+
+    /// Slots of the live templates of subject index `si`, oldest first.
+    pub(super) fn live_slots(&self, si: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut k = self.subjects.first_slot.get(si as usize).copied().unwrap_or(NONE);
+        while k != NONE {
+            out.push(k);
+            k = self.slots[k as usize].next;
+        }
+        out.reverse();
+        out
+    }
+
+    /// Live template ids of a subject, oldest first (empty if unknown).
+    pub(super) fn templates_of(&self, s: &SubjectId) -> Vec<u64> {
+        self.subject_index(s).map(|si| self.live_templates(si)).unwrap_or_default()
+    }
+
+    /// Subject indexes with at least one live template.
+    pub(super) fn live_subjects(&self) -> impl Iterator<Item = u32> + '_ {
+        self.subjects.live.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, _)| i as u32)
     }
 
     /// The metadata of the template at `slot` (as it was enrolled).
@@ -128,11 +136,11 @@ impl State {
         let s = self.slots.get(slot as usize)?;
         Some(TemplateMeta {
             template: s.template,
-            subject: self.subject_ids.get(s.subject as usize)?.clone(),
+            subject: self.subjects.id(s.subject),
             purposes: self.purpose_sets.items.get(s.purposes as usize)?.clone(),
             enrolled_at_ms: s.enrolled_at_ms,
             expires_at_ms: s.recorded_expiry_ms,
-            consent_id: self.consent_ids.items.get(s.consent as usize)?.clone(),
+            consent_id: self.consents.ids.get(s.consent).to_string(),
             model_id: self.models.items.get(s.model as usize)?.clone(),
         })
     }
@@ -141,6 +149,52 @@ impl State {
     pub(super) fn meta_of(&self, template: u64) -> Option<TemplateMeta> {
         self.by_template.get(&template).and_then(|&slot| self.meta(slot))
     }
+
+    // --- consents ---------------------------------------------------------------
+
+    /// A recorded consent by id (withdrawn or not).
+    pub(super) fn consent(&self, id: &str) -> Option<ConsentRecord> {
+        self.consents.get(&self.subjects, id)
+    }
+
+    pub(super) fn has_consent(&self, id: &str) -> bool {
+        self.consents.contains(id)
+    }
+
+    /// Whose a recorded consent is.
+    pub(super) fn consent_owner(&self, id: &str) -> Option<&str> {
+        self.consents.owner(id).map(|si| self.subjects.names.get(si))
+    }
+
+    /// Record (or replace, e.g. with its withdrawal) a consent.
+    pub(super) fn put_consent(&mut self, c: &ConsentRecord) {
+        let si = self.subjects.intern(c.subject.as_str());
+        self.consents.put(&mut self.subjects, si, c);
+    }
+
+    pub(super) fn set_withdrawn(&mut self, id: &str, at: i64) {
+        self.consents.set_withdrawn(id, at);
+    }
+
+    /// A subject's consent records, withdrawn ones included, oldest first.
+    pub(super) fn consents_of(&self, s: &SubjectId) -> Vec<ConsentRecord> {
+        let Some(si) = self.subject_index(s) else { return Vec::new() };
+        self.consents.of_subject(&self.subjects, si).into_iter().filter_map(|i| self.consents.record_at(&self.subjects, i)).collect()
+    }
+
+    pub(super) fn consent_count(&self) -> u64 {
+        self.consents.recorded
+    }
+
+    /// Every recorded consent, by id.
+    pub(super) fn all_consents(&self) -> Vec<ConsentRecord> {
+        let mut all: Vec<ConsentRecord> =
+            (0..self.consents.rows.len() as u32).filter_map(|i| self.consents.record_at(&self.subjects, i)).collect();
+        all.sort_by(|a, b| a.consent_id.cmp(&b.consent_id));
+        all
+    }
+
+    // --- templates --------------------------------------------------------------
 
     /// Register metadata of an enrolment whose vector sits at `slot`.
     pub(super) fn note_enrol(&mut self, cfg: &GalleryConfig, meta: &TemplateMeta, slot: u32) {
@@ -162,8 +216,8 @@ impl State {
     /// [`State::note_enrol`] from a frame's borrowed metadata: validates and
     /// allocates only what is new (a subject, consent or purpose set not seen before).
     pub(super) fn note_enrol_ref(&mut self, cfg: &GalleryConfig, m: &store::MetaRef<'_>, slot: u32) -> std::result::Result<(), String> {
-        let subject = match self.subject_idx.get(m.subject) {
-            Some(&i) => i,
+        let subject = match self.subjects.find(m.subject) {
+            Some(i) => i,
             None => self.subject(&SubjectId::new(m.subject).map_err(|e| format!("subject: {e}"))?),
         };
         let purposes = match self.purposes_by_bytes.get(m.purposes_raw) {
@@ -209,57 +263,77 @@ impl State {
         let expires_at_ms = expires.unwrap_or(recorded_expiry_ms);
         self.min_expiry_ms = self.min_expiry_ms.min(expires_at_ms);
         self.min_enrolled_ms = self.min_enrolled_ms.min(enrolled_at_ms);
-        let consent = self.consent_ids.get_or_insert(consent_id);
+        let consent = self.consents.intern(consent_id);
         let model = self.models.get_or_insert(model_id);
-        self.slots.push(Slot { template, subject, mask, enrolled_at_ms, expires_at_ms, recorded_expiry_ms, consent, purposes, model });
+        let next = self.link_live(subject, slot);
+        self.slots.push(Slot {
+            template,
+            mask,
+            enrolled_at_ms,
+            expires_at_ms,
+            recorded_expiry_ms,
+            subject,
+            consent,
+            purposes,
+            model,
+            next,
+        });
         self.by_template.insert(template, slot);
-        self.live_by_subject.entry(subject).or_default().push(template);
         self.next_template = self.next_template.max(template + 1);
+    }
+
+    /// Put `slot` at the head of its subject's live list; returns the old head.
+    fn link_live(&mut self, subject: u32, slot: u32) -> u32 {
+        let si = subject as usize;
+        let next = std::mem::replace(&mut self.subjects.first_slot[si], slot);
+        self.subjects.live[si] += 1;
+        if self.subjects.live[si] == 1 {
+            self.subjects.people += 1;
+        }
+        next
     }
 
     /// Forget a template's metadata (the index tombstone is set by the caller).
     pub(super) fn note_delete(&mut self, template: u64) -> Option<u32> {
         let slot = self.by_template.remove(&template)?;
         let s = &self.slots[slot as usize];
+        let (mask, si) = (s.mask, s.subject as usize);
         for b in 0..64 {
-            if s.mask & (1 << b) != 0 {
+            if mask & (1 << b) != 0 {
                 self.per_purpose[b] = self.per_purpose[b].saturating_sub(1);
             }
         }
-        if let Some(v) = self.live_by_subject.get_mut(&s.subject) {
-            v.retain(|&t| t != template);
+        unlink(&mut self.subjects.first_slot[si], &mut self.slots, slot);
+        self.subjects.live[si] = self.subjects.live[si].saturating_sub(1);
+        if self.subjects.live[si] == 0 {
+            self.subjects.people = self.subjects.people.saturating_sub(1);
         }
         Some(slot)
+    }
+
+    /// Replace the slots (renumbered by a compaction, all live) and rebuild
+    /// what refers to slot numbers.
+    pub(super) fn renumber(&mut self, slots: Vec<Slot>) {
+        self.by_template = slots.iter().enumerate().map(|(i, s)| (s.template, i as u32)).collect();
+        self.min_expiry_ms = slots.iter().map(|s| s.expires_at_ms).min().unwrap_or(i64::MAX);
+        self.min_enrolled_ms = slots.iter().map(|s| s.enrolled_at_ms).min().unwrap_or(i64::MAX);
+        self.slots = slots;
+        self.subjects.first_slot.iter_mut().for_each(|h| *h = NONE);
+        self.subjects.live.iter_mut().for_each(|n| *n = 0);
+        self.subjects.people = 0;
+        for i in 0..self.slots.len() {
+            let si = self.slots[i].subject;
+            self.slots[i].next = self.link_live(si, i as u32);
+        }
     }
 
     /// Heap bytes held by the metadata (an estimate: capacities times entry
     /// sizes, map overhead one control byte per bucket, string bytes).
     pub(super) fn memory_bytes(&self) -> usize {
-        fn map<K, V>(m: &FastMap<K, V>) -> usize {
-            m.capacity() * (std::mem::size_of::<(K, V)>() + 1)
-        }
-        let strings = |v: &[String]| v.iter().map(|s| s.capacity() + std::mem::size_of::<String>() * 2).sum::<usize>();
         self.slots.capacity() * std::mem::size_of::<Slot>()
-            + map(&self.by_template)
-            + self.subject_ids.iter().map(|s| s.as_str().len() * 2).sum::<usize>()
-            + self.subject_ids.capacity() * std::mem::size_of::<SubjectId>()
-            + map(&self.subject_idx)
-            + map(&self.live_by_subject)
-            + self.live_by_subject.values().map(|v| v.capacity() * 8).sum::<usize>()
-            + map(&self.consents)
-            + self.consents.values().map(consent_heap_bytes).sum::<usize>()
-            + strings(&self.consent_ids.items)
-            + strings(&self.models.items)
+            + self.by_template.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + self.subjects.memory_bytes()
+            + self.consents.memory_bytes()
+            + self.models.items.iter().map(|s| s.capacity() + std::mem::size_of::<String>() * 2).sum::<usize>()
     }
-}
-
-/// Heap bytes of one consent record and its key in [`State::consents`]
-/// (strings and lists; a guardian's record counted at its size).
-fn consent_heap_bytes(c: &ConsentRecord) -> usize {
-    2 * c.consent_id.capacity()
-        + c.subject.as_str().len()
-        + c.collected_by.capacity()
-        + c.purposes.capacity() * std::mem::size_of::<Purpose>()
-        + c.purposes.iter().map(|p| p.as_str().len()).sum::<usize>()
-        + c.guardian.as_ref().map_or(0, |_| 128)
 }

@@ -1,0 +1,394 @@
+//! Compact tables of the gallery's metadata: strings stored end to end and
+//! found by content, subjects with their live templates and consents as
+//! lists threaded through fixed-size records, consent records as fixed-size
+//! rows. No heap object per template, subject or consent: at a million
+//! people this is the difference between ~0.2 and ~0.8 GB (docs/PERFORMANCE.md).
+
+use super::*;
+use crate::compliance::{AgeBracket, ConsentBasis, GuardianConsent};
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
+
+/// "No entry" in the threaded lists and optional indexes.
+pub(super) const NONE: u32 = u32::MAX;
+
+/// Distinct strings, stored end to end in one buffer, by index and by content.
+#[derive(Default)]
+pub(super) struct StrTable {
+    bytes: String,
+    ends: Vec<u64>,
+    index: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl StrTable {
+    /// The string at `i` ("" if out of range).
+    pub(super) fn get(&self, i: u32) -> &str {
+        let i = i as usize;
+        if i >= self.ends.len() {
+            return "";
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        // Whole strings were pushed, so both ends are char boundaries.
+        &self.bytes[start..self.ends[i] as usize]
+    }
+
+    pub(super) fn find(&self, s: &str) -> Option<u32> {
+        let h = self.hasher.hash_one(s);
+        self.index.find(h, |&i| self.get(i) == s).copied()
+    }
+
+    /// The index of `s`, added if new.
+    pub(super) fn intern(&mut self, s: &str) -> u32 {
+        if let Some(i) = self.find(s) {
+            return i;
+        }
+        let i = self.ends.len() as u32;
+        self.bytes.push_str(s);
+        self.ends.push(self.bytes.len() as u64);
+        let h = self.hasher.hash_one(s);
+        let (bytes, ends, hasher) = (&self.bytes, &self.ends, &self.hasher);
+        self.index.insert_unique(h, i, |&j| {
+            let j = j as usize;
+            let start = if j == 0 { 0 } else { ends[j - 1] as usize };
+            hasher.hash_one(&bytes[start..ends[j] as usize])
+        });
+        i
+    }
+
+    /// Room for `n` more strings of about `avg` bytes.
+    pub(super) fn reserve(&mut self, n: usize, avg: usize) {
+        self.bytes.reserve(n.saturating_mul(avg));
+        self.ends.reserve(n);
+        let (bytes, ends, hasher) = (&self.bytes, &self.ends, &self.hasher);
+        self.index.reserve(n, |&j| {
+            let j = j as usize;
+            let start = if j == 0 { 0 } else { ends[j - 1] as usize };
+            hasher.hash_one(&bytes[start..ends[j] as usize])
+        });
+    }
+
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.bytes.capacity() + self.ends.capacity() * 8 + self.index.capacity() * (4 + 1)
+    }
+}
+
+/// Distinct values (purpose sets, consent bases, guardians) by index.
+pub(super) struct Interned<T: std::hash::Hash + Eq + Clone> {
+    pub(super) items: Vec<T>,
+    index: HashMap<T, u32, foldhash::fast::RandomState>,
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Default for Interned<T> {
+    fn default() -> Self {
+        Interned { items: Vec::new(), index: HashMap::default() }
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Interned<T> {
+    pub(super) fn get_or_insert<Q>(&mut self, q: &Q) -> u32
+    where
+        T: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized + ToOwned<Owned = T>,
+    {
+        if let Some(&i) = self.index.get(q) {
+            return i;
+        }
+        let i = self.items.len() as u32;
+        let owned = q.to_owned();
+        self.items.push(owned.clone());
+        self.index.insert(owned, i);
+        i
+    }
+}
+
+/// Subjects: names, how many live templates each has, and the heads of
+/// their template list (threaded through [`Slot::next`]) and consent list
+/// (threaded through [`Consent::next`]).
+#[derive(Default)]
+pub(super) struct Subjects {
+    pub(super) names: StrTable,
+    pub(super) first_slot: Vec<u32>,
+    pub(super) live: Vec<u32>,
+    pub(super) first_consent: Vec<u32>,
+    /// Subjects with at least one live template.
+    pub(super) people: u64,
+}
+
+impl Subjects {
+    pub(super) fn find(&self, s: &str) -> Option<u32> {
+        self.names.find(s)
+    }
+
+    /// The index of an already validated subject id, added if new.
+    pub(super) fn intern(&mut self, s: &str) -> u32 {
+        let i = self.names.intern(s);
+        if i as usize == self.first_slot.len() {
+            self.first_slot.push(NONE);
+            self.live.push(0);
+            self.first_consent.push(NONE);
+        }
+        i
+    }
+
+    pub(super) fn id(&self, i: u32) -> SubjectId {
+        SubjectId::from_trusted(self.names.get(i))
+    }
+
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.names.reserve(n, 16);
+        self.first_slot.reserve(n);
+        self.live.reserve(n);
+        self.first_consent.reserve(n);
+    }
+
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.names.memory_bytes() + (self.first_slot.capacity() + self.live.capacity() + self.first_consent.capacity()) * 4
+    }
+}
+
+/// One consent record as a fixed-size row; its id is the row's index in
+/// [`Consents::ids`] (shared with the templates' consent references).
+#[derive(Clone, Debug)]
+pub(super) struct Consent {
+    pub(super) subject: u32,
+    pub(super) purposes: u32,
+    pub(super) basis: u32,
+    pub(super) collected_by: u32,
+    /// Index into [`Consents::guardians`], or [`NONE`].
+    pub(super) guardian: u32,
+    /// The subject's next consent, or [`NONE`].
+    pub(super) next: u32,
+    pub(super) given_at_ms: i64,
+    /// `i64::MIN` while not withdrawn.
+    pub(super) withdrawn_at_ms: i64,
+    pub(super) age: AgeBracket,
+    /// False for an id a template names without a record in this gallery.
+    pub(super) recorded: bool,
+}
+
+/// Consent records by id.
+#[derive(Default)]
+pub(super) struct Consents {
+    pub(super) ids: StrTable,
+    pub(super) rows: Vec<Consent>,
+    pub(super) purpose_sets: Interned<Vec<Purpose>>,
+    pub(super) bases: Interned<ConsentBasis>,
+    pub(super) collectors: StrTable,
+    pub(super) guardians: Interned<GuardianConsent>,
+    pub(super) recorded: u64,
+}
+
+impl Consents {
+    /// The index of a consent id, added (unrecorded) if new.
+    pub(super) fn intern(&mut self, id: &str) -> u32 {
+        let i = self.ids.intern(id);
+        if i as usize == self.rows.len() {
+            self.rows.push(Consent {
+                subject: NONE,
+                purposes: 0,
+                basis: 0,
+                collected_by: 0,
+                guardian: NONE,
+                next: NONE,
+                given_at_ms: 0,
+                withdrawn_at_ms: i64::MIN,
+                age: AgeBracket::Adult,
+                recorded: false,
+            });
+        }
+        i
+    }
+
+    fn row(&self, id: &str) -> Option<(u32, &Consent)> {
+        let i = self.ids.find(id)?;
+        let r = &self.rows[i as usize];
+        r.recorded.then_some((i, r))
+    }
+
+    /// Record (or replace) a consent of subject `subject` (an index of
+    /// [`Subjects`]). Returns whether it is new to this table.
+    pub(super) fn put(&mut self, subjects: &mut Subjects, subject: u32, c: &ConsentRecord) -> bool {
+        let i = self.intern(&c.consent_id);
+        let purposes = self.purpose_sets.get_or_insert(c.purposes.as_slice());
+        let basis = self.bases.get_or_insert(&c.basis);
+        let collected_by = self.collectors.intern(&c.collected_by);
+        let guardian = c.guardian.as_ref().map_or(NONE, |g| self.guardians.get_or_insert(g));
+        let row = &mut self.rows[i as usize];
+        let new = !row.recorded;
+        if new {
+            self.recorded += 1;
+        }
+        // A consent id belongs to one subject (checked when recorded); a row
+        // that changes hands anyway (a log written elsewhere) moves lists.
+        if row.subject != subject {
+            if row.subject != NONE {
+                unlink(&mut subjects.first_consent[row.subject as usize], &mut self.rows, i);
+            }
+            let row = &mut self.rows[i as usize];
+            row.next = subjects.first_consent[subject as usize];
+            subjects.first_consent[subject as usize] = i;
+        }
+        let row = &mut self.rows[i as usize];
+        row.subject = subject;
+        row.purposes = purposes;
+        row.basis = basis;
+        row.collected_by = collected_by;
+        row.guardian = guardian;
+        row.given_at_ms = c.given_at_ms;
+        row.withdrawn_at_ms = c.withdrawn_at_ms.unwrap_or(i64::MIN);
+        row.age = c.age_bracket;
+        row.recorded = true;
+        new
+    }
+
+    /// The record of consent `i` (`None` if not recorded).
+    pub(super) fn record_at(&self, subjects: &Subjects, i: u32) -> Option<ConsentRecord> {
+        let r = self.rows.get(i as usize).filter(|r| r.recorded)?;
+        Some(ConsentRecord {
+            consent_id: self.ids.get(i).to_string(),
+            subject: subjects.id(r.subject),
+            basis: self.bases.items.get(r.basis as usize)?.clone(),
+            purposes: self.purpose_sets.items.get(r.purposes as usize)?.clone(),
+            given_at_ms: r.given_at_ms,
+            collected_by: self.collectors.get(r.collected_by).to_string(),
+            age_bracket: r.age,
+            guardian: (r.guardian != NONE).then(|| self.guardians.items.get(r.guardian as usize).cloned()).flatten(),
+            withdrawn_at_ms: (r.withdrawn_at_ms != i64::MIN).then_some(r.withdrawn_at_ms),
+        })
+    }
+
+    pub(super) fn get(&self, subjects: &Subjects, id: &str) -> Option<ConsentRecord> {
+        let (i, _) = self.row(id)?;
+        self.record_at(subjects, i)
+    }
+
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.row(id).is_some()
+    }
+
+    /// The subject index a recorded consent belongs to.
+    pub(super) fn owner(&self, id: &str) -> Option<u32> {
+        self.row(id).map(|(_, r)| r.subject)
+    }
+
+    /// Mark a recorded consent withdrawn at `at`.
+    pub(super) fn set_withdrawn(&mut self, id: &str, at: i64) {
+        if let Some((i, _)) = self.row(id) {
+            self.rows[i as usize].withdrawn_at_ms = at;
+        }
+    }
+
+    /// Indexes of a subject's recorded consents, oldest recorded first.
+    pub(super) fn of_subject(&self, subjects: &Subjects, subject: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut k = subjects.first_consent.get(subject as usize).copied().unwrap_or(NONE);
+        while k != NONE {
+            out.push(k);
+            k = self.rows[k as usize].next;
+        }
+        out.retain(|&k| self.rows[k as usize].recorded);
+        out.reverse();
+        out
+    }
+
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.ids.reserve(n, 24);
+        self.rows.reserve(n);
+    }
+
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.ids.memory_bytes() + self.rows.capacity() * std::mem::size_of::<Consent>() + self.collectors.memory_bytes()
+    }
+}
+
+/// A record threaded into a per-subject list.
+pub(super) trait Linked {
+    fn next_mut(&mut self) -> &mut u32;
+}
+
+impl Linked for Consent {
+    fn next_mut(&mut self) -> &mut u32 {
+        &mut self.next
+    }
+}
+
+/// Remove `item` from the list that starts at `head` and runs through `rows`.
+pub(super) fn unlink<T: Linked>(head: &mut u32, rows: &mut [T], item: u32) {
+    let (mut prev, mut k) = (NONE, *head);
+    while k != NONE && k != item {
+        prev = k;
+        k = *rows[k as usize].next_mut();
+    }
+    if k == NONE {
+        return;
+    }
+    let after = std::mem::replace(rows[item as usize].next_mut(), NONE);
+    if prev == NONE {
+        *head = after;
+    } else {
+        *rows[prev as usize].next_mut() = after;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_found_by_content_after_growth() {
+        let mut t = StrTable::default();
+        let ids: Vec<u32> = (0..5000).map(|i| t.intern(&format!("s{i}"))).collect();
+        assert_eq!(ids, (0..5000).collect::<Vec<u32>>());
+        assert_eq!(t.intern("s4321"), 4321);
+        assert_eq!(t.get(17), "s17");
+        assert_eq!(t.find("nope"), None);
+        assert_eq!(t.get(99_999), "");
+    }
+
+    #[derive(Debug)]
+    struct R(u32);
+    impl Linked for R {
+        fn next_mut(&mut self) -> &mut u32 {
+            &mut self.0
+        }
+    }
+
+    #[test]
+    fn unlink_removes_head_middle_tail_and_ignores_strangers() {
+        // list 3 -> 1 -> 0
+        let mut rows = vec![R(NONE), R(0), R(NONE), R(1)];
+        let mut head = 3;
+        unlink(&mut head, &mut rows, 2); // not in the list
+        assert_eq!((head, rows[3].0, rows[1].0), (3, 1, 0));
+        unlink(&mut head, &mut rows, 1);
+        assert_eq!((head, rows[3].0, rows[1].0), (3, 0, NONE));
+        unlink(&mut head, &mut rows, 3);
+        assert_eq!((head, rows[3].0), (0, NONE));
+        unlink(&mut head, &mut rows, 0);
+        assert_eq!(head, NONE);
+    }
+
+    #[test]
+    fn consents_round_trip_and_replacement_keeps_one_row() {
+        let mut subjects = Subjects::default();
+        let mut cs = Consents::default();
+        let p = Purpose::new("door").unwrap();
+        let mut c =
+            ConsentRecord::new("c1", "alice", ConsentBasis::LegalBasis("art. 5".into()), vec![p.clone()], "desk", AgeBracket::Under14);
+        c.guardian = Some(GuardianConsent { guardian: "bob".into(), relationship: "parent".into() });
+        c.given_at_ms = 42;
+        let a = subjects.intern("alice");
+        assert!(cs.put(&mut subjects, a, &c));
+        assert_eq!(cs.get(&subjects, "c1").as_ref(), Some(&c));
+        // An unrecorded id named by a template is not a consent.
+        cs.intern("c-unrecorded");
+        assert!(!cs.contains("c-unrecorded"));
+        c.withdrawn_at_ms = Some(77);
+        assert!(!cs.put(&mut subjects, a, &c));
+        assert_eq!(cs.recorded, 1);
+        assert_eq!(cs.of_subject(&subjects, a).len(), 1);
+        assert_eq!(cs.get(&subjects, "c1").and_then(|r| r.withdrawn_at_ms), Some(77));
+        assert_eq!(subjects.names.get(cs.owner("c1").unwrap()), "alice");
+    }
+}
