@@ -69,7 +69,12 @@ impl VectorIndex {
             return Err(bad("section sizes disagree".into()));
         }
         let m = ix.cfg.m;
-        ix.lines = vec![Line([0; 16]); n * ix.rec_words / LINE_WORDS];
+        if p.graph_len > n {
+            return Err(bad(format!("graph covers {} of {n} slots", p.graph_len)));
+        }
+        // Int8 storage: records only for the slots in the graph (see `rec_slots`).
+        let records = if ix.cfg.storage == VectorStorage::F32 { n } else { p.graph_len };
+        ix.lines = vec![Line([0; 16]); records * ix.rec_words / LINE_WORDS];
         if ix.cfg.storage == VectorStorage::Int8 && ix.dpad != dim {
             ix.f32s.reserve_exact(n * ix.dpad);
         }
@@ -133,7 +138,7 @@ impl VectorIndex {
         ix.n_deleted = ix.deleted.iter().map(|w| w.count_ones() as usize).sum();
         // links
         for (s, l) in p.l0.iter().enumerate() {
-            if l.len() > ix.m0 || l.iter().any(|&x| x as usize >= n) || (!ix.cfg.graph && !l.is_empty()) {
+            if l.len() > ix.m0 || l.iter().any(|&x| x as usize >= p.graph_len) || ((!ix.cfg.graph || s >= p.graph_len) && !l.is_empty()) {
                 return Err(bad(format!("level-0 list of slot {s} is invalid")));
             }
             ix.set_links(s as u32, 0, l);

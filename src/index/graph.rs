@@ -107,7 +107,7 @@ impl VectorIndex {
     /// Traversal similarity (exact for f32 storage, scaled int8 otherwise).
     #[inline(always)]
     fn trav(&self, q: &Query, s: u32) -> f32 {
-        debug_assert!((s as usize) < self.slots);
+        debug_assert!((s as usize) < self.rec_slots());
         let p = self.rec_ptr(s);
         match self.cfg.storage {
             // SAFETY: s < slots (all ids in lists are validated), record layout per `new`.
@@ -123,7 +123,7 @@ impl VectorIndex {
     /// Int8 codes and scale of a slot (int8 storage only).
     #[inline(always)]
     fn codes(&self, s: u32) -> (&[i8], f32) {
-        assert!((s as usize) < self.slots);
+        assert!((s as usize) < self.rec_slots());
         let p = self.rec_ptr(s);
         // SAFETY: in range; the record starts with cpad code bytes then the scale.
         unsafe { (std::slice::from_raw_parts(p as *const i8, self.cpad), f32::from_bits(*p.add(self.cpad / 4))) }
@@ -262,6 +262,7 @@ impl VectorIndex {
         if !self.cfg.graph {
             return;
         }
+        self.ensure_records(end);
         let mut cur = start;
         while cur < end {
             if self.entry.is_none() {

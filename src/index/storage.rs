@@ -137,8 +137,8 @@ impl VectorIndex {
     #[inline(always)]
     pub(crate) fn links0(&self, slot: u32) -> &[u32] {
         assert!((slot as usize) < self.slots);
-        if !self.cfg.graph {
-            return &[]; // graph-less records have no link words
+        if !self.cfg.graph || slot as usize >= self.rec_slots() {
+            return &[]; // graph-less records have no link words; slots waiting for the graph no record
         }
         // SAFETY: in range; count <= m0 is an invariant of every writer.
         unsafe {
@@ -164,7 +164,7 @@ impl VectorIndex {
 
     pub(super) fn set_links(&mut self, slot: u32, level: usize, ids: &[u32]) {
         if level == 0 {
-            if !self.cfg.graph {
+            if !self.cfg.graph || slot as usize >= self.rec_slots() {
                 return;
             }
             let n = ids.len().min(self.m0);
@@ -183,6 +183,44 @@ impl VectorIndex {
             u[off] = n as u32;
             u[off + 1..off + 1 + n].copy_from_slice(&ids[..n]);
         }
+    }
+
+    /// Slots that have a record: with f32 storage all (the record holds the
+    /// vector), with int8 storage those in the graph (records are made when
+    /// slots enter it: a bulk load waiting for its graph holds none).
+    #[inline(always)]
+    pub(crate) fn rec_slots(&self) -> usize {
+        if self.rec_words == 0 {
+            0
+        } else {
+            self.lines.len() * LINE_WORDS / self.rec_words
+        }
+    }
+
+    /// Make the records of slots `..end` (int8 storage: codes and scale from
+    /// the exact copy, links empty).
+    pub(super) fn ensure_records(&mut self, end: usize) {
+        let have = self.rec_slots();
+        if self.rec_words == 0 || end <= have || self.cfg.storage != VectorStorage::Int8 {
+            return;
+        }
+        let (rec_words, cpad, dpad, dim) = (self.rec_words, self.cpad, self.dpad, self.dim);
+        self.lines.resize(end * rec_words / LINE_WORDS, Line([0; 16]));
+        let mut lines = std::mem::take(&mut self.lines);
+        {
+            // SAFETY: Line is repr(C) [u32; 16]; the lines are contiguous.
+            let words = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u32, lines.len() * LINE_WORDS) };
+            let f32s = &self.f32s[have * dpad..end * dpad];
+            words[have * rec_words..].par_chunks_mut(rec_words).zip(f32s.par_chunks(dpad)).for_each(|(w, v)| {
+                let mut codes = vec![0i8; cpad];
+                let scale = kernels::quantize_i8(&v[..dim], &mut codes[..dim]);
+                for (i, w) in w[..cpad / 4].iter_mut().enumerate() {
+                    *w = u32::from_le_bytes([codes[4 * i] as u8, codes[4 * i + 1] as u8, codes[4 * i + 2] as u8, codes[4 * i + 3] as u8]);
+                }
+                w[cpad / 4] = scale.to_bits();
+            });
+        }
+        self.lines = lines;
     }
 
     pub(super) fn words_mut(&mut self) -> &mut [u32] {
@@ -218,33 +256,17 @@ impl VectorIndex {
         for (p, &x) in padded.iter_mut().zip(v) {
             *p = x / norm;
         }
-        self.lines.resize((slot + 1) * self.rec_words / LINE_WORDS, Line([0; 16]));
-        let base = slot * self.rec_words;
-        let (vec_words, cpad) = (self.vec_words, self.cpad);
         match self.cfg.storage {
             VectorStorage::F32 => {
+                self.lines.resize((slot + 1) * self.rec_words / LINE_WORDS, Line([0; 16]));
+                let (base, vec_words) = (slot * self.rec_words, self.vec_words);
                 let words = self.words_mut();
                 for (w, x) in words[base..base + vec_words].iter_mut().zip(&padded) {
                     *w = x.to_bits();
                 }
             }
-            VectorStorage::Int8 => {
-                if vec_words > 0 {
-                    let mut codes = vec![0i8; cpad];
-                    let scale = kernels::quantize_i8(&padded, &mut codes);
-                    let words = self.words_mut();
-                    for (i, w) in words[base..base + cpad / 4].iter_mut().enumerate() {
-                        *w = u32::from_le_bytes([
-                            codes[4 * i] as u8,
-                            codes[4 * i + 1] as u8,
-                            codes[4 * i + 2] as u8,
-                            codes[4 * i + 3] as u8,
-                        ]);
-                    }
-                    words[base + cpad / 4] = scale.to_bits();
-                }
-                self.f32s.extend_from_slice(&padded);
-            }
+            // The record (codes for graph walks, links) is made when the slot enters the graph.
+            VectorStorage::Int8 => self.f32s.extend_from_slice(&padded),
         }
         self.flat.push(&padded);
         let level = if self.cfg.graph { self.level_of(slot as u64) } else { 0 };
@@ -302,9 +324,9 @@ impl VectorIndex {
         }
         let norms: Vec<f32> = vs.chunks_exact(self.dim).map(|v| check_vector(v, self.dim)).collect::<Result<_>>()?;
         let start = self.slots;
-        self.lines.reserve(n * self.rec_words / LINE_WORDS);
-        if self.cfg.storage == VectorStorage::Int8 {
-            self.f32s.reserve(n * self.dpad);
+        match self.cfg.storage {
+            VectorStorage::F32 => self.lines.reserve(n * self.rec_words / LINE_WORDS),
+            VectorStorage::Int8 => self.f32s.reserve(n * self.dpad),
         }
         self.flat.reserve(n);
         for (v, &norm) in vs.chunks_exact(self.dim).zip(&norms) {

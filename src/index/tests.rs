@@ -126,3 +126,30 @@ fn rejects_bad_vectors() {
     assert!(ix.search(&[1.0, 0.0, 0.0, 0.0], &SearchParams::top(3)).unwrap().is_empty());
     assert!(matches!(ix.remove(0), Err(Error::UnknownTemplate(0))));
 }
+
+#[test]
+fn slots_waiting_for_the_graph_hold_no_record_until_it_is_built() {
+    use crate::synth::{generate, SynthConfig};
+    let set = generate(&SynthConfig { identities: 3_000, queries: 40, dim: 64, ..Default::default() }).unwrap();
+    let mut ix = VectorIndex::new(64, IndexConfig { exact_below: 0, ..Default::default() }).unwrap();
+    ix.add_batch(&set.gallery[..1_000 * 64]).unwrap();
+    let built = ix.memory_bytes();
+    assert_eq!(ix.rec_slots(), 1_000);
+    ix.add_batch_deferred(&set.gallery[1_000 * 64..]).unwrap();
+    // 2,000 more vectors, no records: the f32 copy and the scan's codes only.
+    assert_eq!((ix.rec_slots(), ix.graph_pending()), (1_000, 2_000));
+    assert!(ix.memory_bytes() - built <= 2_000 * (64 * 4 + 64 + 16) + (1 << 16), "{} -> {}", built, ix.memory_bytes());
+    let exact = SearchParams::top(5).with_strategy(SearchStrategy::Exact);
+    let want = ix.search_batch(&set.queries, &exact).unwrap();
+    // Pending slots round-trip without records and without links.
+    let mut bytes = Vec::new();
+    ix.write_to(&mut bytes).unwrap();
+    let mut back = VectorIndex::read_from(&mut bytes.as_slice()).unwrap();
+    assert_eq!((back.rec_slots(), back.graph_pending()), (1_000, 2_000));
+    assert_eq!(back.search_batch(&set.queries, &SearchParams::top(5)).unwrap(), want);
+    back.build_graph();
+    assert_eq!((back.rec_slots(), back.graph_pending()), (3_000, 0));
+    let graph = back.search_batch(&set.queries, &SearchParams::top(5).with_strategy(SearchStrategy::Graph).with_ef(256)).unwrap();
+    let agree = graph.iter().zip(&want).filter(|(g, w)| g.first().map(|h| h.slot) == w.first().map(|h| h.slot)).count();
+    assert!(agree * 10 >= want.len() * 9, "graph top-1 agrees with exact on {agree} of {}", want.len());
+}
