@@ -190,11 +190,7 @@ impl VectorIndex {
     /// slots enter it: a bulk load waiting for its graph holds none).
     #[inline(always)]
     pub(crate) fn rec_slots(&self) -> usize {
-        if self.rec_words == 0 {
-            0
-        } else {
-            self.lines.len() * LINE_WORDS / self.rec_words
-        }
+        (self.lines.len() * LINE_WORDS).checked_div(self.rec_words).unwrap_or(0)
     }
 
     /// Make the records of slots `..end` (int8 storage: codes and scale from
