@@ -2,8 +2,10 @@
 //!
 //! Per-template metadata is one fixed-size [`Slot`] (no heap object per
 //! template): the strings a template refers to (its subject, consent, purpose
-//! set and model) are interned once and referred to by index. Maps hash with
-//! foldhash (randomly seeded, so crafted ids cannot force collisions).
+//! set and model) are stored once in the tables of `tables.rs` and referred
+//! to by index; a subject's live templates are a list threaded through the
+//! slots. Maps hash with foldhash (randomly seeded, so crafted ids cannot
+//! force collisions).
 
 use super::tables::{unlink, Consents, Interned, Linked, Subjects, NONE};
 use super::*;
