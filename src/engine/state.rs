@@ -7,6 +7,8 @@
 //! slots. Maps hash with foldhash (randomly seeded, so crafted ids cannot
 //! force collisions).
 
+#[cfg(doc)]
+use super::tables::StrTable;
 use super::tables::{unlink, Consents, Interned, Linked, Subjects, NONE};
 use super::*;
 
@@ -58,6 +60,10 @@ pub(super) struct State {
     pub(super) min_expiry_ms: i64,
     /// Oldest enrolment among the slots (a purpose's retention filter is needed once it expires).
     pub(super) min_enrolled_ms: i64,
+    /// Where the next enrolment's consent id probably is (see [`StrTable::intern_near`]).
+    consent_hint: u32,
+    /// The model of the last enrolment (galleries hold one model).
+    last_model: u32,
 }
 
 impl State {
@@ -75,6 +81,8 @@ impl State {
             next_template: 1,
             min_expiry_ms: i64::MAX,
             min_enrolled_ms: i64::MAX,
+            consent_hint: 0,
+            last_model: 0,
         }
     }
 
@@ -200,27 +208,25 @@ impl State {
 
     /// Register metadata of an enrolment whose vector sits at `slot`.
     pub(super) fn note_enrol(&mut self, cfg: &GalleryConfig, meta: &TemplateMeta, slot: u32) {
+        let consent = self.consents.intern_near(&meta.consent_id, self.consent_hint);
         let subject = self.subject(&meta.subject);
         let purposes = self.purpose_sets.get_or_insert(meta.purposes.as_slice());
-        self.push_slot(
-            cfg,
-            meta.template,
-            subject,
-            purposes,
-            meta.consent_id.as_str(),
-            meta.model_id.as_str(),
-            meta.enrolled_at_ms,
-            meta.expires_at_ms,
-            slot,
-        );
+        self.push_slot(cfg, meta.template, subject, purposes, consent, &meta.model_id, meta.enrolled_at_ms, meta.expires_at_ms, slot);
     }
 
     /// [`State::note_enrol`] from a frame's borrowed metadata: validates and
     /// allocates only what is new (a subject, consent or purpose set not seen before).
     pub(super) fn note_enrol_ref(&mut self, cfg: &GalleryConfig, m: &store::MetaRef<'_>, slot: u32) -> std::result::Result<(), String> {
-        let subject = match self.subjects.find(m.subject) {
-            Some(i) => i,
-            None => self.subject(&SubjectId::new(m.subject).map_err(|e| format!("subject: {e}"))?),
+        // The consent names its subject: no lookup of the subject when they agree.
+        let consent = self.consents.intern_near(m.consent_id, self.consent_hint);
+        let owner = self.consents.rows[consent as usize].subject;
+        let subject = if owner != NONE && self.subjects.names.get(owner) == m.subject {
+            owner
+        } else {
+            match self.subjects.find(m.subject) {
+                Some(i) => i,
+                None => self.subject(&SubjectId::new(m.subject).map_err(|e| format!("subject: {e}"))?),
+            }
         };
         let purposes = match self.purposes_by_bytes.get(m.purposes_raw) {
             Some(&i) => i,
@@ -230,7 +236,7 @@ impl State {
                 i
             }
         };
-        self.push_slot(cfg, m.template, subject, purposes, m.consent_id, m.model_id, m.enrolled_at_ms, m.expires_at_ms, slot);
+        self.push_slot(cfg, m.template, subject, purposes, consent, m.model_id, m.enrolled_at_ms, m.expires_at_ms, slot);
         Ok(())
     }
 
@@ -241,7 +247,7 @@ impl State {
         template: u64,
         subject: u32,
         purposes: u32,
-        consent_id: &str,
+        consent: u32,
         model_id: &str,
         enrolled_at_ms: i64,
         recorded_expiry_ms: i64,
@@ -265,8 +271,12 @@ impl State {
         let expires_at_ms = expires.unwrap_or(recorded_expiry_ms);
         self.min_expiry_ms = self.min_expiry_ms.min(expires_at_ms);
         self.min_enrolled_ms = self.min_enrolled_ms.min(enrolled_at_ms);
-        let consent = self.consents.intern(consent_id);
-        let model = self.models.get_or_insert(model_id);
+        self.consent_hint = consent + 1;
+        let model = match self.models.items.get(self.last_model as usize) {
+            Some(m) if m == model_id => self.last_model,
+            _ => self.models.get_or_insert(model_id),
+        };
+        self.last_model = model;
         let next = self.link_live(subject, slot);
         self.slots.push(Slot {
             template,

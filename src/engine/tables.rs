@@ -38,22 +38,45 @@ impl StrTable {
         self.index.find(h, |&i| self.get(i) == s).copied()
     }
 
-    /// The index of `s`, added if new.
+    /// The index of `s`, added if new (one probe of the table).
     pub(super) fn intern(&mut self, s: &str) -> u32 {
-        if let Some(i) = self.find(s) {
-            return i;
-        }
-        let i = self.ends.len() as u32;
-        self.bytes.push_str(s);
-        self.ends.push(self.bytes.len() as u64);
         let h = self.hasher.hash_one(s);
-        let (bytes, ends, hasher) = (&self.bytes, &self.ends, &self.hasher);
-        self.index.insert_unique(h, i, |&j| {
+        let (bytes, ends, hasher) = (&mut self.bytes, &mut self.ends, &self.hasher);
+        let at = |ends: &[u64], j: u32| -> (usize, usize) {
             let j = j as usize;
-            let start = if j == 0 { 0 } else { ends[j - 1] as usize };
-            hasher.hash_one(&bytes[start..ends[j] as usize])
-        });
-        i
+            (if j == 0 { 0 } else { ends[j - 1] as usize }, ends[j] as usize)
+        };
+        let entry = self.index.entry(
+            h,
+            |&j| {
+                let (a, b) = at(ends, j);
+                &bytes[a..b] == s
+            },
+            |&j| {
+                let (a, b) = at(ends, j);
+                hasher.hash_one(&bytes[a..b])
+            },
+        );
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(o) => *o.get(),
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                let i = ends.len() as u32;
+                bytes.push_str(s);
+                ends.push(bytes.len() as u64);
+                v.insert(i);
+                i
+            }
+        }
+    }
+
+    /// [`StrTable::intern`], trying index `hint` first: a replay meets ids
+    /// in the order they were added (a batch's consents, then its
+    /// enrolments), so the guess saves a probe of a large table.
+    pub(super) fn intern_near(&mut self, s: &str, hint: u32) -> u32 {
+        if (hint as usize) < self.ends.len() && self.get(hint) == s {
+            return hint;
+        }
+        self.intern(s)
     }
 
     /// Room for `n` more strings of about `avg` bytes.
@@ -180,9 +203,10 @@ pub(super) struct Consents {
 }
 
 impl Consents {
-    /// The index of a consent id, added (unrecorded) if new.
-    pub(super) fn intern(&mut self, id: &str) -> u32 {
-        let i = self.ids.intern(id);
+    /// The index of a consent id, added (unrecorded) if new; `hint` as in
+    /// [`StrTable::intern_near`].
+    pub(super) fn intern_near(&mut self, id: &str, hint: u32) -> u32 {
+        let i = self.ids.intern_near(id, hint);
         if i as usize == self.rows.len() {
             self.rows.push(Consent {
                 subject: NONE,
@@ -209,7 +233,7 @@ impl Consents {
     /// Record (or replace) a consent of subject `subject` (an index of
     /// [`Subjects`]). Returns whether it is new to this table.
     pub(super) fn put(&mut self, subjects: &mut Subjects, subject: u32, c: &ConsentRecord) -> bool {
-        let i = self.intern(&c.consent_id);
+        let i = self.intern_near(&c.consent_id, self.rows.len() as u32);
         let purposes = self.purpose_sets.get_or_insert(c.purposes.as_slice());
         let basis = self.bases.get_or_insert(&c.basis);
         let collected_by = self.collectors.intern(&c.collected_by);
@@ -382,7 +406,7 @@ mod tests {
         assert!(cs.put(&mut subjects, a, &c));
         assert_eq!(cs.get(&subjects, "c1").as_ref(), Some(&c));
         // An unrecorded id named by a template is not a consent.
-        cs.intern("c-unrecorded");
+        cs.intern_near("c-unrecorded", 0);
         assert!(!cs.contains("c-unrecorded"));
         c.withdrawn_at_ms = Some(77);
         assert!(!cs.put(&mut subjects, a, &c));

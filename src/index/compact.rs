@@ -74,27 +74,18 @@ impl VectorIndex {
         }
         // Int8 storage: records only for the slots in the graph (see `rec_slots`).
         let records = if ix.cfg.storage == VectorStorage::F32 { n } else { p.graph_len };
-        ix.lines = vec![Line([0; 16]); records * ix.rec_words / LINE_WORDS];
-        if ix.cfg.storage == VectorStorage::Int8 && ix.dpad != dim {
-            ix.f32s.reserve_exact(n * ix.dpad);
-        }
-        ix.flat.reserve(n);
         ix.levels = p.levels;
         ix.deleted = p.deleted;
         ix.slots = n;
-        // storage: the int8 codes of every vector in parallel, then laid out.
         if let Some(s) = p.vectors.par_chunks(dim).position_first(|v| v.iter().any(|x| !x.is_finite())) {
             return Err(bad(format!("vector {s} is not finite")));
         }
-        let cs = dim.div_ceil(64) * 64;
-        let mut codes = vec![0i8; n * cs];
-        let mut scales = vec![0.0f32; n];
-        codes.par_chunks_mut(cs).zip(scales.par_iter_mut()).zip(p.vectors.par_chunks(dim)).for_each(|((c, s), v)| {
-            *s = kernels::quantize_i8(v, &mut c[..dim]);
-        });
-        let (vec_words, cpad, rec_words, dpad) = (ix.vec_words, ix.cpad, ix.rec_words, ix.dpad);
+        // The scan's codes, built in parallel straight into their blocks.
+        ix.flat = flat::FlatCodes::build(dim, &p.vectors, dim);
+        let (vec_words, rec_words, dpad) = (ix.vec_words, ix.rec_words, ix.dpad);
         match ix.cfg.storage {
             VectorStorage::F32 => {
+                ix.lines = vec![Line([0; 16]); records * rec_words / LINE_WORDS];
                 ix.words_mut().par_chunks_mut(rec_words).zip(p.vectors.par_chunks(dim)).for_each(|(w, v)| {
                     for (w, x) in w[..vec_words].iter_mut().zip(v) {
                         *w = x.to_bits();
@@ -102,29 +93,18 @@ impl VectorIndex {
                 });
             }
             VectorStorage::Int8 => {
-                if vec_words > 0 {
-                    ix.words_mut().par_chunks_mut(rec_words).zip(codes.par_chunks(cs)).zip(&scales).for_each(|((w, c), s)| {
-                        for (i, w) in w[..cpad / 4].iter_mut().enumerate() {
-                            *w = u32::from_le_bytes([c[4 * i] as u8, c[4 * i + 1] as u8, c[4 * i + 2] as u8, c[4 * i + 3] as u8]);
-                        }
-                        w[cpad / 4] = s.to_bits();
-                    });
+                if dpad == dim {
+                    // The exact copy is the vectors as they are: moved, not copied.
+                    ix.f32s = p.vectors;
+                } else {
+                    ix.f32s.reserve_exact(n * dpad);
+                    for v in p.vectors.chunks_exact(dim) {
+                        ix.f32s.extend_from_slice(v);
+                        ix.f32s.extend(std::iter::repeat_n(0.0, dpad - dim));
+                    }
                 }
-            }
-        }
-        for (s, v) in p.vectors.chunks_exact(dim).enumerate() {
-            ix.flat.push_coded(v, &codes[s * cs..s * cs + dim], scales[s]);
-        }
-        drop(codes);
-        if ix.cfg.storage == VectorStorage::Int8 {
-            if dpad == dim {
-                // The exact copy is the vectors as they are: moved, not copied.
-                ix.f32s = p.vectors;
-            } else {
-                for v in p.vectors.chunks_exact(dim) {
-                    ix.f32s.extend_from_slice(v);
-                    ix.f32s.extend(std::iter::repeat_n(0.0, dpad - dim));
-                }
+                // Records (graph codes, links) for the slots in the graph.
+                ix.ensure_records(records);
             }
         }
         // tombstones beyond n must be clear

@@ -97,6 +97,49 @@ impl FlatCodes {
         self.bias.iter_mut().for_each(|b| *b = 0);
     }
 
+    /// The codes of `n` unit vectors (vector `i` at `vs[i * stride..][..dim]`),
+    /// built a block at a time in parallel, straight into their layout: what
+    /// `n` calls of [`FlatCodes::push`] give, without a copy of the codes.
+    pub(crate) fn build(dim: usize, vs: &[f32], stride: usize) -> FlatCodes {
+        use rayon::prelude::*;
+        let mut f = FlatCodes::new(dim);
+        let n = if stride == 0 { 0 } else { vs.len() / stride };
+        let blocks = n.div_ceil(LANES);
+        let bytes = f.groups * 64;
+        f.codes = vec![0i8; blocks * bytes];
+        f.scale = vec![0.0; blocks * LANES];
+        f.bias = vec![0; blocks * LANES];
+        let errs: Vec<f32> = f
+            .codes
+            .par_chunks_mut(bytes)
+            .zip(f.scale.par_chunks_mut(LANES))
+            .zip(f.bias.par_chunks_mut(LANES))
+            .enumerate()
+            .map(|(b, ((codes, scale), bias))| {
+                let mut c = vec![0i8; dim];
+                let mut worst = 0.0f32;
+                for lane in 0..LANES.min(n - b * LANES) {
+                    let v = &vs[(b * LANES + lane) * stride..][..dim];
+                    let s = kernels::quantize_i8(v, &mut c);
+                    let (mut sum, mut err) = (0i32, 0.0f64);
+                    for (d, (&x, &ci)) in v.iter().zip(&c).enumerate() {
+                        codes[(d / 4) * 64 + lane * 4 + d % 4] = ci;
+                        sum += ci as i32;
+                        let e = x as f64 - s as f64 * ci as f64;
+                        err += e * e;
+                    }
+                    scale[lane] = s;
+                    bias[lane] = 128 * sum;
+                    worst = worst.max(round_up(err.sqrt()));
+                }
+                worst
+            })
+            .collect();
+        f.max_err = errs.into_iter().fold(0.0, f32::max);
+        f.len = n;
+        f
+    }
+
     /// Append the codes of a unit vector (`v.len() >= dim`; extra entries ignored).
     pub(crate) fn push(&mut self, v: &[f32]) {
         let v = &v[..self.dim];
@@ -450,6 +493,21 @@ mod tests {
             v.push(SimdLevel::Avx2);
         }
         v
+    }
+
+    #[test]
+    fn built_in_parallel_equals_pushed_one_by_one() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for (dim, n) in [(128, 1_000), (100, 37), (7, 16), (64, 0)] {
+            let vs: Vec<f32> = (0..n).flat_map(|_| unit(&mut rng, dim)).collect();
+            let mut pushed = FlatCodes::new(dim);
+            vs.chunks_exact(dim.max(1)).for_each(|v| pushed.push(v));
+            let built = FlatCodes::build(dim, &vs, dim);
+            assert_eq!((built.len, built.max_err), (pushed.len, pushed.max_err), "dim {dim}");
+            assert_eq!(built.codes, pushed.codes);
+            assert_eq!(built.scale, pushed.scale);
+            assert_eq!(built.bias, pushed.bias);
+        }
     }
 
     fn all_scores(f: &FlatCodes, q: &QueryCodes, level: SimdLevel) -> Vec<Vec<f32>> {
