@@ -172,3 +172,44 @@ fn a_tampered_or_truncated_log_of_batched_frames_is_refused_and_left_alone() {
     let e = open(d.path(), &key, clock()).unwrap();
     assert_eq!(e.stats().templates, 2500);
 }
+
+#[test]
+fn the_snapshot_holds_the_graph_and_the_log_the_vectors_whatever_its_header_says() {
+    let d = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let e = create_graph(d.path(), &key);
+    import(&e, 0, 400);
+    e.build_graph().unwrap();
+    e.delete(&op(), &[5], "test").unwrap();
+    let exact = answers(&e, SearchStrategy::Exact);
+    let graph = answers(&e, SearchStrategy::Graph);
+    e.close().unwrap();
+    let snap = d.path().join("index.snap");
+    let bytes = std::fs::read(&snap).unwrap();
+    // Version 3: the body is the graph without the vectors (400 x 128 f32 would be 200 KiB).
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 3);
+    assert!(bytes.len() < 400 * 128 * 4 / 2, "snapshot of {} bytes", bytes.len());
+    let reopen = |expect_snapshot: bool| {
+        let e = open(d.path(), &key, clock()).unwrap();
+        assert_eq!(e.open_report().snapshot_used, expect_snapshot);
+        assert_eq!(answers(&e, SearchStrategy::Exact), exact);
+        assert!(e.template(5).is_err(), "a deleted template came back");
+        if expect_snapshot {
+            // The same graph, not one built again.
+            assert_eq!(answers(&e, SearchStrategy::Graph), graph);
+        }
+        drop(e); // no close: the snapshot on disk stays as it is
+    };
+    reopen(true);
+    // A header edited to say "the vectors are inside": the body is refused and the index rebuilt.
+    let mut edited = bytes.clone();
+    edited[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&snap, &edited).unwrap();
+    reopen(false);
+    // A flipped byte in the body: refused, rebuilt, same answers.
+    let mut flipped = bytes.clone();
+    let at = flipped.len() - 40;
+    flipped[at] ^= 1;
+    std::fs::write(&snap, &flipped).unwrap();
+    reopen(false);
+}

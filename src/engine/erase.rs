@@ -208,9 +208,10 @@ impl Engine {
             }
         }
         nl.append_durable(&frames)?;
-        let header = snapshot::SnapshotHeader { log_id: nl.file_id(), frames: nl.frames(), slots: st.index.slots() as u64 };
+        let header =
+            snapshot::SnapshotHeader { log_id: nl.file_id(), frames: nl.frames(), slots: st.index.slots() as u64, vectors_in_log: true };
         let idx = &st.index;
-        snapshot::write(dir, store::SNAPSHOT, &key.store_cipher(), header, |out| idx.write_to(out))?;
+        snapshot::write(dir, store::SNAPSHOT, &key.store_cipher(), header, |out| idx.write_structure_to(out))?;
         Ok((nl, removed))
     }
 
@@ -219,9 +220,15 @@ impl Engine {
         let mut w = self.writer.lock();
         let st = self.state.read();
         let key = self.key.read();
-        let header = snapshot::SnapshotHeader { log_id: w.log.file_id(), frames: w.log.frames(), slots: st.index.slots() as u64 };
+        let header = snapshot::SnapshotHeader {
+            log_id: w.log.file_id(),
+            frames: w.log.frames(),
+            slots: st.index.slots() as u64,
+            vectors_in_log: true,
+        };
         w.snapshot_at = None;
-        snapshot::write(&self.gdir, store::SNAPSHOT, &key.store_cipher(), header, |out| st.index.write_to(out))?;
+        // The vectors are the log's: the snapshot holds the graph, tombstones and calibration.
+        snapshot::write(&self.gdir, store::SNAPSHOT, &key.store_cipher(), header, |out| st.index.write_structure_to(out))?;
         w.snapshot_at = Some((header.log_id, header.frames));
         Ok(())
     }

@@ -177,54 +177,43 @@ impl EngineBuilder {
         let cipher = key.store_cipher();
 
         // The snapshot (when it belongs to this log) loads on one thread while
-        // the log replays into the state on this one; the replay converts only
-        // the vectors the snapshot's header says it does not hold.
+        // the log replays into the state on this one. A version-3 snapshot
+        // holds the graph, not the vectors: the replay keeps every vector and
+        // the first `slots` of them complete the snapshot's index. An older
+        // snapshot holds its vectors: the replay converts only the later ones.
         let logp = dir.join(store::LOG);
         let snapp = dir.join(store::SNAPSHOT);
         let t0 = Instant::now();
         let peeked = store::peek(&gdir, store::LOG)?;
         let (file_id, log_bytes) = (peeked.map(|p| p.0), peeked.map_or(0, |p| p.1) as usize);
         let candidate = snapshot::read_header(&gdir, store::SNAPSHOT)?.filter(|h| Some(h.log_id) == file_id);
-        let hint = candidate.map_or(0, |h| h.slots as usize);
+        let expect = candidate.map_or(0, |h| h.slots as usize);
+        let have = candidate.map_or(0, |h| if h.vectors_in_log { 0 } else { expect });
         let (loaded, replayed) = std::thread::scope(|s| {
             let job = candidate.map(|h| {
                 let (gdir, cipher) = (&gdir, &cipher);
                 s.spawn(move || {
                     let t = Instant::now();
-                    let r = snapshot::read(gdir, store::SNAPSHOT, cipher, &h, |r| VectorIndex::read_from(r));
+                    let r = snapshot::read(gdir, store::SNAPSHOT, cipher, &h, |r| VectorIndex::read_structure_from(r));
                     tracing::debug!(ms = t.elapsed().as_millis() as u64, "index snapshot read");
                     (r, h)
                 })
             });
             let t = Instant::now();
-            let replayed = replay(&gdir, &cipher, cfg, &logp, hint, log_bytes);
+            let replayed = replay(&gdir, &cipher, cfg, &logp, have, expect, log_bytes);
             tracing::debug!(ms = t.elapsed().as_millis() as u64, "template log replayed");
             (job.map(|j| j.join()), replayed)
         });
-        let mut index = None;
+        let mut structure = None;
         match loaded {
-            Some(Ok((Ok(ix), h))) if ix.dim() == cfg.dim && ix.slots() as u64 == h.slots => index = Some((ix, h.frames)),
+            Some(Ok((Ok(s), h))) if s.dim() == cfg.dim && s.slots() as u64 == h.slots => structure = Some((s, h.frames)),
             Some(Ok((Ok(_), _))) => tracing::warn!("index snapshot does not match the gallery; rebuilding"),
             Some(Ok((Err(e), _))) => tracing::warn!(error = %e, "index snapshot unreadable; rebuilding"),
             Some(Err(_)) => tracing::warn!("reading the index snapshot failed; rebuilding"),
             None => {}
         }
         let mut r = replayed?;
-        if index.is_none() && hint > 0 {
-            // The replay left the snapshot's vectors out: replay again, keeping them all.
-            r = replay(&gdir, &cipher, cfg, &logp, 0, log_bytes)?;
-        }
-        let t_load = t0.elapsed();
-        let snapshot_frames = index.as_ref().map(|(_, f)| *f);
-        let have = index.as_ref().map_or(0, |(ix, _)| ix.slots());
-        let Replay { log, torn, mut st, pending, deletes, enrolments } = r;
-        if let Some((ix, _)) = index {
-            st.index = ix;
-        }
-        if let (Some(b), false) = (&manifest.bound, self.rebind) {
-            check_log_binding(&logp, b, &log)?;
-        }
-        if let Some(f) = snapshot_frames.filter(|&f| f > log.frames()) {
+        if let Some(f) = structure.as_ref().map(|(_, f)| *f).filter(|&f| f > r.log.frames()) {
             // An authentic snapshot of this very log covers frames the log no longer has:
             // acknowledged writes (a deletion, a withdrawal) were lost. A crash only ever
             // tears an unacknowledged last frame, so this is truncation or damage: serving
@@ -233,9 +222,46 @@ impl EngineBuilder {
                 path: logp.clone(),
                 reason: format!(
                     "the template log ends at frame {} but the index snapshot proves {f} frames were written: acknowledged writes were lost (truncation or damage); restore the gallery from a backup",
-                    log.frames()
+                    r.log.frames()
                 ),
             });
+        }
+        let mut index = None;
+        if let Some((s, frames)) = structure {
+            let slots = s.slots();
+            if slots > r.enrolments {
+                return Err(Error::DataCorruption { path: snapp, reason: "snapshot holds more templates than the log".into() });
+            }
+            let want = slots * cfg.dim;
+            let assembled = if s.has_vectors() {
+                if have == 0 {
+                    // The replay kept them too (the header said otherwise): drop its copy.
+                    r.pending.drain(..want);
+                }
+                s.into_index(None)
+            } else if have == 0 {
+                let rest = r.pending.split_off(want);
+                s.into_index(Some(std::mem::replace(&mut r.pending, rest)))
+            } else {
+                s.into_index(None) // a header that said "vectors inside" for a body without them: refused
+            };
+            match assembled {
+                Ok(ix) => index = Some((ix, frames)),
+                Err(e) => tracing::warn!(error = %e, "index snapshot unusable; rebuilding"),
+            }
+        }
+        if index.is_none() && have > 0 {
+            // The replay left the snapshot's vectors out: replay again, keeping them all.
+            r = replay(&gdir, &cipher, cfg, &logp, 0, expect, log_bytes)?;
+        }
+        let t_load = t0.elapsed();
+        let snapshot_frames = index.as_ref().map(|(_, f)| *f);
+        let Replay { log, torn, mut st, pending, deletes, enrolments: _ } = r;
+        if let Some((ix, _)) = index {
+            st.index = ix;
+        }
+        if let (Some(b), false) = (&manifest.bound, self.rebind) {
+            check_log_binding(&logp, b, &log)?;
         }
         let mut report = OpenReport {
             upgraded_from: (!authenticated).then_some(manifest.version),
@@ -246,9 +272,6 @@ impl EngineBuilder {
             ..Default::default()
         };
         report.snapshot_used = snapshot_frames.is_some();
-        if have > enrolments {
-            return Err(Error::DataCorruption { path: snapp, reason: "snapshot holds more templates than the log".into() });
-        }
         if !pending.is_empty() {
             st.index.add_batch(&pending)?;
         }
@@ -333,13 +356,26 @@ struct Replay {
 /// Replay every frame of the template log in order, straight into a new
 /// state; vectors of the first `have` enrolments (a snapshot holds them)
 /// are not converted. `log_bytes` (the file's length) sizes the state.
-fn replay(gdir: &Dir, cipher: &store::Cipher, cfg: &GalleryConfig, logp: &Path, have: usize, log_bytes: usize) -> Result<Replay> {
+/// `expect` (the snapshot's slots) sizes the state and the vectors.
+fn replay(
+    gdir: &Dir,
+    cipher: &store::Cipher,
+    cfg: &GalleryConfig,
+    logp: &Path,
+    have: usize,
+    expect: usize,
+    log_bytes: usize,
+) -> Result<Replay> {
     let mut st = State::new(VectorIndex::new(cfg.dim, cfg.index.clone())?);
     // About as many templates as the snapshot's header says, or as the log's
     // size suggests; never more than the log's bytes could hold (the header
     // is not authenticated yet).
-    st.reserve(have.max(log_bytes / 1024).min(log_bytes / (40 + 4 * cfg.dim)));
-    let mut pending: Vec<f32> = Vec::new();
+    let most = log_bytes / (40 + 4 * cfg.dim);
+    let n = expect.max(log_bytes / 1024).min(most);
+    st.reserve(n);
+    // The vectors to convert: the header's count exactly (a later
+    // enrolment or two grows the vector; a million would copy it).
+    let mut pending: Vec<f32> = Vec::with_capacity(expect.min(most).saturating_sub(have).max(n.saturating_sub(have) / 64) * cfg.dim);
     let mut enrol_ordinal = 0usize;
     let mut deletes: Vec<u64> = Vec::new();
     let corrupt = |i: u64, e: String| Error::DataCorruption { path: logp.to_path_buf(), reason: format!("frame {i}: {e}") };

@@ -103,7 +103,7 @@ impl FlatCodes {
     pub(crate) fn build(dim: usize, vs: &[f32], stride: usize) -> FlatCodes {
         use rayon::prelude::*;
         let mut f = FlatCodes::new(dim);
-        let n = if stride == 0 { 0 } else { vs.len() / stride };
+        let n = vs.len().checked_div(stride).unwrap_or(0);
         let blocks = n.div_ceil(LANES);
         let bytes = f.groups * 64;
         f.codes = vec![0i8; blocks * bytes];

@@ -8,6 +8,11 @@
 //! (per slot with level >= 1, per level: count + ids), then a CRC-32 of all
 //! the bytes before it. Int8 codes are derived from the vectors on load.
 //!
+//! Version 3 is version 2 without the vectors section: the structure of an
+//! index whose vectors are kept elsewhere (a gallery's template log holds
+//! them already; its snapshot need not hold them twice). It is read with
+//! [`VectorIndex::read_structure_from`] and completed with the vectors.
+//!
 //! Reading never trusts a size before the bytes are there: sections are read
 //! in bounded chunks, so a lying header ends in an error at end of input,
 //! not in a huge allocation.
@@ -22,6 +27,8 @@ const MAGIC: &[u8; 8] = b"FMVINDEX";
 /// deferred build) and the calibration is saved, so opening does not
 /// measure it again. Version 1 is still read.
 pub const FORMAT_VERSION: u32 = 2;
+/// The format of [`VectorIndex::write_structure_to`]: version 2 without the vectors.
+pub const STRUCTURE_VERSION: u32 = 3;
 const MAX_CONFIG_BYTES: usize = 64 * 1024;
 const CHUNK: usize = 1 << 16;
 const RESERVE_BYTES: usize = 2 << 30;
@@ -106,9 +113,20 @@ impl CrcReader<'_> {
 impl VectorIndex {
     /// Write the index in the versioned binary format (see the module docs).
     pub fn write_to(&self, w: &mut dyn Write) -> Result<()> {
+        self.write_impl(w, true)
+    }
+
+    /// Write the index without its vectors (format version 3): for a caller
+    /// that keeps the vectors elsewhere and hands them back to
+    /// [`IndexStructure::into_index`].
+    pub fn write_structure_to(&self, w: &mut dyn Write) -> Result<()> {
+        self.write_impl(w, false)
+    }
+
+    fn write_impl(&self, w: &mut dyn Write, with_vectors: bool) -> Result<()> {
         let mut cw = CrcWriter { w, h: crc32fast::Hasher::new(), buf: Vec::with_capacity(1 << 20) };
         cw.put(MAGIC)?;
-        cw.u32(FORMAT_VERSION)?;
+        cw.u32(if with_vectors { FORMAT_VERSION } else { STRUCTURE_VERSION })?;
         cw.u32(self.dim as u32)?;
         let cfg = serde_json::to_vec(&self.cfg).map_err(|e| corrupt(format!("config: {e}")))?;
         cw.u32(cfg.len() as u32)?;
@@ -127,7 +145,7 @@ impl VectorIndex {
             cw.put(&w.to_le_bytes())?;
         }
         cw.put(&self.levels)?;
-        for s in 0..self.slots as u32 {
+        for s in (0..self.slots as u32).filter(|_| with_vectors) {
             for x in &self.exact_vec(s)[..self.dim] {
                 cw.put(&x.to_le_bytes())?;
             }
@@ -158,6 +176,20 @@ impl VectorIndex {
     /// input gives [`Error::IncompatibleStore`], damaged or truncated input
     /// [`Error::DataCorruption`].
     pub fn read_from(r: &mut dyn Read) -> Result<Self> {
+        let s = Self::read_structure_from(r)?;
+        if !s.has_vectors {
+            return Err(Error::IncompatibleStore {
+                path: path(),
+                reason: "an index structure without its vectors (format 3): read it with read_structure_from".into(),
+            });
+        }
+        s.into_index(None)
+    }
+
+    /// Read an index written by [`VectorIndex::write_to`] (versions 1, 2) or
+    /// [`VectorIndex::write_structure_to`] (version 3, no vectors). Errors as
+    /// [`VectorIndex::read_from`].
+    pub fn read_structure_from(r: &mut dyn Read) -> Result<IndexStructure> {
         let mut cr = CrcReader { r, h: crc32fast::Hasher::new() };
         let mut magic = [0u8; 8];
         cr.fill(&mut magic).map_err(|_| Error::IncompatibleStore { path: path(), reason: "not a facematch index (too short)".into() })?;
@@ -165,10 +197,10 @@ impl VectorIndex {
             return Err(Error::IncompatibleStore { path: path(), reason: "not a facematch index (bad magic)".into() });
         }
         let version = cr.u32()?;
-        if version != FORMAT_VERSION && version != 1 {
+        if !(1..=STRUCTURE_VERSION).contains(&version) {
             return Err(Error::IncompatibleStore {
                 path: path(),
-                reason: format!("index format version {version}, this build reads {FORMAT_VERSION}"),
+                reason: format!("index format version {version}, this build reads 1 to {STRUCTURE_VERSION}"),
             });
         }
         let dim = cr.u32()? as usize;
@@ -211,9 +243,14 @@ impl VectorIndex {
         if levels.iter().any(|&l| l as usize > MAX_LEVEL) {
             return Err(corrupt("node level out of range"));
         }
-        let vectors = cr.chunked(n.checked_mul(dim).ok_or_else(|| corrupt("size overflow"))?, 4, |b| {
-            f32::from_le_bytes(b.try_into().unwrap_or([0; 4]))
-        })?;
+        let has_vectors = version < STRUCTURE_VERSION;
+        let vectors = if has_vectors {
+            cr.chunked(n.checked_mul(dim).ok_or_else(|| corrupt("size overflow"))?, 4, |b| {
+                f32::from_le_bytes(b.try_into().unwrap_or([0; 4]))
+            })?
+        } else {
+            Vec::new()
+        };
         let m = cfg.m;
         let mut l0 = Vec::with_capacity(n.min(CHUNK));
         for s in 0..n {
@@ -244,8 +281,59 @@ impl VectorIndex {
         if u32::from_le_bytes(crc) != want {
             return Err(corrupt("checksum mismatch"));
         }
-        let mut ix = VectorIndex::from_parts(dim, cfg, Parts { vectors, deleted, levels, l0, upper, entry, graph_len })?;
-        ix.calibration = calibration;
+        Ok(IndexStructure { dim, cfg, parts: Parts { vectors, deleted, levels, l0, upper, entry, graph_len }, calibration, has_vectors })
+    }
+}
+
+/// An index as read by [`VectorIndex::read_structure_from`]: checked against
+/// its checksum, not yet against the invariants [`IndexStructure::into_index`] checks.
+pub struct IndexStructure {
+    dim: usize,
+    cfg: IndexConfig,
+    parts: Parts,
+    calibration: Option<super::Calibration>,
+    has_vectors: bool,
+}
+
+impl IndexStructure {
+    /// Dimension of the vectors.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Slots (live and tombstoned).
+    pub fn slots(&self) -> usize {
+        self.parts.levels.len()
+    }
+
+    /// Whether the vectors were in the input (format 1 or 2).
+    pub fn has_vectors(&self) -> bool {
+        self.has_vectors
+    }
+
+    /// The index, with `vectors` (`slots * dim` vectors in slot order, as
+    /// they were given to [`VectorIndex::add`]) when the input had none; `vectors` is ignored when it had them.
+    /// Inconsistent input is [`Error::DataCorruption`].
+    pub fn into_index(self, vectors: Option<Vec<f32>>) -> Result<VectorIndex> {
+        let mut parts = self.parts;
+        if !self.has_vectors {
+            let v = vectors.ok_or_else(|| corrupt("index structure without its vectors"))?;
+            if v.len() != parts.levels.len() * self.dim {
+                return Err(corrupt(format!("{} vector values given for {} slots of dimension {}", v.len(), parts.levels.len(), self.dim)));
+            }
+            parts.vectors = v;
+            // As `add` stores them: each divided by its norm (the same arithmetic, so
+            // an index assembled this way equals one built by adding the vectors).
+            use rayon::prelude::*;
+            let dim = self.dim;
+            parts.vectors.par_chunks_mut(dim).try_for_each(|v| {
+                let norm = super::check_vector(v, dim).map_err(|e| corrupt(format!("vector: {e}")))?;
+                v.iter_mut().for_each(|x| *x /= norm);
+                Ok::<(), Error>(())
+            })?;
+        }
+        let mut ix = VectorIndex::from_parts(self.dim, self.cfg, parts)?;
+        ix.calibration = self.calibration;
         Ok(ix)
     }
 }

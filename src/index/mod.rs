@@ -53,7 +53,7 @@ mod types;
 
 pub(crate) use self::compact::Parts;
 pub use self::types::*;
-pub use io::FORMAT_VERSION;
+pub use io::{IndexStructure, FORMAT_VERSION, STRUCTURE_VERSION};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -153,3 +153,38 @@ fn slots_waiting_for_the_graph_hold_no_record_until_it_is_built() {
     let agree = graph.iter().zip(&want).filter(|(g, w)| g.first().map(|h| h.slot) == w.first().map(|h| h.slot)).count();
     assert!(agree * 10 >= want.len() * 9, "graph top-1 agrees with exact on {agree} of {}", want.len());
 }
+
+#[test]
+fn a_structure_without_vectors_completed_with_them_is_the_same_index() {
+    use crate::synth::{generate, SynthConfig};
+    let set = generate(&SynthConfig { identities: 1_500, queries: 30, dim: 48, ..Default::default() }).unwrap();
+    let mut ix = VectorIndex::new(48, IndexConfig { exact_below: 0, ..Default::default() }).unwrap();
+    ix.add_batch(&set.gallery[..1_000 * 48]).unwrap();
+    ix.add_batch_deferred(&set.gallery[1_000 * 48..]).unwrap();
+    ix.remove(17).unwrap();
+    let (mut full, mut bare) = (Vec::new(), Vec::new());
+    ix.write_to(&mut full).unwrap();
+    ix.write_structure_to(&mut bare).unwrap();
+    assert!(bare.len() + 1_500 * 48 * 4 <= full.len());
+    // Without vectors the plain reader refuses it; completed with the vectors as added, it is the index.
+    assert!(matches!(VectorIndex::read_from(&mut bare.as_slice()), Err(Error::IncompatibleStore { .. })));
+    let s = VectorIndex::read_structure_from(&mut bare.as_slice()).unwrap();
+    assert!(!s.has_vectors());
+    assert!(matches!(s.into_index(None), Err(Error::DataCorruption { .. })));
+    let short = VectorIndex::read_structure_from(&mut bare.as_slice()).unwrap();
+    assert!(matches!(short.into_index(Some(set.gallery[..1_499 * 48].to_vec())), Err(Error::DataCorruption { .. })));
+    let back = VectorIndex::read_structure_from(&mut bare.as_slice()).unwrap().into_index(Some(set.gallery.clone())).unwrap();
+    let mut again = Vec::new();
+    back.write_to(&mut again).unwrap();
+    assert_eq!(again, full, "the completed index differs from the one written");
+    for strategy in [SearchStrategy::Graph, SearchStrategy::Exact] {
+        let p = SearchParams::top(5).with_strategy(strategy);
+        assert_eq!(back.search_batch(&set.queries, &p).unwrap(), ix.search_batch(&set.queries, &p).unwrap());
+    }
+    // A structure read from a self-contained index keeps its own vectors.
+    let s = VectorIndex::read_structure_from(&mut full.as_slice()).unwrap();
+    assert!(s.has_vectors());
+    let mut third = Vec::new();
+    s.into_index(None).unwrap().write_to(&mut third).unwrap();
+    assert_eq!(third, full);
+}

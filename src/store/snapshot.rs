@@ -18,8 +18,10 @@ use crate::fs::Dir;
 use crate::{Error, Result};
 
 pub(crate) const MAGIC: &[u8; 8] = b"FMSNAP\0\0";
-/// 2: the chunks' AAD binds the frame and slot counts too (1 bound the log id only).
-const VERSION: u32 = 2;
+/// 2: the chunks' AAD binds the frame and slot counts too (1 bound the log id
+/// only). 3: the same, and the body is the index without its vectors (index
+/// format 3): the template log holds them, and open takes them from its replay.
+const VERSION: u32 = 3;
 const HEADER_LEN: usize = 64;
 const CHUNK: usize = 1 << 20;
 
@@ -29,6 +31,8 @@ pub(crate) struct SnapshotHeader {
     pub log_id: [u8; 16],
     pub frames: u64,
     pub slots: u64,
+    /// Version 3: the body leaves the vectors to the log (version 2 holds them).
+    pub vectors_in_log: bool,
 }
 
 /// Binds every chunk to the whole header (log id, frames, slots), its place
@@ -98,7 +102,7 @@ pub(crate) fn write(
     let mut out = BufWriter::with_capacity(CHUNK + 64, file);
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&(if header.vectors_in_log { VERSION } else { 2 }).to_le_bytes());
     h[16..32].copy_from_slice(&header.log_id);
     h[32..40].copy_from_slice(&header.frames.to_le_bytes());
     h[40..48].copy_from_slice(&header.slots.to_le_bytes());
@@ -167,7 +171,11 @@ impl<R: Read> Read for OpeningReader<'_, R> {
 pub(crate) fn read_header(dir: &Dir, name: &str) -> Result<Option<SnapshotHeader>> {
     let Some(mut f) = dir.open_read(name)? else { return Ok(None) };
     let mut h = [0u8; HEADER_LEN];
-    if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().unwrap_or_default()) != VERSION {
+    if f.read_exact(&mut h).is_err() || &h[..8] != MAGIC {
+        return Ok(None);
+    }
+    let version = u32::from_le_bytes(h[8..12].try_into().unwrap_or_default());
+    if !(2..=VERSION).contains(&version) {
         return Ok(None);
     }
     let mut log_id = [0u8; 16];
@@ -176,6 +184,7 @@ pub(crate) fn read_header(dir: &Dir, name: &str) -> Result<Option<SnapshotHeader
         log_id,
         frames: u64::from_le_bytes(h[32..40].try_into().unwrap_or_default()),
         slots: u64::from_le_bytes(h[40..48].try_into().unwrap_or_default()),
+        vectors_in_log: version == VERSION,
     }))
 }
 
