@@ -15,6 +15,7 @@
 //! | `withdraw/recorded` | `Engine::withdraw`: its audit record durable, nothing erased yet |
 //! | `enrol/recorded` | `Engine::enrol_batch`: the enrolment records durable, no template stored yet |
 //! | `log/enospc` | any template log append fails with "no space left on device" |
+//! | `log/crash-mid-append` | an append of several frames stops as a crash would, its first frame durable and half the second written |
 //! | `fs/write-atomic` | any atomic replace (manifest, `HEAD` written on this thread, export) fails after writing its temporary file |
 //! | `fs/rename` | any rename in a gallery (compaction, snapshot, rotation moves, atomic replaces) fails |
 //! | `compact/renamed` | `Engine::compact`: the new log renamed in, the manifest not yet rebound |

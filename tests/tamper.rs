@@ -480,3 +480,120 @@ fn crash_matrix_every_operation_and_failure_point() {
         assert!(refused.iter().any(|r| r.starts_with(&format!("{name}@"))), "{name} never failed: {refused:?}");
     }
 }
+
+/// An import batch of 1,100 new people (two frames of the template log), each row with its
+/// consent, failing at every write point of the batch: after the write-ahead records, at the
+/// template log (a full disk), mid-append with the first frame durable and the second torn, at
+/// the manifest's atomic replace and at a rename, then a crash. After reopen no consent of an
+/// imported person is without its template, every template has its enrolment record, what was
+/// acknowledged is all there, the records of rows not stored are reconciled as "not stored",
+/// and `audit verify` is clean.
+#[test]
+fn import_consents_and_templates_commit_together_at_every_failure_point() {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    const N: usize = 1100;
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key);
+    for point in
+        [None, Some("enrol/recorded"), Some("log/enospc"), Some("log/crash-mid-append"), Some("fs/write-atomic"), Some("fs/rename")]
+    {
+        let t = tempfile::tempdir().unwrap();
+        let g = t.path().join("g");
+        copy_dir(&g0, &g);
+        let e = open(&g, &key, clock()).unwrap();
+        let who = |i: usize| format!("imp{i}");
+        let consents: Vec<ConsentRecord> = (0..N)
+            .map(|i| {
+                ConsentRecord::new(
+                    format!("import-{}", who(i)),
+                    &who(i),
+                    ConsentBasis::WrittenConsent,
+                    vec![purpose("payment")],
+                    "clerk",
+                    AgeBracket::Adult,
+                )
+            })
+            .collect();
+        let rows: Vec<facematch::engine::Enrolment> = (0..N)
+            .map(|i| {
+                facematch::engine::Enrolment::new(
+                    subject(&who(i)),
+                    format!("import-{}", who(i)),
+                    vec![purpose("payment")],
+                    vector(1000 + i as u64),
+                )
+            })
+            .collect();
+        if let Some(p) = point {
+            facematch::failpoints::enable(p);
+        }
+        let result = e.import_with_consents(&op(), consents, rows);
+        facematch::failpoints::disable_all();
+        drop(e); // the crash
+        let what = format!("import failing at {point:?} ({})", if result.is_ok() { "acknowledged" } else { "refused" });
+        let e = reopen(&g, &key).unwrap_or_else(|err| panic!("{what}: {err}"));
+        let reconciled = e.open_report().reconciled.join(" ");
+        let (mut with_template, mut consents_held) = (0, 0);
+        for i in 0..N {
+            let s = subject(&who(i));
+            let has_consent = !e.consents_of(&s).is_empty();
+            let templates = e.templates_of(&s).len();
+            assert!(!has_consent || templates == 1, "{what}: {} has a consent and {templates} templates", who(i));
+            assert!(has_consent || templates == 0, "{what}: {} has a template without its consent", who(i));
+            consents_held += has_consent as usize;
+            with_template += templates;
+        }
+        match (point, result.is_ok()) {
+            (_, true) => assert_eq!(with_template, N, "{what}"),
+            (Some("log/crash-mid-append"), false) => {
+                // The first frame (1,024 rows with their consents) is durable, the torn second is not.
+                assert_eq!(with_template, 1024, "{what}");
+                assert!(reconciled.contains("not stored"), "{what}: {reconciled}");
+            }
+            (_, false) => {
+                assert_eq!(with_template, 0, "{what}");
+                assert!(point == Some("log/enospc") || reconciled.contains("not stored"), "{what}: {reconciled}");
+            }
+        }
+        assert_eq!(consents_held, with_template, "{what}");
+        e.close().unwrap();
+        let v = facematch::engine::verify_audit(&g, &key, None).unwrap();
+        assert!(v.ok(), "{what}: {v:?}");
+        let enrolled: std::collections::HashSet<u64> = AuditLog::read(&g.join("audit"), &Default::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.event {
+                AuditEvent::Enrolment { template, .. } => Some(template),
+                _ => None,
+            })
+            .collect();
+        let e = reopen(&g, &key).unwrap();
+        for i in 0..N {
+            for t in e.templates_of(&subject(&who(i))) {
+                assert!(enrolled.contains(&t), "{what}: template {t} has no enrolment record");
+            }
+        }
+        assert!(e.open_report().reconciled.is_empty(), "{what}: reconciled twice");
+    }
+}
+
+/// A batch's consents must each be used by one of its rows (else a consent could commit alone).
+#[test]
+fn an_import_consent_no_row_uses_is_refused() {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    let e = open(t.path(), &key, clock()).unwrap();
+    let c = |who: &str| {
+        ConsentRecord::new(format!("c-{who}"), who, ConsentBasis::WrittenConsent, vec![purpose("payment")], "clerk", AgeBracket::Adult)
+    };
+    let row = facematch::engine::Enrolment::new(subject("a"), "c-a", vec![purpose("payment")], vector(900));
+    let r = e.import_with_consents(&op(), vec![c("a"), c("b")], vec![row.clone()]);
+    assert!(matches!(r, Err(Error::PolicyViolation { rule: "consent-record", .. })), "{r:?}");
+    assert!(e.consents_of(&subject("a")).is_empty() && e.consents_of(&subject("b")).is_empty());
+    assert_eq!(e.import_with_consents(&op(), vec![c("a")], vec![row]).unwrap().len(), 1);
+    assert_eq!(e.consents_of(&subject("a")).len(), 1);
+}
