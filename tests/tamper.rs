@@ -597,3 +597,140 @@ fn an_import_consent_no_row_uses_is_refused() {
     assert_eq!(e.import_with_consents(&op(), vec![c("a")], vec![row]).unwrap().len(), 1);
     assert_eq!(e.consents_of(&subject("a")).len(), 1);
 }
+
+/// Failures inside the audit log's writer (its segment write, its fsync, the `HEAD` replace; injected
+/// on the thread that commits, carried there by the records): an enrolment, a withdrawal, an import
+/// batch and a threshold change either do not happen (the call fails and the reopened gallery lacks
+/// the change) or happen with their audit record (a failed call's change then reported as reconciled
+/// on open); a query whose record cannot be written is not answered; `audit verify` is clean.
+#[test]
+fn audit_writer_failures_never_leave_a_change_without_its_record() {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    type Op = fn(&facematch::engine::Engine) -> facematch::Result<()>;
+    let ops: Vec<(&str, Op)> = vec![
+        ("enrol", |e| {
+            consent(e, "new", &["payment"], AgeBracket::Adult)?;
+            e.enrol(&op(), facematch::engine::Enrolment::new(subject("new"), "consent-new", vec![purpose("payment")], vector(500)))
+                .map(|_| ())
+        }),
+        ("withdraw", |e| e.withdraw(&op(), &subject("s3")).map(|_| ())),
+        ("import", |e| {
+            let cs = (0..3)
+                .map(|i| {
+                    ConsentRecord::new(
+                        format!("c-imp{i}"),
+                        &format!("imp{i}"),
+                        ConsentBasis::WrittenConsent,
+                        vec![purpose("payment")],
+                        "clerk",
+                        AgeBracket::Adult,
+                    )
+                })
+                .collect();
+            let rows = (0..3)
+                .map(|i| {
+                    facematch::engine::Enrolment::new(
+                        subject(&format!("imp{i}")),
+                        format!("c-imp{i}"),
+                        vec![purpose("payment")],
+                        vector(600 + i),
+                    )
+                })
+                .collect();
+            e.import_with_consents(&op(), cs, rows).map(|_| ())
+        }),
+        ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
+        ("query", |e| e.identify(&ctx("payment"), &vector(1), 3).map(|_| ())),
+    ];
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key);
+    let mut refused = Vec::new();
+    for (name, f) in &ops {
+        for point in ["audit/write", "audit/fsync", "audit/head"] {
+            let t = tempfile::tempdir().unwrap();
+            let g = t.path().join("g");
+            copy_dir(&g0, &g);
+            let e = open(&g, &key, clock()).unwrap();
+            let version_before = e.config().purpose(&purpose("payment")).unwrap().threshold_version;
+            facematch::failpoints::enable(point);
+            let result = f(&e);
+            facematch::failpoints::disable_all();
+            drop(e); // the crash
+            let what = format!("{name} with {point} failing ({})", if result.is_ok() { "acknowledged" } else { "refused" });
+            if result.is_err() {
+                refused.push(format!("{name}@{point}"));
+            }
+            if point != "audit/head" {
+                assert!(result.is_err(), "{what}: answered although its record was not written");
+            }
+            let e = reopen(&g, &key).unwrap_or_else(|err| panic!("{what}: reopen: {err}"));
+            let reconciled = !e.open_report().reconciled.is_empty();
+            let recs: Vec<AuditEvent> =
+                AuditLog::read(&g.join("audit"), &Default::default()).unwrap().into_iter().map(|r| r.event).collect();
+            let enrolled = |tpl: u64| recs.iter().any(|r| matches!(r, AuditEvent::Enrolment { template, .. } if *template == tpl));
+            let consented = |id: &str| recs.iter().any(|r| matches!(r, AuditEvent::ConsentRecorded { consent_id, .. } if consent_id == id));
+            let changed = match *name {
+                "enrol" | "import" => {
+                    let who: Vec<String> = if *name == "enrol" { vec!["new".into()] } else { (0..3).map(|i| format!("imp{i}")).collect() };
+                    let mut n = 0;
+                    for w in &who {
+                        for tpl in e.templates_of(&subject(w)) {
+                            assert!(enrolled(tpl), "{what}: template {tpl} of {w} has no enrolment record");
+                            n += 1;
+                        }
+                        for c in e.consents_of(&subject(w)) {
+                            assert!(consented(&c.consent_id), "{what}: consent {} has no record", c.consent_id);
+                        }
+                    }
+                    if *name == "import" {
+                        assert!(n == 0 || n == 3, "{what}: {n} of 3 rows");
+                        for w in &who {
+                            assert_eq!(e.consents_of(&subject(w)).len(), e.templates_of(&subject(w)).len(), "{what}: {w}");
+                        }
+                    }
+                    n > 0
+                }
+                "withdraw" => {
+                    let gone = e.templates_of(&subject("s3")).is_empty();
+                    if gone {
+                        assert!(
+                            recs.iter().any(|r| matches!(r, AuditEvent::ConsentWithdrawn { subject, .. } if subject == "s3")),
+                            "{what}"
+                        );
+                    }
+                    gone
+                }
+                "threshold" => {
+                    let p = e.config().purpose(&purpose("payment")).unwrap().clone();
+                    let moved = p.threshold_version > version_before;
+                    if moved {
+                        assert_eq!(p.identify_threshold, 0.55, "{what}");
+                        assert!(
+                            recs.iter()
+                                .any(|r| matches!(r, AuditEvent::ThresholdChange { version, .. } if *version == p.threshold_version)),
+                            "{what}: no record of the threshold change"
+                        );
+                    }
+                    moved
+                }
+                _ => {
+                    if result.is_ok() {
+                        assert!(recs.iter().any(|r| matches!(r, AuditEvent::Query(_))), "{what}: an answered query left no record");
+                    }
+                    result.is_ok()
+                }
+            };
+            if result.is_ok() {
+                assert!(changed, "{what}: acknowledged but not there after reopen");
+            } else if changed {
+                assert!(reconciled, "{what}: a failed call's change is there, unreported: {:?}", e.open_report());
+            }
+            e.close().unwrap_or_else(|err| panic!("{what}: close: {err}"));
+            let v = facematch::engine::verify_audit(&g, &key, None).unwrap();
+            assert!(v.ok(), "{what}: {v:?}");
+        }
+    }
+    eprintln!("refused: {refused:?}");
+}
