@@ -18,6 +18,7 @@
 //! | `log/crash-mid-append` | an append of several frames stops as a crash would, its first frame durable and half the second written |
 //! | `fs/write-atomic` | any atomic replace (manifest, `HEAD` written on this thread, export) fails after writing its temporary file |
 //! | `fs/rename` | any rename in a gallery (compaction, snapshot, rotation moves, atomic replaces) fails |
+//! | `compact/recorded` | `Engine::compact`: its `compaction-started` record durable, nothing rewritten yet |
 //! | `compact/renamed` | `Engine::compact`: the new log renamed in, the manifest not yet rebound |
 //! | `audit/write` | the audit commit holding a record this thread submitted fails to write its segment ("no space left") |
 //! | `audit/fsync` | that commit's `fdatasync` of the segment fails (the bytes were written) |

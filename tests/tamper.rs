@@ -405,7 +405,19 @@ fn crash_matrix_every_operation_and_failure_point() {
         ("rotate-key", |e| e.rotate_key(&op(), MasterKey::from_bytes([7; 32]))),
         ("checkpoint", |e| e.checkpoint()),
     ];
-    let points = ["log/enospc", "fs/write-atomic", "fs/rename"];
+    let points = [
+        "log/enospc",
+        "fs/write-atomic",
+        "fs/rename",
+        "audit/write",
+        "audit/fsync",
+        "enrol/recorded",
+        "withdraw/recorded",
+        "compact/recorded",
+        "compact/renamed",
+        "rotate-key/staged",
+        "rotate-key/committed",
+    ];
     let mut refused = Vec::new();
     let base = tempfile::tempdir().unwrap();
     let key = MasterKey::generate();
@@ -432,7 +444,9 @@ fn crash_matrix_every_operation_and_failure_point() {
                 Err(Error::Key(_)) => (reopen(&g, &rotated).unwrap_or_else(|err| panic!("{what}: {err}")), rotated.clone()),
                 Err(err) => panic!("{what}: reopen refused: {err}"),
             };
-            if result.is_ok() {
+            // The rotation's crash points return as a crash would: nothing acknowledged.
+            let acknowledged = result.is_ok() && !point.starts_with("rotate-key/");
+            if acknowledged {
                 match *name {
                     "enrol" => assert_eq!(e.templates_of(&subject("new")).len(), 1, "{what}"),
                     "delete" => assert!(e.templates_of(&subject("s2")).is_empty(), "{what}"),
@@ -446,6 +460,24 @@ fn crash_matrix_every_operation_and_failure_point() {
             let v = facematch::engine::verify_audit(&g, &k, None).unwrap();
             assert!(v.ok(), "{what}: {v:?}");
             let recs = AuditLog::read(&g.join("audit"), &Default::default()).unwrap();
+            // A rotation or compaction: its record is there, and if it did not complete or its
+            // own record is missing, a later record says what became of it.
+            let admin_after = |i: usize, words: &str| {
+                recs[i..].iter().any(|r| matches!(&r.event, AuditEvent::Admin { action, detail, .. }
+                    if ["key-rotation-failed", "key-rotation-recovery", "reconciled-on-open", "compaction-failed"].contains(&action.as_str()) && detail.contains(words)))
+            };
+            let rotation = recs.iter().rposition(|r| matches!(r.event, AuditEvent::KeyRotation { .. }));
+            if k.fingerprint() == rotated.fingerprint() {
+                assert!(rotation.is_some(), "{what}: the gallery is under the new key with no rotation record");
+            } else if let Some(i) = rotation {
+                assert!(admin_after(i, "previous key"), "{what}: a recorded rotation did not complete and nothing says so");
+            }
+            if let Some(i) =
+                recs.iter().rposition(|r| matches!(&r.event, AuditEvent::Admin { action, .. } if action == "compaction-started"))
+            {
+                let outcome = recs[i..].iter().any(|r| matches!(r.event, AuditEvent::Compaction { .. })) || admin_after(i, "compact");
+                assert!(outcome, "{what}: a compaction with no record of its outcome");
+            }
             let e = reopen(&g, &k).unwrap_or_else(|err| panic!("{what}: second open: {err}"));
             let mut enrolled = std::collections::HashSet::new();
             for r in &recs {
@@ -733,4 +765,50 @@ fn audit_writer_failures_never_leave_a_change_without_its_record() {
         }
     }
     eprintln!("refused: {refused:?}");
+}
+
+/// A compaction or a key rotation a crash cut short leaves an audit record saying what became of
+/// it: completed (its own record missing) or not, and which key the gallery is under.
+#[test]
+fn interrupted_compactions_and_rotations_are_recorded_on_open() {
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key);
+    let cases: [(&str, &str); 4] = [
+        ("compact/recorded", "did not complete: the previous template log stays"),
+        ("compact/renamed", "had completed (the compacted template log is in place)"),
+        ("rotate-key/staged", "stays under the previous key"),
+        ("rotate-key/committed", "under the new key"),
+    ];
+    for (point, says) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let g = t.path().join("g");
+        copy_dir(&g0, &g);
+        let e = open(&g, &key, clock()).unwrap();
+        e.withdraw(&op(), &subject("s9")).unwrap();
+        facematch::failpoints::enable(point);
+        let _ =
+            if point.starts_with("compact") { e.compact(&op()).map(|_| ()) } else { e.rotate_key(&op(), MasterKey::from_bytes([9; 32])) };
+        facematch::failpoints::disable_all();
+        drop(e); // the crash
+        let k = if point == "rotate-key/committed" { MasterKey::from_bytes([9; 32]) } else { key.clone() };
+        let e = reopen(&g, &k).unwrap_or_else(|err| panic!("{point}: {err}"));
+        assert!(e.templates_of(&subject("s9")).is_empty(), "{point}");
+        e.close().unwrap();
+        let details: Vec<String> = AuditLog::read(&g.join("audit"), &Default::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.event {
+                AuditEvent::Admin { action, detail, .. } if action == "reconciled-on-open" || action == "key-rotation-recovery" => {
+                    Some(detail)
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(details.iter().any(|d| d.contains(says)), "{point}: {details:?}");
+        let v = facematch::engine::verify_audit(&g, &k, None).unwrap();
+        assert!(v.ok(), "{point}: {v:?}");
+        assert!(reopen(&g, &k).unwrap().open_report().reconciled.is_empty(), "{point}: reconciled twice");
+    }
 }
