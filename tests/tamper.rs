@@ -812,3 +812,47 @@ fn interrupted_compactions_and_rotations_are_recorded_on_open() {
         assert!(reopen(&g, &k).unwrap().open_report().reconciled.is_empty(), "{point}: reconciled twice");
     }
 }
+
+/// `gallery.json`, `templates.log` and `index.snap` restored together from before a withdrawal,
+/// the audit log left current: the files agree with each other and with the older part of the
+/// audit log, so open accepts them, and re-applies the withdrawal the audit log records past
+/// the restored manifest (reconciled, audited): the person does not come back.
+#[test]
+fn a_restored_store_with_a_current_audit_log_gets_the_withdrawal_again() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g = t.path().join("g");
+    gallery(&g, &key);
+    let backup = t.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    let files = ["gallery.json", "templates.log", "index.snap"];
+    for f in files {
+        std::fs::copy(g.join(f), backup.join(f)).unwrap();
+    }
+    let e = open(&g, &key, clock()).unwrap();
+    e.withdraw(&op(), &subject("s7")).unwrap();
+    for i in 0..5 {
+        e.identify(&ctx("payment"), &vector(i), 3).unwrap();
+    }
+    e.close().unwrap();
+    for f in files {
+        std::fs::copy(backup.join(f), g.join(f)).unwrap();
+    }
+    let e = open(&g, &key, clock()).unwrap();
+    let rec = e.open_report().reconciled.join(" ");
+    assert!(rec.contains("withdrawal of s7"), "{rec}");
+    assert!(e.templates_of(&subject("s7")).is_empty(), "the withdrawn person is back");
+    assert!(e.consents_of(&subject("s7")).iter().all(|c| c.withdrawn_at_ms.is_some()));
+    assert_eq!(e.stats().templates, 19);
+    let v = e.identify(&ctx("payment"), &vector(7), 3).unwrap();
+    assert!(v.candidates.iter().all(|c| c.subject.as_str() != "s7"), "s7 still matches");
+    if let Ok(v) = e.verify(&ctx("payment"), &vector(7), &subject("s7")) {
+        assert!(v.score.is_none() && !matches!(v.decision, facematch::compliance::Decision::Match { .. }), "{v:?}");
+    }
+    e.close().unwrap();
+    audit_ok(&g, &key);
+    assert!(admin_actions(&g).contains(&"reconciled-on-open".to_string()));
+    let e = open(&g, &key, clock()).unwrap();
+    assert!(e.open_report().reconciled.is_empty());
+    assert!(e.templates_of(&subject("s7")).is_empty());
+}
