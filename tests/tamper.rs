@@ -673,6 +673,11 @@ fn audit_writer_failures_never_leave_a_change_without_its_record() {
         }),
         ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
         ("query", |e| e.identify(&ctx("payment"), &vector(1), 3).map(|_| ())),
+        ("query-deferred", |e| {
+            let p = e.identify_deferred(&ctx("payment"), &vector(1), 3)?;
+            p.wait().map(|_| ())
+        }),
+        ("query-verify", |e| e.verify(&ctx("payment"), &vector(1), &subject("s1")).map(|_| ())),
     ];
     let base = tempfile::tempdir().unwrap();
     let key = MasterKey::generate();
