@@ -301,6 +301,9 @@ impl Engine {
             return Err(Error::Cancelled);
         }
         if let Err(e) = w.log.append_durable(&frames) {
+            if matches!(e, Error::Cancelled) {
+                return Err(e); // a crash point: nothing more happens
+            }
             let cids: Vec<&str> = consents.iter().map(|c| c.consent_id.as_str()).collect();
             let also = if cids.is_empty() { String::new() } else { format!(" (nor consents {cids:?})") };
             let _ = self.audit_intent(AuditEvent::Admin {
