@@ -354,18 +354,23 @@ impl Engine {
             return Ok(());
         }
         let at = self.clock.now_unix_ms();
-        m.filing_notice_ms = Some(at);
-        store::write_manifest(&self.gdir, &mut m, &self.key.read())?;
         let threshold = m.config.filing_threshold;
+        // Written ahead (lock order: manifest, then audit): the record, then
+        // the manifest's mark. A mark that cannot be written only means the
+        // notice is raised, and recorded, again.
+        self.audit_intent(AuditEvent::FilingNotice { distinct_subjects: people, threshold })?;
+        let mut nm = m.clone();
+        nm.filing_notice_ms = Some(at);
+        store::write_manifest(&self.gdir, &mut nm, &self.key.read())?;
+        *m = nm;
         drop(m);
         tracing::warn!(
             people,
             threshold,
             "stored people reached the filing threshold: file with the provincial cyberspace office within 30 working days"
         );
-        self.audit_append(AuditEvent::FilingNotice { distinct_subjects: people, threshold })?;
         self.notices.lock().push(Notice::FilingRequired { people, threshold, at_ms: at });
-        Ok(())
+        self.rebind()
     }
 }
 
