@@ -404,9 +404,38 @@ fn crash_matrix_every_operation_and_failure_point() {
         ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
         ("rotate-key", |e| e.rotate_key(&op(), MasterKey::from_bytes([7; 32]))),
         ("checkpoint", |e| e.checkpoint()),
+        ("import", |e| {
+            use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+            let cs = (0..3)
+                .map(|i| {
+                    ConsentRecord::new(
+                        format!("c-imp{i}"),
+                        &format!("imp{i}"),
+                        ConsentBasis::WrittenConsent,
+                        vec![purpose("payment")],
+                        "clerk",
+                        AgeBracket::Adult,
+                    )
+                })
+                .collect();
+            let rows = (0..3)
+                .map(|i| {
+                    facematch::engine::Enrolment::new(
+                        subject(&format!("imp{i}")),
+                        format!("c-imp{i}"),
+                        vec![purpose("payment")],
+                        vector(600 + i),
+                    )
+                })
+                .collect();
+            e.import_with_consents(&op(), cs, rows).map(|_| ())
+        }),
+        // Run with the clock 400 days on: every template's retention has ended.
+        ("purge", |e| e.purge_expired(&op()).map(|_| ())),
     ];
     let points = [
         "log/enospc",
+        "log/crash-mid-append",
         "fs/write-atomic",
         "fs/rename",
         "audit/write",
@@ -428,7 +457,11 @@ fn crash_matrix_every_operation_and_failure_point() {
             let t = tempfile::tempdir().unwrap();
             let g = t.path().join("g");
             copy_dir(&g0, &g);
-            let e = open(&g, &key, clock()).unwrap();
+            let ck = clock();
+            let e = open(&g, &key, ck.clone()).unwrap();
+            if *name == "purge" {
+                ck.advance(std::time::Duration::from_secs(400 * 86_400));
+            }
             facematch::failpoints::enable(point);
             let result = f(&e);
             facematch::failpoints::disable_all();
@@ -451,6 +484,8 @@ fn crash_matrix_every_operation_and_failure_point() {
                     "enrol" => assert_eq!(e.templates_of(&subject("new")).len(), 1, "{what}"),
                     "delete" => assert!(e.templates_of(&subject("s2")).is_empty(), "{what}"),
                     "withdraw" => assert!(e.templates_of(&subject("s3")).is_empty(), "{what}"),
+                    "import" => assert!((0..3).all(|i| e.templates_of(&subject(&format!("imp{i}"))).len() == 1), "{what}"),
+                    "purge" => assert_eq!(e.stats().templates, 0, "{what}"),
                     "rotate-key" => assert_eq!(k.fingerprint(), rotated.fingerprint(), "{what}"),
                     _ => {}
                 }
@@ -500,6 +535,14 @@ fn crash_matrix_every_operation_and_failure_point() {
             }
             for i in 0..21u64 {
                 for tpl in e.templates_of(&subject(&format!("s{i}"))).into_iter().chain(e.templates_of(&subject("new"))) {
+                    assert!(enrolled.contains(&tpl), "{what}: template {tpl} has no enrolment record");
+                }
+            }
+            for i in 0..3 {
+                let s = subject(&format!("imp{i}"));
+                let tpls = e.templates_of(&s);
+                assert_eq!(e.consents_of(&s).len(), tpls.len(), "{what}: imp{i}'s consent and template are not together");
+                for tpl in tpls {
                     assert!(enrolled.contains(&tpl), "{what}: template {tpl} has no enrolment record");
                 }
             }
