@@ -15,9 +15,18 @@
 //! | `withdraw/recorded` | `Engine::withdraw`: its audit record durable, nothing erased yet |
 //! | `enrol/recorded` | `Engine::enrol_batch`: the enrolment records durable, no template stored yet |
 //! | `log/enospc` | any template log append fails with "no space left on device" |
+//! | `log/crash-mid-append` | an append of several frames stops as a crash would, its first frame durable and half the second written |
 //! | `fs/write-atomic` | any atomic replace (manifest, `HEAD` written on this thread, export) fails after writing its temporary file |
 //! | `fs/rename` | any rename in a gallery (compaction, snapshot, rotation moves, atomic replaces) fails |
+//! | `compact/recorded` | `Engine::compact`: its `compaction-started` record durable, nothing rewritten yet |
 //! | `compact/renamed` | `Engine::compact`: the new log renamed in, the manifest not yet rebound |
+//! | `audit/write` | the audit commit holding a record this thread submitted fails to write its segment ("no space left") |
+//! | `audit/fsync` | that commit's `fdatasync` of the segment fails (the bytes were written) |
+//! | `audit/head` | the `HEAD` replace after that commit fails (on the `HEAD` thread; later commits then fail) |
+//!
+//! The `audit/*` points act on other threads (the audit log's writer, a
+//! committing caller, the `HEAD` thread): each record carries the
+//! failpoints of the thread that submitted it ([`Carried`]).
 
 #[cfg(feature = "failpoints")]
 mod active {
@@ -41,10 +50,51 @@ mod active {
     pub(crate) fn hit(name: &str) -> bool {
         ACTIVE.with(|a| a.borrow().contains(name))
     }
+
+    pub(crate) fn snapshot() -> Option<std::sync::Arc<HashSet<&'static str>>> {
+        ACTIVE.with(|a| {
+            let a = a.borrow();
+            (!a.is_empty()).then(|| std::sync::Arc::new(a.clone()))
+        })
+    }
 }
 
 #[cfg(feature = "failpoints")]
 pub use active::{disable_all, enable};
+
+/// The failpoints of the thread that made a piece of work, carried to the
+/// thread that does it (an audit record to the writer). Empty, and free,
+/// without the `failpoints` feature.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Carried {
+    #[cfg(feature = "failpoints")]
+    points: Option<std::sync::Arc<std::collections::HashSet<&'static str>>>,
+}
+
+impl Carried {
+    /// The calling thread's failpoints.
+    #[inline]
+    pub(crate) fn here() -> Carried {
+        Carried {
+            #[cfg(feature = "failpoints")]
+            points: active::snapshot(),
+        }
+    }
+
+    /// Whether `name` was enabled where this was made.
+    #[inline]
+    pub(crate) fn hit(&self, name: &str) -> bool {
+        #[cfg(feature = "failpoints")]
+        {
+            self.points.as_ref().is_some_and(|p| p.contains(name))
+        }
+        #[cfg(not(feature = "failpoints"))]
+        {
+            let _ = name;
+            false
+        }
+    }
+}
 
 /// Whether the failpoint `name` is enabled on this thread.
 #[inline]

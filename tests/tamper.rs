@@ -404,8 +404,49 @@ fn crash_matrix_every_operation_and_failure_point() {
         ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
         ("rotate-key", |e| e.rotate_key(&op(), MasterKey::from_bytes([7; 32]))),
         ("checkpoint", |e| e.checkpoint()),
+        ("import", |e| {
+            use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+            let cs = (0..3)
+                .map(|i| {
+                    ConsentRecord::new(
+                        format!("c-imp{i}"),
+                        &format!("imp{i}"),
+                        ConsentBasis::WrittenConsent,
+                        vec![purpose("payment")],
+                        "clerk",
+                        AgeBracket::Adult,
+                    )
+                })
+                .collect();
+            let rows = (0..3)
+                .map(|i| {
+                    facematch::engine::Enrolment::new(
+                        subject(&format!("imp{i}")),
+                        format!("c-imp{i}"),
+                        vec![purpose("payment")],
+                        vector(600 + i),
+                    )
+                })
+                .collect();
+            e.import_with_consents(&op(), cs, rows).map(|_| ())
+        }),
+        // Run with the clock 400 days on: every template's retention has ended.
+        ("purge", |e| e.purge_expired(&op()).map(|_| ())),
     ];
-    let points = ["log/enospc", "fs/write-atomic", "fs/rename"];
+    let points = [
+        "log/enospc",
+        "log/crash-mid-append",
+        "fs/write-atomic",
+        "fs/rename",
+        "audit/write",
+        "audit/fsync",
+        "enrol/recorded",
+        "withdraw/recorded",
+        "compact/recorded",
+        "compact/renamed",
+        "rotate-key/staged",
+        "rotate-key/committed",
+    ];
     let mut refused = Vec::new();
     let base = tempfile::tempdir().unwrap();
     let key = MasterKey::generate();
@@ -416,7 +457,11 @@ fn crash_matrix_every_operation_and_failure_point() {
             let t = tempfile::tempdir().unwrap();
             let g = t.path().join("g");
             copy_dir(&g0, &g);
-            let e = open(&g, &key, clock()).unwrap();
+            let ck = clock();
+            let e = open(&g, &key, ck.clone()).unwrap();
+            if *name == "purge" {
+                ck.advance(std::time::Duration::from_secs(400 * 86_400));
+            }
             facematch::failpoints::enable(point);
             let result = f(&e);
             facematch::failpoints::disable_all();
@@ -432,11 +477,15 @@ fn crash_matrix_every_operation_and_failure_point() {
                 Err(Error::Key(_)) => (reopen(&g, &rotated).unwrap_or_else(|err| panic!("{what}: {err}")), rotated.clone()),
                 Err(err) => panic!("{what}: reopen refused: {err}"),
             };
-            if result.is_ok() {
+            // The rotation's crash points return as a crash would: nothing acknowledged.
+            let acknowledged = result.is_ok() && !point.starts_with("rotate-key/");
+            if acknowledged {
                 match *name {
                     "enrol" => assert_eq!(e.templates_of(&subject("new")).len(), 1, "{what}"),
                     "delete" => assert!(e.templates_of(&subject("s2")).is_empty(), "{what}"),
                     "withdraw" => assert!(e.templates_of(&subject("s3")).is_empty(), "{what}"),
+                    "import" => assert!((0..3).all(|i| e.templates_of(&subject(&format!("imp{i}"))).len() == 1), "{what}"),
+                    "purge" => assert_eq!(e.stats().templates, 0, "{what}"),
                     "rotate-key" => assert_eq!(k.fingerprint(), rotated.fingerprint(), "{what}"),
                     _ => {}
                 }
@@ -446,6 +495,24 @@ fn crash_matrix_every_operation_and_failure_point() {
             let v = facematch::engine::verify_audit(&g, &k, None).unwrap();
             assert!(v.ok(), "{what}: {v:?}");
             let recs = AuditLog::read(&g.join("audit"), &Default::default()).unwrap();
+            // A rotation or compaction: its record is there, and if it did not complete or its
+            // own record is missing, a later record says what became of it.
+            let admin_after = |i: usize, words: &str| {
+                recs[i..].iter().any(|r| matches!(&r.event, AuditEvent::Admin { action, detail, .. }
+                    if ["key-rotation-failed", "key-rotation-recovery", "reconciled-on-open", "compaction-failed"].contains(&action.as_str()) && detail.contains(words)))
+            };
+            let rotation = recs.iter().rposition(|r| matches!(r.event, AuditEvent::KeyRotation { .. }));
+            if k.fingerprint() == rotated.fingerprint() {
+                assert!(rotation.is_some(), "{what}: the gallery is under the new key with no rotation record");
+            } else if let Some(i) = rotation {
+                assert!(admin_after(i, "previous key"), "{what}: a recorded rotation did not complete and nothing says so");
+            }
+            if let Some(i) =
+                recs.iter().rposition(|r| matches!(&r.event, AuditEvent::Admin { action, .. } if action == "compaction-started"))
+            {
+                let outcome = recs[i..].iter().any(|r| matches!(r.event, AuditEvent::Compaction { .. })) || admin_after(i, "compact");
+                assert!(outcome, "{what}: a compaction with no record of its outcome");
+            }
             let e = reopen(&g, &k).unwrap_or_else(|err| panic!("{what}: second open: {err}"));
             let mut enrolled = std::collections::HashSet::new();
             for r in &recs {
@@ -471,6 +538,14 @@ fn crash_matrix_every_operation_and_failure_point() {
                     assert!(enrolled.contains(&tpl), "{what}: template {tpl} has no enrolment record");
                 }
             }
+            for i in 0..3 {
+                let s = subject(&format!("imp{i}"));
+                let tpls = e.templates_of(&s);
+                assert_eq!(e.consents_of(&s).len(), tpls.len(), "{what}: imp{i}'s consent and template are not together");
+                for tpl in tpls {
+                    assert!(enrolled.contains(&tpl), "{what}: template {tpl} has no enrolment record");
+                }
+            }
             assert_eq!(e.stats().templates, templates, "{what}: the second open disagrees with the first");
         }
     }
@@ -479,4 +554,353 @@ fn crash_matrix_every_operation_and_failure_point() {
     for (name, _) in &ops {
         assert!(refused.iter().any(|r| r.starts_with(&format!("{name}@"))), "{name} never failed: {refused:?}");
     }
+}
+
+/// An import batch of 1,100 new people (two frames of the template log), each row with its
+/// consent, failing at every write point of the batch: after the write-ahead records, at the
+/// template log (a full disk), mid-append with the first frame durable and the second torn, at
+/// the manifest's atomic replace and at a rename, then a crash. After reopen no consent of an
+/// imported person is without its template, every template has its enrolment record, what was
+/// acknowledged is all there, the records of rows not stored are reconciled as "not stored",
+/// and `audit verify` is clean.
+#[test]
+fn import_consents_and_templates_commit_together_at_every_failure_point() {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    const N: usize = 1100;
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key);
+    for point in
+        [None, Some("enrol/recorded"), Some("log/enospc"), Some("log/crash-mid-append"), Some("fs/write-atomic"), Some("fs/rename")]
+    {
+        let t = tempfile::tempdir().unwrap();
+        let g = t.path().join("g");
+        copy_dir(&g0, &g);
+        let e = open(&g, &key, clock()).unwrap();
+        let who = |i: usize| format!("imp{i}");
+        let consents: Vec<ConsentRecord> = (0..N)
+            .map(|i| {
+                ConsentRecord::new(
+                    format!("import-{}", who(i)),
+                    &who(i),
+                    ConsentBasis::WrittenConsent,
+                    vec![purpose("payment")],
+                    "clerk",
+                    AgeBracket::Adult,
+                )
+            })
+            .collect();
+        let rows: Vec<facematch::engine::Enrolment> = (0..N)
+            .map(|i| {
+                facematch::engine::Enrolment::new(
+                    subject(&who(i)),
+                    format!("import-{}", who(i)),
+                    vec![purpose("payment")],
+                    vector(1000 + i as u64),
+                )
+            })
+            .collect();
+        if let Some(p) = point {
+            facematch::failpoints::enable(p);
+        }
+        let result = e.import_with_consents(&op(), consents, rows);
+        facematch::failpoints::disable_all();
+        drop(e); // the crash
+        let what = format!("import failing at {point:?} ({})", if result.is_ok() { "acknowledged" } else { "refused" });
+        let e = reopen(&g, &key).unwrap_or_else(|err| panic!("{what}: {err}"));
+        let reconciled = e.open_report().reconciled.join(" ");
+        let (mut with_template, mut consents_held) = (0, 0);
+        for i in 0..N {
+            let s = subject(&who(i));
+            let has_consent = !e.consents_of(&s).is_empty();
+            let templates = e.templates_of(&s).len();
+            assert!(!has_consent || templates == 1, "{what}: {} has a consent and {templates} templates", who(i));
+            assert!(has_consent || templates == 0, "{what}: {} has a template without its consent", who(i));
+            consents_held += has_consent as usize;
+            with_template += templates;
+        }
+        match (point, result.is_ok()) {
+            (_, true) => assert_eq!(with_template, N, "{what}"),
+            (Some("log/crash-mid-append"), false) => {
+                // The first frame (1,024 rows with their consents) is durable, the torn second is not.
+                assert_eq!(with_template, 1024, "{what}");
+                assert!(reconciled.contains("not stored"), "{what}: {reconciled}");
+            }
+            (_, false) => {
+                assert_eq!(with_template, 0, "{what}");
+                assert!(point == Some("log/enospc") || reconciled.contains("not stored"), "{what}: {reconciled}");
+            }
+        }
+        assert_eq!(consents_held, with_template, "{what}");
+        e.close().unwrap();
+        let v = facematch::engine::verify_audit(&g, &key, None).unwrap();
+        assert!(v.ok(), "{what}: {v:?}");
+        let enrolled: std::collections::HashSet<u64> = AuditLog::read(&g.join("audit"), &Default::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.event {
+                AuditEvent::Enrolment { template, .. } => Some(template),
+                _ => None,
+            })
+            .collect();
+        let e = reopen(&g, &key).unwrap();
+        for i in 0..N {
+            for t in e.templates_of(&subject(&who(i))) {
+                assert!(enrolled.contains(&t), "{what}: template {t} has no enrolment record");
+            }
+        }
+        assert!(e.open_report().reconciled.is_empty(), "{what}: reconciled twice");
+    }
+}
+
+/// A batch's consents must each be used by one of its rows (else a consent could commit alone).
+#[test]
+fn an_import_consent_no_row_uses_is_refused() {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    gallery(t.path(), &key);
+    let e = open(t.path(), &key, clock()).unwrap();
+    let c = |who: &str| {
+        ConsentRecord::new(format!("c-{who}"), who, ConsentBasis::WrittenConsent, vec![purpose("payment")], "clerk", AgeBracket::Adult)
+    };
+    let row = facematch::engine::Enrolment::new(subject("a"), "c-a", vec![purpose("payment")], vector(900));
+    let r = e.import_with_consents(&op(), vec![c("a"), c("b")], vec![row.clone()]);
+    assert!(matches!(r, Err(Error::PolicyViolation { rule: "consent-record", .. })), "{r:?}");
+    assert!(e.consents_of(&subject("a")).is_empty() && e.consents_of(&subject("b")).is_empty());
+    assert_eq!(e.import_with_consents(&op(), vec![c("a")], vec![row]).unwrap().len(), 1);
+    assert_eq!(e.consents_of(&subject("a")).len(), 1);
+}
+
+/// Failures inside the audit log's writer (its segment write, its fsync, the `HEAD` replace; injected
+/// on the thread that commits, carried there by the records): an enrolment, a withdrawal, an import
+/// batch and a threshold change either do not happen (the call fails and the reopened gallery lacks
+/// the change) or happen with their audit record (a failed call's change then reported as reconciled
+/// on open); a query whose record cannot be written is not answered; `audit verify` is clean.
+#[test]
+fn audit_writer_failures_never_leave_a_change_without_its_record() {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    type Op = fn(&facematch::engine::Engine) -> facematch::Result<()>;
+    let ops: Vec<(&str, Op)> = vec![
+        ("enrol", |e| {
+            consent(e, "new", &["payment"], AgeBracket::Adult)?;
+            e.enrol(&op(), facematch::engine::Enrolment::new(subject("new"), "consent-new", vec![purpose("payment")], vector(500)))
+                .map(|_| ())
+        }),
+        ("withdraw", |e| e.withdraw(&op(), &subject("s3")).map(|_| ())),
+        ("import", |e| {
+            let cs = (0..3)
+                .map(|i| {
+                    ConsentRecord::new(
+                        format!("c-imp{i}"),
+                        &format!("imp{i}"),
+                        ConsentBasis::WrittenConsent,
+                        vec![purpose("payment")],
+                        "clerk",
+                        AgeBracket::Adult,
+                    )
+                })
+                .collect();
+            let rows = (0..3)
+                .map(|i| {
+                    facematch::engine::Enrolment::new(
+                        subject(&format!("imp{i}")),
+                        format!("c-imp{i}"),
+                        vec![purpose("payment")],
+                        vector(600 + i),
+                    )
+                })
+                .collect();
+            e.import_with_consents(&op(), cs, rows).map(|_| ())
+        }),
+        ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
+        ("query", |e| e.identify(&ctx("payment"), &vector(1), 3).map(|_| ())),
+        ("query-deferred", |e| {
+            let p = e.identify_deferred(&ctx("payment"), &vector(1), 3)?;
+            p.wait().map(|_| ())
+        }),
+        ("query-verify", |e| e.verify(&ctx("payment"), &vector(1), &subject("s1")).map(|_| ())),
+    ];
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key);
+    let mut refused = Vec::new();
+    for (name, f) in &ops {
+        for point in ["audit/write", "audit/fsync", "audit/head"] {
+            let t = tempfile::tempdir().unwrap();
+            let g = t.path().join("g");
+            copy_dir(&g0, &g);
+            let e = open(&g, &key, clock()).unwrap();
+            let version_before = e.config().purpose(&purpose("payment")).unwrap().threshold_version;
+            facematch::failpoints::enable(point);
+            let result = f(&e);
+            facematch::failpoints::disable_all();
+            drop(e); // the crash
+            let what = format!("{name} with {point} failing ({})", if result.is_ok() { "acknowledged" } else { "refused" });
+            if result.is_err() {
+                refused.push(format!("{name}@{point}"));
+            }
+            if point != "audit/head" {
+                assert!(result.is_err(), "{what}: answered although its record was not written");
+            }
+            let e = reopen(&g, &key).unwrap_or_else(|err| panic!("{what}: reopen: {err}"));
+            let reconciled = !e.open_report().reconciled.is_empty();
+            let recs: Vec<AuditEvent> =
+                AuditLog::read(&g.join("audit"), &Default::default()).unwrap().into_iter().map(|r| r.event).collect();
+            let enrolled = |tpl: u64| recs.iter().any(|r| matches!(r, AuditEvent::Enrolment { template, .. } if *template == tpl));
+            let consented = |id: &str| recs.iter().any(|r| matches!(r, AuditEvent::ConsentRecorded { consent_id, .. } if consent_id == id));
+            let changed = match *name {
+                "enrol" | "import" => {
+                    let who: Vec<String> = if *name == "enrol" { vec!["new".into()] } else { (0..3).map(|i| format!("imp{i}")).collect() };
+                    let mut n = 0;
+                    for w in &who {
+                        for tpl in e.templates_of(&subject(w)) {
+                            assert!(enrolled(tpl), "{what}: template {tpl} of {w} has no enrolment record");
+                            n += 1;
+                        }
+                        for c in e.consents_of(&subject(w)) {
+                            assert!(consented(&c.consent_id), "{what}: consent {} has no record", c.consent_id);
+                        }
+                    }
+                    if *name == "import" {
+                        assert!(n == 0 || n == 3, "{what}: {n} of 3 rows");
+                        for w in &who {
+                            assert_eq!(e.consents_of(&subject(w)).len(), e.templates_of(&subject(w)).len(), "{what}: {w}");
+                        }
+                    }
+                    n > 0
+                }
+                "withdraw" => {
+                    let gone = e.templates_of(&subject("s3")).is_empty();
+                    if gone {
+                        assert!(
+                            recs.iter().any(|r| matches!(r, AuditEvent::ConsentWithdrawn { subject, .. } if subject == "s3")),
+                            "{what}"
+                        );
+                    }
+                    gone
+                }
+                "threshold" => {
+                    let p = e.config().purpose(&purpose("payment")).unwrap().clone();
+                    let moved = p.threshold_version > version_before;
+                    if moved {
+                        assert_eq!(p.identify_threshold, 0.55, "{what}");
+                        assert!(
+                            recs.iter()
+                                .any(|r| matches!(r, AuditEvent::ThresholdChange { version, .. } if *version == p.threshold_version)),
+                            "{what}: no record of the threshold change"
+                        );
+                    }
+                    moved
+                }
+                _ => {
+                    if result.is_ok() {
+                        assert!(recs.iter().any(|r| matches!(r, AuditEvent::Query(_))), "{what}: an answered query left no record");
+                    }
+                    result.is_ok()
+                }
+            };
+            if result.is_ok() {
+                assert!(changed, "{what}: acknowledged but not there after reopen");
+            } else if changed {
+                assert!(reconciled, "{what}: a failed call's change is there, unreported: {:?}", e.open_report());
+            }
+            e.close().unwrap_or_else(|err| panic!("{what}: close: {err}"));
+            let v = facematch::engine::verify_audit(&g, &key, None).unwrap();
+            assert!(v.ok(), "{what}: {v:?}");
+        }
+    }
+    eprintln!("refused: {refused:?}");
+}
+
+/// A compaction or a key rotation a crash cut short leaves an audit record saying what became of
+/// it: completed (its own record missing) or not, and which key the gallery is under.
+#[test]
+fn interrupted_compactions_and_rotations_are_recorded_on_open() {
+    let base = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g0 = base.path().join("g0");
+    gallery(&g0, &key);
+    let cases: [(&str, &str); 4] = [
+        ("compact/recorded", "did not complete: the previous template log stays"),
+        ("compact/renamed", "had completed (the compacted template log is in place)"),
+        ("rotate-key/staged", "stays under the previous key"),
+        ("rotate-key/committed", "under the new key"),
+    ];
+    for (point, says) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let g = t.path().join("g");
+        copy_dir(&g0, &g);
+        let e = open(&g, &key, clock()).unwrap();
+        e.withdraw(&op(), &subject("s9")).unwrap();
+        facematch::failpoints::enable(point);
+        let _ =
+            if point.starts_with("compact") { e.compact(&op()).map(|_| ()) } else { e.rotate_key(&op(), MasterKey::from_bytes([9; 32])) };
+        facematch::failpoints::disable_all();
+        drop(e); // the crash
+        let k = if point == "rotate-key/committed" { MasterKey::from_bytes([9; 32]) } else { key.clone() };
+        let e = reopen(&g, &k).unwrap_or_else(|err| panic!("{point}: {err}"));
+        assert!(e.templates_of(&subject("s9")).is_empty(), "{point}");
+        e.close().unwrap();
+        let details: Vec<String> = AuditLog::read(&g.join("audit"), &Default::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.event {
+                AuditEvent::Admin { action, detail, .. } if action == "reconciled-on-open" || action == "key-rotation-recovery" => {
+                    Some(detail)
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(details.iter().any(|d| d.contains(says)), "{point}: {details:?}");
+        let v = facematch::engine::verify_audit(&g, &k, None).unwrap();
+        assert!(v.ok(), "{point}: {v:?}");
+        assert!(reopen(&g, &k).unwrap().open_report().reconciled.is_empty(), "{point}: reconciled twice");
+    }
+}
+
+/// `gallery.json`, `templates.log` and `index.snap` restored together from before a withdrawal,
+/// the audit log left current: the files agree with each other and with the older part of the
+/// audit log, so open accepts them, and re-applies the withdrawal the audit log records past
+/// the restored manifest (reconciled, audited): the person does not come back.
+#[test]
+fn a_restored_store_with_a_current_audit_log_gets_the_withdrawal_again() {
+    let t = tempfile::tempdir().unwrap();
+    let key = MasterKey::generate();
+    let g = t.path().join("g");
+    gallery(&g, &key);
+    let backup = t.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    let files = ["gallery.json", "templates.log", "index.snap"];
+    for f in files {
+        std::fs::copy(g.join(f), backup.join(f)).unwrap();
+    }
+    let e = open(&g, &key, clock()).unwrap();
+    e.withdraw(&op(), &subject("s7")).unwrap();
+    for i in 0..5 {
+        e.identify(&ctx("payment"), &vector(i), 3).unwrap();
+    }
+    e.close().unwrap();
+    for f in files {
+        std::fs::copy(backup.join(f), g.join(f)).unwrap();
+    }
+    let e = open(&g, &key, clock()).unwrap();
+    let rec = e.open_report().reconciled.join(" ");
+    assert!(rec.contains("withdrawal of s7"), "{rec}");
+    assert!(e.templates_of(&subject("s7")).is_empty(), "the withdrawn person is back");
+    assert!(e.consents_of(&subject("s7")).iter().all(|c| c.withdrawn_at_ms.is_some()));
+    assert_eq!(e.stats().templates, 19);
+    let v = e.identify(&ctx("payment"), &vector(7), 3).unwrap();
+    assert!(v.candidates.iter().all(|c| c.subject.as_str() != "s7"), "s7 still matches");
+    if let Ok(v) = e.verify(&ctx("payment"), &vector(7), &subject("s7")) {
+        assert!(v.score.is_none() && !matches!(v.decision, facematch::compliance::Decision::Match { .. }), "{v:?}");
+    }
+    e.close().unwrap();
+    audit_ok(&g, &key);
+    assert!(admin_actions(&g).contains(&"reconciled-on-open".to_string()));
+    let e = open(&g, &key, clock()).unwrap();
+    assert!(e.open_report().reconciled.is_empty());
+    assert!(e.templates_of(&subject("s7")).is_empty());
 }

@@ -344,10 +344,8 @@ fn run_import(a: &ImportArgs) -> anyhow::Result<bool> {
             }
             reqs.push(Enrolment::new(subject.clone(), cid, ps.clone(), row.to_vec()));
         }
-        let done = (|| -> anyhow::Result<u64> {
-            e.record_consents(&op, consents)?;
-            Ok(e.import_batch(&op, reqs)?.len() as u64)
-        })();
+        // Consents and templates commit together: a failed batch leaves neither.
+        let done = e.import_with_consents(&op, consents, reqs).map(|ids| ids.len() as u64).map_err(anyhow::Error::from);
         match done {
             Ok(n) => imported += n,
             Err(err) => {

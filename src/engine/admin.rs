@@ -15,7 +15,9 @@ impl Engine {
     pub fn rotate_key(&self, operator: &Operator, new_key: MasterKey) -> Result<()> {
         let old = self.key.read().clone();
         let (old_ak, new_ak) = (AuditKey::from_bytes(old.audit_key_bytes()), AuditKey::from_bytes(new_key.audit_key_bytes()));
-        self.audit_append(AuditEvent::KeyRotation { operator: operator.as_str().into() })?;
+        // Written ahead, not bound: the rotated manifest binds past it; a
+        // rotation that never commits leaves it past the bound for `reconcile`.
+        self.audit_intent(AuditEvent::KeyRotation { operator: operator.as_str().into() })?;
         // Lock order: writer, manifest, state, audit (as everywhere).
         let mut w = self.writer.lock();
         let mut man = self.manifest.write();
@@ -46,20 +48,35 @@ impl Engine {
             AuditLog::rekey_into(&audit_dir, &old_ak, &new_ak, &staging.join(store::AUDIT_DIR))?;
             Ok((nl, nm))
         })();
+        // Before the commit: undo, reopen the audit log under the old key and
+        // say so there (the rotation's record is already written ahead).
+        let roll_back = |e: Error, slot: &mut Option<AuditLog>| -> Error {
+            let _ = store::recover::discard_rotation(&self.gdir, &mut Vec::new());
+            if slot.is_none() {
+                *slot = AuditLog::open(&audit_dir, old_ak.clone(), audit_cfg.clone(), self.clock.clone()).ok().map(|(a, _)| a);
+            }
+            e
+        };
         let (mut nl, nm) = match staged {
             Ok(x) => x,
             Err(e) => {
-                let _ = store::recover::discard_rotation(&self.gdir, &mut Vec::new());
-                if slot.is_none() {
-                    *slot = AuditLog::open(&audit_dir, old_ak, audit_cfg, self.clock.clone()).ok().map(|(a, _)| a);
-                }
-                return Err(e);
+                let e = roll_back(e, &mut slot);
+                drop((slot, st, man, w));
+                return Err(self.rotation_failed(operator, e));
             }
         };
         if crate::failpoints::hit("rotate-key/staged") {
             return Ok(());
         }
-        store::recover::commit_rotation(&self.gdir, &staging)?;
+        if let Err(e) = store::recover::commit_rotation(&self.gdir, &staging) {
+            // Not committed unless the marker is there (then the next open finishes it).
+            if !store::recover::committed(&staging).unwrap_or(true) {
+                let e = roll_back(e, &mut slot);
+                drop((slot, st, man, w));
+                return Err(self.rotation_failed(operator, e));
+            }
+            return Err(e);
+        }
         if crate::failpoints::hit("rotate-key/committed") {
             return Ok(());
         }
@@ -73,6 +90,16 @@ impl Engine {
         drop((slot, st, man, w));
         *self.key.write() = new_key;
         Ok(())
+    }
+
+    /// A rotation failed before its commit and was undone: record that its
+    /// written-ahead record did not take effect. Returns `e`.
+    fn rotation_failed(&self, operator: &Operator, e: Error) -> Error {
+        let detail = format!("rolled back: the rotation failed before its commit ({e}); the gallery stays under the previous key");
+        if let Err(err) = self.record_admin(operator, "key-rotation-failed", &detail) {
+            tracing::warn!(error = %err, "the failed key rotation could not be recorded; the next open reconciles it");
+        }
+        e
     }
 
     /// Measure, on a labelled calibration set, the lowest threshold for

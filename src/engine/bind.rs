@@ -22,8 +22,17 @@ impl Engine {
         let mut not_enrolled: Vec<u64> = Vec::new();
         let mut not_consented: Vec<String> = Vec::new();
         let mut not_changed: Vec<String> = Vec::new();
+        // A written-ahead compaction or key rotation with no record of its outcome after it.
+        let mut compaction_open = false;
+        let mut rotation_open = false;
         for r in records {
             match r.event {
+                AuditEvent::Admin { action, .. } if action == "compaction-started" => compaction_open = true,
+                AuditEvent::Admin { action, .. } if action == "compaction-failed" => compaction_open = false,
+                AuditEvent::Compaction { .. } => compaction_open = false,
+                // A rotation that completed bound the manifest past its record.
+                AuditEvent::KeyRotation { .. } => rotation_open = true,
+                AuditEvent::Admin { action, .. } if action == "key-rotation-failed" => rotation_open = false,
                 AuditEvent::Enrolment { subject, template, .. } => {
                     if self.template(template).is_err() {
                         not_enrolled.push(template);
@@ -75,6 +84,19 @@ impl Engine {
         }
         if !not_changed.is_empty() {
             done.push(format!("recorded threshold changes {not_changed:?} were not stored: the previous thresholds stay in force"));
+        }
+        if compaction_open {
+            let id = hex::encode(self.writer.lock().log.file_id());
+            done.push(if id != b.log_id {
+                "a compaction a crash cut short had completed (the compacted template log is in place); its own record was not written"
+                    .to_string()
+            } else {
+                "a compaction a crash cut short did not complete: the previous template log stays (compact again to remove erased bytes)"
+                    .to_string()
+            });
+        }
+        if rotation_open {
+            done.push("a recorded key rotation did not complete (a failure or crash came before its commit): the gallery stays under the previous key".into());
         }
         if !not_consented.is_empty() {
             done.push(format!("recorded consents {not_consented:?} were not stored: they are not recorded"));

@@ -123,9 +123,37 @@ impl Engine {
     }
 
     /// Rewrite the store without deleted templates: their bytes leave every file; the index drops them and repairs its graph.
+    ///
+    /// Written ahead: a `compaction-started` record is durable first; a
+    /// compaction that fails says so in a `compaction-failed` record, and one
+    /// a crash cut short is reconciled on open (completed or not, from which
+    /// template log is in place).
     pub fn compact(&self, operator: &Operator) -> Result<CompactionReport> {
         let key = self.key.read().clone();
-        let r = self.rewrite(&key)?;
+        let before = hex::encode(self.writer.lock().log.file_id());
+        self.audit_intent(AuditEvent::Admin {
+            operator: operator.as_str().into(),
+            action: "compaction-started".into(),
+            detail: format!("template log {before}"),
+        })?;
+        if crate::failpoints::hit("compact/recorded") {
+            return Err(Error::Cancelled);
+        }
+        let r = match self.rewrite(&key) {
+            Ok(r) => r,
+            Err(Error::Cancelled) => return Err(Error::Cancelled),
+            Err(e) => {
+                let done = hex::encode(self.writer.lock().log.file_id()) != before;
+                let detail = if done {
+                    format!("the compacted template log is in place, but finishing failed: {e}")
+                } else {
+                    format!("not compacted (the previous template log stays): {e}")
+                };
+                let _ =
+                    self.audit_intent(AuditEvent::Admin { operator: operator.as_str().into(), action: "compaction-failed".into(), detail });
+                return Err(e);
+            }
+        };
         self.audit_append(AuditEvent::Compaction {
             operator: operator.as_str().into(),
             templates_removed: r.templates_removed,

@@ -403,12 +403,25 @@ fn replay(
         if store::enrolments_frame(&b).is_some() {
             return Ok(Frame::Enrolments(b));
         }
+        if let Some(parts) = store::import_frame(&b) {
+            let consents = parts.and_then(|(c, _)| store::import_consents(c)).map_err(|e| corrupt(i, e))?;
+            return Ok(Frame::Import(consents, b));
+        }
         Op::decode(&b).map(Frame::Op).map_err(|e| corrupt(i, e))
     };
     let (log, torn) = LogWriter::open_decoded(gdir, store::LOG, cipher.clone(), decode, |i, f| {
         let op = match f {
             Frame::Enrolments(b) => {
                 let rest = store::enrolments_frame(&b).unwrap_or_default();
+                return store::visit_enrolments(rest, |meta, v| enrol(&mut st, Meta::Ref(meta), v, &mut pending))
+                    .map_err(|e| corrupt(i, e));
+            }
+            Frame::Import(consents, b) => {
+                // The consents first: the enrolments of the frame use them.
+                for c in &consents {
+                    st.put_consent(c);
+                }
+                let (_, rest) = store::import_frame(&b).unwrap_or(Ok((&[], &[]))).map_err(|e| corrupt(i, e))?;
                 return store::visit_enrolments(rest, |meta, v| enrol(&mut st, Meta::Ref(meta), v, &mut pending))
                     .map_err(|e| corrupt(i, e));
             }
@@ -420,7 +433,7 @@ fn replay(
                 enrol(&mut st, Meta::Owned(meta), &bytes, &mut pending).map_err(|e| corrupt(i, e))?;
             }
             // Batched enrolments are visited above; a decoder that disagreed would be a bug, reported as such.
-            Op::EnrolMany(_) => return Err(corrupt(i, "batched enrolments decoded out of order".into())),
+            Op::EnrolMany(_) | Op::Import(..) => return Err(corrupt(i, "batched enrolments decoded out of order".into())),
             Op::Delete { templates } => {
                 for t in templates {
                     if let Some(slot) = st.note_delete(t) {
@@ -444,6 +457,8 @@ fn replay(
 enum Frame {
     /// Batched enrolments, visited in order from the plaintext.
     Enrolments(Zeroizing<Vec<u8>>),
+    /// An import: its consents (decoded) and the plaintext, whose enrolments are visited in order.
+    Import(Vec<ConsentRecord>, Zeroizing<Vec<u8>>),
     Op(Op),
 }
 

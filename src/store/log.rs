@@ -335,10 +335,12 @@ impl LogWriter {
         let sealed: Vec<Vec<u8>> =
             plaintexts.par_iter().enumerate().map(|(i, p)| self.cipher.seal(&aad(&self.file_id, first + i as u64), p)).collect();
         let mut buf = Vec::with_capacity(sealed.iter().map(|s| s.len() + FRAME_HEAD).sum());
+        let mut ends = Vec::with_capacity(sealed.len());
         for s in &sealed {
             buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
             buf.extend_from_slice(&crc32fast::hash(s).to_le_bytes());
             buf.extend_from_slice(s);
+            ends.push(buf.len());
         }
         if self.cut_pending {
             // The torn tail found on open goes now, before anything is written after it.
@@ -346,6 +348,12 @@ impl LogWriter {
             self.cut_pending = false;
         }
         self.file.seek(SeekFrom::Start(self.len)).map_err(|e| Error::io(&self.path, e))?;
+        if ends.len() > 1 && crate::failpoints::hit("log/crash-mid-append") {
+            // A crash with the first frame on disk and the second half written.
+            let cut = ends[0] + (ends[1] - ends[0]) / 2;
+            let _ = self.file.write_all(&buf[..cut]).and_then(|_| self.file.sync_data());
+            return Err(Error::Cancelled);
+        }
         let res = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
         if let Err(e) = res {
             // Roll the file back to the last good frame so a failed append leaves nothing half-written.

@@ -31,7 +31,10 @@ pub(crate) use self::crypto::{ct_eq, Cipher};
 pub use self::crypto::{MasterKey, KEY_ENV};
 pub use self::log::TornTail;
 pub(crate) use self::log::{good_prefix, peek, LogWriter};
-pub(crate) use self::ops::{encode_enrolments, enrolments_frame, f32s_from_le, visit_enrolments, MetaRef, Op, OPS_PER_FRAME};
+pub(crate) use self::ops::{
+    encode_enrolments, encode_import, enrolments_frame, f32s_from_le, import_consents, import_frame, visit_enrolments, MetaRef, Op,
+    OPS_PER_FRAME,
+};
 pub use self::recover::RotationRecovery;
 use crate::compliance::{Purpose, SubjectId};
 use crate::config::GalleryConfig;

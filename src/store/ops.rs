@@ -3,7 +3,9 @@
 //! A frame's plaintext starts with a tag: 1 one enrolment (JSON metadata +
 //! f32 vector, written before batching), 2 a JSON operation (deletion; one
 //! consent before batching), 3 up to [`OPS_PER_FRAME`] enrolments (binary),
-//! 4 up to [`OPS_PER_FRAME`] consent records (binary). Every reader is
+//! 4 up to [`OPS_PER_FRAME`] consent records (binary), 5 an import: consent
+//! records and the enrolments that use them in one frame (binary; one seal,
+//! so a crash or a full disk keeps both or neither). Every reader is
 //! bounds-checked: a damaged or hostile frame is an error, never a panic.
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +35,8 @@ pub(crate) enum Op {
     Consent(ConsentRecord),
     /// Several consent records in one frame.
     Consents(Vec<ConsentRecord>),
+    /// Consent records and the enrolments that use them, in one frame.
+    Import(Vec<ConsentRecord>, Vec<(TemplateMeta, Vec<f32>)>),
 }
 
 /// Enrolments or consents per batched frame.
@@ -49,6 +53,40 @@ const TAG_ENROL: u8 = 1;
 const TAG_JSON: u8 = 2;
 const TAG_ENROL_MANY: u8 = 3;
 const TAG_CONSENTS: u8 = 4;
+const TAG_IMPORT: u8 = 5;
+
+/// Encode consents and the enrolments that use them as one frame:
+/// `5 | u32 n | n bytes: a consents frame without its tag | an enrolments frame without its tag`.
+/// Replay applies the consents first.
+pub(crate) fn encode_import(consents: &[ConsentRecord], items: &[(&TemplateMeta, &[f32])]) -> Vec<u8> {
+    let c = encode_consents(consents);
+    let e = encode_enrolments(items);
+    let mut out = Vec::with_capacity(5 + c.len() + e.len());
+    out.push(TAG_IMPORT);
+    put_count(&mut out, c.len() - 1);
+    out.extend_from_slice(&c[1..]);
+    out.extend_from_slice(&e[1..]);
+    out
+}
+
+/// An import frame's two bodies: its consents and its enrolments (each without a tag).
+pub(crate) type ImportParts<'a> = std::result::Result<(&'a [u8], &'a [u8]), String>;
+
+/// The two bodies of an import frame (after its tag), if `b` is one.
+pub(crate) fn import_frame(b: &[u8]) -> Option<ImportParts<'_>> {
+    match b.split_first() {
+        Some((&TAG_IMPORT, rest)) => {
+            let mut r = Fields { b: rest, at: 0 };
+            Some(r.u32().and_then(|n| r.take(n as usize)).map(|c| (c, &rest[r.at..])))
+        }
+        _ => None,
+    }
+}
+
+/// The consent records of an import frame's consents body.
+pub(crate) fn import_consents(body: &[u8]) -> std::result::Result<Vec<ConsentRecord>, String> {
+    decode_consents(body)
+}
 
 /// Encode consent records as one binary frame (`str`: u32 length + UTF-8):
 /// `4 | u32 count | per record: str id | str subject | u8 basis (0 separate, 1 written, 2 legal + str) |
@@ -319,6 +357,7 @@ impl Op {
             Op::Delete { templates } => json_frame(&JsonOp::Delete { templates: templates.clone() }),
             Op::Consent(record) => json_frame(&JsonOp::Consent { record: record.clone() }),
             Op::Consents(records) => encode_consents(records),
+            Op::Import(consents, items) => encode_import(consents, &items.iter().map(|(m, v)| (m, v.as_slice())).collect::<Vec<_>>()),
         }
     }
 
@@ -348,6 +387,18 @@ impl Op {
                 Ok(Op::EnrolMany(items))
             }
             TAG_CONSENTS => Ok(Op::Consents(decode_consents(rest)?)),
+            TAG_IMPORT => {
+                let (c, e) = import_frame(b).ok_or("not an import frame")??;
+                let consents = decode_consents(c)?;
+                let mut items = Vec::new();
+                visit_enrolments(e, |m, v| {
+                    let mut x = Vec::with_capacity(v.len() / 4);
+                    f32s_from_le(v, &mut x);
+                    items.push((m.to_meta()?, x));
+                    Ok(())
+                })?;
+                Ok(Op::Import(consents, items))
+            }
             TAG_JSON => match serde_json::from_slice::<JsonOp>(rest).map_err(|e| format!("op: {e}"))? {
                 JsonOp::Delete { templates } => Ok(Op::Delete { templates }),
                 JsonOp::Consent { record } => Ok(Op::Consent(record)),
@@ -407,12 +458,24 @@ mod tests {
         let plain = ConsentRecord { consent_id: "c2".into(), guardian: None, withdrawn_at_ms: Some(5), ..c.clone() };
         let cs = Op::Consents(vec![c.clone(), plain.clone()]);
         match Op::decode(&cs.encode()).unwrap() {
-            Op::Consents(got) => assert_eq!(got, vec![c, plain]),
+            Op::Consents(got) => assert_eq!(got, vec![c.clone(), plain]),
             _ => panic!("wrong op"),
         }
         let bytes = cs.encode();
         for cut in 0..bytes.len() {
             assert!(Op::decode(&bytes[..cut]).is_err(), "consents cut at {cut}");
+        }
+        let imp = Op::Import(vec![c.clone()], vec![(meta.clone(), vec![0.5, -0.25])]);
+        match Op::decode(&imp.encode()).unwrap() {
+            Op::Import(cs, items) => {
+                assert_eq!(cs, vec![c.clone()]);
+                assert_eq!(items, vec![(meta.clone(), vec![0.5, -0.25])]);
+            }
+            _ => panic!("wrong op"),
+        }
+        let bytes = imp.encode();
+        for cut in 0..bytes.len() {
+            assert!(Op::decode(&bytes[..cut]).is_err(), "import cut at {cut}");
         }
         // Every truncation of a batched frame is an error, never a panic.
         let bytes = two.encode();

@@ -114,7 +114,8 @@ fn staging(dir: &Dir, left: &mut Vec<String>) -> Result<Option<Dir>> {
     }
 }
 
-fn committed(st: &Dir) -> Result<bool> {
+/// Whether the staged rotation in `st` has its durable commit marker.
+pub(crate) fn committed(st: &Dir) -> Result<bool> {
     Ok(st.read_bounded(ROTATION_COMMIT, 1024)?.is_some_and(|b| b == COMMIT_TEXT))
 }
 

@@ -10,6 +10,8 @@ pub(super) struct HeadState {
     pub(super) urgent: bool,
     pub(super) error: Option<String>,
     pub(super) closing: bool,
+    /// Failpoint `audit/head`: the next replacement fails.
+    pub(super) fail_next: bool,
 }
 
 /// Replaces `HEAD` on its own thread, so that its two fsyncs (temp file,
@@ -24,7 +26,10 @@ pub(super) struct HeadWriter {
 
 impl HeadWriter {
     pub(super) fn start(shared: Arc<Shared>, written: u64) -> Result<HeadWriter> {
-        let state = Arc::new((Mutex::new(HeadState { want: None, written, urgent: false, error: None, closing: false }), Condvar::new()));
+        let state = Arc::new((
+            Mutex::new(HeadState { want: None, written, urgent: false, error: None, closing: false, fail_next: false }),
+            Condvar::new(),
+        ));
         let st = Arc::clone(&state);
         let handle = std::thread::Builder::new()
             .name("facematch-audit-head".into())
@@ -33,7 +38,7 @@ impl HeadWriter {
                 let interval = Duration::from_millis(shared.cfg.head_interval_ms);
                 let mut last_write: Option<Instant> = None;
                 loop {
-                    let next = {
+                    let (next, fail) = {
                         let mut g = m.lock();
                         loop {
                             while g.want.is_none() && !g.closing {
@@ -52,12 +57,16 @@ impl HeadWriter {
                         match g.want.take() {
                             // Already covered by the write that just finished.
                             Some(w) if w.1 <= g.written => continue,
-                            Some(w) => w,
+                            Some(w) => (w, std::mem::take(&mut g.fail_next)),
                             None => return,
                         }
                     };
                     last_write = Some(Instant::now());
-                    let r = write_head(&shared.dir, &shared.key, next.0, next.1, &next.2, true);
+                    let r = if fail {
+                        Err(Error::io(shared.dir.join(crate::audit::format::HEAD_FILE), std::io::Error::from_raw_os_error(libc::ENOSPC)))
+                    } else {
+                        write_head(&shared.dir, &shared.key, next.0, next.1, &next.2, true)
+                    };
                     let mut g = m.lock();
                     match r {
                         Ok(()) => g.written = g.written.max(next.1),
@@ -79,6 +88,11 @@ impl HeadWriter {
         let (m, cv) = &*self.state;
         m.lock().want = Some((segment, records, hash.to_string()));
         cv.notify_all();
+    }
+
+    /// Make the next replacement fail (failpoint `audit/head`).
+    pub(super) fn fail_next(&self) {
+        self.state.0.lock().fail_next = true;
     }
 
     pub(super) fn error(&self) -> Option<String> {

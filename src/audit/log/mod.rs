@@ -149,6 +149,8 @@ struct Pending {
     time_ms: i64,
     event_json: String,
     event: AuditEvent,
+    /// The submitter's failpoints (`audit/*`; nothing without the feature).
+    fail: crate::failpoints::Carried,
 }
 
 struct Queue {
@@ -315,10 +317,11 @@ impl AuditLog {
                 q.first_at = Instant::now();
             }
             let time_ms = self.shared.clock.now_unix_ms();
+            let fail = crate::failpoints::Carried::here();
             for (event, event_json) in events {
                 let seq = q.next_seq;
                 q.next_seq += 1;
-                q.items.push(Pending { seq, time_ms, event_json, event });
+                q.items.push(Pending { seq, time_ms, event_json, event, fail: fail.clone() });
             }
             // The writer only needs waking when work appears or a batch is
             // full; while it lingers, each submit need not wake it.

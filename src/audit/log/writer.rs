@@ -318,6 +318,9 @@ impl Writer {
             self.wake = wake;
         }
         if self.sync {
+            if items.iter().any(|p| p.fail.hit("audit/head")) {
+                self.head.fail_next();
+            }
             self.head.post(self.seg_index, self.next_seq, &self.last_hash);
         }
     }
@@ -448,7 +451,17 @@ impl Writer {
         }
         // The write counts with the fsync: a direct write waits for the device.
         let started = Instant::now();
+        let seg_path = self.shared.dir.join(segment_name(self.seg_index));
+        let injected = |point: &str, errno: i32| {
+            items.iter().any(|p| p.fail.hit(point)).then(|| Error::io(&seg_path, std::io::Error::from_raw_os_error(errno)))
+        };
+        if let Some(e) = injected("audit/write", libc::ENOSPC) {
+            return Err(e);
+        }
         self.write_buf()?;
+        if let Some(e) = injected("audit/fsync", libc::EIO) {
+            return Err(e);
+        }
         if self.sync {
             let path = self.shared.dir.join(segment_name(self.seg_index));
             self.file.sync_data().map_err(|e| Error::io(&path, e))?;
