@@ -9,7 +9,7 @@ use std::path::Path;
 
 use facematch::audit::{AuditEvent, AuditKey, AuditLog};
 use facematch::compliance::Mode;
-use facematch::engine::EngineBuilder;
+use facematch::engine::{EngineBuilder, Query};
 use facematch::store::MasterKey;
 use facematch::Error;
 
@@ -73,7 +73,7 @@ fn a_deleted_or_rolled_back_audit_log_is_refused() {
     // Copy aside, work (searches and a withdrawal), put the old copy back: refused.
     let e = open(&g, &key, clock()).unwrap();
     for i in 0..30 {
-        e.identify(&ctx("payment"), &vector(i), 3).unwrap();
+        e.query(&ctx("payment"), Query::identify(&vector(i), 3)).unwrap();
     }
     e.withdraw(&op(), &subject("s7")).unwrap();
     e.close().unwrap();
@@ -130,7 +130,7 @@ fn a_restored_pre_withdrawal_log_is_refused_and_repair_erases_again() {
     let e = open(&g, &key, clock()).unwrap();
     assert!(e.templates_of(&subject("s7")).is_empty(), "the withdrawn person is back");
     assert_eq!(e.stats().templates, 19);
-    let v = e.identify(&ctx("payment"), &vector(7), 3).unwrap();
+    let v = e.query(&ctx("payment"), Query::identify(&vector(7), 3)).unwrap();
     assert!(v.candidates.iter().all(|c| c.subject.as_str() != "s7"));
     e.close().unwrap();
     let v = AuditLog::verify(&g.join("audit"), &AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
@@ -263,8 +263,8 @@ fn refused_queries_are_audited_without_probe_data() {
     let key = MasterKey::generate();
     gallery(t.path(), &key);
     let e = open(t.path(), &key, clock()).unwrap();
-    assert!(e.identify(&ctx("marketing"), &vector(1), 3).is_err());
-    assert!(e.verify(&ctx("marketing"), &vector(1), &subject("s1")).is_err());
+    assert!(e.query(&ctx("marketing"), Query::identify(&vector(1), 3)).is_err());
+    assert!(e.query(&ctx("marketing"), Query::verify(&vector(1), &subject("s1"))).is_err());
     e.close().unwrap();
     let refused: Vec<String> = AuditLog::read(&t.path().join("audit"), &Default::default())
         .unwrap()
