@@ -11,7 +11,7 @@
 //!   nothing for encryption: `index_only` vs `audit_off` shows the engine's own overhead.
 //!   Group commit shares one fsync among concurrent queries, so its cost falls with concurrency (64 threads).
 //! - `engine_query/*_pipelined/{1,2}`: 1 or 2 threads, each keeping 32 queries in
-//!   flight with `identify_deferred` (answers released once their record is durable);
+//!   flight with `query_deferred` (answers released once their record is durable);
 //!   `*_pipelined_deep/2`: 128 in flight each. 4,000 queries per iteration so that
 //!   the final drain is amortised as in a server. `audit_off` batches records
 //!   exactly like group commit but never fsyncs: the difference is durability.
@@ -26,7 +26,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use facematch::audit::Durability;
 use facematch::compliance::*;
 use facematch::config::GalleryConfig;
-use facematch::engine::{Engine, EngineBuilder, Enrolment, QueryContext};
+use facematch::engine::{Engine, EngineBuilder, Enrolment, Query, QueryContext};
 use facematch::index::{SearchParams, SearchStrategy, VectorIndex};
 use facematch::store::MasterKey;
 use facematch::synth::{generate, SynthConfig};
@@ -140,7 +140,7 @@ fn bench_query(c: &mut Criterion) {
                     pool.install(|| {
                         use rayon::prelude::*;
                         (0..nq).into_par_iter().for_each(|i| {
-                            e.identify(&ctx, &queries[i * 128..(i + 1) * 128], 10).unwrap();
+                            e.query(&ctx, Query::identify(&queries[i * 128..(i + 1) * 128], 10)).unwrap();
                         })
                     })
                 })
@@ -148,7 +148,7 @@ fn bench_query(c: &mut Criterion) {
         }
     }
     // Pipelined: each thread keeps up to `window` queries in flight
-    // (identify_deferred) and releases the oldest answer when the window
+    // (query_deferred) and releases the oldest answer when the window
     // is full, as a server with many connections per thread would.
     // 4,000 queries per iteration (20 passes over the probes): a window
     // is drained only at the end of an iteration, as a server drains
@@ -173,7 +173,8 @@ fn bench_query(c: &mut Criterion) {
                                         p.wait().unwrap();
                                     }
                                     let j = i % nq;
-                                    inflight.push_back(e.identify_deferred(ctx, &queries[j * 128..(j + 1) * 128], 10).unwrap());
+                                    inflight
+                                        .push_back(e.query_deferred(ctx, Query::identify(&queries[j * 128..(j + 1) * 128], 10)).unwrap());
                                 }
                                 for p in inflight {
                                     p.wait().unwrap();

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use facematch::audit::{AuditStats, Durability};
 use facematch::compliance::*;
 use facematch::config::GalleryConfig;
-use facematch::engine::{Engine, EngineBuilder, Enrolment, QueryContext};
+use facematch::engine::{Engine, EngineBuilder, Enrolment, Query, QueryContext};
 use facematch::store::MasterKey;
 use facematch::synth::{generate, SynthConfig};
 
@@ -110,7 +110,7 @@ fn run(e: &Engine, queries: &[f32], threads: usize, window: usize, dur: Duration
                             local += 1;
                         }
                         let j = i % nq;
-                        inflight.push_back(e.identify_deferred(ctx, &queries[j * 128..(j + 1) * 128], 10).unwrap());
+                        inflight.push_back(e.query_deferred(ctx, Query::identify(&queries[j * 128..(j + 1) * 128], 10)).unwrap());
                         i += threads;
                     }
                 }

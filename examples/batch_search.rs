@@ -9,7 +9,7 @@
 //! THREADS (default 1), each pass after one warm-up pass:
 //! - `engine batched`: `Engine::identify_batch_deferred`, blocks of 256, all
 //!   answers waited for (records durable), no output;
-//! - `engine per query, 256 in flight`: `Engine::identify_deferred`;
+//! - `engine per query, 256 in flight`: `Engine::query_deferred`;
 //! - `run_embeddings`: the library batch path the CLI uses, without output.
 //!
 //! Prints one JSON line per measurement. Writes audit records like any query.
@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use facematch::batch::{run_embeddings, EmbeddingOptions};
 use facematch::compliance::{Operator, Purpose};
-use facematch::engine::{EngineBuilder, QueryContext, SearchOptions};
+use facematch::engine::{EngineBuilder, Identify, Query, QueryContext};
 use facematch::store::MasterKey;
 
 fn main() -> anyhow::Result<()> {
@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
             let mut in_flight = VecDeque::new();
             for start in (0..q.rows).step_by(256) {
                 let end = (start + 256).min(q.rows);
-                in_flight.push_back(e.identify_batch_deferred(&ctx, &q.data[start * q.cols..end * q.cols], k, SearchOptions::default())?);
+                in_flight.push_back(e.identify_batch_deferred(&ctx, &q.data[start * q.cols..end * q.cols], Identify::top(k))?);
                 if in_flight.len() > 8 {
                     in_flight.pop_front().map(|p| p.wait()).transpose()?;
                 }
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let mut in_flight = VecDeque::new();
             for i in 0..q.rows {
-                in_flight.push_back(e.identify_deferred(&ctx, q.row(i), k)?);
+                in_flight.push_back(e.query_deferred(&ctx, Query::identify(q.row(i), k))?);
                 if in_flight.len() > 256 {
                     in_flight.pop_front().map(|p| p.wait()).transpose()?;
                 }
@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(t.elapsed().as_secs_f64())
         };
-        report("engine per query (identify_deferred, 256 in flight)", per_query()?);
+        report("engine per query (query_deferred, 256 in flight)", per_query()?);
         let stop = AtomicBool::new(false);
         let t = Instant::now();
         let opts = EmbeddingOptions { k, ..Default::default() };

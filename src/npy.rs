@@ -5,8 +5,8 @@
 //! subset facematch needs: 1-D or 2-D, C-order, little-endian arrays of
 //! `<f4` ([`f32`], embeddings), `<u4` ([`u32`], identity labels) and `<i8`
 //! ([`i64`], labels with -1 for "none", neighbour ids), with format version
-//! 1.0, 2.0 or 3.0 headers. Large embedding files can be memory-mapped with
-//! [`MmapMatrix`].
+//! 1.0, 2.0 or 3.0 headers. Large embedding files can be read a block of rows
+//! at a time ([`F32Rows`]) or memory-mapped ([`MmapMatrix`]).
 //!
 //! Reading validates everything before trusting it (magic, version, header
 //! syntax, dtype, `fortran_order`, shape against the file length) and fails
@@ -14,6 +14,23 @@
 //! [`Error::BadInputFile`] for a file that is not an `.npy` file or holds
 //! another dtype/layout, [`Error::DataCorruption`] for a damaged or truncated
 //! one. Writing is atomic (temporary file, then rename).
+//!
+//! What the `ndarray-npy` crate does and what is written here: ndarray-npy
+//! parses the header's dictionary (`Header::from_reader`, a Python-literal
+//! parser), reads a whole array's elements ([`read_array`]: descriptor, count
+//! and trailing bytes checked) and writes arrays (header and data,
+//! [`write_array`]). Written here, and why: the header's fixed prefix
+//! (magic, version, length) is checked before ndarray-npy sees it, because it
+//! allocates whatever header length a file claims (up to 4 GiB), and the shape
+//! is checked against the file's length before a whole array is allocated
+//! (a bounded read); the checks that map a file to [`Error::BadInputFile`] or
+//! [`Error::DataCorruption`] with its path; Python 2's `2L` dimensions (which
+//! ndarray-npy's parser refuses), filtered as numpy's own reader does;
+//! [`F32Rows`], because ndarray-npy reads whole arrays only (an import of
+//! 1M x 128 must not hold the file); [`MmapMatrix`], which keeps the map and
+//! the validated data offset together (ndarray-npy's `view_npy` gives a view
+//! borrowed from the map and would parse the header again for each one).
+//! Files are opened through [`crate::fs::open_input`] (regular files only).
 //!
 //! ```
 //! use facematch::npy;
@@ -26,15 +43,20 @@
 //! ```
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayViewD, IxDyn};
+use ndarray_npy::npy::header::{Header, ParseHeaderError, ReadHeaderError};
+use ndarray_npy::{ReadDataError, ReadableElement, WritableElement, WriteNpyError, WriteNpyExt};
 
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
 /// Headers longer than this are refused (numpy itself caps them at 10 KiB by default).
 const MAX_HEADER_LEN: usize = 1 << 20;
-/// numpy aligns the start of the data to this many bytes.
+/// numpy (and ndarray-npy) align the start of the data to this many bytes.
+#[cfg(test)]
 const ALIGN: usize = 64;
 
 /// Element types facematch reads and writes.
@@ -82,33 +104,20 @@ mod sealed {
 }
 
 /// A Rust type stored in `.npy` files ([`f32`], [`u32`], [`i64`]).
-pub trait NpyElement: Copy + Default + sealed::Sealed {
+pub trait NpyElement: Copy + Default + sealed::Sealed + ReadableElement + WritableElement {
     /// Its numpy dtype.
     const DTYPE: NpyDtype;
-    /// Decode from little-endian bytes (`bytes.len() == DTYPE.size()`).
-    fn from_le(bytes: &[u8]) -> Self;
-    /// Append the little-endian encoding.
-    fn put_le(self, out: &mut Vec<u8>);
 }
 
-macro_rules! element {
-    ($t:ty, $d:expr, $n:expr) => {
-        impl NpyElement for $t {
-            const DTYPE: NpyDtype = $d;
-            fn from_le(bytes: &[u8]) -> Self {
-                let mut b = [0u8; $n];
-                b.copy_from_slice(&bytes[..$n]);
-                <$t>::from_le_bytes(b)
-            }
-            fn put_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-        }
-    };
+impl NpyElement for f32 {
+    const DTYPE: NpyDtype = NpyDtype::F32;
 }
-element!(f32, NpyDtype::F32, 4);
-element!(u32, NpyDtype::U32, 4);
-element!(i64, NpyDtype::I64, 8);
+impl NpyElement for u32 {
+    const DTYPE: NpyDtype = NpyDtype::U32;
+}
+impl NpyElement for i64 {
+    const DTYPE: NpyDtype = NpyDtype::I64;
+}
 
 /// A parsed and validated `.npy` header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,9 +150,10 @@ fn incompatible(path: &Path, reason: impl Into<String>) -> Error {
     Error::BadInputFile { path: path.to_path_buf(), reason: reason.into() }
 }
 
-/// Parse the header at the start of `bytes` (at least the whole header) for a file of
-/// `file_len` bytes, checking the shape against the file length.
-pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<NpyHeader> {
+/// The fixed prefix of a header (magic, version, header length), checked
+/// before anything is allocated for it: the version and where the header
+/// ends, for a file of `file_len` bytes. `bytes` may hold just the prefix.
+fn header_extent(bytes: &[u8], file_len: u64, path: &Path) -> Result<((u8, u8), usize)> {
     let prefix = bytes.len().min(MAGIC.len());
     if bytes[..prefix] != MAGIC[..prefix] {
         return Err(incompatible(path, "not a .npy file (bad magic)"));
@@ -166,20 +176,40 @@ pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<NpyHeade
         return Err(corrupt(path, format!("header length {header_len} is implausible")));
     }
     let end = start + header_len;
-    if bytes.len() < end || (file_len as u128) < end as u128 {
+    if (file_len as u128) < end as u128 {
         return Err(corrupt(path, "truncated .npy header"));
     }
-    let text = std::str::from_utf8(&bytes[start..end]).map_err(|_| corrupt(path, "header is not valid text"))?;
-    let dict = parse_dict(text).map_err(|e| corrupt(path, format!("malformed header {text:?}: {e}")))?;
+    Ok(((major, minor), end))
+}
 
-    let descr = dict.descr.ok_or_else(|| corrupt(path, "header has no 'descr'"))?;
-    let fortran = dict.fortran_order.ok_or_else(|| corrupt(path, "header has no 'fortran_order'"))?;
-    let shape = dict.shape.ok_or_else(|| corrupt(path, "header has no 'shape'"))?;
-    let dtype = NpyDtype::from_descr(&descr)
-        .ok_or_else(|| incompatible(path, format!("unsupported dtype {descr:?} (facematch reads '<f4', '<u4', '<i8')")))?;
-    if fortran {
+/// Parse the header at the start of `bytes` (at least the whole header) for a file of
+/// `file_len` bytes, checking the shape against the file length.
+pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<NpyHeader> {
+    Ok(checked_header(bytes, file_len, path)?.0)
+}
+
+/// [`parse_header`], also returning ndarray-npy's parse (its type
+/// descriptor reads the data).
+fn checked_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<(NpyHeader, Header)> {
+    let (version, end) = header_extent(bytes, file_len, path)?;
+    if bytes.len() < end {
+        return Err(corrupt(path, "truncated .npy header"));
+    }
+    let header = parse_dict(&bytes[..end], path)?;
+    let descr = header
+        .type_descriptor
+        .as_string()
+        .ok_or_else(|| incompatible(path, format!("unsupported dtype {} (facematch reads '<f4', '<u4', '<i8')", header.type_descriptor)))?;
+    let dtype = NpyDtype::from_descr(descr).ok_or_else(|| {
+        incompatible(
+            path,
+            format!("unsupported dtype {descr:?} (facematch reads '<f4', '<u4', '<i8'; numpy: a.astype('float32') for embeddings)"),
+        )
+    })?;
+    if header.layout.is_fortran() {
         return Err(incompatible(path, "Fortran-order arrays are not supported (save with C order)"));
     }
+    let shape = header.shape.clone();
     if shape.is_empty() || shape.len() > 2 {
         return Err(incompatible(path, format!("expected a 1-D or 2-D array, got shape {shape:?}")));
     }
@@ -197,133 +227,61 @@ pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<NpyHeade
     if n_bytes > usize::MAX as u128 / 2 {
         return Err(corrupt(path, format!("shape {shape:?} too large for this platform")));
     }
-    Ok(NpyHeader { version: (major, minor), dtype, shape, data_offset: end })
+    Ok((NpyHeader { version, dtype, shape, data_offset: end }, header))
 }
 
-#[derive(Default)]
-struct HeaderDict {
-    descr: Option<String>,
-    fortran_order: Option<bool>,
-    shape: Option<Vec<usize>>,
+/// The header's dictionary (descr, fortran_order, shape), parsed by
+/// ndarray-npy from the whole header (`header`: magic to newline, its
+/// prefix already checked by [`header_extent`]).
+fn parse_dict(header: &[u8], path: &Path) -> Result<Header> {
+    let err = match Header::from_reader(&mut &header[..]) {
+        Ok(h) => return Ok(h),
+        Err(e) => e,
+    };
+    if let Some(filtered) = without_long_suffix(header) {
+        if let Ok(h) = Header::from_reader(&mut &filtered[..]) {
+            return Ok(h);
+        }
+    }
+    let start = if header.get(6) == Some(&1) { 10 } else { 12 };
+    let text = String::from_utf8_lossy(header.get(start..).unwrap_or_default());
+    Err(match err {
+        ReadHeaderError::Parse(ParseHeaderError::MagicString) => incompatible(path, "not a .npy file (bad magic)"),
+        ReadHeaderError::Parse(ParseHeaderError::Version { major, minor }) => {
+            incompatible(path, format!("unsupported .npy format version {major}.{minor}"))
+        }
+        ReadHeaderError::Parse(e) => corrupt(path, format!("malformed header {text:?}: {e}")),
+        ReadHeaderError::Io(_) => corrupt(path, "truncated .npy header"),
+    })
 }
 
-/// Parse numpy's header: a Python dict literal with keys descr, fortran_order, shape.
-fn parse_dict(text: &str) -> std::result::Result<HeaderDict, String> {
-    let mut p = Parser { s: text.as_bytes(), i: 0 };
-    let mut out = HeaderDict::default();
-    p.ws();
-    p.expect(b'{')?;
-    loop {
-        p.ws();
-        if p.eat(b'}') {
-            break;
-        }
-        let key = p.string()?;
-        p.ws();
-        p.expect(b':')?;
-        p.ws();
-        match key.as_str() {
-            "descr" => out.descr = Some(p.string()?),
-            "fortran_order" => out.fortran_order = Some(p.boolean()?),
-            "shape" => out.shape = Some(p.tuple()?),
-            other => return Err(format!("unexpected key {other:?}")),
-        }
-        p.ws();
-        if p.eat(b',') {
-            continue;
-        }
-        p.ws();
-        p.expect(b'}')?;
-        break;
-    }
-    p.ws();
-    if p.i != p.s.len() {
-        return Err("text after the closing brace".into());
-    }
-    Ok(out)
-}
-
-struct Parser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl Parser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && (self.s[self.i] as char).is_ascii_whitespace() {
-            self.i += 1;
+/// Python 2's numpy wrote dimensions as longs (`(2L,)`), which
+/// ndarray-npy's parser refuses; numpy's reader drops the suffix
+/// (`np.lib.format._filter_header`), and so does this: the header with
+/// every `L` right after a digit (and before `,`, `)` or a space) removed,
+/// its length field updated; `None` if there is none.
+fn without_long_suffix(header: &[u8]) -> Option<Vec<u8>> {
+    let start = if header.get(6) == Some(&1) { 10 } else { 12 };
+    let text = header.get(start..)?;
+    let mut out = Vec::with_capacity(text.len());
+    for (i, &c) in text.iter().enumerate() {
+        let after_digit = i > 0 && text[i - 1].is_ascii_digit();
+        let before_end = matches!(text.get(i + 1), Some(b',' | b')' | b' '));
+        if !(c == b'L' && after_digit && before_end) {
+            out.push(c);
         }
     }
-    fn eat(&mut self, c: u8) -> bool {
-        if self.s.get(self.i) == Some(&c) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
+    if out.len() == text.len() {
+        return None;
     }
-    fn expect(&mut self, c: u8) -> std::result::Result<(), String> {
-        if self.eat(c) {
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at byte {}", c as char, self.i))
-        }
+    let mut h = header.get(..start)?.to_vec();
+    if start == 10 {
+        h[8..10].copy_from_slice(&u16::try_from(out.len()).ok()?.to_le_bytes());
+    } else {
+        h[8..12].copy_from_slice(&u32::try_from(out.len()).ok()?.to_le_bytes());
     }
-    fn string(&mut self) -> std::result::Result<String, String> {
-        let q = match self.s.get(self.i) {
-            Some(&c) if c == b'\'' || c == b'"' => c,
-            _ => return Err(format!("expected a string at byte {}", self.i)),
-        };
-        self.i += 1;
-        let start = self.i;
-        while self.i < self.s.len() && self.s[self.i] != q {
-            self.i += 1;
-        }
-        if self.i >= self.s.len() {
-            return Err("unterminated string".into());
-        }
-        let v = String::from_utf8_lossy(&self.s[start..self.i]).into_owned();
-        self.i += 1;
-        Ok(v)
-    }
-    fn boolean(&mut self) -> std::result::Result<bool, String> {
-        if self.s[self.i..].starts_with(b"True") {
-            self.i += 4;
-            Ok(true)
-        } else if self.s[self.i..].starts_with(b"False") {
-            self.i += 5;
-            Ok(false)
-        } else {
-            Err(format!("expected True or False at byte {}", self.i))
-        }
-    }
-    fn tuple(&mut self) -> std::result::Result<Vec<usize>, String> {
-        self.expect(b'(')?;
-        let mut dims = Vec::new();
-        loop {
-            self.ws();
-            if self.eat(b')') {
-                return Ok(dims);
-            }
-            let start = self.i;
-            while self.i < self.s.len() && self.s[self.i].is_ascii_digit() {
-                self.i += 1;
-            }
-            if start == self.i {
-                return Err(format!("expected a dimension at byte {}", self.i));
-            }
-            let digits = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
-            dims.push(digits.parse::<usize>().map_err(|e| format!("dimension {digits}: {e}"))?);
-            self.eat(b'L'); // Python 2 long suffix
-            self.ws();
-            if self.eat(b',') {
-                continue;
-            }
-            self.ws();
-            self.expect(b')')?;
-            return Ok(dims);
-        }
-    }
+    h.extend_from_slice(&out);
+    Some(h)
 }
 
 /// Read and validate the header of the file at `path`.
@@ -331,39 +289,21 @@ pub fn read_header(path: impl AsRef<Path>) -> Result<NpyHeader> {
     let path = path.as_ref();
     let mut f = crate::fs::open_input(path)?;
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    read_header_from(&mut f, file_len, path)
+    Ok(read_header_from(&mut f, file_len, path)?.0)
 }
 
-fn read_header_from(f: &mut File, file_len: u64, path: &Path) -> Result<NpyHeader> {
+fn read_header_from(f: &mut File, file_len: u64, path: &Path) -> Result<(NpyHeader, Header)> {
     let mut head = vec![0u8; 12.min(file_len as usize)];
     f.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
-    // A first parse on the fixed part tells how long the header is.
-    let prefix = head.len().min(MAGIC.len());
-    if head[..prefix] != MAGIC[..prefix] {
-        return Err(incompatible(path, "not a .npy file (bad magic)"));
-    }
-    if head.len() < 10 {
-        return Err(corrupt(path, "truncated .npy header"));
-    }
-    let header_len = match head[6] {
-        1 => u16::from_le_bytes([head[8], head[9]]) as usize + 10,
-        2 | 3 if head.len() >= 12 => u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize + 12,
-        2 | 3 => return Err(corrupt(path, "truncated .npy header")),
-        v => return Err(incompatible(path, format!("unsupported .npy format version {v}.{}", head[7]))),
-    };
-    if header_len > MAX_HEADER_LEN + 12 {
-        return Err(corrupt(path, format!("header length {header_len} is implausible")));
-    }
-    if header_len as u64 > file_len {
-        return Err(corrupt(path, "truncated .npy header"));
-    }
+    // The fixed part tells how long the header is (bounded before it is read).
+    let (_, end) = header_extent(&head, file_len, path)?;
     let mut full = head;
-    if header_len > full.len() {
+    if end > full.len() {
         let have = full.len();
-        full.resize(header_len, 0);
+        full.resize(end, 0);
         f.read_exact(&mut full[have..]).map_err(|e| Error::io(path, e))?;
     }
-    parse_header(&full[..header_len], file_len, path)
+    checked_header(&full[..end], file_len, path)
 }
 
 /// Read a whole 1-D or 2-D array of `T`; returns its shape and elements.
@@ -371,7 +311,7 @@ pub fn read_array<T: NpyElement>(path: impl AsRef<Path>) -> Result<(Vec<usize>, 
     let path = path.as_ref();
     let mut f = crate::fs::open_input(path)?;
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    let h = read_header_from(&mut f, file_len, path)?;
+    let (h, header) = read_header_from(&mut f, file_len, path)?;
     if h.dtype != T::DTYPE {
         return Err(incompatible(
             path,
@@ -379,25 +319,15 @@ pub fn read_array<T: NpyElement>(path: impl AsRef<Path>) -> Result<(Vec<usize>, 
                 + if T::DTYPE == NpyDtype::F32 { " (numpy: a.astype('float32'))" } else { "" },
         ));
     }
+    // The shape was checked against the file's length: ndarray-npy
+    // allocates no more than the file holds.
     f.seek(SeekFrom::Start(h.data_offset as u64)).map_err(|e| Error::io(path, e))?;
-    let n = h.len();
-    let size = T::DTYPE.size();
-    let mut out = Vec::with_capacity(n);
-    let mut buf = vec![0u8; (1 << 20) / size * size];
-    let mut left = n * size;
-    while left > 0 {
-        let take = left.min(buf.len());
-        f.read_exact(&mut buf[..take]).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                corrupt(path, "file shrank while being read")
-            } else {
-                Error::io(path, e)
-            }
-        })?;
-        out.extend(buf[..take].chunks_exact(size).map(T::from_le));
-        left -= take;
-    }
-    Ok((h.shape, out))
+    let data = T::read_to_end_exact_vec(&mut f, &header.type_descriptor, h.len()).map_err(|e| match e {
+        ReadDataError::Io(e) => Error::io(path, e),
+        ReadDataError::MissingData => corrupt(path, "file shrank while being read"),
+        other => corrupt(path, format!("file changed while being read: {other}")),
+    })?;
+    Ok((h.shape, data))
 }
 
 /// A row-major matrix of f32 read into memory.
@@ -446,32 +376,8 @@ pub fn read_i64_vec(path: impl AsRef<Path>) -> Result<Vec<i64>> {
     read_vec(path.as_ref())
 }
 
-fn header_bytes(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
-    let shape_txt = match shape {
-        [n] => format!("({n},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let dict = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", dtype.descr(), shape_txt);
-    // Version 1.0 when the header fits a u16, else 2.0; pad with spaces + '\n' to ALIGN.
-    let (version, fixed) = if dict.len() + 1 + 10 + ALIGN <= u16::MAX as usize { (1u8, 10) } else { (2u8, 12) };
-    let total = (fixed + dict.len() + 1).div_ceil(ALIGN) * ALIGN;
-    let header_len = total - fixed;
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(MAGIC);
-    out.push(version);
-    out.push(0);
-    if version == 1 {
-        out.extend_from_slice(&(header_len as u16).to_le_bytes());
-    } else {
-        out.extend_from_slice(&(header_len as u32).to_le_bytes());
-    }
-    out.extend_from_slice(dict.as_bytes());
-    out.resize(total - 1, b' ');
-    out.push(b'\n');
-    out
-}
-
-/// Write a 1-D or 2-D array of `T` with the given shape, atomically.
+/// Write a 1-D or 2-D array of `T` with the given shape, atomically
+/// (header and data by ndarray-npy into a temporary file, synced, renamed).
 pub fn write_array<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &[T]) -> Result<()> {
     let path = path.as_ref();
     if shape.is_empty() || shape.len() > 2 {
@@ -481,19 +387,15 @@ pub fn write_array<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data:
     if n != Some(data.len()) {
         return Err(Error::config("npy.shape", format!("shape {shape:?} does not match {} elements ({})", data.len(), path.display())));
     }
+    let view = ArrayViewD::from_shape(IxDyn(shape), data).map_err(|e| Error::config("npy.shape", format!("{shape:?}: {e}")))?;
     let tmp = tmp_path(path);
     let result = (|| {
         let f = crate::fs::create_output(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&header_bytes(T::DTYPE, shape)).map_err(|e| Error::io(&tmp, e))?;
-        let mut buf = Vec::with_capacity(1 << 20);
-        for chunk in data.chunks((1 << 20) / T::DTYPE.size()) {
-            buf.clear();
-            for &x in chunk {
-                x.put_le(&mut buf);
-            }
-            w.write_all(&buf).map_err(|e| Error::io(&tmp, e))?;
-        }
+        view.write_npy(&mut w).map_err(|e| match e {
+            WriteNpyError::Io(e) => Error::io(&tmp, e),
+            other => Error::io(&tmp, std::io::Error::other(other)),
+        })?;
         let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
@@ -528,7 +430,7 @@ pub fn write_i64_vec(path: impl AsRef<Path>, data: &[i64]) -> Result<()> {
 /// The header of an open `.npy` that must hold a 2-D `<f4` array, and the file's length.
 fn f32_matrix_header(f: &mut File, path: &Path) -> Result<(NpyHeader, u64)> {
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    let h = read_header_from(f, file_len, path)?;
+    let (h, _) = read_header_from(f, file_len, path)?;
     if h.dtype != NpyDtype::F32 || h.shape.len() != 2 {
         return Err(incompatible(path, format!("expected a 2-D '<f4' array, got {:?} with shape {:?}", h.dtype.descr(), h.shape)));
     }
@@ -814,6 +716,15 @@ mod tests {
         assert!(matches!(read_u32_vec(&p), Err(Error::BadInputFile { .. })));
         // missing file is an I/O error with the path
         assert!(matches!(read_f32_matrix(d.join("missing.npy")), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn float64_is_refused_with_the_numpy_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = raw(dir.path(), "f8.npy", &v1("{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1), }", &[0u8; 8]));
+        for err in [read_f32_matrix(&p).unwrap_err(), F32Rows::open(&p).unwrap_err(), MmapMatrix::open(&p).unwrap_err()] {
+            assert!(matches!(&err, Error::BadInputFile { path, reason } if path == &p && reason.contains("astype('float32')")), "{err}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use zeroize::Zeroize;
 
 use crate::anonymise::{redact, AnonymiseConfig};
 use crate::compliance::SubjectId;
-use crate::engine::{Engine, Enrolment, Identification, QueryContext, Verification};
+use crate::engine::{Engine, Enrolment, FaceCount, Identification, Identify, Pending, Query, QueryContext, Verification};
 use crate::image_io::DecodedImage;
 use crate::pipeline::{Face, FacePipeline};
 use crate::{Error, Result};
@@ -128,7 +128,7 @@ fn verify_decoded(
     let img = pipeline.decode_bytes(image)?;
     let (face, others, found, discarded) = main_face(pipeline.detect(&img)?)?;
     let (fb, mut e) = embed_one(pipeline, &img, face)?;
-    let r = engine.verify_with_faces(ctx, &e, subject, (found, discarded));
+    let r = engine.query(ctx, Query::verify(&e, subject).faces(FaceCount { found, discarded }));
     e.zeroize();
     Ok((ImageVerification { face: fb, verification: r?, faces_found: found, faces_discarded: discarded }, img, others))
 }
@@ -181,7 +181,7 @@ fn identify_decoded(
     pipeline.embed_faces(&img, &mut faces)?;
     let boxes: Vec<FaceBox> = faces.iter().map(|f| FaceBox { bbox: f.bbox, score: f.score }).collect();
     let mut probes: Vec<Vec<f32>> = faces.iter_mut().filter_map(|f| f.embedding.take()).collect();
-    let r = engine.identify_faces(ctx, &probes, k);
+    let r = engine.identify_faces_deferred(ctx, &probes, Identify::top(k)).and_then(Pending::wait);
     for p in &mut probes {
         p.zeroize();
     }

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
-use facematch::engine::{Engine, EngineBuilder, Enrolment, SearchOptions};
+use facematch::engine::{Engine, EngineBuilder, Enrolment, Query, SearchOptions};
 use facematch::index::SearchStrategy;
 use facematch::store::MasterKey;
 
@@ -41,7 +41,7 @@ fn import(e: &Engine, from: u64, to: u64) -> Vec<u64> {
 fn answers(e: &Engine, strategy: SearchStrategy) -> Vec<Vec<(u64, f32)>> {
     (0..30u64)
         .map(|i| {
-            e.identify_with(&ctx("door-access"), &near(&vector(i), i, 0.2), 10, SearchOptions { strategy, ef: None }, (1, 0))
+            e.query(&ctx("door-access"), Query::identify(&near(&vector(i), i, 0.2), 10).search(SearchOptions { strategy, ef: None }))
                 .unwrap()
                 .candidates
                 .iter()
@@ -121,7 +121,7 @@ fn frames_after_the_snapshot_are_replayed_and_erasures_hold() {
         assert!(e.template(late).is_ok());
         assert!(e.template(3).is_err(), "a deleted template came back");
         assert!(e.templates_of(&subject("p7")).is_empty(), "a withdrawn subject came back");
-        let hit = e.identify_with(&ctx("door-access"), &vector(7), 1, SearchOptions::default(), (1, 0)).unwrap();
+        let hit = e.query(&ctx("door-access"), Query::identify(&vector(7), 1)).unwrap();
         assert!(hit.candidates.iter().all(|c| c.subject != subject("p7")));
         drop(e);
     }

@@ -7,7 +7,7 @@ use common::*;
 use std::time::Duration;
 
 use facematch::compliance::*;
-use facematch::engine::{Enrolment, SearchOptions};
+use facematch::engine::{Enrolment, Identify, Pending, Query, SearchOptions};
 use facematch::index::SearchStrategy;
 use facematch::store::{forensic_dump, MasterKey};
 use facematch::Error;
@@ -17,9 +17,9 @@ fn specific_purpose_query_with_undeclared_purpose_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let e = create(d.path(), &MasterKey::generate(), clock());
     enrol(&e, "alice", &["door-access"], vector(1));
-    let r = e.identify(&ctx("marketing"), &vector(1), 5);
+    let r = e.query(&ctx("marketing"), Query::identify(&vector(1), 5));
     assert!(matches!(r, Err(Error::PolicyViolation { rule: "specific-purpose", .. })), "{r:?}");
-    let r = e.verify(&ctx("marketing"), &vector(1), &subject("alice"));
+    let r = e.query(&ctx("marketing"), Query::verify(&vector(1), &subject("alice")));
     assert!(matches!(r, Err(Error::PolicyViolation { .. })));
     // A purpose name that is not even well-formed cannot be built at all.
     assert!(Purpose::new("").is_err());
@@ -35,7 +35,7 @@ fn specific_purpose_query_for_a_never_returns_template_enrolled_only_for_b() {
     }
     for strategy in [SearchStrategy::Auto, SearchStrategy::Exact, SearchStrategy::Graph] {
         for i in 0..40u64 {
-            let r = e.identify_with(&ctx("door-access"), &vector(i), 10, SearchOptions { strategy, ef: None }, (1, 0)).unwrap();
+            let r = e.query(&ctx("door-access"), Query::identify(&vector(i), 10).search(SearchOptions { strategy, ef: None })).unwrap();
             for c in &r.candidates {
                 let n: u64 = c.subject.as_str()[1..].parse().unwrap();
                 assert_eq!(n % 2, 0, "door-access query returned {} enrolled only for payment", c.subject);
@@ -47,7 +47,7 @@ fn specific_purpose_query_for_a_never_returns_template_enrolled_only_for_b() {
         }
     }
     // Verification for the wrong purpose never matches either.
-    let v = e.verify(&ctx("door-access"), &vector(1), &subject("p1")).unwrap();
+    let v = e.query(&ctx("door-access"), Query::verify(&vector(1), &subject("p1"))).unwrap();
     assert!(!v.decision.is_match());
 }
 
@@ -97,14 +97,14 @@ fn consent_withdrawal_erases_every_template_at_once() {
     for i in 10..30u64 {
         enrol(&e, &format!("x{i}"), &["door-access"], vector(i));
     }
-    assert!(e.identify(&ctx("door-access"), &base, 5).unwrap().decision.is_match());
+    assert!(e.query(&ctx("door-access"), Query::identify(&base, 5)).unwrap().decision.is_match());
     let r = e.withdraw(&op(), &subject("dana")).unwrap();
     assert_eq!(r.templates.len(), 3);
     for strategy in [SearchStrategy::Exact, SearchStrategy::Graph, SearchStrategy::Auto] {
-        let id = e.identify_with(&ctx("door-access"), &base, 20, SearchOptions { strategy, ef: None }, (1, 0)).unwrap();
+        let id = e.query(&ctx("door-access"), Query::identify(&base, 20).search(SearchOptions { strategy, ef: None })).unwrap();
         assert!(id.candidates.iter().all(|c| c.subject.as_str() != "dana"));
     }
-    assert!(matches!(e.verify(&ctx("door-access"), &base, &subject("dana")), Err(Error::UnknownSubject(_))));
+    assert!(matches!(e.query(&ctx("door-access"), Query::verify(&base, &subject("dana"))), Err(Error::UnknownSubject(_))));
     // The consent record stays (audit trail), marked withdrawn, and no longer allows enrolment.
     let cs = e.consents_of(&subject("dana"));
     assert!(cs.iter().all(|c| c.withdrawn_at_ms.is_some()));
@@ -152,13 +152,13 @@ fn retention_expired_templates_are_purged_and_never_matched() {
     enrol(&e, "hoa", &["door-access", "payment"], both.clone()); // each purpose on its own retention
     c.advance(Duration::from_secs(31 * 86_400));
     // Expired but not yet purged: never matched.
-    let id = e.identify(&ctx("door-access"), &v, 5).unwrap();
+    let id = e.query(&ctx("door-access"), Query::identify(&v, 5)).unwrap();
     assert!(id.candidates.is_empty(), "{:?}", id.candidates);
     // Door access has expired for hoa too, payment has not: kept, matched for payment only.
-    assert!(e.identify(&ctx("door-access"), &both, 5).unwrap().candidates.is_empty());
-    assert!(!e.verify(&ctx("door-access"), &both, &subject("hoa")).unwrap().decision.is_match());
-    assert!(e.identify(&ctx("payment"), &both, 1).unwrap().decision.is_match());
-    assert!(e.verify(&ctx("payment"), &both, &subject("hoa")).unwrap().decision.is_match());
+    assert!(e.query(&ctx("door-access"), Query::identify(&both, 5)).unwrap().candidates.is_empty());
+    assert!(!e.query(&ctx("door-access"), Query::verify(&both, &subject("hoa"))).unwrap().decision.is_match());
+    assert!(e.query(&ctx("payment"), Query::identify(&both, 1)).unwrap().decision.is_match());
+    assert!(e.query(&ctx("payment"), Query::verify(&both, &subject("hoa"))).unwrap().decision.is_match());
     let r = e.purge_expired(&op()).unwrap();
     assert_eq!(r.templates.len(), 1, "only fay's template has no purpose left");
     assert_eq!(e.stats().templates, 2);
@@ -182,7 +182,7 @@ fn encryption_at_rest_no_plaintext_embedding_bytes_anywhere_in_the_store() {
         vs.push(v);
     }
     e.checkpoint().unwrap();
-    e.identify(&ctx("door-access"), &vs[0], 3).unwrap();
+    e.query(&ctx("door-access"), Query::identify(&vs[0], 3)).unwrap();
     drop(e);
     let raw = all_bytes(d.path());
     for v in &vs {
@@ -217,11 +217,11 @@ fn encryption_key_rotation_re_encrypts_the_store() {
     enrol(&e, "ida", &["door-access"], v.clone());
     let new = MasterKey::generate();
     e.rotate_key(&op(), new.clone()).unwrap();
-    assert!(e.verify(&ctx("door-access"), &v, &subject("ida")).unwrap().decision.is_match());
+    assert!(e.query(&ctx("door-access"), Query::verify(&v, &subject("ida"))).unwrap().decision.is_match());
     drop(e);
     assert!(matches!(open(d.path(), &old, clock()), Err(Error::Key(_))));
     let e = open(d.path(), &new, clock()).unwrap();
-    assert!(e.verify(&ctx("door-access"), &v, &subject("ida")).unwrap().decision.is_match());
+    assert!(e.query(&ctx("door-access"), Query::verify(&v, &subject("ida"))).unwrap().decision.is_match());
     let report =
         facematch::audit::AuditLog::verify(&d.path().join("audit"), &facematch::audit::AuditKey::from_bytes(new.audit_key_bytes()))
             .unwrap();
@@ -271,8 +271,11 @@ fn encryption_key_rotation_interrupted_by_a_crash_completes_or_rolls_back() {
         let e = facematch::engine::EngineBuilder::new(d.path()).key(good.clone()).clock(clock()).open().unwrap();
         assert_eq!(e.open_report().key_rotation_recovered, Some(finished), "{stop:?}");
         assert!(!staging.exists(), "{stop:?}: staging left behind");
-        assert!(e.verify(&ctx("door-access"), &v, &subject("kim")).unwrap().decision.is_match(), "{stop:?}");
-        assert!(e.verify(&ctx("door-access"), &vector(22), &subject("lee")).is_err(), "{stop:?}: withdrawn consent came back");
+        assert!(e.query(&ctx("door-access"), Query::verify(&v, &subject("kim"))).unwrap().decision.is_match(), "{stop:?}");
+        assert!(
+            e.query(&ctx("door-access"), Query::verify(&vector(22), &subject("lee"))).is_err(),
+            "{stop:?}: withdrawn consent came back"
+        );
         e.close().unwrap();
         let adir = d.path().join("audit");
         let report = AuditLog::verify(&adir, &AuditKey::from_bytes(good.audit_key_bytes())).unwrap();
@@ -284,7 +287,7 @@ fn encryption_key_rotation_interrupted_by_a_crash_completes_or_rolls_back() {
         );
         // And the gallery keeps working under that key.
         let e = open(d.path(), good, clock()).unwrap();
-        assert!(e.identify(&ctx("door-access"), &v, 1).unwrap().decision.is_match());
+        assert!(e.query(&ctx("door-access"), Query::identify(&v, 1)).unwrap().decision.is_match());
     }
 }
 
@@ -304,7 +307,7 @@ fn erasure_leftovers_of_an_interrupted_compaction_are_shredded_on_open() {
         assert!(!d.path().join(name).exists(), "{name} survived the open");
     }
     assert!(e.open_report().left_alone.is_empty());
-    assert!(e.verify(&ctx("door-access"), &vector(31), &subject("max")).unwrap().decision.is_match());
+    assert!(e.query(&ctx("door-access"), Query::verify(&vector(31), &subject("max"))).unwrap().decision.is_match());
 }
 
 #[test]
@@ -313,9 +316,9 @@ fn human_review_assist_only_purpose_never_returns_a_plain_match() {
     let e = create(d.path(), &MasterKey::generate(), clock());
     let v = vector(12);
     enrol(&e, "jon", &["social-assistance"], v.clone());
-    let r = e.identify(&ctx("social-assistance"), &v, 1).unwrap();
+    let r = e.query(&ctx("social-assistance"), Query::identify(&v, 1)).unwrap();
     assert!(matches!(r.decision, Decision::NeedsHumanReview { .. }), "{:?}", r.decision);
-    let r = e.verify(&ctx("social-assistance"), &v, &subject("jon")).unwrap();
+    let r = e.query(&ctx("social-assistance"), Query::verify(&v, &subject("jon"))).unwrap();
     assert!(matches!(r.decision, Decision::NeedsHumanReview { .. }));
 }
 
@@ -377,8 +380,8 @@ fn records_of_processing_every_query_has_an_audit_record_without_biometrics() {
     let e = create(d.path(), &MasterKey::generate(), clock());
     let v = vector(13);
     enrol(&e, "kim", &["door-access"], v.clone());
-    let a = e.verify(&ctx("door-access"), &v, &subject("kim")).unwrap();
-    let b = e.identify(&ctx("door-access"), &vector(14), 3).unwrap();
+    let a = e.query(&ctx("door-access"), Query::verify(&v, &subject("kim"))).unwrap();
+    let b = e.query(&ctx("door-access"), Query::identify(&vector(14), 3)).unwrap();
     assert!(b.audit_seq > a.audit_seq);
     drop(e);
     let recs = facematch::audit::AuditLog::read(&d.path().join("audit"), &Default::default()).unwrap();
@@ -403,7 +406,7 @@ fn no_network_the_engine_opens_no_socket() {
     let key = MasterKey::generate();
     let e = create(d.path(), &key, clock());
     enrol(&e, "lee", &["door-access"], vector(15));
-    e.identify(&ctx("door-access"), &vector(15), 1).unwrap();
+    e.query(&ctx("door-access"), Query::identify(&vector(15), 1)).unwrap();
     e.export(&op(), None, &d.path().join("export")).unwrap();
     e.compact(&op()).unwrap();
     drop(e);
@@ -450,7 +453,10 @@ fn unrelated_faces_that_match_nobody_are_counted_discarded_and_never_logged() {
     let v = vector(21);
     enrol(&e, "uma", &["door-access"], v.clone());
     let bystander = vector(22);
-    let r = e.identify_faces(&ctx("door-access"), &[near(&v, 1, 0.05), bystander.clone()], 3).unwrap();
+    let r = e
+        .identify_faces_deferred(&ctx("door-access"), &[near(&v, 1, 0.05), bystander.clone()], Identify::top(3))
+        .and_then(Pending::wait)
+        .unwrap();
     assert!(r[0].decision.is_match());
     assert!(!r[1].decision.is_match());
     drop(e);
@@ -490,6 +496,9 @@ fn consent_withdrawal_survives_no_truncated_log_replay() {
             assert!(reason.contains("the manifest proves") || reason.contains("acknowledged writes were lost"), "{reason}")
         }
         Err(other) => panic!("wrong error: {other}"),
-        Ok(e) => panic!("opened a truncated log; t3 withdrawn: {:?}", e.verify(&ctx("door-access"), &vector(43), &subject("t3")).is_err()),
+        Ok(e) => panic!(
+            "opened a truncated log; t3 withdrawn: {:?}",
+            e.query(&ctx("door-access"), Query::verify(&vector(43), &subject("t3"))).is_err()
+        ),
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use facematch::engine::EngineBuilder;
+use facematch::engine::{EngineBuilder, Query};
 use facematch::store::MasterKey;
 use facematch::Error;
 use proptest::prelude::*;
@@ -400,7 +400,7 @@ fn single_byte_flips_and_truncations_never_destroy_or_lose_anything() {
                 Ok(e) => {
                     let s = e.stats();
                     prop_assert_eq!(s.templates, 11, "{} {} at {}: opened with {} templates", kind, name, at, s.templates);
-                    let v = e.verify(&ctx("payment"), &vector(3), &subject("p3"));
+                    let v = e.query(&ctx("payment"), Query::verify(&vector(3), &subject("p3")));
                     prop_assert!(
                         matches!(v, Err(Error::UnknownSubject(_))) || v.as_ref().is_ok_and(|v| !v.decision.is_match()),
                         "{} {} at {}: the withdrawn subject is back",
@@ -466,7 +466,7 @@ fn repair_cuts_a_damaged_log_keeps_what_it_removes_and_erasures_still_hold() {
     // The withdrawal's frame was cut, but the audit log records it: p3 stays erased.
     let e = open(&g, &key, clock()).unwrap();
     assert!(e.templates_of(&subject("p3")).is_empty());
-    assert!(!e.verify(&ctx("payment"), &vector(3), &subject("p3")).map(|v| v.decision.is_match()).unwrap_or(false));
+    assert!(!e.query(&ctx("payment"), Query::verify(&vector(3), &subject("p3"))).map(|v| v.decision.is_match()).unwrap_or(false));
     let recs = facematch::audit::AuditLog::read(&e.audit_dir(), &Default::default()).unwrap();
     assert!(recs.iter().any(|r| matches!(&r.event, facematch::audit::AuditEvent::Admin { action, .. } if action == "repair")));
     e.close().unwrap();

@@ -11,6 +11,7 @@ use common::*;
 use proptest::prelude::*;
 
 use facematch::audit::{AuditKey, AuditLog};
+use facematch::engine::Query;
 use facematch::image_io::{decode_bytes, ImageLimits};
 use facematch::store::MasterKey;
 
@@ -76,9 +77,9 @@ proptest! {
         damage(&mut bytes, &edits, cut);
         std::fs::write(&p, &bytes).unwrap();
         if let Ok(e) = open(d.path(), &key, clock()) {
-            let r = e.identify(&ctx("door-access"), &vector(3), 5).unwrap();
+            let r = e.query(&ctx("door-access"), Query::identify(&vector(3), 5)).unwrap();
             prop_assert!(r.candidates.iter().all(|c| c.subject.as_str() != "s3"));
-            prop_assert!(e.verify(&ctx("door-access"), &vector(3), &subject("s3")).is_err());
+            prop_assert!(e.query(&ctx("door-access"), Query::verify(&vector(3), &subject("s3"))).is_err());
         }
     }
 

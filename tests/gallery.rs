@@ -6,7 +6,7 @@ use common::*;
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 
-use facematch::engine::{Enrolment, SearchOptions};
+use facematch::engine::{Enrolment, Query, SearchOptions};
 use facematch::index::SearchStrategy;
 use facematch::store::MasterKey;
 use facematch::Error;
@@ -29,10 +29,10 @@ fn bad_embeddings_are_clear_errors() {
     let mut dup = mk(vector(2));
     dup.template = Some(t);
     assert!(matches!(e.enrol(&op(), dup), Err(Error::DuplicateTemplate(x)) if x == t));
-    assert!(matches!(e.identify(&ctx("door-access"), &nan, 3), Err(Error::InvalidEmbedding { .. })));
-    assert!(matches!(e.identify(&ctx("door-access"), &[1.0; 3], 3), Err(Error::WrongDimension { .. })));
-    assert!(e.identify(&ctx("door-access"), &vector(1), 0).is_err());
-    assert!(matches!(e.verify(&ctx("door-access"), &vector(1), &subject("nobody")), Err(Error::UnknownSubject(_))));
+    assert!(matches!(e.query(&ctx("door-access"), Query::identify(&nan, 3)), Err(Error::InvalidEmbedding { .. })));
+    assert!(matches!(e.query(&ctx("door-access"), Query::identify(&[1.0; 3], 3)), Err(Error::WrongDimension { .. })));
+    assert!(e.query(&ctx("door-access"), Query::identify(&vector(1), 0)).is_err());
+    assert!(matches!(e.query(&ctx("door-access"), Query::verify(&vector(1), &subject("nobody"))), Err(Error::UnknownSubject(_))));
     assert!(matches!(e.delete(&op(), &[987654], "test"), Err(Error::UnknownTemplate(987654))));
     let mut wrong_model = mk(vector(3));
     wrong_model.model_id = Some("other-model".into());
@@ -44,11 +44,11 @@ fn bad_embeddings_are_clear_errors() {
 fn no_match_is_a_result() {
     let d = tempfile::tempdir().unwrap();
     let e = create(d.path(), &MasterKey::generate(), clock());
-    let r = e.identify(&ctx("door-access"), &vector(1), 5).unwrap();
+    let r = e.query(&ctx("door-access"), Query::identify(&vector(1), 5)).unwrap();
     assert!(r.candidates.is_empty());
     assert_eq!(r.decision.kind(), "no_match");
     enrol(&e, "a", &["door-access"], vector(1));
-    let r = e.identify(&ctx("door-access"), &vector(2), 5).unwrap();
+    let r = e.query(&ctx("door-access"), Query::identify(&vector(2), 5)).unwrap();
     assert_eq!(r.decision.kind(), "no_match");
     assert_eq!(r.candidates.len(), 1);
 }
@@ -72,7 +72,7 @@ fn results_identical_after_close_and_reopen() {
         probe
             .iter()
             .map(|q| {
-                e.identify_with(&ctx("door-access"), q, 10, SearchOptions { strategy: SearchStrategy::Exact, ef: None }, (1, 0))
+                e.query(&ctx("door-access"), Query::identify(q, 10).search(SearchOptions { strategy: SearchStrategy::Exact, ef: None }))
                     .unwrap()
                     .candidates
                     .iter()
@@ -115,7 +115,7 @@ fn deleted_template_never_returned_before_or_after_compaction() {
         for i in 0..120u64 {
             for strategy in [SearchStrategy::Exact, SearchStrategy::Graph] {
                 for p in ["door-access", "payment"] {
-                    let r = e.identify_with(&ctx(p), &vector(i), 20, SearchOptions { strategy, ef: Some(64) }, (1, 0)).unwrap();
+                    let r = e.query(&ctx(p), Query::identify(&vector(i), 20).search(SearchOptions { strategy, ef: Some(64) })).unwrap();
                     assert!(r.candidates.iter().all(|c| !victims.contains(&c.template)), "deleted template returned");
                 }
             }
@@ -192,7 +192,7 @@ fn searches_run_while_one_thread_enrols_and_deletes() {
             let e = e.clone();
             s.spawn(move || {
                 for i in 0..60u64 {
-                    let r = e.identify(&ctx("door-access"), &vector((i * 3 + t) % 50), 5).unwrap();
+                    let r = e.query(&ctx("door-access"), Query::identify(&vector((i * 3 + t) % 50), 5)).unwrap();
                     assert!(r.candidates.len() <= 5);
                 }
             });
@@ -263,7 +263,7 @@ fn acknowledged_enrolments_survive_kill_9() {
 }
 
 /// Child side of the query crash test: answer queries from 4 threads (3 one at a time, 1 keeping
-/// 16 in flight with `identify_deferred`), print each audit seq once answered.
+/// 16 in flight with `query_deferred`), print each audit seq once answered.
 #[test]
 fn crash_child_queries_until_killed() {
     let Ok(dir) = std::env::var("FACEMATCH_QCRASH_DIR") else { return };
@@ -280,7 +280,7 @@ fn crash_child_queries_until_killed() {
             let (e, answered) = (&e, &answered);
             s.spawn(move || {
                 for i in 0.. {
-                    let r = e.identify(&ctx("door-access"), &vector((i * 4 + t) % 60), 3).unwrap();
+                    let r = e.query(&ctx("door-access"), Query::identify(&vector((i * 4 + t) % 60), 3)).unwrap();
                     answered(r.audit_seq);
                 }
             });
@@ -293,7 +293,7 @@ fn crash_child_queries_until_killed() {
                     let p: facematch::engine::Pending<facematch::engine::Identification> = window.pop_front().unwrap();
                     answered(p.wait().unwrap().audit_seq);
                 }
-                window.push_back(e.identify_deferred(&ctx("door-access"), &vector((i * 4 + 3) % 60), 3).unwrap());
+                window.push_back(e.query_deferred(&ctx("door-access"), Query::identify(&vector((i * 4 + 3) % 60), 3)).unwrap());
             }
         });
     });
@@ -386,7 +386,7 @@ fn calibrated_thresholds_meet_their_false_match_target_on_held_out_probes() {
     for (q, l) in held_q.chunks_exact(dim).zip(held_l) {
         if l.is_none() {
             nonmated += 1;
-            fp += e.identify(&ctx("door-access"), q, 1).unwrap().decision.is_match() as usize;
+            fp += e.query(&ctx("door-access"), Query::identify(q, 1)).unwrap().decision.is_match() as usize;
         }
     }
     let held_fpir = fp as f64 / nonmated as f64;

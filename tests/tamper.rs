@@ -9,7 +9,7 @@ use std::path::Path;
 
 use facematch::audit::{AuditEvent, AuditKey, AuditLog};
 use facematch::compliance::Mode;
-use facematch::engine::EngineBuilder;
+use facematch::engine::{EngineBuilder, Query};
 use facematch::store::MasterKey;
 use facematch::Error;
 
@@ -73,7 +73,7 @@ fn a_deleted_or_rolled_back_audit_log_is_refused() {
     // Copy aside, work (searches and a withdrawal), put the old copy back: refused.
     let e = open(&g, &key, clock()).unwrap();
     for i in 0..30 {
-        e.identify(&ctx("payment"), &vector(i), 3).unwrap();
+        e.query(&ctx("payment"), Query::identify(&vector(i), 3)).unwrap();
     }
     e.withdraw(&op(), &subject("s7")).unwrap();
     e.close().unwrap();
@@ -130,7 +130,7 @@ fn a_restored_pre_withdrawal_log_is_refused_and_repair_erases_again() {
     let e = open(&g, &key, clock()).unwrap();
     assert!(e.templates_of(&subject("s7")).is_empty(), "the withdrawn person is back");
     assert_eq!(e.stats().templates, 19);
-    let v = e.identify(&ctx("payment"), &vector(7), 3).unwrap();
+    let v = e.query(&ctx("payment"), Query::identify(&vector(7), 3)).unwrap();
     assert!(v.candidates.iter().all(|c| c.subject.as_str() != "s7"));
     e.close().unwrap();
     let v = AuditLog::verify(&g.join("audit"), &AuditKey::from_bytes(key.audit_key_bytes())).unwrap();
@@ -263,8 +263,8 @@ fn refused_queries_are_audited_without_probe_data() {
     let key = MasterKey::generate();
     gallery(t.path(), &key);
     let e = open(t.path(), &key, clock()).unwrap();
-    assert!(e.identify(&ctx("marketing"), &vector(1), 3).is_err());
-    assert!(e.verify(&ctx("marketing"), &vector(1), &subject("s1")).is_err());
+    assert!(e.query(&ctx("marketing"), Query::identify(&vector(1), 3)).is_err());
+    assert!(e.query(&ctx("marketing"), Query::verify(&vector(1), &subject("s1"))).is_err());
     e.close().unwrap();
     let refused: Vec<String> = AuditLog::read(&t.path().join("audit"), &Default::default())
         .unwrap()
@@ -715,12 +715,12 @@ fn audit_writer_failures_never_leave_a_change_without_its_record() {
             e.import_with_consents(&op(), cs, rows).map(|_| ())
         }),
         ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
-        ("query", |e| e.identify(&ctx("payment"), &vector(1), 3).map(|_| ())),
+        ("query", |e| e.query(&ctx("payment"), Query::identify(&vector(1), 3)).map(|_| ())),
         ("query-deferred", |e| {
-            let p = e.identify_deferred(&ctx("payment"), &vector(1), 3)?;
+            let p = e.query_deferred(&ctx("payment"), Query::identify(&vector(1), 3))?;
             p.wait().map(|_| ())
         }),
-        ("query-verify", |e| e.verify(&ctx("payment"), &vector(1), &subject("s1")).map(|_| ())),
+        ("query-verify", |e| e.query(&ctx("payment"), Query::verify(&vector(1), &subject("s1"))).map(|_| ())),
     ];
     let base = tempfile::tempdir().unwrap();
     let key = MasterKey::generate();
@@ -880,7 +880,7 @@ fn a_restored_store_with_a_current_audit_log_gets_the_withdrawal_again() {
     let e = open(&g, &key, clock()).unwrap();
     e.withdraw(&op(), &subject("s7")).unwrap();
     for i in 0..5 {
-        e.identify(&ctx("payment"), &vector(i), 3).unwrap();
+        e.query(&ctx("payment"), Query::identify(&vector(i), 3)).unwrap();
     }
     e.close().unwrap();
     for f in files {
@@ -892,9 +892,9 @@ fn a_restored_store_with_a_current_audit_log_gets_the_withdrawal_again() {
     assert!(e.templates_of(&subject("s7")).is_empty(), "the withdrawn person is back");
     assert!(e.consents_of(&subject("s7")).iter().all(|c| c.withdrawn_at_ms.is_some()));
     assert_eq!(e.stats().templates, 19);
-    let v = e.identify(&ctx("payment"), &vector(7), 3).unwrap();
+    let v = e.query(&ctx("payment"), Query::identify(&vector(7), 3)).unwrap();
     assert!(v.candidates.iter().all(|c| c.subject.as_str() != "s7"), "s7 still matches");
-    if let Ok(v) = e.verify(&ctx("payment"), &vector(7), &subject("s7")) {
+    if let Ok(v) = e.query(&ctx("payment"), Query::verify(&vector(7), &subject("s7"))) {
         assert!(v.score.is_none() && !matches!(v.decision, facematch::compliance::Decision::Match { .. }), "{v:?}");
     }
     e.close().unwrap();

@@ -9,7 +9,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 
 use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
-use facematch::engine::{verify_audit, Engine, EngineBuilder, Enrolment, SearchOptions};
+use facematch::engine::{verify_audit, Engine, EngineBuilder, Enrolment, Query, SearchOptions};
 use facematch::index::SearchStrategy;
 use facematch::store::MasterKey;
 
@@ -25,7 +25,7 @@ fn row(i: usize) -> Vec<f32> {
 }
 
 fn top3(e: &Engine, i: usize) -> Vec<(String, u64)> {
-    e.identify_with(&ctx("door-access"), &row(i), 3, SearchOptions { strategy: SearchStrategy::Exact, ef: None }, (1, 0))
+    e.query(&ctx("door-access"), Query::identify(&row(i), 3).search(SearchOptions { strategy: SearchStrategy::Exact, ef: None }))
         .unwrap()
         .candidates
         .iter()

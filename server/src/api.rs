@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use facematch::compliance::{ConsentRecord, Operator, Purpose, SubjectId};
-use facematch::engine::{Engine, Enrolment, Pending, QueryContext};
+use facematch::engine::{self, Engine, Enrolment, Pending, QueryContext};
 use facematch::image_io::{encode, OutputFormat};
 use facematch::pipeline::FacePipeline;
 use facematch::probe;
@@ -383,7 +383,7 @@ async fn identify(
             let k = st.k(req.k.or(q.k))?;
             let pending = st
                 .compute(move |st| {
-                    let r = st.engine.identify_deferred(&ctx, &req.embedding, k);
+                    let r = st.engine.query_deferred(&ctx, engine::Query::identify(&req.embedding, k));
                     req.embedding.zeroize();
                     Ok(r?)
                 })
@@ -425,7 +425,7 @@ async fn verify(
             let subject = SubjectId::new(std::mem::take(&mut req.subject))?;
             let pending = st
                 .compute(move |st| {
-                    let r = st.engine.verify_deferred(&ctx, &req.embedding, &subject);
+                    let r = st.engine.query_deferred(&ctx, engine::Query::verify(&req.embedding, &subject));
                     req.embedding.zeroize();
                     Ok(r?)
                 })

@@ -1,7 +1,11 @@
-//! A minimal blocking HTTP/1.1 client over one keep-alive connection: for
-//! the server's tests, the crash test and the load generator (no client
-//! library needed). Not a general client: it reads `Content-Length` bodies only.
-//! Speaks TLS too ([`Client::tls`]), for the load generator's TLS runs.
+//! A minimal blocking HTTP/1.1 client over one keep-alive connection, kept
+//! raw on purpose: `examples/loadgen.rs` drives the server with it (one write
+//! per request, no pooling or header maps in the way of the figures it
+//! measures; TLS via [`Client::tls`]), and the tests that must put exact
+//! bytes on the wire use it (`tests/fuzz.rs`: a GET with a body, non-ASCII
+//! header bytes; [`Client::raw`]: garbage). Ordinary test requests go
+//! through the `ureq` crate (`tests/common/http.rs`). Not a general client:
+//! it reads `Content-Length` bodies only.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use common::*;
 use facematch::audit::{AuditEvent, AuditFilter, AuditKey, AuditLog};
 use facematch::store::MasterKey;
-use facematch_server::client::Client;
 use facematch_server::ServerConfig;
 use serde_json::json;
 
@@ -87,7 +86,7 @@ fn bad_requests_get_clear_errors_and_nothing_of_the_probe_back() {
     let g = gallery(3);
     let server = serve(Arc::clone(&g.engine), None, ServerConfig { max_body_bytes: 64 << 10, ..Default::default() });
     let mut c = client(&server);
-    let status = |r: std::io::Result<facematch_server::client::Reply>| {
+    let status = |r: std::io::Result<Reply>| {
         let r = r.unwrap();
         (r.status, r.json()["error"].as_str().unwrap_or("").to_string(), r.json()["message"].as_str().unwrap_or("").to_string())
     };
@@ -140,7 +139,7 @@ fn bad_requests_get_clear_errors_and_nothing_of_the_probe_back() {
     assert_eq!((s, kind.as_str()), (403, "policy_violation"));
 
     // Malformed HTTP on a fresh connection: an error status, and the server keeps serving.
-    let r = Client::new(server.addr()).raw(b"GARBAGE\r\n\r\n");
+    let r = facematch_server::client::Client::new(server.addr()).raw(b"GARBAGE\r\n\r\n");
     assert!(r.map(|r| r.status >= 400).unwrap_or(true));
     let r = c.post_json("/v1/identify", &json!({"embedding": near(&vector(2), 3)})).unwrap();
     assert_eq!(r.status, 200);

@@ -15,7 +15,6 @@ use common::*;
 use facematch::audit::{AuditEvent, AuditFilter, AuditKey, AuditLog};
 use facematch::engine::EngineBuilder;
 use facematch::store::MasterKey;
-use facematch_server::client::Client;
 use serde_json::json;
 
 const PEOPLE: u64 = 500;

@@ -1,6 +1,9 @@
 //! Property tests against a live server (face models loaded): whatever a
 //! client sends, the answer is a success or a 4xx with a JSON error, never a
 //! 5xx or a dead server. Seeds are fixed so CI runs are reproducible.
+//! Raw requests (`facematch_server::client`), not the tests' `ureq` client:
+//! the cases include GETs with bodies and non-ASCII header bytes, which a
+//! well-behaved client refuses to send.
 
 mod common;
 

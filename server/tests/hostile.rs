@@ -133,7 +133,7 @@ fn a_slow_body_is_cut_off_with_408_and_the_connection_closed() {
         dripping = s.write_all(b"0").is_ok();
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut c = facematch_server::client::Client::new(server.addr());
+    let mut c = Client::new(server.addr());
     drop(c.get("/v1/health")); // the server still answers others meanwhile
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut head = Vec::new();
@@ -186,9 +186,7 @@ fn one_operator_cannot_take_every_slot() {
     let r = same.post_json("/v1/identify", &serde_json::json!({"embedding": vector(1)})).unwrap();
     assert_eq!(r.status, 429, "{:?}", r.json());
     assert_eq!(r.json()["error"], "too_many_requests");
-    let mut other = facematch_server::client::Client::new(server.addr())
-        .with_header("X-Facematch-Operator", "officer-8")
-        .with_header("X-Facematch-Purpose", PURPOSE);
+    let mut other = Client::new(server.addr()).with_header("X-Facematch-Operator", "officer-8").with_header("X-Facematch-Purpose", PURPOSE);
     assert_eq!(other.post_json("/v1/identify", &serde_json::json!({"embedding": vector(1)})).unwrap().status, 200);
     // Once the first is cut off (body timeout), officer-7 is served again.
     assert!(closed_within(&mut busy, Duration::from_secs(3)));

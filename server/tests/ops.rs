@@ -220,21 +220,21 @@ fn metrics_need_credentials_on_the_main_listener_and_none_on_their_own() {
     let g = gallery(1);
     let tokens = BTreeMap::from([(TOKEN.to_string(), "gate-7".to_string())]);
     let server = serve(Arc::clone(&g.engine), None, ServerConfig { tokens: tokens.clone(), ..Default::default() });
-    let mut anon = facematch_server::client::Client::new(server.addr());
+    let mut anon = Client::new(server.addr());
     assert_eq!(anon.get("/metrics").unwrap().status, 401);
     assert_eq!(anon.get("/v1/ready").unwrap().status, 200);
-    let mut authed = facematch_server::client::Client::new(server.addr()).with_header("Authorization", &format!("Bearer {TOKEN}"));
+    let mut authed = Client::new(server.addr()).with_header("Authorization", &format!("Bearer {TOKEN}"));
     assert_eq!(authed.get("/metrics").unwrap().status, 200);
     server.shutdown().unwrap();
 
     let cfg = ServerConfig { tokens, metrics_listen: Some("127.0.0.1:0".into()), ..Default::default() };
     let server = serve(Arc::clone(&g.engine), None, cfg);
-    let mut m = facematch_server::client::Client::new(server.metrics_addr().unwrap());
+    let mut m = Client::new(server.metrics_addr().unwrap());
     let r = m.get("/metrics").unwrap();
     assert_eq!(r.status, 200);
     parse_prometheus(&String::from_utf8(r.body).unwrap());
     assert_eq!(m.get("/v1/stats").unwrap().status, 404, "only /metrics on the metrics address");
-    let mut authed = facematch_server::client::Client::new(server.addr()).with_header("Authorization", &format!("Bearer {TOKEN}"));
+    let mut authed = Client::new(server.addr()).with_header("Authorization", &format!("Bearer {TOKEN}"));
     assert_eq!(authed.get("/metrics").unwrap().status, 404, "not on the main listener when it has its own");
     stop(server, g.engine);
 }

@@ -8,7 +8,7 @@
 //! - images are read, decoded, detected, aligned and embedded on `threads`
 //!   worker threads at once (all faces of an image in one recogniser batch);
 //! - the queries go to the engine deferred ([`Engine::identify_faces_deferred`],
-//!   [`Engine::verify_deferred_with_faces`]): many are in flight and their
+//!   [`Engine::query_deferred`]): many are in flight and their
 //!   audit records share fsyncs, and a result reaches the sink only once its
 //!   records are durable, as with the one-at-a-time calls;
 //! - at most `window` inputs are between intake and the sink at any time, so
@@ -55,7 +55,7 @@ use zeroize::Zeroize;
 pub use walk::{is_image_path, walk_images, WalkImages, IMAGE_EXTENSIONS};
 
 use crate::compliance::{Decision, Operator, Purpose, SubjectId};
-use crate::engine::{normalise, Engine, Identification, Pending, QueryContext, SearchOptions, Verification};
+use crate::engine::{normalise, Engine, FaceCount, Identification, Identify, Pending, Query, QueryContext, SearchOptions, Verification};
 use crate::pipeline::{FacePipeline, ImageFaces};
 use crate::probe::{FaceBox, FaceIdentification, ImageIdentification, ImageVerification};
 use crate::{Error, Result};
@@ -312,7 +312,7 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
             drop(img);
             let boxes: Vec<FaceBox> = faces.iter().map(|f| FaceBox { bbox: f.bbox, score: f.score }).collect();
             let mut probes: Vec<Vec<f32>> = faces.iter_mut().filter_map(|f| f.embedding.take()).collect();
-            let r = engine.identify_faces_deferred(ctx, &probes, *k);
+            let r = engine.identify_faces_deferred(ctx, &probes, Identify::top(*k));
             for p in &mut probes {
                 p.zeroize();
             }
@@ -328,7 +328,7 @@ fn work_inner(pipeline: &FacePipeline, job: &BatchJob, input: &BatchInput) -> Re
             let (face, _others, found, discarded) = crate::probe::main_face(pipeline.detect(&img)?)?;
             let (fb, mut e) = crate::probe::embed_one(pipeline, &img, face)?;
             drop(img);
-            let r = engine.verify_deferred_with_faces(ctx, &e, subject, (found, discarded));
+            let r = engine.query_deferred(ctx, Query::verify(&e, subject).faces(FaceCount { found, discarded }));
             e.zeroize();
             Ok(Stage::Verify { pending: r?, face: fb, found, discarded })
         }
@@ -616,7 +616,7 @@ where
             p.zeroize();
         }
         if !rows.is_empty() {
-            let r = engine.identify_batch_deferred(ctx, &probes, opts.k, opts.search);
+            let r = engine.identify_batch_deferred(ctx, &probes, Identify { k: opts.k, search: opts.search });
             probes.zeroize();
             probes.clear();
             in_flight.push_back((std::mem::take(&mut rows), r?));

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::{Engine, Identification, Pending, QueryContext, SearchOptions};
+use super::{Engine, FaceCount, Identification, Identify, Pending, QueryContext, SearchOptions};
 use crate::audit::AuditEvent;
 use crate::compliance::{Decision, Mode};
 use crate::{Error, Result};
@@ -23,7 +23,7 @@ impl Engine {
     /// ```
     /// # use facematch::compliance::*;
     /// # use facematch::config::GalleryConfig;
-    /// # use facematch::engine::{EngineBuilder, Enrolment, QueryContext, SearchOptions};
+    /// # use facematch::engine::{EngineBuilder, Enrolment, Identify, QueryContext};
     /// # use facematch::store::MasterKey;
     /// # let dir = tempfile::tempdir().unwrap();
     /// # let door = Purpose::new("door-access").unwrap();
@@ -38,41 +38,37 @@ impl Engine {
     /// # engine.enrol(&op, Enrolment::new(alice, "form-1", vec![door.clone()], vec![1.0, 0.0, 0.0, 0.0])).unwrap();
     /// let ctx = QueryContext::new(op, door);
     /// let probes = [0.9, 0.1, 0.0, 0.0, /* second probe */ 0.0, 0.0, 1.0, 0.0];
-    /// let answers = engine.identify_batch_deferred(&ctx, &probes, 5, SearchOptions::default()).unwrap().wait().unwrap();
+    /// let answers = engine.identify_batch_deferred(&ctx, &probes, Identify::top(5)).unwrap().wait().unwrap();
     /// assert!(answers[0].decision.is_match());
     /// assert_eq!(answers[1].decision.kind(), "no_match");
     /// ```
-    pub fn identify_batch_deferred(
-        &self,
-        ctx: &QueryContext,
-        probes: &[f32],
-        k: usize,
-        opts: SearchOptions,
-    ) -> Result<Pending<Vec<Identification>>> {
+    pub fn identify_batch_deferred(&self, ctx: &QueryContext, probes: &[f32], ask: Identify) -> Result<Pending<Vec<Identification>>> {
         let dim = self.manifest.read().config.dim;
         if dim == 0 || !probes.len().is_multiple_of(dim) {
             return Err(Error::WrongDimension { expected: dim, got: probes.len() % dim.max(1) });
         }
         let n = probes.len() / dim;
-        self.identify_many_deferred(ctx, n, |i| &probes[i * dim..(i + 1) * dim], k, opts, true, |_| (1, 0))
+        self.identify_many_deferred(ctx, n, |i| &probes[i * dim..(i + 1) * dim], ask.k, ask.search, true, |_| FaceCount::default())
     }
 
-    /// [`Engine::identify_faces`] (every face of one image, each record
-    /// carrying the image's face counts) without waiting for the records:
-    /// see [`Pending`]. No probe at all gives an empty answer and no record.
-    pub fn identify_faces_deferred(&self, ctx: &QueryContext, probes: &[Vec<f32>], k: usize) -> Result<Pending<Vec<Identification>>> {
+    /// 1:N for every face of one image: one audit record per face, queued
+    /// together, each carrying how many faces the image held and how many
+    /// matched nobody (to be discarded by the caller); released by
+    /// [`Pending::wait`] once durable. One search per face, as a single
+    /// query would (a batch may take another path). No probe at all gives an
+    /// empty answer and no record.
+    pub fn identify_faces_deferred(&self, ctx: &QueryContext, probes: &[Vec<f32>], ask: Identify) -> Result<Pending<Vec<Identification>>> {
         let found = probes.len() as u32;
-        // One search per face, exactly as `identify_faces` (a batch may take another path).
         self.identify_many_deferred(
             ctx,
             probes.len(),
             |i| &probes[i],
-            k,
-            SearchOptions::default(),
+            ask.k,
+            ask.search,
             false,
             |out| {
                 let discarded = out.iter().filter(|r| matches!(r.decision, Decision::NoMatch { .. })).count() as u32;
-                (found, discarded)
+                FaceCount { found, discarded }
             },
         )
     }
@@ -86,7 +82,7 @@ impl Engine {
         k: usize,
         opts: SearchOptions,
         batched: bool,
-        faces: impl Fn(&[Identification]) -> (u32, u32),
+        faces: impl Fn(&[Identification]) -> FaceCount,
     ) -> Result<Pending<Vec<Identification>>> {
         let started = Instant::now();
         let policy = self.query_policy(ctx, Mode::Identify)?;

@@ -1,15 +1,15 @@
 //! The engine a server holds: gallery + index + compliance + audit, `Send + Sync`.
 //!
 //! Built once by [`EngineBuilder`] (create or open a gallery directory with a
-//! key), then shared: many threads call [`Engine::verify`] /
-//! [`Engine::identify`] while one enrols or deletes. Every query names an
+//! key), then shared: many threads call [`Engine::query`] (1:1
+//! [`Query::verify`] or 1:N [`Query::identify`]) while one enrols or deletes. Every query names an
 //! operator and a declared [`Purpose`], sees only templates enrolled for that
 //! purpose, and is answered only after its audit record is durable.
 //!
 //! ```
 //! use facematch::compliance::*;
 //! use facematch::config::GalleryConfig;
-//! use facematch::engine::{EngineBuilder, Enrolment, QueryContext};
+//! use facematch::engine::{EngineBuilder, Enrolment, Query, QueryContext};
 //! use facematch::store::MasterKey;
 //!
 //! let dir = tempfile::tempdir().unwrap();
@@ -26,9 +26,9 @@
 //! engine.enrol(&op, Enrolment::new(alice.clone(), "form-1", vec![door.clone()], vec![1.0, 0.0, 0.0, 0.0])).unwrap();
 //!
 //! let ctx = QueryContext::new(op, door);
-//! let v = engine.verify(&ctx, &[0.9, 0.1, 0.0, 0.0], &alice).unwrap();
+//! let v = engine.query(&ctx, Query::verify(&[0.9, 0.1, 0.0, 0.0], &alice)).unwrap();
 //! assert!(v.decision.is_match());
-//! let id = engine.identify(&ctx, &[0.0, 0.0, 1.0, 0.0], 5).unwrap();
+//! let id = engine.query(&ctx, Query::identify(&[0.0, 0.0, 1.0, 0.0], 5)).unwrap();
 //! assert_eq!(id.decision.kind(), "no_match"); // "no match" is a result, not an error
 //! ```
 

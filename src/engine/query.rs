@@ -47,7 +47,7 @@ impl Engine {
         k: usize,
         decision: &Decision,
         top: Option<f32>,
-        faces: (u32, u32),
+        faces: FaceCount,
         started: Instant,
     ) -> Result<AuditTicket> {
         let ev = self.query_event(ctx, mode, t, k, decision, top, faces, started);
@@ -63,7 +63,7 @@ impl Engine {
         k: usize,
         decision: &Decision,
         top: Option<f32>,
-        faces: (u32, u32),
+        faces: FaceCount,
         started: Instant,
     ) -> AuditEvent {
         let (kind, subject, template) = match decision {
@@ -85,8 +85,8 @@ impl Engine {
             threshold: t.value(),
             threshold_version: t.version(),
             k: k as u32,
-            faces_found: faces.0,
-            faces_discarded: faces.1,
+            faces_found: faces.found,
+            faces_discarded: faces.discarded,
             decision: kind,
             subject,
             template,
@@ -95,28 +95,28 @@ impl Engine {
         })
     }
 
-    /// 1:1 verification of `probe` against `subject`'s templates enrolled for the context's purpose.
-    pub fn verify(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId) -> Result<Verification> {
-        self.verify_with_faces(ctx, probe, subject, (1, 0))
+    /// Run one [`Query`] and return its answer once the audit record is
+    /// durable: [`Identification`] for [`Query::identify`], [`Verification`]
+    /// for [`Query::verify`]. "No match" is an answer, not an error; errors
+    /// are an undeclared purpose (refusal audited), a probe of the wrong
+    /// dimension or not finite, `k` out of range, an unknown subject, or an
+    /// audit record that could not be written (then nothing is answered).
+    pub fn query<A: Ask>(&self, ctx: &QueryContext, query: Query<'_, A>) -> Result<A::Answer> {
+        self.query_deferred(ctx, query)?.wait()
     }
 
-    /// [`Engine::verify`] recording how many faces the image held and how many were discarded as unrelated.
-    pub fn verify_with_faces(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId, faces: (u32, u32)) -> Result<Verification> {
-        self.verify_deferred_with_faces(ctx, probe, subject, faces)?.wait()
+    /// [`Engine::query`] without waiting for the audit record: the answer is
+    /// held in a [`Pending`] until [`Pending::wait`] sees the record durable.
+    pub fn query_deferred<A: Ask>(&self, ctx: &QueryContext, query: Query<'_, A>) -> Result<Pending<A::Answer>> {
+        query.ask.run(self, ctx, query.probe, query.faces)
     }
 
-    /// [`Engine::verify`] without waiting for the audit record: see [`Pending`].
-    pub fn verify_deferred(&self, ctx: &QueryContext, probe: &[f32], subject: &SubjectId) -> Result<Pending<Verification>> {
-        self.verify_deferred_with_faces(ctx, probe, subject, (1, 0))
-    }
-
-    /// [`Engine::verify_with_faces`] without waiting for the audit record: see [`Pending`].
-    pub fn verify_deferred_with_faces(
+    pub(super) fn verify_one(
         &self,
         ctx: &QueryContext,
         probe: &[f32],
         subject: &SubjectId,
-        faces: (u32, u32),
+        faces: FaceCount,
     ) -> Result<Pending<Verification>> {
         let started = Instant::now();
         let policy = self.query_policy(ctx, Mode::Verify)?;
@@ -154,83 +154,22 @@ impl Engine {
         Ok(Pending { value: Verification { decision, score, threshold, audit_seq }, ticket })
     }
 
-    /// 1:N identification: the `k` best templates enrolled for the context's purpose, and a decision on the best.
-    pub fn identify(&self, ctx: &QueryContext, probe: &[f32], k: usize) -> Result<Identification> {
-        self.identify_with(ctx, probe, k, SearchOptions::default(), (1, 0))
-    }
-
-    /// [`Engine::identify`] with search options and face counts for the audit record.
-    pub fn identify_with(
+    pub(super) fn identify_one(
         &self,
         ctx: &QueryContext,
         probe: &[f32],
-        k: usize,
-        opts: SearchOptions,
-        faces: (u32, u32),
-    ) -> Result<Identification> {
-        self.identify_deferred_with(ctx, probe, k, opts, faces)?.wait()
-    }
-
-    /// [`Engine::identify`] without waiting for the audit record: see [`Pending`].
-    pub fn identify_deferred(&self, ctx: &QueryContext, probe: &[f32], k: usize) -> Result<Pending<Identification>> {
-        self.identify_deferred_with(ctx, probe, k, SearchOptions::default(), (1, 0))
-    }
-
-    /// [`Engine::identify_with`] without waiting for the audit record: see [`Pending`].
-    pub fn identify_deferred_with(
-        &self,
-        ctx: &QueryContext,
-        probe: &[f32],
-        k: usize,
-        opts: SearchOptions,
-        faces: (u32, u32),
+        ask: &Identify,
+        faces: FaceCount,
     ) -> Result<Pending<Identification>> {
         let started = Instant::now();
+        let k = ask.k;
         let policy = self.query_policy(ctx, Mode::Identify)?;
-        let candidates = self.search_candidates(ctx, probe, k, opts)?;
+        let candidates = self.search_candidates(ctx, probe, k, ask.search)?;
         let top = candidates.first().map(|c| c.score);
         let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
         let ticket = self.audit_query(ctx, Mode::Identify, threshold, k, &decision, top, faces, started)?;
         let audit_seq = ticket.seqs().start;
         Ok(Pending { value: Identification { candidates, decision, threshold, audit_seq }, ticket })
-    }
-
-    /// 1:N for every face of one image: one audit record per face (written with one fsync), each
-    /// carrying how many faces the image held and how many matched nobody (to be discarded by the caller).
-    pub fn identify_faces(&self, ctx: &QueryContext, probes: &[Vec<f32>], k: usize) -> Result<Vec<Identification>> {
-        let started = Instant::now();
-        let policy = self.query_policy(ctx, Mode::Identify)?;
-        let mut out = Vec::with_capacity(probes.len());
-        for p in probes {
-            let candidates = self.search_candidates(ctx, p, k, SearchOptions::default())?;
-            let (decision, threshold) = Self::decide(&policy, Mode::Identify, candidates.first().cloned());
-            out.push(Identification { candidates, decision, threshold, audit_seq: 0 });
-        }
-        let found = probes.len() as u32;
-        let discarded = out.iter().filter(|r| matches!(r.decision, Decision::NoMatch { .. })).count() as u32;
-        let events: Vec<AuditEvent> = out
-            .iter()
-            .map(|r| {
-                self.query_event(
-                    ctx,
-                    Mode::Identify,
-                    r.threshold,
-                    k,
-                    &r.decision,
-                    r.candidates.first().map(|c| c.score),
-                    (found, discarded),
-                    started,
-                )
-            })
-            .collect();
-        if events.is_empty() {
-            return Ok(out);
-        }
-        let seqs = self.audit_batch_intent(events)?;
-        for (r, s) in out.iter_mut().zip(seqs) {
-            r.audit_seq = s;
-        }
-        Ok(out)
     }
 
     pub(super) fn search_candidates(&self, ctx: &QueryContext, probe: &[f32], k: usize, opts: SearchOptions) -> Result<Vec<Candidate>> {

@@ -105,9 +105,154 @@ pub struct Identification {
     pub audit_seq: u64,
 }
 
+/// One query: a probe, what is asked of it ([`Identify`] or [`Verify`]), and
+/// the face counts of the image it came from. Run it with [`Engine::query`]
+/// (answer once its audit record is durable) or [`Engine::query_deferred`]
+/// (a [`Pending`] answer, so that many queries in flight share a commit).
+/// The answer's type follows what is asked: [`Identification`] for
+/// [`Identify`], [`Verification`] for [`Verify`].
+///
+/// ```
+/// # use facematch::compliance::*;
+/// # use facematch::config::GalleryConfig;
+/// # use facematch::engine::{EngineBuilder, Enrolment, FaceCount, Query, QueryContext, SearchOptions};
+/// # use facematch::index::SearchStrategy;
+/// # use facematch::store::MasterKey;
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let door = Purpose::new("door-access").unwrap();
+/// # let mut cfg = GalleryConfig::default();
+/// # cfg.dim = 4;
+/// # cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
+/// # let engine = EngineBuilder::new(dir.path().join("g")).key(MasterKey::generate()).create(cfg).unwrap();
+/// # let op = Operator::new("clerk-1").unwrap();
+/// # let consent = ConsentRecord::new("form-1", "alice", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk-1", AgeBracket::Adult);
+/// # engine.record_consent(&op, consent).unwrap();
+/// let alice = SubjectId::new("alice").unwrap();
+/// # engine.enrol(&op, Enrolment::new(alice.clone(), "form-1", vec![door.clone()], vec![1.0, 0.0, 0.0, 0.0])).unwrap();
+/// let ctx = QueryContext::new(op, door);
+/// let probe = [0.9, 0.1, 0.0, 0.0];
+/// // 1:N, the 5 best; the exact scan forced.
+/// let exact = SearchOptions { strategy: SearchStrategy::Exact, ef: None };
+/// let id = engine.query(&ctx, Query::identify(&probe, 5).search(exact)).unwrap();
+/// assert!(id.decision.is_match());
+/// // 1:1 from an image that held 3 faces, 2 of them discarded as unrelated.
+/// let v = engine.query(&ctx, Query::verify(&probe, &alice).faces(FaceCount { found: 3, discarded: 2 })).unwrap();
+/// assert!(v.decision.is_match());
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a, A> {
+    /// The probe embedding (the gallery's dimension; the engine normalises a copy).
+    pub probe: &'a [f32],
+    /// What is asked: [`Identify`] (1:N) or [`Verify`] (1:1).
+    pub ask: A,
+    /// Faces of the probe's image, for the audit record (default: one, none discarded).
+    pub faces: FaceCount,
+}
+
+impl<'a> Query<'a, Identify> {
+    /// 1:N: the `k` best templates enrolled for the context's purpose, and a decision on the best.
+    pub fn identify(probe: &'a [f32], k: usize) -> Self {
+        Query { probe, ask: Identify::top(k), faces: FaceCount::default() }
+    }
+
+    /// The same query with these search options.
+    pub fn search(mut self, search: SearchOptions) -> Self {
+        self.ask.search = search;
+        self
+    }
+}
+
+impl<'a> Query<'a, Verify<'a>> {
+    /// 1:1: `probe` against `subject`'s templates enrolled for the context's purpose.
+    pub fn verify(probe: &'a [f32], subject: &'a SubjectId) -> Self {
+        Query { probe, ask: Verify { subject }, faces: FaceCount::default() }
+    }
+}
+
+impl<A> Query<'_, A> {
+    /// The same query recording these face counts.
+    pub fn faces(mut self, faces: FaceCount) -> Self {
+        self.faces = faces;
+        self
+    }
+}
+
+/// 1:N identification: the `k` best candidates (at most the gallery's `max_k`).
+#[derive(Clone, Copy, Debug)]
+pub struct Identify {
+    /// How many candidates to return.
+    pub k: usize,
+    /// Search knobs (default: the engine picks).
+    pub search: SearchOptions,
+}
+
+impl Identify {
+    /// The `k` best, with default search options.
+    pub fn top(k: usize) -> Self {
+        Identify { k, search: SearchOptions::default() }
+    }
+}
+
+/// 1:1 verification against one subject's templates.
+#[derive(Clone, Copy, Debug)]
+pub struct Verify<'a> {
+    /// The subject claimed.
+    pub subject: &'a SubjectId,
+}
+
+/// How many faces a probe's image held and how many of them were discarded
+/// as unrelated (the unrelated-faces rule); recorded in the query's audit record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaceCount {
+    /// Faces detected in the image.
+    pub found: u32,
+    /// Faces discarded without being kept or answered about.
+    pub discarded: u32,
+}
+
+impl Default for FaceCount {
+    /// A bare embedding: one face, none discarded.
+    fn default() -> Self {
+        FaceCount { found: 1, discarded: 0 }
+    }
+}
+
+/// What a [`Query`] can ask: [`Identify`] or [`Verify`] (sealed). `Answer`
+/// is what [`Engine::query`] returns for it.
+pub trait Ask: sealed::Run {}
+
+impl Ask for Identify {}
+impl Ask for Verify<'_> {}
+
+pub(super) mod sealed {
+    use super::*;
+
+    /// How the engine runs an [`super::Ask`] (kept out of the public API).
+    pub trait Run {
+        /// The answer: [`Identification`] or [`Verification`].
+        type Answer;
+        /// Compute the answer and queue its audit record.
+        fn run(&self, engine: &Engine, ctx: &QueryContext, probe: &[f32], faces: FaceCount) -> Result<Pending<Self::Answer>>;
+    }
+
+    impl Run for Identify {
+        type Answer = Identification;
+        fn run(&self, engine: &Engine, ctx: &QueryContext, probe: &[f32], faces: FaceCount) -> Result<Pending<Identification>> {
+            engine.identify_one(ctx, probe, self, faces)
+        }
+    }
+
+    impl Run for Verify<'_> {
+        type Answer = Verification;
+        fn run(&self, engine: &Engine, ctx: &QueryContext, probe: &[f32], faces: FaceCount) -> Result<Pending<Verification>> {
+            engine.verify_one(ctx, probe, self.subject, faces)
+        }
+    }
+}
+
 /// An answer held back until its audit record is durable.
 ///
-/// [`Engine::identify_deferred`] and [`Engine::verify_deferred`] compute the
+/// [`Engine::query_deferred`] (and the batched [`Engine::identify_batch_deferred`]) compute the
 /// decision and queue its audit record, but the answer is released only by
 /// [`Pending::wait`], once that record is durable: a server thread can keep
 /// many queries in flight (e.g. one per connection of an async runtime) and
@@ -117,7 +262,7 @@ pub struct Identification {
 /// ```
 /// # use facematch::compliance::*;
 /// # use facematch::config::GalleryConfig;
-/// # use facematch::engine::{EngineBuilder, Enrolment, QueryContext};
+/// # use facematch::engine::{EngineBuilder, Enrolment, Query, QueryContext};
 /// # use facematch::store::MasterKey;
 /// # let dir = tempfile::tempdir().unwrap();
 /// # let door = Purpose::new("door-access").unwrap();
@@ -133,7 +278,7 @@ pub struct Identification {
 /// let ctx = QueryContext::new(op, door);
 /// let probes = [[0.9, 0.1, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]];
 /// // Both queries in flight at once: their records share one commit.
-/// let in_flight: Vec<_> = probes.iter().map(|p| engine.identify_deferred(&ctx, p, 5).unwrap()).collect();
+/// let in_flight: Vec<_> = probes.iter().map(|p| engine.query_deferred(&ctx, Query::identify(p, 5)).unwrap()).collect();
 /// let answers: Vec<_> = in_flight.into_iter().map(|p| p.wait().unwrap()).collect(); // durable now
 /// assert!(answers[0].decision.is_match());
 /// assert_eq!(answers[1].decision.kind(), "no_match");

@@ -8,8 +8,11 @@ use facematch::compliance::*;
 use facematch::config::GalleryConfig;
 use facematch::engine::{Engine, EngineBuilder};
 use facematch::store::MasterKey;
-use facematch_server::client::Client;
 use facematch_server::{Server, ServerConfig};
+
+mod http;
+#[allow(unused_imports)]
+pub use http::{Client, Reply};
 
 pub const DIM: usize = 16;
 pub const PURPOSE: &str = "door-access";
