@@ -103,7 +103,7 @@ impl Engine {
             if st.min_expiry_ms > now {
                 return Ok(ErasureReport::default());
             }
-            st.by_template.iter().filter(|(_, &s)| st.slots[s as usize].expires_at_ms <= now).map(|(&t, _)| t).collect()
+            st.by_template.iter().filter(|&(_, s)| st.slots[s as usize].expires_at_ms <= now).map(|(t, _)| t).collect()
         };
         if expired.is_empty() {
             return Ok(ErasureReport::default());

@@ -9,7 +9,7 @@
 
 #[cfg(doc)]
 use super::tables::StrTable;
-use super::tables::{unlink, Consents, Interned, Linked, Subjects, NONE};
+use super::tables::{unlink, Consents, Interned, Linked, Subjects, TemplateMap, NONE};
 use super::*;
 
 /// A `HashMap` with a fast, randomly seeded hasher.
@@ -47,7 +47,7 @@ impl Linked for Slot {
 pub(super) struct State {
     pub(super) index: VectorIndex,
     pub(super) slots: Vec<Slot>,
-    pub(super) by_template: FastMap<u64, u32>,
+    pub(super) by_template: TemplateMap,
     pub(super) subjects: Subjects,
     pub(super) consents: Consents,
     pub(super) purpose_sets: Interned<Vec<Purpose>>,
@@ -71,7 +71,7 @@ impl State {
         State {
             index,
             slots: Vec::new(),
-            by_template: FastMap::default(),
+            by_template: TemplateMap::default(),
             subjects: Subjects::default(),
             consents: Consents::default(),
             purpose_sets: Interned::default(),
@@ -326,7 +326,10 @@ impl State {
     /// Replace the slots (renumbered by a compaction, all live) and rebuild
     /// what refers to slot numbers.
     pub(super) fn renumber(&mut self, slots: Vec<Slot>) {
-        self.by_template = slots.iter().enumerate().map(|(i, s)| (s.template, i as u32)).collect();
+        self.by_template = TemplateMap::default();
+        for (i, s) in slots.iter().enumerate() {
+            self.by_template.insert(s.template, i as u32);
+        }
         self.min_expiry_ms = slots.iter().map(|s| s.expires_at_ms).min().unwrap_or(i64::MAX);
         self.min_enrolled_ms = slots.iter().map(|s| s.enrolled_at_ms).min().unwrap_or(i64::MAX);
         self.slots = slots;
@@ -343,7 +346,7 @@ impl State {
     /// sizes, map overhead one control byte per bucket, string bytes).
     pub(super) fn memory_bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<Slot>()
-            + self.by_template.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + self.by_template.memory_bytes()
             + self.subjects.memory_bytes()
             + self.consents.memory_bytes()
             + self.models.items.iter().map(|s| s.capacity() + std::mem::size_of::<String>() * 2).sum::<usize>()

@@ -326,6 +326,89 @@ impl Consents {
     }
 }
 
+/// Template id -> slot. Ids the engine hands out are dense (1, 2, 3, ...):
+/// those sit in a vector indexed by id (4 bytes each, no hashing); ids far
+/// beyond (chosen by a caller) go to a hash map, so a huge id costs an entry,
+/// not a huge vector.
+#[derive(Default)]
+pub(super) struct TemplateMap {
+    dense: Vec<u32>,
+    sparse: HashMap<u64, u32, foldhash::fast::RandomState>,
+    len: usize,
+}
+
+impl TemplateMap {
+    pub(super) fn get(&self, t: &u64) -> Option<&u32> {
+        if let Some(s) = usize::try_from(*t).ok().and_then(|i| self.dense.get(i)) {
+            if *s != NONE {
+                return Some(s);
+            }
+        }
+        // An id may have gone to the map before the vector grew past it.
+        if self.sparse.is_empty() {
+            None
+        } else {
+            self.sparse.get(t)
+        }
+    }
+
+    pub(super) fn contains_key(&self, t: &u64) -> bool {
+        self.get(t).is_some()
+    }
+
+    pub(super) fn insert(&mut self, t: u64, slot: u32) {
+        if let Some(x) = self.sparse.get_mut(&t) {
+            *x = slot;
+            return;
+        }
+        // Dense while at least about half of the vector would be in use.
+        let limit = 2 * (self.len as u64 + 1) + 65_536;
+        match usize::try_from(t) {
+            Ok(i) if i < self.dense.len() || t < limit => {
+                if i >= self.dense.len() {
+                    self.dense.resize(i + 1, NONE);
+                }
+                if self.dense[i] == NONE {
+                    self.len += 1;
+                }
+                self.dense[i] = slot;
+            }
+            _ => {
+                self.sparse.insert(t, slot);
+                self.len += 1;
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, t: &u64) -> Option<u32> {
+        if let Some(s) = usize::try_from(*t).ok().and_then(|i| self.dense.get_mut(i)) {
+            if *s != NONE {
+                self.len -= 1;
+                return Some(std::mem::replace(s, NONE));
+            }
+        }
+        let r = if self.sparse.is_empty() { None } else { self.sparse.remove(t) };
+        if r.is_some() {
+            self.len -= 1;
+        }
+        r
+    }
+
+    /// Every (template, slot), in no particular order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let dense = self.dense.iter().enumerate().filter(|(_, &s)| s != NONE).map(|(t, &s)| (t as u64, s));
+        dense.chain(self.sparse.iter().map(|(&t, &s)| (t, s)))
+    }
+
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.dense.reserve(n);
+    }
+
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.dense.capacity() * 4 + self.sparse.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+    }
+}
+
 /// A record threaded into a per-subject list.
 pub(super) trait Linked {
     fn next_mut(&mut self) -> &mut u32;
@@ -376,6 +459,48 @@ mod tests {
         fn next_mut(&mut self) -> &mut u32 {
             &mut self.0
         }
+    }
+
+    #[test]
+    fn template_ids_dense_or_not_map_to_their_slots() {
+        let mut m = TemplateMap::default();
+        for t in 1..=1000u64 {
+            m.insert(t, t as u32 * 2);
+        }
+        m.insert(u64::MAX - 1, 7); // far beyond: a hash map entry, not a huge vector
+        m.insert(1 << 40, 8);
+        assert!(m.dense.len() <= 1001 + 65_536 * 2, "{}", m.dense.len());
+        assert_eq!(
+            (m.get(&500), m.get(&(u64::MAX - 1)), m.get(&(1 << 40)), m.get(&0), m.get(&5000)),
+            (Some(&1000), Some(&7), Some(&8), None, None)
+        );
+        assert_eq!(m.remove(&500), Some(1000));
+        assert_eq!(m.remove(&500), None);
+        assert_eq!(m.remove(&(u64::MAX - 1)), Some(7));
+        assert!(!m.contains_key(&500));
+        m.insert(3, 99); // replace
+        assert_eq!(m.get(&3), Some(&99));
+        // An id that went to the map stays found after the vector grows past it.
+        let far = m.dense.len() as u64 + 200_000;
+        m.insert(far, 5);
+        for t in 1001..far + 10 {
+            if t != far {
+                m.insert(t, 1);
+            }
+        }
+        assert!(m.dense.len() as u64 > far);
+        assert_eq!(m.get(&far), Some(&5));
+        m.insert(far, 6);
+        assert_eq!(m.remove(&far), Some(6));
+        assert_eq!(m.get(&far), None);
+        for t in 1001..far + 10 {
+            m.remove(&t);
+        }
+        let mut all: Vec<(u64, u32)> = m.iter().collect();
+        all.sort_unstable();
+        assert_eq!(all.len(), 1000);
+        assert_eq!(m.len, 1000);
+        assert_eq!(all.last(), Some(&(1 << 40, 8)));
     }
 
     #[test]

@@ -335,6 +335,19 @@ pub(crate) fn enrolments_frame(b: &[u8]) -> Option<&[u8]> {
 
 /// Little-endian f32 bytes to floats.
 pub(crate) fn f32s_from_le(b: &[u8], out: &mut Vec<f32>) {
+    let n = b.len() / 4;
+    out.reserve(n);
+    #[cfg(target_endian = "little")]
+    {
+        let start = out.len();
+        // SAFETY: room for `n` more f32s was reserved; every bit pattern is a
+        // valid f32 and the stored layout (little-endian) is the native one.
+        unsafe {
+            std::ptr::copy_nonoverlapping(b.as_ptr(), out.as_mut_ptr().add(start) as *mut u8, n * 4);
+            out.set_len(start + n);
+        }
+    }
+    #[cfg(not(target_endian = "little"))]
     out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
 }
 
