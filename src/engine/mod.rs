@@ -65,6 +65,7 @@ mod bind;
 mod enrol;
 mod erase;
 mod open;
+mod prefault;
 mod query;
 mod state;
 mod tables;

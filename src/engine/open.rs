@@ -409,6 +409,9 @@ fn replay(
         }
         Op::decode(&b).map(Frame::Op).map_err(|e| corrupt(i, e))
     };
+    // The vectors' pages are faulted in on a thread of their own (the kernel
+    // zeroes each one: ~1 s per GB here), not one by one as the replay fills them.
+    let prefault = prefault::PrefaultAhead::start(pending.spare_capacity_mut());
     let (log, torn) = LogWriter::open_decoded(gdir, store::LOG, cipher.clone(), decode, |i, f| {
         let op = match f {
             Frame::Enrolments(b) => {
@@ -450,6 +453,7 @@ fn replay(
         }
         Ok(())
     })?;
+    drop(prefault);
     Ok(Replay { log, torn, st, pending, deletes, enrolments: enrol_ordinal })
 }
 

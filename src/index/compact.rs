@@ -16,6 +16,8 @@ pub(crate) struct Parts {
     pub entry: Option<u32>,
     /// Slots `0..graph_len` are in the graph.
     pub graph_len: usize,
+    /// The vectors are known finite (normalised on the way in): not scanned again.
+    pub finite: bool,
 }
 
 impl VectorIndex {
@@ -77,7 +79,8 @@ impl VectorIndex {
         ix.levels = p.levels;
         ix.deleted = p.deleted;
         ix.slots = n;
-        if let Some(s) = p.vectors.par_chunks(dim).position_first(|v| v.iter().any(|x| !x.is_finite())) {
+        let infinite = if p.finite { None } else { p.vectors.par_chunks(dim).position_first(|v| v.iter().any(|x| !x.is_finite())) };
+        if let Some(s) = infinite {
             return Err(bad(format!("vector {s} is not finite")));
         }
         // The scan's codes, built in parallel straight into their blocks.
@@ -221,6 +224,6 @@ impl VectorIndex {
             }
         }
         let n = live.len();
-        Parts { vectors, deleted: vec![0; n.div_ceil(64)], levels, l0, upper, entry, graph_len }
+        Parts { vectors, deleted: vec![0; n.div_ceil(64)], levels, l0, upper, entry, graph_len, finite: true }
     }
 }

@@ -281,7 +281,13 @@ impl VectorIndex {
         if u32::from_le_bytes(crc) != want {
             return Err(corrupt("checksum mismatch"));
         }
-        Ok(IndexStructure { dim, cfg, parts: Parts { vectors, deleted, levels, l0, upper, entry, graph_len }, calibration, has_vectors })
+        Ok(IndexStructure {
+            dim,
+            cfg,
+            parts: Parts { vectors, deleted, levels, l0, upper, entry, graph_len, finite: false },
+            calibration,
+            has_vectors,
+        })
     }
 }
 
@@ -331,6 +337,7 @@ impl IndexStructure {
                 v.iter_mut().for_each(|x| *x /= norm);
                 Ok::<(), Error>(())
             })?;
+            parts.finite = true;
         }
         let mut ix = VectorIndex::from_parts(self.dim, self.cfg, parts)?;
         ix.calibration = self.calibration;
