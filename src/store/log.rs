@@ -276,9 +276,11 @@ impl LogWriter {
         }
 
         // Pass 2: authenticate + decrypt in parallel chunks (bounded in
-        // frames and in bytes, so memory stays small), apply in order.
+        // frames and in bytes, so memory stays small) on a thread of their
+        // own, one chunk ahead of this thread, which applies them in order.
         const CHUNK: usize = 16_384;
         const CHUNK_BYTES: usize = 16 << 20;
+        let mut chunks: Vec<(usize, usize)> = Vec::new();
         let mut next = 0usize;
         while next < spans.len() {
             let mut end = next;
@@ -287,30 +289,52 @@ impl LogWriter {
                 bytes += spans[end].1;
                 end += 1;
             }
-            let chunk = &spans[next..end];
-            let base = next as u64;
+            chunks.push((next, end));
             next = end;
-            let decoded: Vec<Result<T>> = chunk
-                .par_iter()
-                .enumerate()
-                .map(|(i, &(off, len))| {
-                    let idx = base + i as u64;
-                    match cipher.open(&aad(&file_id, idx), &data[off..off + len]) {
-                        Some(p) => decode(idx, p),
-                        None => Err(Error::DataCorruption {
-                            path: path.into(),
-                            reason: format!("frame {idx} fails authentication (tampered, or written with another key)"),
-                        }),
-                    }
-                })
-                .collect();
-            if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
-                release_pages(&map, first.0, last.0 + last.1);
-            }
-            for (i, d) in decoded.into_iter().enumerate() {
-                apply(base + i as u64, d?)?;
-            }
         }
+        let (spans_ref, map_ref, cipher_ref, decode_ref) = (&spans, &map, &cipher, &decode);
+        std::thread::scope(|s| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<Result<T>>)>(1);
+            let producer = s.spawn(move || {
+                for &(a, b) in &chunks {
+                    let chunk = &spans_ref[a..b];
+                    let decoded: Vec<Result<T>> = chunk
+                        .par_iter()
+                        .enumerate()
+                        .map(|(i, &(off, len))| {
+                            let idx = (a + i) as u64;
+                            match cipher_ref.open(&aad(&file_id, idx), &map_ref[off..off + len]) {
+                                Some(p) => decode_ref(idx, p),
+                                None => Err(Error::DataCorruption {
+                                    path: path.into(),
+                                    reason: format!("frame {idx} fails authentication (tampered, or written with another key)"),
+                                }),
+                            }
+                        })
+                        .collect();
+                    if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
+                        release_pages(map_ref, first.0, last.0 + last.1);
+                    }
+                    if tx.send((a as u64, decoded)).is_err() {
+                        return; // the applying side stopped (an error)
+                    }
+                }
+            });
+            let mut result = Ok(());
+            'chunks: while let Ok((base, decoded)) = rx.recv() {
+                for (i, d) in decoded.into_iter().enumerate() {
+                    if let Err(e) = d.and_then(|d| apply(base + i as u64, d)) {
+                        result = Err(e);
+                        break 'chunks;
+                    }
+                }
+            }
+            drop(rx);
+            if producer.join().is_err() && result.is_ok() {
+                result = Err(Error::DataCorruption { path: path.into(), reason: "the decrypting thread failed".into() });
+            }
+            result
+        })?;
         let frames = spans.len() as u64;
         let good_len = pos as u64;
         drop(map);
