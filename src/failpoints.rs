@@ -1,5 +1,5 @@
 //! Crash points for the crash tests, compiled in only with the `failpoints`
-//! cargo feature (never in a deployment build, where [`hit`] is a constant
+//! cargo feature (never in a deployment build, where `hit` is a constant
 //! `false`).
 //!
 //! A failpoint is a named place in a multi-step write (after staging, after
@@ -26,7 +26,7 @@
 //!
 //! The `audit/*` points act on other threads (the audit log's writer, a
 //! committing caller, the `HEAD` thread): each record carries the
-//! failpoints of the thread that submitted it ([`Carried`]).
+//! failpoints of the thread that submitted it (`Carried`).
 
 #[cfg(feature = "failpoints")]
 mod active {

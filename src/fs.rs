@@ -5,16 +5,16 @@
 //! temporary name, a hard link to a file outside, a FIFO where a file is
 //! expected). So, for everything inside a gallery:
 //!
-//! - files are opened relative to the directory's descriptor ([`Dir`]) with
+//! - files are opened relative to the directory's descriptor (`Dir`) with
 //!   `O_NOFOLLOW`, and anything that is not a regular file (symlink,
 //!   directory, FIFO, device, socket) is refused with [`Error::UnsafePath`]
 //!   naming it;
 //! - a file with more than one hard link is never written, truncated or
 //!   shredded (its other name may be outside the gallery);
 //! - directories are created 0700 and files 0600 whatever the umask, and
-//!   [`Dir::tighten`] takes looser modes of existing entries down to those;
+//!   `Dir::tighten` takes looser modes of existing entries down to those;
 //! - a replacement is written to a temporary name, fsynced, renamed over
-//!   the target and the directory fsynced ([`Dir::write_atomic`]).
+//!   the target and the directory fsynced (`Dir::write_atomic`).
 //!
 //! For input the user names (images, key files, manifests, configs, `.npy`
 //! files), [`read_bounded`] and [`open_input`] refuse non-regular files

@@ -23,7 +23,7 @@ pub(crate) const ROTATION_DIR: &str = "rotate.new";
 const ROTATION_COMMIT: &str = "COMMIT";
 const COMMIT_TEXT: &[u8] = b"facematch key rotation committed\n";
 
-/// What [`recover_rotation`] found.
+/// What the recovery of an interrupted key rotation found on open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RotationRecovery {
     /// The rotation had committed: its moves were finished (the new key opens the gallery).
