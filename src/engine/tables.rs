@@ -24,13 +24,10 @@ pub(super) struct StrTable {
 impl StrTable {
     /// The string at `i` ("" if out of range).
     pub(super) fn get(&self, i: u32) -> &str {
-        let i = i as usize;
-        if i >= self.ends.len() {
+        if i as usize >= self.ends.len() {
             return "";
         }
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        // Whole strings were pushed, so both ends are char boundaries.
-        &self.bytes[start..self.ends[i] as usize]
+        stored(&self.bytes, &self.ends, i)
     }
 
     pub(super) fn find(&self, s: &str) -> Option<u32> {
@@ -42,21 +39,7 @@ impl StrTable {
     pub(super) fn intern(&mut self, s: &str) -> u32 {
         let h = self.hasher.hash_one(s);
         let (bytes, ends, hasher) = (&mut self.bytes, &mut self.ends, &self.hasher);
-        let at = |ends: &[u64], j: u32| -> (usize, usize) {
-            let j = j as usize;
-            (if j == 0 { 0 } else { ends[j - 1] as usize }, ends[j] as usize)
-        };
-        let entry = self.index.entry(
-            h,
-            |&j| {
-                let (a, b) = at(ends, j);
-                &bytes[a..b] == s
-            },
-            |&j| {
-                let (a, b) = at(ends, j);
-                hasher.hash_one(&bytes[a..b])
-            },
-        );
+        let entry = self.index.entry(h, |&j| stored(bytes, ends, j) == s, |&j| hasher.hash_one(stored(bytes, ends, j)));
         match entry {
             hashbrown::hash_table::Entry::Occupied(o) => *o.get(),
             hashbrown::hash_table::Entry::Vacant(v) => {
@@ -84,16 +67,20 @@ impl StrTable {
         self.bytes.reserve(n.saturating_mul(avg));
         self.ends.reserve(n);
         let (bytes, ends, hasher) = (&self.bytes, &self.ends, &self.hasher);
-        self.index.reserve(n, |&j| {
-            let j = j as usize;
-            let start = if j == 0 { 0 } else { ends[j - 1] as usize };
-            hasher.hash_one(&bytes[start..ends[j] as usize])
-        });
+        self.index.reserve(n, |&j| hasher.hash_one(stored(bytes, ends, j)));
     }
 
     pub(super) fn memory_bytes(&self) -> usize {
         self.bytes.capacity() + self.ends.capacity() * 8 + self.index.capacity() * (4 + 1)
     }
+}
+
+/// String `j` (< `ends.len()`) of a table's buffer: whole strings were
+/// pushed, so both ends are char boundaries.
+fn stored<'a>(bytes: &'a str, ends: &[u64], j: u32) -> &'a str {
+    let j = j as usize;
+    let start = if j == 0 { 0 } else { ends[j - 1] as usize };
+    &bytes[start..ends[j] as usize]
 }
 
 /// Distinct values (purpose sets, consent bases, guardians) by index.

@@ -121,16 +121,10 @@ impl FlatCodes {
                 for lane in 0..LANES.min(n - b * LANES) {
                     let v = &vs[(b * LANES + lane) * stride..][..dim];
                     let s = kernels::quantize_i8(v, &mut c);
-                    let (mut sum, mut err) = (0i32, 0.0f64);
-                    for (d, (&x, &ci)) in v.iter().zip(&c).enumerate() {
-                        codes[(d / 4) * 64 + lane * 4 + d % 4] = ci;
-                        sum += ci as i32;
-                        let e = x as f64 - s as f64 * ci as f64;
-                        err += e * e;
-                    }
+                    let (sum, err) = place(codes, lane, v, &c, s);
                     scale[lane] = s;
                     bias[lane] = 128 * sum;
-                    worst = worst.max(round_up(err.sqrt()));
+                    worst = worst.max(err);
                 }
                 worst
             })
@@ -158,18 +152,11 @@ impl FlatCodes {
             self.scale.resize((block + 1) * LANES, 0.0);
             self.bias.resize((block + 1) * LANES, 0);
         }
-        let base = block * self.groups * 64 + lane * 4;
-        let mut sum = 0i32;
-        let mut err = 0.0f64;
-        for (d, (&x, &ci)) in v.iter().zip(c).enumerate() {
-            self.codes[base + (d / 4) * 64 + d % 4] = ci;
-            sum += ci as i32;
-            let e = x as f64 - s as f64 * ci as f64;
-            err += e * e;
-        }
+        let bytes = self.groups * 64;
+        let (sum, err) = place(&mut self.codes[block * bytes..(block + 1) * bytes], lane, v, c, s);
         self.scale[self.len] = s;
         self.bias[self.len] = 128 * sum;
-        self.max_err = self.max_err.max(round_up(err.sqrt()));
+        self.max_err = self.max_err.max(err);
         self.len += 1;
     }
 
@@ -258,6 +245,19 @@ impl FlatCodes {
             }
         }
     }
+}
+
+/// Write the codes `c` of unit vector `v` (scale `s`) into `lane` of one
+/// block's interleaved groups; returns their sum and the bound of `|v - s c|`.
+fn place(block: &mut [i8], lane: usize, v: &[f32], c: &[i8], s: f32) -> (i32, f32) {
+    let (mut sum, mut err) = (0i32, 0.0f64);
+    for (d, (&x, &ci)) in v.iter().zip(c).enumerate() {
+        block[(d / 4) * 64 + lane * 4 + d % 4] = ci;
+        sum += ci as i32;
+        let e = x as f64 - s as f64 * ci as f64;
+        err += e * e;
+    }
+    (sum, round_up(err.sqrt()))
 }
 
 /// `x` rounded up a little, so that the f64 -> f32 step never shrinks a bound.

@@ -334,6 +334,18 @@ pub(crate) fn enrolments_frame(b: &[u8]) -> Option<&[u8]> {
 }
 
 /// Little-endian f32 bytes to floats.
+/// Every enrolment of a batched frame's body, owned (metadata and vector).
+fn owned_enrolments(body: &[u8]) -> std::result::Result<Vec<(TemplateMeta, Vec<f32>)>, String> {
+    let mut items = Vec::new();
+    visit_enrolments(body, |m, v| {
+        let mut x = Vec::with_capacity(v.len() / 4);
+        f32s_from_le(v, &mut x);
+        items.push((m.to_meta()?, x));
+        Ok(())
+    })?;
+    Ok(items)
+}
+
 pub(crate) fn f32s_from_le(b: &[u8], out: &mut Vec<f32>) {
     let n = b.len() / 4;
     out.reserve(n);
@@ -389,28 +401,11 @@ impl Op {
                 let vector = vb.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                 Ok(Op::Enrol { meta, vector })
             }
-            TAG_ENROL_MANY => {
-                let mut items = Vec::new();
-                visit_enrolments(rest, |m, v| {
-                    let mut x = Vec::with_capacity(v.len() / 4);
-                    f32s_from_le(v, &mut x);
-                    items.push((m.to_meta()?, x));
-                    Ok(())
-                })?;
-                Ok(Op::EnrolMany(items))
-            }
+            TAG_ENROL_MANY => Ok(Op::EnrolMany(owned_enrolments(rest)?)),
             TAG_CONSENTS => Ok(Op::Consents(decode_consents(rest)?)),
             TAG_IMPORT => {
                 let (c, e) = import_frame(b).ok_or("not an import frame")??;
-                let consents = decode_consents(c)?;
-                let mut items = Vec::new();
-                visit_enrolments(e, |m, v| {
-                    let mut x = Vec::with_capacity(v.len() / 4);
-                    f32s_from_le(v, &mut x);
-                    items.push((m.to_meta()?, x));
-                    Ok(())
-                })?;
-                Ok(Op::Import(consents, items))
+                Ok(Op::Import(decode_consents(c)?, owned_enrolments(e)?))
             }
             TAG_JSON => match serde_json::from_slice::<JsonOp>(rest).map_err(|e| format!("op: {e}"))? {
                 JsonOp::Delete { templates } => Ok(Op::Delete { templates }),
