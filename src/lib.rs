@@ -24,7 +24,7 @@ pub mod fs;
 // --- the vision half: image -> faces -> embeddings (src/vision/) ---
 pub mod vision;
 // Their historical paths (`facematch::detect`, ...), kept for callers.
-pub use vision::{align, anonymise, detect, embed, image_io, pipeline, runtime};
+pub use vision::{align, anonymise, detect, embed, image_io, letterbox, pipeline, runtime};
 // --- image-level queries: vision + engine, the unrelated-faces rule ---
 pub mod probe;
 

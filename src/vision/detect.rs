@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::image_io::DecodedImage;
+use crate::letterbox::fill_letterbox;
+pub use crate::letterbox::{letterbox_into, Letterbox};
 use crate::runtime::{ChannelOrder, ImageInput, Layout, Precision, Runtime, SessionPool, SessionSettings};
 use crate::{Error, Result};
 
@@ -228,108 +230,6 @@ impl DetectorConfig {
             return Err(Error::config("detector.top_k", "must be > 0"));
         }
         self.session.validate("detector.session")
-    }
-}
-
-/// How an image was fitted into the detector input.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Letterbox {
-    /// Resized width (<= input width).
-    pub width: u32,
-    /// Resized height (<= input height).
-    pub height: u32,
-    /// Original pixels per resized pixel, horizontally.
-    pub rx: f32,
-    /// Original pixels per resized pixel, vertically.
-    pub ry: f32,
-}
-
-impl Letterbox {
-    /// Fit `w x h` into `in_w x in_h` keeping the aspect ratio (never enlarging unless `upscale`).
-    ///
-    /// ```
-    /// let lb = facematch::detect::Letterbox::fit(1280, 960, 640, 640, false);
-    /// assert_eq!((lb.width, lb.height), (640, 480));
-    /// assert_eq!(lb.map_point([0.0, 0.0]), [0.5, 0.5]);
-    /// ```
-    pub fn fit(w: u32, h: u32, in_w: u32, in_h: u32, upscale: bool) -> Letterbox {
-        let mut s = (f64::from(in_w) / f64::from(w)).min(f64::from(in_h) / f64::from(h));
-        if !upscale {
-            s = s.min(1.0);
-        }
-        let rw = ((f64::from(w) * s).round() as u32).clamp(1, in_w);
-        let rh = ((f64::from(h) * s).round() as u32).clamp(1, in_h);
-        Letterbox { width: rw, height: rh, rx: w as f32 / rw as f32, ry: h as f32 / rh as f32 }
-    }
-
-    /// Map a point from resized to original coordinates (pixel centres aligned).
-    pub fn map_point(&self, p: [f32; 2]) -> [f32; 2] {
-        [(p[0] + 0.5) * self.rx - 0.5, (p[1] + 0.5) * self.ry - 0.5]
-    }
-}
-
-/// Fill one image of an input tensor with `img` letterboxed into `spec`
-/// (bilinear, OpenCV `INTER_LINEAR` conventions, rounded to 8 bits as OpenCV
-/// does; padding is black).
-pub fn letterbox_into(img: &DecodedImage, spec: &ImageInput, upscale: bool, out: &mut [f32]) -> Letterbox {
-    let lb = Letterbox::fit(img.width(), img.height(), spec.width, spec.height, upscale);
-    fill_letterbox(img, spec, lb, out);
-    lb
-}
-
-/// [`letterbox_into`] with the fit already chosen (`lb` no larger than `spec`).
-fn fill_letterbox(img: &DecodedImage, spec: &ImageInput, lb: Letterbox, out: &mut [f32]) {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let src = img.as_raw();
-    for c in 0..3 {
-        let pad = spec.scale(c, 0);
-        for y in 0..spec.height as usize {
-            for x in 0..spec.width as usize {
-                out[spec.offset(c, y, x)] = pad;
-            }
-        }
-    }
-    // Per-axis sample positions and weights.
-    let axis = |n_out: u32, n_in: usize, r: f32| -> Vec<(usize, usize, f32)> {
-        (0..n_out as usize)
-            .map(|i| {
-                let f = (i as f32 + 0.5) * r - 0.5;
-                let f = f.max(0.0);
-                let i0 = (f.floor() as usize).min(n_in - 1);
-                let i1 = (i0 + 1).min(n_in - 1);
-                let t = if i0 == n_in - 1 { 0.0 } else { f - i0 as f32 };
-                (i0, i1, t)
-            })
-            .collect()
-    };
-    let xs = axis(lb.width, w, lb.rx);
-    let ys = axis(lb.height, h, lb.ry);
-    let identity = lb.width as usize == w && lb.height as usize == h;
-    let ch: [usize; 3] = [spec.rgb_index(0), spec.rgb_index(1), spec.rgb_index(2)];
-    let mut row = vec![0f32; lb.width as usize * 3];
-    for (y, &(y0, y1, ty)) in ys.iter().enumerate() {
-        if identity {
-            let line = &src[y * w * 3..(y + 1) * w * 3];
-            for (v, &s) in row.iter_mut().zip(line) {
-                *v = f32::from(s);
-            }
-        } else {
-            let (r0, r1) = (&src[y0 * w * 3..(y0 + 1) * w * 3], &src[y1 * w * 3..(y1 + 1) * w * 3]);
-            for (x, &(x0, x1, tx)) in xs.iter().enumerate() {
-                for k in 0..3 {
-                    let a = f32::from(r0[x0 * 3 + k]) + (f32::from(r0[x1 * 3 + k]) - f32::from(r0[x0 * 3 + k])) * tx;
-                    let b = f32::from(r1[x0 * 3 + k]) + (f32::from(r1[x1 * 3 + k]) - f32::from(r1[x0 * 3 + k])) * tx;
-                    row[x * 3 + k] = (a + (b - a) * ty).round();
-                }
-            }
-        }
-        for c in 0..3 {
-            let (m, s) = (spec.mean[c], spec.std[c]);
-            let k = ch[c];
-            for x in 0..lb.width as usize {
-                out[spec.offset(c, y, x)] = (row[x * 3 + k] - m) / s;
-            }
-        }
     }
 }
 
@@ -554,32 +454,6 @@ mod tests {
         // Wrong sizes are a model error, not a panic.
         let bad = [StrideOutputs { stride: 8, cls: &cls, obj: &obj[..3], bbox: &bbox, kps: &kps }];
         assert!(decode_yunet(&bad, 16, 0.6).is_err());
-    }
-
-    #[test]
-    fn letterbox_copies_at_native_scale_and_pads() {
-        let img = DecodedImage::from_rgb8(2, 1, vec![10, 20, 30, 40, 50, 60]).unwrap();
-        let spec = DetectorConfig::default().input; // BGR, NCHW, raw 0..255
-        let mut out = vec![-1.0; spec.plane_len()];
-        let lb = letterbox_into(&img, &spec, false, &mut out);
-        assert_eq!((lb.width, lb.height, lb.rx, lb.ry), (2, 1, 1.0, 1.0));
-        // channel 0 is blue
-        assert_eq!(out[spec.offset(0, 0, 0)], 30.0);
-        assert_eq!(out[spec.offset(2, 0, 1)], 40.0);
-        assert_eq!(out[spec.offset(1, 5, 5)], 0.0);
-    }
-
-    #[test]
-    fn letterbox_downscales_bilinearly() {
-        // 4x4 -> input 2x2: each output pixel is the mean of a 2x2 block (half-pixel centres).
-        let data: Vec<u8> = (0..16u8).flat_map(|v| [v * 10; 3]).collect();
-        let img = DecodedImage::from_rgb8(4, 4, data).unwrap();
-        let spec = ImageInput { width: 2, height: 2, ..DetectorConfig::default().input };
-        let mut out = vec![0.0; spec.plane_len()];
-        let lb = letterbox_into(&img, &spec, false, &mut out);
-        assert_eq!((lb.width, lb.height), (2, 2));
-        // output (0,0) samples at (0.5, 0.5): mean of 0, 10, 40, 50 = 25
-        assert_eq!(out[spec.offset(0, 0, 0)], 25.0);
     }
 
     #[test]
