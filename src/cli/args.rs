@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use facematch::compliance::Operator;
 use facematch::engine::{Engine, EngineBuilder};
+use facematch::pipeline::{FacePipeline, PipelineConfig};
 use facematch::store::{MasterKey, KEY_ENV};
 
 use super::{batch, print_notices, read_text};
@@ -90,6 +91,16 @@ impl GalleryOpts {
         }
         print_notices(&e);
         Ok(e)
+    }
+    /// Open the gallery and load the face pipeline at the same time (both are
+    /// start-up a short command waits for).
+    pub(super) fn open_with_pipeline(&self, cfg: &PipelineConfig) -> anyhow::Result<(Engine, FacePipeline)> {
+        let (e, p) = std::thread::scope(|s| {
+            let p = s.spawn(|| super::pipeline(cfg));
+            let e = self.open();
+            (e, p.join().unwrap_or_else(|_| Err(anyhow::anyhow!("loading the face pipeline panicked"))))
+        });
+        Ok((e?, p?))
     }
 }
 

@@ -110,8 +110,16 @@ impl FacePipeline {
     pub fn new(config: PipelineConfig) -> Result<Self> {
         config.validate()?;
         let rt = runtime::runtime(&config.runtime)?;
-        let detector = Detector::new(rt, config.detector.clone())?;
-        let recognizer = Recognizer::new(rt, config.recognizer.clone())?;
+        // The two models load at the same time (start-up of a short command).
+        let (detector, recognizer) = std::thread::scope(|s| {
+            let d = s.spawn(|| Detector::new(rt, config.detector.clone()));
+            let r = Recognizer::new(rt, config.recognizer.clone());
+            let d = d.join().unwrap_or_else(|_| {
+                Err(Error::Model { model: config.detector.model.display().to_string(), reason: "loading panicked".into() })
+            });
+            (d, r)
+        });
+        let (detector, recognizer) = (detector?, recognizer?);
         Ok(FacePipeline { config, detector, recognizer })
     }
 

@@ -202,8 +202,7 @@ pub fn run_faces(pipeline: &FacePipeline, embeddings: bool, inp: &ImageInputs, o
 /// `identify`.
 pub fn run_identify(a: &super::IdentifyArgs, pcfg: &PipelineConfig) -> anyhow::Result<bool> {
     let (paths, total) = image_paths(&a.inputs, &a.out)?;
-    let e = a.g.open()?;
-    let p = super::pipeline(pcfg)?;
+    let (e, p) = a.g.open_with_pipeline(pcfg)?;
     let ctx = facematch::engine::QueryContext::new(a.g.operator()?, facematch::compliance::Purpose::new(a.purpose.as_str())?);
     let r = run_image_job(
         Kind::Identify,
@@ -233,8 +232,7 @@ pub fn run_verify(a: &super::VerifyArgs, pcfg: &PipelineConfig) -> anyhow::Resul
         }
         _ => bail!("give either --subject S with images, or --pairs FILE.csv"),
     };
-    let e = a.g.open()?;
-    let p = super::pipeline(pcfg)?;
+    let (e, p) = a.g.open_with_pipeline(pcfg)?;
     let ctx = facematch::engine::QueryContext::new(a.g.operator()?, facematch::compliance::Purpose::new(a.purpose.as_str())?);
     let r = run_image_job(Kind::Verify, &BatchJob::Verify { engine: &e, ctx }, &p, inputs, total, &a.out);
     e.close()?;
@@ -269,8 +267,7 @@ pub fn run_enrol(a: &super::EnrolArgs, pcfg: &PipelineConfig) -> anyhow::Result<
         }
         _ => bail!("give either --subject S with images, or --from-dir DIR"),
     };
-    let e = a.g.open()?;
-    let p = super::pipeline(pcfg)?;
+    let (e, p) = a.g.open_with_pipeline(pcfg)?;
     let job = BatchJob::Enrol {
         engine: &e,
         operator: a.g.operator()?,
