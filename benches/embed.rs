@@ -1,7 +1,8 @@
 //! Throughput of the spine's stages on the sample photos, in faces per second,
 //! per precision: `detect/{f32,int8}` (letterbox + YuNet + decode/NMS, one
-//! image), `align` (Umeyama + bilinear warp, one face), `embed/{f32,int8}`
-//! (SFace, batches of 1 and 6 faces) and `end_to_end/{f32,int8rec,int8}`
+//! image), `letterbox` (the detector's input alone, one image), `align`
+//! (Umeyama + bilinear warp, one face), `embed/{f32,int8}` (SFace, batches of
+//! 1 and 6 faces) and `end_to_end/{f32,int8rec,int8}`
 //! (decode + detect + align + embed over all sample photos, parallel across
 //! images; `int8rec` = int8 SFace behind the f32 YuNet; `int8rec_fit` = the same
 //! with the detector run at the letterboxed size, `fit_input`). Needs `scripts/setup.sh`.
@@ -56,6 +57,15 @@ fn bench(c: &mut Criterion) {
         }
 
         if name == "f32" {
+            let spec = &pipeline.config().detector.input;
+            let mut buf = vec![0f32; spec.plane_len()];
+            let mut g = c.benchmark_group("letterbox");
+            g.throughput(Throughput::Elements(1));
+            g.bench_function("t1_1280x886_to_640", |b| {
+                b.iter(|| facematch::letterbox::letterbox_into(&group_photo, spec, false, &mut buf))
+            });
+            g.finish();
+
             let mut g = c.benchmark_group("align");
             g.throughput(Throughput::Elements(1));
             g.bench_function("one_face", |b| b.iter(|| pipeline.align(&group_photo, &faces[0]).expect("align")));
