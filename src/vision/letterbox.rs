@@ -275,6 +275,7 @@ mod tests {
                     reference(&img, spec, lb, &mut want);
                     let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
                     assert!(same, "{w}x{h} into {}x{} ({:?}, upscale {upscale})", spec.width, spec.height, spec.layout);
+                    assert!(got.iter().all(|v| !v.is_nan()), "every element written");
                 }
             }
         }
