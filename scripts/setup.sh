@@ -62,7 +62,7 @@ IF_SDIST_SHA=776cbd36b70f5f2ae1a026101cfb80387f0b2280a0dbaf073f8d3ed69f554e01
 PY_PINS=(onnx==1.23.2 numpy==2.3.5 protobuf==7.36.2 onnxruntime==1.26.0 pillow==13.0.0 sympy==1.14.0)
 # sha256 of the int8 models (scripts/quantize_models.py with the pins above)
 YUNET_INT8_SHA=a664b6b0cf854598dba8e0ce2a1c4f3acc6b88969e8e06cc6520e3b5b1f3004b
-SFACE_INT8_SHA=5de94b331ed5f1e469104d41a8d04df313a623cd8346aedf5c408391ad7049a2
+SFACE_INT8_SHA=93d65697ffbbadde2e4aaf7d0fdc62478d0ecf4234b308cc587cba31499b1c21
 
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
 check_sha() {
