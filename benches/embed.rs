@@ -27,9 +27,10 @@ fn samples() -> Vec<PathBuf> {
 }
 
 /// The precisions benched: f32, the int8 recogniser behind the f32 detector
-/// (the accurate fast path, docs/MODELS.md), and both models int8.
+/// (the default, docs/MODELS.md), and both models int8.
 fn setups() -> Vec<(&'static str, PipelineConfig)> {
-    let f32 = PipelineConfig::default();
+    let mut f32 = PipelineConfig::default();
+    f32.set_precision(Precision::F32, Precision::F32);
     let mut int8_rec = PipelineConfig::default();
     int8_rec.set_precision(Precision::Int8, Precision::F32);
     let mut int8 = PipelineConfig::default();

@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rounds = 3usize;
     let mut stages = false;
     let mut opt: Option<facematch::runtime::GraphOptimization> = None;
-    let mut precision = facematch::runtime::Precision::F32;
+    let mut precision = PipelineConfig::default().recognizer.precision;
     let mut det_precision = None;
     let mut fit = false;
     let mut images: Vec<PathBuf> = Vec::new();

@@ -2,10 +2,11 @@
 //! `scripts/quantize_models.py` at set-up) against the f32 ones, on every face
 //! of the sample photos: embedding cosine, detections and landmarks, the
 //! decisions of every same-person and different-person pair at the shipped
-//! thresholds, and OpenCV's reference fixture. The bounds asserted are the ones
-//! measured and stated in `docs/MODELS.md`; where they fall short of the
-//! issue's (cosine >= 0.99 on every face, landmarks within 1.5 px), the test
-//! asserts instead that int8 stays opt-in and keeps its own model id.
+//! thresholds (f32 against int8 too), and OpenCV's reference fixture. The
+//! bounds asserted are the ones measured and stated in `docs/MODELS.md`. A
+//! model is the default only if it meets the bar (cosine >= 0.99 on every
+//! face, landmarks within 1.5 px): the int8 SFace does, and is the default
+//! under the f32 model id; the int8 YuNet does not, and stays opt-in.
 //!
 //! Needs the set-up (`scripts/setup.sh`).
 
@@ -23,8 +24,8 @@ use serde::Deserialize;
 const DEFAULT_COSINE: f32 = 0.99;
 /// The bar for the int8 detector as the default, in image pixels.
 const DEFAULT_LANDMARK_PX: f32 = 1.5;
-/// What the int8 SFace keeps on the samples (measured: min 0.986, median 0.993; docs/MODELS.md), with margin.
-const INT8_COSINE: f32 = 0.98;
+/// What the int8 SFace keeps on the samples (measured: min 0.9941, median 0.9975; docs/MODELS.md): the bar.
+const INT8_COSINE: f32 = DEFAULT_COSINE;
 /// What the int8 YuNet keeps, as a share of the eye distance (measured: up to 13.6%, 12.2 px; docs/MODELS.md).
 /// A regression guard, not a recommendation: the int8 detector is not the fast path.
 const INT8_LANDMARK_EYE_SHARE: f32 = 0.15;
@@ -73,7 +74,7 @@ fn pipeline(s: Setup) -> &'static FacePipeline {
                 cfg.detector.session.pool_size = 1;
                 cfg.recognizer.session.pool_size = 1;
                 match s {
-                    Setup::F32 => {}
+                    Setup::F32 => cfg.set_precision(Precision::F32, Precision::F32),
                     Setup::Int8Recognizer => cfg.set_precision(Precision::Int8, Precision::F32),
                     Setup::Int8 => cfg.set_precision(Precision::Int8, Precision::Int8),
                     Setup::Int8RecognizerFit => {
@@ -142,15 +143,18 @@ fn int8_embeddings_stay_close_to_f32_on_the_same_crops() {
     assert_eq!(cos.len(), 18, "18 faces in the samples");
     let (median, min) = stats(cos);
     eprintln!("int8 SFace vs f32 over 18 faces: median {median:.4}, min {min:.4}");
-    if min < DEFAULT_COSINE {
-        // Not interchangeable: int8 stays opt-in, under its own model id (galleries refuse mixing).
-        assert_eq!(
-            RecognizerConfig::default().precision,
-            Precision::F32,
-            "int8 may be the default only if every face reaches {DEFAULT_COSINE}"
-        );
-        assert_ne!(RecognizerConfig::sface(Precision::Int8).model_id, RecognizerConfig::sface(Precision::F32).model_id);
-    }
+    // Interchangeable (every face at the bar): the default, under the f32 model id.
+    let interchangeable = min >= DEFAULT_COSINE;
+    assert_eq!(
+        RecognizerConfig::default().precision == Precision::Int8,
+        interchangeable,
+        "int8 is the default iff every face reaches {DEFAULT_COSINE}"
+    );
+    assert_eq!(
+        RecognizerConfig::sface(Precision::Int8).model_id == RecognizerConfig::sface(Precision::F32).model_id,
+        interchangeable,
+        "int8 shares the f32 model id iff every face reaches {DEFAULT_COSINE}"
+    );
 }
 
 #[test]
@@ -235,6 +239,46 @@ fn every_pair_keeps_its_decision_at_the_shipped_thresholds() {
     }
 }
 
+#[test]
+fn f32_templates_and_int8_probes_decide_alike() {
+    // One model id for both precisions means a gallery enrolled with f32 is
+    // queried with int8 (and the other way round): every pair, one side each.
+    let f32s = labelled(Setup::F32);
+    let int8 = labelled(Setup::Int8Recognizer);
+    let (mut same_min, mut diff_max, mut pairs) = (f32::MAX, f32::MIN, 0);
+    for i in 0..f32s.len() {
+        for j in 0..f32s.len() {
+            if i == j {
+                continue;
+            }
+            let (reference, mixed) = (cosine(f32s[i].2, f32s[j].2), cosine(f32s[i].2, int8[j].2));
+            let label = format!("f32 {} vs int8 {}", f32s[i].1, int8[j].1);
+            for t in THRESHOLDS {
+                assert_eq!(
+                    reference >= t,
+                    mixed >= t,
+                    "{label}: f32/f32 {reference:.4} and f32/int8 {mixed:.4} fall on different sides of {t}"
+                );
+            }
+            let same = f32s[i].0 == f32s[j].0;
+            assert_eq!(same, mixed >= THRESHOLDS[0], "{label}: cosine {mixed:.4} decides wrongly (same person: {same})");
+            if same {
+                same_min = same_min.min(mixed);
+            } else {
+                diff_max = diff_max.max(mixed);
+            }
+            pairs += 1;
+        }
+    }
+    eprintln!(
+        "f32 x int8: {pairs} ordered pairs keep their decisions; lowest same-person {same_min:.4}, highest different-person {diff_max:.4}"
+    );
+    for (i, (a, b)) in f32s.iter().zip(&int8).enumerate() {
+        let c = cosine(a.2, b.2);
+        assert!(c >= DEFAULT_COSINE, "face {i} ({}): f32 vs int8 {c}", a.1);
+    }
+}
+
 #[derive(Deserialize)]
 struct Reference {
     images: Vec<RefImage>,
@@ -294,7 +338,7 @@ fn int8_paths_match_the_opencv_reference_within_stated_bounds() {
 }
 
 #[test]
-fn a_gallery_refuses_the_other_precision() {
+fn a_gallery_takes_either_precision_and_refuses_another_model() {
     use facematch::compliance::*;
     use facematch::config::GalleryConfig;
     use facematch::engine::{EngineBuilder, Enrolment, QueryContext};
@@ -302,22 +346,39 @@ fn a_gallery_refuses_the_other_precision() {
 
     let d = tempfile::tempdir().unwrap();
     let door = Purpose::new("door-access").unwrap();
-    let mut cfg = GalleryConfig::default(); // model id sface-2021dec: the f32 SFace
+    let mut cfg = GalleryConfig::default(); // model id sface-2021dec: SFace, f32 or int8
     cfg.purposes.push(PurposePolicy::new(door.clone(), 365));
     let e = EngineBuilder::new(d.path()).key(MasterKey::generate()).create(cfg).unwrap();
     let op = Operator::new("gate").unwrap();
     let consent = ConsentRecord::new("f1", "barack", ConsentBasis::SeparateConsent, vec![door.clone()], "clerk", AgeBracket::Adult);
     e.record_consent(&op, consent).unwrap();
-    let photo = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/samples/obama.jpg")).expect("obama.jpg");
+    let read = |n: &str| std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/samples").join(n)).expect(n);
     let barack = facematch::compliance::SubjectId::new("barack").unwrap();
     let req = || Enrolment::new(barack.clone(), "f1", vec![door.clone()], Vec::new());
 
-    let err = facematch::probe::enrol_image(&e, pipeline(Setup::Int8Recognizer), &op, &photo, req()).unwrap_err();
+    // Enrolled with f32, verified with int8 (and f32): the same decisions.
+    facematch::probe::enrol_image(&e, pipeline(Setup::F32), &op, &read("obama.jpg"), req()).expect("f32 enrolment");
+    let ctx = QueryContext::new(op.clone(), door.clone());
+    for (probe, same) in [("obama2.jpg", true), ("biden.jpg", false)] {
+        let photo = read(probe);
+        let by = |s: Setup| facematch::probe::verify_image(&e, pipeline(s), &ctx, &photo, &barack).expect("verify");
+        let (a, b) = (by(Setup::F32).verification, by(Setup::Int8Recognizer).verification);
+        let matched = |d: &Decision| matches!(d, Decision::Match { .. });
+        assert_eq!((matched(&a.decision), matched(&b.decision)), (same, same), "{probe}: f32 {a:?} int8 {b:?}");
+        let (sa, sb) = (a.score.expect("score"), b.score.expect("score"));
+        assert!((sa - sb).abs() < 0.02, "{probe}: f32 score {sa} int8 {sb}");
+    }
+
+    // Another model id (here session 9's opt-in int8 id) is refused, by name.
+    let mut other = PipelineConfig::default();
+    other.recognizer.model_id = "sface-2021dec-int8".into();
+    other.detector.session.pool_size = 1;
+    other.recognizer.session.pool_size = 1;
+    let other = FacePipeline::new(other).expect("pipeline");
+    let err = facematch::probe::enrol_image(&e, &other, &op, &read("obama2.jpg"), req()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("sface-2021dec-int8") && msg.contains("sface-2021dec "), "{msg}");
-    facematch::probe::enrol_image(&e, pipeline(Setup::F32), &op, &photo, req()).expect("f32 enrolment");
-    let ctx = QueryContext::new(op, door);
-    let err = facematch::probe::verify_image(&e, pipeline(Setup::Int8Recognizer), &ctx, &photo, &barack).unwrap_err();
+    let err = facematch::probe::verify_image(&e, &other, &ctx, &read("obama2.jpg"), &barack).unwrap_err();
     assert!(err.to_string().contains("sface-2021dec-int8"), "{err}");
 }
 

@@ -52,8 +52,10 @@ fn samples() -> PathBuf {
 fn pipeline() -> &'static FacePipeline {
     static P: OnceLock<FacePipeline> = OnceLock::new();
     P.get_or_init(|| {
-        FacePipeline::new(PipelineConfig::default())
-            .unwrap_or_else(|e| panic!("cannot build the face pipeline (run scripts/setup.sh first): {e}"))
+        // The f32 reference (the int8 default is held to OpenCV in tests/fidelity.rs).
+        let mut cfg = PipelineConfig::default();
+        cfg.set_precision(facematch::runtime::Precision::F32, facematch::runtime::Precision::F32);
+        FacePipeline::new(cfg).unwrap_or_else(|e| panic!("cannot build the face pipeline (run scripts/setup.sh first): {e}"))
     })
 }
 

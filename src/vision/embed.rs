@@ -13,34 +13,42 @@ use crate::align::{AlignedFace, ARCFACE_112};
 use crate::runtime::{ChannelOrder, ImageInput, Layout, Precision, Runtime, SessionPool, SessionSettings};
 use crate::{Error, Result};
 
-/// Model id of the f32 SFace set-up prepares.
-pub const SFACE_F32_ID: &str = "sface-2021dec";
-/// Model id of the int8 SFace set-up quantises: its embeddings are not
-/// interchangeable with the f32 ones (cosine to them 0.97-0.99, `docs/MODELS.md`),
-/// so a gallery enrolled with one refuses probes and enrolments from the other.
-pub const SFACE_INT8_ID: &str = "sface-2021dec-int8";
+/// Model id of SFace, f32 or int8: the int8 file set-up quantises makes
+/// embeddings interchangeable with the f32 ones (cosine to them >= 0.994 on
+/// every sample face, no pair decision changes, f32 against int8 included:
+/// `tests/fidelity.rs`, `docs/MODELS.md`), so a gallery takes either.
+pub const SFACE_ID: &str = "sface-2021dec";
+/// Model id of the f32 SFace (the same as the int8 one, [`SFACE_ID`]).
+pub const SFACE_F32_ID: &str = SFACE_ID;
+/// Model id of the int8 SFace (the same as the f32 one, [`SFACE_ID`]).
+/// Galleries enrolled under session 9's opt-in id `sface-2021dec-int8` (an
+/// earlier, less faithful int8 file) keep that id: open them with a
+/// configuration that names it (`{"recognizer": {"model_id": "sface-2021dec-int8"}}`).
+pub const SFACE_INT8_ID: &str = SFACE_ID;
 
 /// Description of the recognition model.
 ///
-/// The file and model id follow `precision` unless given: a configuration of
-/// just `{"precision": "int8"}` is the int8 SFace.
+/// The file follows `precision` unless given. The default is the int8 SFace
+/// (twice as fast, interchangeable with f32); `{"precision": "f32"}` is the
+/// f32 reference.
 ///
 /// ```
 /// use facematch::embed::RecognizerConfig;
 /// use facematch::runtime::Precision;
 /// let cfg = RecognizerConfig::default();
-/// assert_eq!((cfg.model_id.as_str(), cfg.dimension, cfg.precision), ("sface-2021dec", 128, Precision::F32));
+/// assert_eq!((cfg.model_id.as_str(), cfg.dimension, cfg.precision), ("sface-2021dec", 128, Precision::Int8));
 /// cfg.validate().unwrap();
-/// let int8: RecognizerConfig = serde_json::from_str(r#"{"precision": "int8"}"#).unwrap();
-/// assert_eq!(int8, RecognizerConfig::sface(Precision::Int8));
-/// assert_eq!((int8.model_id.as_str(), int8.model.to_str()), ("sface-2021dec-int8", Some("models/sface-int8.onnx")));
+/// let f32: RecognizerConfig = serde_json::from_str(r#"{"precision": "f32"}"#).unwrap();
+/// assert_eq!(f32, RecognizerConfig::sface(Precision::F32));
+/// assert_eq!((f32.model_id.as_str(), f32.model.to_str()), ("sface-2021dec", Some("models/sface.onnx")));
+/// assert_eq!(serde_json::from_str::<RecognizerConfig>("{}").unwrap(), cfg);
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "RecognizerConfigRepr")]
 pub struct RecognizerConfig {
     /// Identifier stored with every template (galleries refuse mixing models).
     pub model_id: String,
-    /// Numeric precision of the model file (sets the default file and model id).
+    /// Numeric precision of the model file (sets the default file).
     pub precision: Precision,
     /// ONNX file; a relative path is searched like the ORT library (see [`crate::runtime`]).
     pub model: PathBuf,
@@ -60,8 +68,13 @@ pub struct RecognizerConfig {
 
 impl Default for RecognizerConfig {
     fn default() -> Self {
-        RecognizerConfig::sface(Precision::F32)
+        RecognizerConfig::sface(Precision::Int8)
     }
+}
+
+/// The recogniser's default precision: int8 (see [`SFACE_ID`]).
+fn default_precision() -> Precision {
+    Precision::Int8
 }
 
 /// The serialised form: every field optional, the model file and id defaulting from `precision`.
@@ -69,7 +82,7 @@ impl Default for RecognizerConfig {
 #[serde(deny_unknown_fields)]
 struct RecognizerConfigRepr {
     model_id: Option<String>,
-    #[serde(default)]
+    #[serde(default = "default_precision")]
     precision: Precision,
     model: Option<PathBuf>,
     input: Option<ImageInput>,
@@ -98,12 +111,12 @@ impl From<RecognizerConfigRepr> for RecognizerConfig {
 }
 
 impl RecognizerConfig {
-    /// SFace as set-up provides it: `models/sface.onnx` (f32, model id
-    /// [`SFACE_F32_ID`]) or `models/sface-int8.onnx` (int8, [`SFACE_INT8_ID`]).
+    /// SFace as set-up provides it: `models/sface.onnx` (f32) or
+    /// `models/sface-int8.onnx` (int8), both model id [`SFACE_ID`].
     pub fn sface(precision: Precision) -> Self {
         let (model_id, model) = match precision {
-            Precision::F32 => (SFACE_F32_ID, "models/sface.onnx"),
-            Precision::Int8 => (SFACE_INT8_ID, "models/sface-int8.onnx"),
+            Precision::F32 => (SFACE_ID, "models/sface.onnx"),
+            Precision::Int8 => (SFACE_ID, "models/sface-int8.onnx"),
         };
         RecognizerConfig {
             model_id: model_id.into(),

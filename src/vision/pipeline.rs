@@ -54,18 +54,19 @@ pub struct PipelineConfig {
 impl PipelineConfig {
     /// The set-up's files at these precisions, everything else as configured:
     /// sets each model's `precision` and file, and the recogniser's model id
-    /// ([`RecognizerConfig::sface`], [`DetectorConfig::yunet`]). The fast
-    /// accurate choice is an int8 recogniser behind the f32 detector: the int8
-    /// detector is no faster and moves landmarks by up to ~10% of the eye
-    /// distance (`docs/MODELS.md`).
+    /// ([`RecognizerConfig::sface`], [`DetectorConfig::yunet`]). The default,
+    /// an int8 recogniser behind the f32 detector, is the fast accurate choice:
+    /// the int8 detector is no faster and moves landmarks by up to ~10% of the
+    /// eye distance (`docs/MODELS.md`).
     ///
     /// ```
     /// use facematch::pipeline::PipelineConfig;
     /// use facematch::runtime::Precision;
     /// let mut cfg = PipelineConfig::default();
     /// cfg.detector.score_threshold = 0.7;
-    /// cfg.set_precision(Precision::Int8, Precision::F32);
-    /// assert_eq!((cfg.recognizer.model_id.as_str(), cfg.detector.score_threshold), ("sface-2021dec-int8", 0.7));
+    /// cfg.set_precision(Precision::F32, Precision::F32);
+    /// assert_eq!((cfg.recognizer.model_id.as_str(), cfg.detector.score_threshold), ("sface-2021dec", 0.7));
+    /// assert_eq!(cfg.recognizer.model.to_str(), Some("models/sface.onnx"));
     /// assert_eq!(cfg.detector.model.to_str(), Some("models/yunet.onnx"));
     /// ```
     pub fn set_precision(&mut self, recognizer: Precision, detector: Precision) {
