@@ -106,11 +106,21 @@ identify)
     for i in $(seq 12); do cat "$W/one.txt"; done | head -144 > "$W/list144.txt"
     mapfile -t IMGS < "$W/list144.txt"
     G=(-g "$W/gid" --key-file "$W/key-id.hex" --purpose door-access)
-    echo "# ${#IMGS[@]} photos (the 13 samples repeated), wall seconds including model load"
+    if [ -n "$OLD" ] && [ ! -d "$W/gold" ]; then # the old build on a gallery of its own format
+        $OLD keygen --out "$W/key-old.hex" 2> /dev/null
+        $OLD init -g "$W/gold" --key-file "$W/key-old.hex" --purpose door-access:365 > /dev/null
+        $OLD consent -g "$W/gold" --key-file "$W/key-old.hex" --subject barack --consent-id f1 --purpose door-access > /dev/null
+        $OLD consent -g "$W/gold" --key-file "$W/key-old.hex" --subject joe --consent-id f2 --purpose door-access > /dev/null
+        $OLD enrol -g "$W/gold" --key-file "$W/key-old.hex" --subject barack --purpose door-access $S/obama.jpg > /dev/null
+        $OLD enrol -g "$W/gold" --key-file "$W/key-old.hex" --subject joe --purpose door-access $S/biden.jpg > /dev/null
+    fi
+    echo "# ${#IMGS[@]} photos (the 13 samples repeated), wall seconds including model load; NEW default = int8 SFace, OLD = f32"
     for run in $(seq "$RUNS"); do
         echo "run $run: NEW identify $(secs $NEW identify "${G[@]}" -q --from-list "$W/list144.txt")s," \
-            "NEW faces --embeddings $(secs $NEW faces --embeddings -q --from-list "$W/list144.txt")s" \
-            ${OLD:+", OLD identify $(secs $OLD identify "${G[@]}" "${IMGS[@]}")s, OLD faces --embeddings $(secs $OLD faces --embeddings "${IMGS[@]}")s"}
+            "NEW identify --precision f32 $(secs $NEW identify --precision f32 "${G[@]}" -q --from-list "$W/list144.txt")s," \
+            "NEW faces --embeddings $(secs $NEW faces --embeddings -q --from-list "$W/list144.txt")s," \
+            "NEW faces --embeddings --precision f32 $(secs $NEW faces --precision f32 --embeddings -q --from-list "$W/list144.txt")s" \
+            ${OLD:+", OLD identify $(secs $OLD identify -g "$W/gold" --key-file "$W/key-old.hex" --purpose door-access "${IMGS[@]}")s"}
     done
     ;;
 rss)
