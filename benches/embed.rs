@@ -26,17 +26,19 @@ fn samples() -> Vec<PathBuf> {
     v
 }
 
-/// The precisions benched: f32, the int8 recogniser behind the f32 detector
-/// (the default, docs/MODELS.md), and both models int8.
+/// The precisions benched: f32, the int8 recogniser behind the f32 detector,
+/// and that with the detector input fitted to the image (the default, docs/MODELS.md), and both models int8.
 fn setups() -> Vec<(&'static str, PipelineConfig)> {
-    let mut f32 = PipelineConfig::default();
+    // The whole 640x640 detector input, except `int8rec_fit` (the default).
+    let mut whole = PipelineConfig::default();
+    whole.detector.fit_input = false;
+    let mut f32 = whole.clone();
     f32.set_precision(Precision::F32, Precision::F32);
-    let mut int8_rec = PipelineConfig::default();
+    let mut int8_rec = whole.clone();
     int8_rec.set_precision(Precision::Int8, Precision::F32);
-    let mut int8 = PipelineConfig::default();
+    let mut int8 = whole;
     int8.set_precision(Precision::Int8, Precision::Int8);
-    let mut fit = int8_rec.clone();
-    fit.detector.fit_input = true;
+    let fit = PipelineConfig::default();
     vec![("f32", f32), ("int8rec", int8_rec), ("int8", int8), ("int8rec_fit", fit)]
 }
 

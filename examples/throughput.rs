@@ -6,7 +6,8 @@
 //! cargo run --release --example throughput -- [--intra N] [--threads N] [--pool N] [--rounds R] [--precision f32|int8] [--det-precision f32|int8] [--fit] IMAGE...
 //! ```
 //! Defaults: intra-op threads 1, rayon threads = cores, session pool = cores, 3 rounds
-//! (after one warm-up round), the sample photos when no image is given.
+//! (after one warm-up round), the sample photos when no image is given. The detector
+//! runs at the whole 640x640 input unless `--fit` (the library's default, `fit_input`).
 
 use std::path::PathBuf;
 use std::time::Instant;

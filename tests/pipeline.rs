@@ -52,9 +52,11 @@ fn samples() -> PathBuf {
 fn pipeline() -> &'static FacePipeline {
     static P: OnceLock<FacePipeline> = OnceLock::new();
     P.get_or_init(|| {
-        // The f32 reference (the int8 default is held to OpenCV in tests/fidelity.rs).
+        // The f32 reference, run as OpenCV runs it (the whole 640x640 input); the
+        // default (int8 recogniser, fitted detector input) is held to OpenCV in tests/fidelity.rs.
         let mut cfg = PipelineConfig::default();
         cfg.set_precision(facematch::runtime::Precision::F32, facematch::runtime::Precision::F32);
+        cfg.detector.fit_input = false;
         FacePipeline::new(cfg).unwrap_or_else(|e| panic!("cannot build the face pipeline (run scripts/setup.sh first): {e}"))
     })
 }

@@ -114,8 +114,13 @@ pub struct DetectorConfig {
     pub upscale: bool,
     /// Run the model at the letterboxed image's size rounded up to a multiple of
     /// the largest stride (e.g. 640x480 for a 4:3 photo) instead of always the
-    /// full input size: less work for images that are not square or are small.
-    /// Needs a model with symbolic height and width (set-up's YuNet has them).
+    /// full input size: less work for images that are not square or are small
+    /// (the default; off, every image runs at the full size as OpenCV's
+    /// `FaceDetectorYN` does at a fixed input size).
+    /// An image with a face within one stride of the right or bottom edge the
+    /// smaller input moved runs again at the full size (the network reads the
+    /// padding as context there). Needs a model with symbolic height and width
+    /// (set-up's YuNet has them).
     pub fit_input: bool,
     /// ORT session settings.
     pub session: SessionSettings,
@@ -194,7 +199,7 @@ impl DetectorConfig {
             nms_iou: 0.3,
             top_k: 5000,
             upscale: false,
-            fit_input: false,
+            fit_input: true,
             session: SessionSettings::default(),
         }
     }
@@ -374,16 +379,27 @@ impl Detector {
     pub fn detect(&self, img: &DecodedImage) -> Result<Vec<Face>> {
         let full = &self.config.input;
         let lb = Letterbox::fit(img.width(), img.height(), full.width, full.height, self.config.upscale);
-        let fitted;
-        let spec = if self.config.fit_input {
+        if self.config.fit_input {
             let m = self.config.strides.iter().copied().max().unwrap_or(1);
             let up = |v: u32, cap: u32| v.div_ceil(m).saturating_mul(m).clamp(m, cap);
-            fitted = ImageInput { width: up(lb.width, full.width), height: up(lb.height, full.height), ..full.clone() };
-            &fitted
-        } else {
-            full
-        };
-        INPUT.with_borrow_mut(|scratch| self.detect_fitted(img, spec, lb, scratch))
+            let fitted = ImageInput { width: up(lb.width, full.width), height: up(lb.height, full.height), ..full.clone() };
+            if fitted.width < full.width || fitted.height < full.height {
+                let faces = INPUT.with_borrow_mut(|scratch| self.detect_fitted(img, &fitted, lb, scratch))?;
+                // The network reads the padding's extent as context: a face within one
+                // stride of an edge the smaller input moved (right or bottom) can come
+                // out several pixels off (docs/MODELS.md). Such an image runs again at
+                // the full input size, so that every face is found as it would be there.
+                let near = |end: f32, limit: u32, r: f32| end >= (limit as f32 - m as f32 * r);
+                let at_moved_edge = faces.iter().any(|f| {
+                    (fitted.width < full.width && near(f.bbox[0] + f.bbox[2], img.width(), lb.rx))
+                        || (fitted.height < full.height && near(f.bbox[1] + f.bbox[3], img.height(), lb.ry))
+                });
+                if !at_moved_edge {
+                    return Ok(faces);
+                }
+            }
+        }
+        INPUT.with_borrow_mut(|scratch| self.detect_fitted(img, full, lb, scratch))
     }
 
     /// [`Detector::detect`] once the input size is chosen; `scratch` is this
