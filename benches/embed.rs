@@ -26,8 +26,9 @@ fn samples() -> Vec<PathBuf> {
     v
 }
 
-/// The precisions benched: f32, the int8 recogniser behind the f32 detector,
-/// and that with the detector input fitted to the image (the default, docs/MODELS.md), and both models int8.
+/// The setups benched: f32, the int8 recogniser behind the f32 detector, both
+/// models int8, and the default (`int8rec_fit`: the int8 recogniser, the f32
+/// detector at an input fitted to the image; docs/MODELS.md).
 fn setups() -> Vec<(&'static str, PipelineConfig)> {
     // The whole 640x640 detector input, except `int8rec_fit` (the default).
     let mut whole = PipelineConfig::default();
