@@ -219,3 +219,30 @@ fn oversized_file_is_refused() {
     let err = decode_bytes(&sample_jpeg(), &limits).unwrap_err();
     assert_bad_image(&err, "limit");
 }
+
+#[test]
+fn a_corrupt_model_file_is_a_clear_error_from_every_session_loading_it() {
+    // Sessions load in parallel: the failure of each must come back as the
+    // model's error, naming the file, never as a panic or a half-loaded pipeline.
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("broken.onnx");
+    std::fs::write(&bad, b"this is not an ONNX protobuf, just text").unwrap();
+    for which in ["detector", "recognizer"] {
+        let mut cfg = PipelineConfig::default();
+        if which == "detector" {
+            cfg.detector.model = bad.clone();
+            cfg.detector.session.pool_size = 3;
+        } else {
+            cfg.recognizer.model = bad.clone();
+            cfg.recognizer.session.pool_size = 3;
+        }
+        match FacePipeline::new(cfg) {
+            Err(Error::Model { model, reason }) => {
+                assert!(model.ends_with("broken.onnx"), "{which}: {model}");
+                assert!(reason.contains("cannot load model"), "{which}: {reason}");
+            }
+            Err(e) => panic!("{which}: expected a model error, got {e}"),
+            Ok(_) => panic!("{which}: a corrupt model loaded"),
+        }
+    }
+}
