@@ -376,6 +376,9 @@ impl Detector {
     }
 
     /// Detect faces in `img`; sorted by decreasing score, in original coordinates.
+    ///
+    /// Each calling thread keeps its input tensor for the next call (at most
+    /// the full input: 4.9 MB at 640x640), freed when the thread ends.
     pub fn detect(&self, img: &DecodedImage) -> Result<Vec<Face>> {
         let full = &self.config.input;
         let lb = Letterbox::fit(img.width(), img.height(), full.width, full.height, self.config.upscale);
