@@ -209,31 +209,50 @@ fn labelled(s: Setup) -> Vec<(String, String, &'static [f32])> {
     out
 }
 
+/// Pair decisions checked against the f32 reference, and the margins seen.
+struct Pairs {
+    same_min: f32,
+    diff_max: f32,
+    count: usize,
+}
+
+impl Pairs {
+    fn new() -> Self {
+        Pairs { same_min: f32::MAX, diff_max: f32::MIN, count: 0 }
+    }
+
+    /// `got` (the cosine under test) must fall on the same side of both shipped
+    /// thresholds as `reference` (f32 against f32), and decide rightly.
+    fn check(&mut self, label: &str, same: bool, reference: f32, got: f32) {
+        for t in THRESHOLDS {
+            assert_eq!(reference >= t, got >= t, "{label}: f32 {reference:.4} and int8 {got:.4} fall on different sides of {t}");
+        }
+        assert_eq!(same, got >= THRESHOLDS[0], "{label}: int8 cosine {got:.4} decides wrongly (same person: {same})");
+        if same {
+            self.same_min = self.same_min.min(got);
+        } else {
+            self.diff_max = self.diff_max.max(got);
+        }
+        self.count += 1;
+    }
+}
+
 #[test]
 fn every_pair_keeps_its_decision_at_the_shipped_thresholds() {
     let reference = labelled(Setup::F32);
     // F32 against itself: its own margins, for comparison.
     for s in SETUPS {
         let other = labelled(s);
-        let (mut same_min, mut diff_max, mut pairs) = (f32::MAX, f32::MIN, 0);
+        let mut pairs = Pairs::new();
         for i in 0..reference.len() {
             for j in i + 1..reference.len() {
-                let (c32, c8) = (cosine(reference[i].2, reference[j].2), cosine(other[i].2, other[j].2));
                 let label = format!("{:?}: {} vs {}", s, reference[i].1, reference[j].1);
-                for t in THRESHOLDS {
-                    assert_eq!(c32 >= t, c8 >= t, "{label}: f32 {c32:.4} and int8 {c8:.4} fall on different sides of {t}");
-                }
                 let same = reference[i].0 == reference[j].0;
-                assert_eq!(same, c8 >= THRESHOLDS[0], "{label}: int8 cosine {c8:.4} decides wrongly (same person: {same})");
-                if same {
-                    same_min = same_min.min(c8);
-                } else {
-                    diff_max = diff_max.max(c8);
-                }
-                pairs += 1;
+                pairs.check(&label, same, cosine(reference[i].2, reference[j].2), cosine(other[i].2, other[j].2));
             }
         }
-        eprintln!("{s:?}: {pairs} pairs keep their decisions; lowest same-person {same_min:.4}, highest different-person {diff_max:.4}");
+        let Pairs { same_min, diff_max, count } = pairs;
+        eprintln!("{s:?}: {count} pairs keep their decisions; lowest same-person {same_min:.4}, highest different-person {diff_max:.4}");
     }
 }
 
@@ -245,35 +264,19 @@ fn f32_templates_and_int8_probes_decide_alike() {
     let f32s = labelled(Setup::F32);
     for s in [Setup::Int8Recognizer, Setup::Int8RecognizerFit] {
         let int8 = labelled(s);
-        let (mut same_min, mut diff_max, mut pairs) = (f32::MAX, f32::MIN, 0);
+        let mut pairs = Pairs::new();
         for i in 0..f32s.len() {
-            for j in 0..f32s.len() {
-                if i == j {
-                    continue;
-                }
-                let (reference, mixed) = (cosine(f32s[i].2, f32s[j].2), cosine(f32s[i].2, int8[j].2));
+            for j in (0..f32s.len()).filter(|&j| j != i) {
                 let label = format!("{s:?}: f32 {} vs int8 {}", f32s[i].1, int8[j].1);
-                for t in THRESHOLDS {
-                    assert_eq!(
-                        reference >= t,
-                        mixed >= t,
-                        "{label}: f32/f32 {reference:.4} and f32/int8 {mixed:.4} fall on different sides of {t}"
-                    );
-                }
                 let same = f32s[i].0 == f32s[j].0;
-                assert_eq!(same, mixed >= THRESHOLDS[0], "{label}: cosine {mixed:.4} decides wrongly (same person: {same})");
-                if same {
-                    same_min = same_min.min(mixed);
-                } else {
-                    diff_max = diff_max.max(mixed);
-                }
-                pairs += 1;
+                pairs.check(&label, same, cosine(f32s[i].2, f32s[j].2), cosine(f32s[i].2, int8[j].2));
             }
         }
         let own: Vec<f32> = f32s.iter().zip(&int8).map(|(a, b)| cosine(a.2, b.2)).collect();
         let (median, min) = stats(own.clone());
+        let Pairs { same_min, diff_max, count } = pairs;
         eprintln!(
-            "f32 x {s:?}: {pairs} ordered pairs keep their decisions; lowest same-person {same_min:.4}, highest different-person {diff_max:.4}; same face f32 vs int8 median {median:.4}, min {min:.4}"
+            "f32 x {s:?}: {count} ordered pairs keep their decisions; lowest same-person {same_min:.4}, highest different-person {diff_max:.4}; same face f32 vs int8 median {median:.4}, min {min:.4}"
         );
         for (i, c) in own.into_iter().enumerate() {
             assert!(c >= DEFAULT_COSINE, "{s:?} face {i} ({}): f32 vs int8 {c}", f32s[i].1);
