@@ -24,6 +24,16 @@ secs() { # secs CMD...: wall seconds of one run, output discarded
     echo "$e - $s" | bc
 }
 
+two_people() { # two_people BIN GALLERY KEYFILE: barack and joe enrolled for door-access
+    local bin=$1 g=$2 k=$3 S=data/samples
+    $bin keygen --out "$k" 2> /dev/null
+    $bin init -g "$g" --key-file "$k" --purpose door-access:365 > /dev/null
+    $bin consent -g "$g" --key-file "$k" --subject barack --consent-id f1 --purpose door-access > /dev/null
+    $bin consent -g "$g" --key-file "$k" --subject joe --consent-id f2 --purpose door-access > /dev/null
+    $bin enrol -g "$g" --key-file "$k" --subject barack --consent-id f1 --purpose door-access $S/obama.jpg > /dev/null
+    $bin enrol -g "$g" --key-file "$k" --subject joe --consent-id f2 --purpose door-access $S/biden.jpg > /dev/null
+}
+
 gallery_200k() {
     local D="$W/data"
     if [ ! -f "$W/harness.json" ]; then
@@ -94,26 +104,13 @@ PY
     ;;
 identify)
     S=data/samples
-    [ -d "$W/gid" ] || {
-        $NEW keygen --out "$W/key-id.hex" 2> /dev/null
-        $NEW init -g "$W/gid" --key-file "$W/key-id.hex" --purpose door-access:365 > /dev/null
-        $NEW consent -g "$W/gid" --key-file "$W/key-id.hex" --subject barack --consent-id f1 --purpose door-access > /dev/null
-        $NEW consent -g "$W/gid" --key-file "$W/key-id.hex" --subject joe --consent-id f2 --purpose door-access > /dev/null
-        $NEW enrol -g "$W/gid" --key-file "$W/key-id.hex" --subject barack --purpose door-access $S/obama.jpg > /dev/null
-        $NEW enrol -g "$W/gid" --key-file "$W/key-id.hex" --subject joe --purpose door-access $S/biden.jpg > /dev/null
-    }
+    [ -d "$W/gid" ] || two_people "$NEW" "$W/gid" "$W/key-id.hex"
     ls $S/*.jpg > "$W/one.txt"
     for i in $(seq 12); do cat "$W/one.txt"; done | head -144 > "$W/list144.txt"
     mapfile -t IMGS < "$W/list144.txt"
     G=(-g "$W/gid" --key-file "$W/key-id.hex" --purpose door-access)
-    if [ -n "$OLD" ] && [ ! -d "$W/gold" ]; then # the old build on a gallery of its own format
-        $OLD keygen --out "$W/key-old.hex" 2> /dev/null
-        $OLD init -g "$W/gold" --key-file "$W/key-old.hex" --purpose door-access:365 > /dev/null
-        $OLD consent -g "$W/gold" --key-file "$W/key-old.hex" --subject barack --consent-id f1 --purpose door-access > /dev/null
-        $OLD consent -g "$W/gold" --key-file "$W/key-old.hex" --subject joe --consent-id f2 --purpose door-access > /dev/null
-        $OLD enrol -g "$W/gold" --key-file "$W/key-old.hex" --subject barack --purpose door-access $S/obama.jpg > /dev/null
-        $OLD enrol -g "$W/gold" --key-file "$W/key-old.hex" --subject joe --purpose door-access $S/biden.jpg > /dev/null
-    fi
+    # The old build on a gallery of its own format.
+    if [ -n "$OLD" ] && [ ! -d "$W/gold" ]; then two_people "$OLD" "$W/gold" "$W/key-old.hex"; fi
     echo "# ${#IMGS[@]} photos (the 13 samples repeated), wall seconds including model load; NEW default = int8 SFace, OLD = f32"
     for run in $(seq "$RUNS"); do
         echo "run $run: NEW identify $(secs $NEW identify "${G[@]}" -q --from-list "$W/list144.txt")s," \
