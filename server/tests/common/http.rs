@@ -9,28 +9,8 @@ use std::time::Duration;
 
 use ureq::http::{HeaderName, HeaderValue, Request};
 
-/// One response.
-#[derive(Clone, Debug)]
-pub struct Reply {
-    /// Status code.
-    pub status: u16,
-    /// Headers, names lower-cased.
-    pub headers: Vec<(String, String)>,
-    /// Body bytes.
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    /// The body parsed as JSON (`Value::Null` if it is not JSON).
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-
-    /// A header's value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-}
+/// One response: the same type the raw client returns.
+pub use facematch_server::client::Reply;
 
 /// A client for one server (connections kept alive and reused by the agent).
 #[derive(Debug)]
