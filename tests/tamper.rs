@@ -378,6 +378,29 @@ fn reopen(g: &Path, key: &MasterKey) -> facematch::Result<facematch::engine::Eng
     open(g, key, clock())
 }
 
+/// Import three new people for payment, their consents in the same frame.
+fn import_three(e: &facematch::engine::Engine) -> facematch::Result<()> {
+    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    let cs = (0..3)
+        .map(|i| {
+            ConsentRecord::new(
+                format!("c-imp{i}"),
+                &format!("imp{i}"),
+                ConsentBasis::WrittenConsent,
+                vec![purpose("payment")],
+                "clerk",
+                AgeBracket::Adult,
+            )
+        })
+        .collect();
+    let rows = (0..3)
+        .map(|i| {
+            facematch::engine::Enrolment::new(subject(&format!("imp{i}")), format!("c-imp{i}"), vec![purpose("payment")], vector(600 + i))
+        })
+        .collect();
+    e.import_with_consents(&op(), cs, rows).map(|_| ())
+}
+
 /// The crash matrix: every gallery operation, with a failure injected at the template log's
 /// append, at an atomic replace or at a rename (as a full disk or a crash there would), then the
 /// process "crashes" (the engine is dropped) and the gallery is opened again. Whatever happened:
@@ -404,32 +427,7 @@ fn crash_matrix_every_operation_and_failure_point() {
         ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
         ("rotate-key", |e| e.rotate_key(&op(), MasterKey::from_bytes([7; 32]))),
         ("checkpoint", |e| e.checkpoint()),
-        ("import", |e| {
-            use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
-            let cs = (0..3)
-                .map(|i| {
-                    ConsentRecord::new(
-                        format!("c-imp{i}"),
-                        &format!("imp{i}"),
-                        ConsentBasis::WrittenConsent,
-                        vec![purpose("payment")],
-                        "clerk",
-                        AgeBracket::Adult,
-                    )
-                })
-                .collect();
-            let rows = (0..3)
-                .map(|i| {
-                    facematch::engine::Enrolment::new(
-                        subject(&format!("imp{i}")),
-                        format!("c-imp{i}"),
-                        vec![purpose("payment")],
-                        vector(600 + i),
-                    )
-                })
-                .collect();
-            e.import_with_consents(&op(), cs, rows).map(|_| ())
-        }),
+        ("import", import_three),
         // Run with the clock 400 days on: every template's retention has ended.
         ("purge", |e| e.purge_expired(&op()).map(|_| ())),
     ];
@@ -680,7 +678,7 @@ fn an_import_consent_no_row_uses_is_refused() {
 /// on open); a query whose record cannot be written is not answered; `audit verify` is clean.
 #[test]
 fn audit_writer_failures_never_leave_a_change_without_its_record() {
-    use facematch::compliance::{AgeBracket, ConsentBasis, ConsentRecord};
+    use facematch::compliance::AgeBracket;
     type Op = fn(&facematch::engine::Engine) -> facematch::Result<()>;
     let ops: Vec<(&str, Op)> = vec![
         ("enrol", |e| {
@@ -689,31 +687,7 @@ fn audit_writer_failures_never_leave_a_change_without_its_record() {
                 .map(|_| ())
         }),
         ("withdraw", |e| e.withdraw(&op(), &subject("s3")).map(|_| ())),
-        ("import", |e| {
-            let cs = (0..3)
-                .map(|i| {
-                    ConsentRecord::new(
-                        format!("c-imp{i}"),
-                        &format!("imp{i}"),
-                        ConsentBasis::WrittenConsent,
-                        vec![purpose("payment")],
-                        "clerk",
-                        AgeBracket::Adult,
-                    )
-                })
-                .collect();
-            let rows = (0..3)
-                .map(|i| {
-                    facematch::engine::Enrolment::new(
-                        subject(&format!("imp{i}")),
-                        format!("c-imp{i}"),
-                        vec![purpose("payment")],
-                        vector(600 + i),
-                    )
-                })
-                .collect();
-            e.import_with_consents(&op(), cs, rows).map(|_| ())
-        }),
+        ("import", import_three),
         ("threshold", |e| e.set_threshold(&op(), &purpose("payment"), Mode::Identify, 0.55).map(|_| ())),
         ("query", |e| e.query(&ctx("payment"), Query::identify(&vector(1), 3)).map(|_| ())),
         ("query-deferred", |e| {
